@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real Fashion-MNIST conversion, subprocess helpers for the CLI and torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def cli_env(**extra: str) -> dict:
+    """Environment for child processes: one thread each (2-core machines), the repo importable."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    env.pop("GNP_TRACEBACK", None)
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` in a child process."""
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or ROOT, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_torchrun(*args: str, nproc: int = 2, cwd: Path | None = None, timeout: float = 600,
+                 **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N ARGS` (gloo on CPU) in a child process."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*torchrun, *args], cwd=cwd or ROOT, env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """The first 500 train and 500 test images of the real Fashion-MNIST, converted to FFCV."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Fashion-MNIST is missing: `make setup` installs the dataset-fashion-mnist package")
+    from trainer.data.convert import convert
+
+    out = tmp_path_factory.mktemp("fmnist") / "ds"
+    convert("fashion-mnist", str(FMNIST), str(out), limit=500)
+    return out

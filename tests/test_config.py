@@ -1,0 +1,134 @@
+"""Config: layering, strictness, one-line errors with exit status 2, documented fields, every recipe loads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+from trainer import config
+from trainer.config import ConfigError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_precedence_defaults_recipe_override(tmp_path):
+    path = write(tmp_path, "optim: {lr: 0.3, momentum: 0.5}\ngnp: {alpha: 0.5}\n")
+    cfg = config.load(path, ["optim.lr=0.7", "loop.epochs=3"])
+    assert cfg.optim.lr == 0.7  # override beats recipe
+    assert cfg.optim.momentum == 0.5  # recipe beats default
+    assert cfg.gnp.alpha == 0.5
+    assert cfg.gnp.r == config.GNPConfig().r  # untouched default
+    assert cfg.loop.epochs == 3
+    assert cfg.recipe == "r"
+
+
+def test_override_types_parse_as_yaml(tmp_path):
+    cfg = config.load(write(tmp_path, ""), ["gnp.norm_perturbations=true", "optim.betas=[0.8, 0.9]",
+                                            "schedule.milestones=[1, 2.5]", "model.kwargs={dropout: 0.1}",
+                                            "optim.lr=1", "run.dir=/tmp/x"])
+    assert cfg.gnp.norm_perturbations is True
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.schedule.milestones == (1.0, 2.5)
+    assert cfg.model.kwargs == {"dropout": 0.1}
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int accepted for a float field
+    assert cfg.run.dir == "/tmp/x"
+
+
+def test_config_is_frozen(tmp_path):
+    cfg = config.load(write(tmp_path, ""))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "optim.lrr: unknown key; did you mean 'lr'?"),
+    ("optimm.lr=0.1", "optimm: unknown key; did you mean 'optim'?"),
+    ("optim.lr=fast", "optim.lr: invalid value 'fast'; expected a number"),
+    ("loop.epochs=2.5", "loop.epochs: invalid value 2.5; expected an integer"),
+    ("loop.epochs=true", "loop.epochs: invalid value True; expected an integer"),
+    ("gnp.norm_perturbations=1", "gnp.norm_perturbations: invalid value 1; expected true or false"),
+    ("optim.name=sgdd", "optim.name: invalid value 'sgdd'; expected one of 'sgd', 'adamw' (did you mean 'sgd'?)"),
+    ("gnp.warmup=lamda", "did you mean 'lambda'?"),
+    ("gnp.r=-0.1", "gnp.r: invalid value -0.1; expected a number >= 0"),
+    ("gnp.alpha=-1", "gnp.alpha: invalid value -1.0"),
+    ("gnp.hybrid_p=0", "gnp.hybrid_p: invalid value 0.0; expected a probability in (0, 1]"),
+    ("checkpoint.keep=1", "checkpoint.keep: invalid value 1; expected an integer >= 2"),
+    ("optim.betas=[0.9]", "optim.betas: invalid value [0.9]; expected a list of 2 values"),
+    ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
+    ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
+    ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
+    ("loop", "--set: 'loop' is not of the form section.key=value"),
+    ("optim=3", "optim: expected a mapping of"),
+])
+def test_bad_values_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, ""), [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_alpha_above_one_is_legal(tmp_path):
+    assert config.load(write(tmp_path, ""), ["gnp.alpha=2.5"]).gnp.alpha == 2.5
+
+
+def test_unknown_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown recipe 'fashion-mnist-dem'; did you mean 'fashion-mnist-demo'"):
+        config.load("fashion-mnist-dem")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        config.load(write(tmp_path, "optim: {lr: [\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "nope.yaml"))
+
+
+def test_every_field_is_documented():
+    for cls in config.sections():
+        docs = config.field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(config.list_recipes()))
+def test_every_recipe_loads_and_round_trips(name):
+    cfg = config.load(name)
+    assert config.list_recipes()[name], f"recipe {name} has no description"
+    again = config.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict(cfg))))
+    assert again == cfg
+
+
+def test_describe_lists_every_leaf():
+    keys = [k for k, _, _ in config.describe()]
+    assert "gnp.alpha" in keys and "optim.clip_norm" in keys and "loop.seed" in keys
+    assert len(keys) == len(set(keys))
+
+
+# The CLI contract: one line on stderr, exit status 2, no traceback.
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["train", "--recipe", "debug-cpu", "--set", "optim.lr=abc"], "optim.lr: invalid value 'abc'"),
+    (["train", "--recipe", "debug-cpu", "--set", "data.path=/nonexistent/ds"], "/nonexistent/ds"),
+    (["eval", "--run", "/nonexistent/run"], "has no config.yaml"),
+])
+def test_cli_errors_are_one_line_exit_2(args, needle):
+    res = run_cli(*args, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_lists(tmp_path):
+    res = run_cli("recipes")
+    assert res.returncode == 0 and "fashion-mnist-demo" in res.stdout
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in ("train", "convert", "eval", "recipes", "models"):
+        assert cmd in res.stdout

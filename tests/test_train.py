@@ -1,0 +1,134 @@
+"""End to end on real (small) Fashion-MNIST: single process, 2-process torchrun with checkpoint + resume,
+evaluation of a run, refusal of a foreign run directory, and bad inputs exiting 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli, run_torchrun
+
+
+def records(run_dir, kind=None):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    return [r for r in recs if kind is None or r["kind"] == kind]
+
+
+def common(ds, run_dir, *extra):
+    return ["train", "--recipe", "debug-cpu", "--set", f"data.path={ds}", "--set", f"run.dir={run_dir}",
+            "--set", "data.augment=none", *[a for x in extra for a in ("--set", x)]]
+
+
+def test_single_process_run_writes_config_metrics_checkpoint(fmnist_small, tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli(*common(fmnist_small, run_dir, "loop.epochs=1", "loop.log_every=4", "gnp.hybrid_p=0.5"))
+    assert res.returncode == 0, res.stderr
+    assert "final top-1 accuracy" in res.stdout
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["gnp"]["hybrid_p"] == 0.5 and "git_commit" in saved
+    train = records(run_dir, "train")
+    assert train and all(math.isfinite(v) for r in train for v in r.values() if isinstance(v, float))
+    # hybrid: both kinds of steps happened, and GNP ones report the perturbed loss and ||g1||
+    last = records(run_dir, "done")[0]
+    assert 0 < last["gnp_steps"] < last["steps"] == 500 // 32
+    assert any("loss_perturbed" in r and "g1_norm" in r for r in train if r["gnp"])
+    ev = records(run_dir, "eval")[-1]
+    assert ev["images"] == 500  # every validation image exactly once
+    assert list((run_dir / "checkpoints").glob("step-*/manifest.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_torchrun_two_processes_checkpoint_then_resume(fmnist_small, tmp_path):
+    run_dir = tmp_path / "run"
+    steps_per_epoch = 500 // 32  # global batch 32 over 2 ranks, drop_last on train
+    # Run 1 stops after the first epoch's checkpoint (max_steps), like a preempted job.
+    res = run_torchrun("-m", "trainer", *common(fmnist_small, run_dir, f"loop.max_steps={steps_per_epoch}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(records(run_dir, "eval")) == 1
+    ck = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert [p.name for p in ck] == [f"step-{steps_per_epoch:09d}"]
+    # Run 2 (same config, max_steps may change) resumes at epoch 1 and finishes epoch 2.
+    res = run_torchrun("-m", "trainer", *common(fmnist_small, run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    starts = records(run_dir, "start")
+    assert starts[0]["resumed_from_step"] is None and starts[1]["resumed_from_step"] == steps_per_epoch
+    assert starts[1]["world_size"] == 2
+    done = records(run_dir, "done")[-1]
+    assert done["steps"] == 2 * steps_per_epoch and done["epochs"] == 2
+    train2 = [r for r in records(run_dir, "train") if r["step"] > steps_per_epoch]
+    assert train2 and min(r["epoch"] for r in train2) > 1.0  # no step of epoch 1 was redone
+    evals = records(run_dir, "eval")
+    assert [e["epoch"] for e in evals] == [1, 2] and all(e["images"] == 500 for e in evals)
+
+    # `eval --run` evaluates the latest checkpoint over the full validation set, on 2 ranks as well
+    res = run_torchrun("-m", "trainer", "eval", "--run", str(run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["images"] == 500 and out["step"] == 2 * steps_per_epoch
+    assert out["top1"] == pytest.approx(evals[-1]["top1"])
+
+
+def test_foreign_run_dir_is_refused_then_fresh_moves_it_aside(fmnist_small, tmp_path):
+    run_dir = tmp_path / "run"
+    args = common(fmnist_small, run_dir, "loop.max_steps=2", "loop.epochs=1")
+    assert run_cli(*args).returncode == 0
+    res = run_cli(*args, "--set", "gnp.alpha=0.5")
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: run.dir:") and "gnp.alpha: 0.8 -> 0.5" in res.stderr
+    res = run_cli(*args, "--set", "gnp.alpha=0.5", "--set", "run.fresh=true")
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.glob("run.old-*/config.yaml"))  # the old run was kept, not deleted
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_bad_dataset_exits_2_with_one_line(fmnist_small, tmp_path, damage):
+    ds = tmp_path / "ds"
+    shutil.copytree(fmnist_small, ds)
+    beton = ds / "train.beton"
+    if damage == "truncated":
+        beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 3])
+    elif damage == "garbage":
+        beton.write_bytes(b"\x00garbage" * 1000)
+    else:
+        beton.unlink()
+    res = run_cli(*common(ds, tmp_path / "run"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train.beton" in lines[0], res.stderr[-2000:]
+
+
+def test_import_direction():
+    """config -> dist -> data -> models -> optim -> loop -> checkpoint/metrics; only train.py wires them."""
+    import ast
+    from pathlib import Path
+
+    order = ["config", "dist", "data", "models", "optim", "loop", "checkpoint", "metrics"]
+    pkg = Path(__file__).resolve().parents[1] / "trainer"
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).parts
+        top = rel[0].removesuffix(".py")
+        if top not in order:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer."):
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names if a.name.startswith("trainer.")]
+            for m in mods:
+                dep = m.split(".")[1]
+                if dep == top:
+                    continue
+                assert dep in order and order.index(dep) < order.index(top) and not (
+                    top in ("checkpoint", "metrics") and dep in ("checkpoint", "metrics")), \
+                    f"{path.relative_to(pkg)} imports {m}: against the data-flow order"
+    # the GNP optimizer and the models are plain PyTorch
+    for sub in ("optim/gnp.py",):
+        src = (pkg / sub).read_text()
+        assert "from trainer" not in src and "import trainer" not in src

@@ -1,0 +1,92 @@
+"""Command line: `python -m trainer {train,convert,eval,recipes,models,config}` (also the `gnp-train` script).
+
+User errors (bad config, bad dataset, unknown recipe) print one line `error: ...` and exit with status 2,
+which Kubeflow's ExitCode restart policy treats as permanent. Set GNP_TRACEBACK=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description="Train image models with Gradient Norm "
+                                "Penalty (GNP) on FFCV data; run under torchrun for DDP.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a recipe (resumes from the run directory's latest checkpoint)")
+    t.add_argument("--recipe", required=True, help="recipe name (see `recipes`) or path to a YAML file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable); values parse as YAML")
+
+    c = sub.add_parser("convert", help="write a dataset as FFCV train.beton/val.beton + meta.json")
+    from trainer.data.convert import add_arguments
+
+    add_arguments(c)
+
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run directory")
+    e.add_argument("--run", required=True, help="run directory written by `train`")
+    e.add_argument("--data", default=None, help="dataset folder, if it moved since training")
+
+    sub.add_parser("recipes", help="list the built-in recipes")
+    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("config", help="list every config key with its default and meaning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as e:  # ConfigError and the data layer's input errors are ValueErrors
+        if os.environ.get("GNP_TRACEBACK"):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trainer import config
+
+    if args.command == "recipes":
+        for name, desc in config.list_recipes().items():
+            print(f"{name:28s} {desc}")
+        return 0
+    if args.command == "config":
+        for key, default, doc in config.describe():
+            print(f"{key:32s} {default:14s} {doc}")
+        return 0
+    if args.command == "models":
+        from trainer.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    if args.command == "convert":
+        from trainer.data.convert import run
+
+        return run(args)
+    if args.command == "eval":
+        from trainer.train import evaluate_run
+
+        evaluate_run(args.run, {"data.path": args.data} if args.data else None)
+        return 0
+    cfg = config.load(args.recipe, args.overrides)
+    from trainer.train import train
+
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final top-1 accuracy {100 * summary['top1']:.2f}% | top-5 {100 * summary['top5']:.2f}% | "
+              f"{summary['steps']} steps ({summary['gnp_steps']} GNP) | wall {summary['wall_s']:.0f} s | "
+              f"run dir {summary['run_dir']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

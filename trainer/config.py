@@ -1,0 +1,475 @@
+"""Run configuration: typed, frozen, documented, loaded in layers.
+
+Precedence: dataclass defaults < recipe YAML (by name from trainer/recipes/ or by path) < `--set a.b=c`.
+Every field carries a docstring (the string literal under it); `python -m trainer train --help-config`
+prints them. Loading is strict: an unknown section or key, a wrong type or an invalid value raises
+`ConfigError` with one line naming the key, the bad value and what is allowed (with a did-you-mean for
+typos). Only the entry point (`trainer/train.py`) sees a whole `RunConfig`; components receive plain
+arguments taken from it.
+
+This module needs only the standard library and PyYAML (no torch), so it stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = ""
+    """Folder with train.beton, val.beton and meta.json written by `python -m trainer convert` (required)."""
+    augment: Literal["none", "basic", "imagenet"] = "basic"
+    """Train-time augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
+    imagenet = random-resized-crop + flip (val: center crop 224/256)."""
+    image_size: int = 0
+    """Output side for the imagenet pipeline (e.g. 224); 0 = the dataset's stored size (fixed-size data)."""
+    cutout: int = 0
+    """Side of a per-image cutout square applied after the crop; 0 disables it (the reference uses 16)."""
+    label_smoothing: float = 0.0
+    """Label smoothing in the cross-entropy: target = (1-ls)*onehot + ls/K (uniform over all K classes)."""
+    num_workers: int = 2
+    """FFCV decoding threads per process; explicit because FFCV's default counts the host's CPUs, not the pod's."""
+    os_cache: bool = True
+    """Let the OS page cache hold the .beton (True suits data that fits in RAM; False streams)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "resnet_debug"
+    """Registered model name (`python -m trainer models` lists them)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the model builder (e.g. {dropout: 0.3} or {stem: cifar})."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    """Base optimizer wrapped by GNP: sgd (momentum/nesterov as below) or adamw (decoupled weight decay)."""
+    lr: float = 0.1
+    """Peak learning rate (the schedule scales it)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum (the reference's 'Momentum' optimizer)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay applied by the base optimizer only (AdamW style; the reference's Adam uses 0.3).
+    It does not enter g1, the perturbation or g2; use `l2` for that."""
+    l2: float = 0.0
+    """L2 term 0.5*l2*sum(w^2) added to the loss, as the reference does (1e-3 CIFAR, 1e-4 ImageNet):
+    it is part of g1, ||g1||, g2 and the clipped gradient."""
+    no_weight_decay_on_bn: bool = False
+    """Exempt every parameter with ndim <= 1 (all biases, BN/LN scales and shifts) from l2 and weight_decay."""
+    clip_norm: float = 5.0
+    """Global-norm clip of the final (synchronized) gradient before the base step; <= 0 disables it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GNPConfig:
+    r: float = 0.1
+    """Finite-difference step: the gradient is also taken at theta + r*g1/||g1||. 0 = plain optimizer."""
+    alpha: float = 0.8
+    """Mixing weight: g = (1-alpha)*g1 + alpha*g2; penalty strength lambda = alpha*r. 1 = SAM, 0 = plain."""
+    norm_perturbations: bool = False
+    """False: the paper's (1-alpha)*g1 + alpha*g2. True: (1-alpha)*g1/||g1|| + alpha*g2, the reference code's
+    default (set it explicitly in recipes ported from the reference)."""
+    sync_perturbations: bool = False
+    """False: each rank perturbs with its own g1 (m-sharpness, one all-reduce per step). True: all-reduce g1
+    before perturbing (a second all-reduce per step)."""
+    eps: float = 1e-12
+    """Added to ||g1|| before dividing (the reference has none and produces NaN when g1 = 0)."""
+    warmup: Literal["none", "r", "lambda", "zero"] = "none"
+    """Gradient-regularization warmup over `warmup_epochs`: r ramps r from 0 (alpha fixed); lambda ramps alpha
+    from 0 (r fixed); zero runs plain steps until the warmup ends; none disables it."""
+    warmup_epochs: float = 0.0
+    """Length of the GR warmup in epochs (separate from the LR warmup; the reference couples the two)."""
+    hybrid_p: float = 1.0
+    """Probability that a step is a GNP step (else plain); the draw depends on (seed, step) only, so every rank
+    agrees. 1.0 = always GNP."""
+    every: int = 1
+    """Deterministic alternative to hybrid_p: a GNP step every k-th step (1 = every step)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    name: Literal["cosine", "constant", "step"] = "cosine"
+    """LR schedule: cosine decay to 0 after a linear warmup; constant after warmup; step = multiply by gamma
+    at each milestone."""
+    warmup_epochs: float = 0.0
+    """Linear LR warmup from 0 (the first update uses lr(0), which is base_lr when there is no warmup)."""
+    milestones: tuple[float, ...] = ()
+    """Epochs at which the step schedule multiplies the LR by gamma."""
+    gamma: float = 0.1
+    """Factor of the step schedule."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    epochs: int = 1
+    """Number of training epochs."""
+    batch_size: int = 128
+    """Training batch size; see batch_size_mode."""
+    batch_size_mode: Literal["global", "per_rank"] = "global"
+    """global: batch_size is split over the ranks (must divide by the world size; the reference's meaning);
+    per_rank: every rank takes batch_size."""
+    eval_batch_size: int = 0
+    """Per-rank evaluation batch size; 0 = the per-rank training batch size."""
+    eval_every: int = 1
+    """Evaluate on the full validation set every N epochs (and always after the last epoch); 0 = only at the end."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (smoke tests); 0 = no cap."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision: auto = bf16 on CUDA and fp32 on CPU; fp16 uses a GradScaler."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    channels_last: bool = True
+    """Use channels_last memory format (applied on CUDA only, where it helps convolutions)."""
+    seed: int = 0
+    """Training seed: data order, augmentation, dropout, hybrid draws."""
+    init_seed: int = -1
+    """Seed of the weight initialization; -1 = use `seed`."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) for bitwise-reproducible runs (slower on GPU)."""
+    log_every: int = 50
+    """Steps between log lines / metrics.jsonl records (host syncs happen only then)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    uri: str = ""
+    """Where checkpoints go: a local folder; empty = <run.dir>/checkpoints."""
+    every_epochs: int = 1
+    """Save every N epochs (and after the last); 0 = only after the last epoch."""
+    keep: int = 2
+    """How many complete checkpoints to keep (>= 2: the newest may be in the middle of being written)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    jsonl: bool = True
+    """Rank 0 appends every logged value to <run.dir>/metrics.jsonl."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Rank 0 progress display: auto = a tqdm bar on a terminal, plain periodic lines otherwise."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    dir: str = ""
+    """Run directory (config, metrics.jsonl, checkpoints); empty = runs/<recipe name>."""
+    fresh: bool = False
+    """Start from scratch even if the run directory holds checkpoints (they are moved aside, never deleted)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    recipe: str = ""
+    """Name of the recipe this config came from (informational)."""
+    description: str = ""
+    """One line on what the recipe trains (shown by `python -m trainer recipes`)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset and input pipeline."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Base optimizer and regularizers."""
+    gnp: GNPConfig = field(default_factory=GNPConfig)
+    """Gradient norm penalty."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Logging and metrics."""
+    run: RunSection = field(default_factory=RunSection)
+    """Run directory handling."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Semantic checks: everything a type cannot express. One line each, naming the key.
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: invalid value {value!r}; expected {allowed}")
+
+
+def _validate(c: RunConfig) -> None:
+    d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
+    _check(d.image_size >= 0, "data.image_size", d.image_size, "an integer >= 0")
+    _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
+    _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
+    _check(d.num_workers >= 1, "data.num_workers", d.num_workers, "an integer >= 1")
+    _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
+    _check(o.adam_eps > 0, "optim.adam_eps", o.adam_eps, "a number > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(o.l2 >= 0, "optim.l2", o.l2, "a number >= 0")
+    _check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", o.nesterov,
+           "false when optim.momentum is 0 (Nesterov needs momentum)")
+    _check(g.r >= 0, "gnp.r", g.r, "a number >= 0 (0 = plain optimizer)")
+    _check(g.alpha >= 0, "gnp.alpha", g.alpha, "a number >= 0 (1 = SAM; > 1 is allowed)")
+    _check(g.eps > 0, "gnp.eps", g.eps, "a number > 0")
+    _check(g.warmup_epochs >= 0, "gnp.warmup_epochs", g.warmup_epochs, "a number >= 0")
+    _check(not (g.warmup != "none" and g.warmup_epochs == 0), "gnp.warmup_epochs", g.warmup_epochs,
+           f"> 0 when gnp.warmup is {g.warmup!r}")
+    # The reference silently never takes a GNP step with hybrid on and p = 0 (its bug #9): refuse it.
+    _check(0 < g.hybrid_p <= 1, "gnp.hybrid_p", g.hybrid_p, "a probability in (0, 1] (set gnp.r=0 for plain training)")
+    _check(g.every >= 1, "gnp.every", g.every, "an integer >= 1")
+    _check(not (g.every > 1 and g.hybrid_p < 1), "gnp.every", g.every, "1 when gnp.hybrid_p < 1 (pick one hybrid mode)")
+    _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
+    _check(list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
+           "schedule.milestones", list(s.milestones), "increasing positive epochs")
+    _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "a number in (0, 1]")
+    _check(lp.epochs >= 1, "loop.epochs", lp.epochs, "an integer >= 1")
+    _check(s.warmup_epochs <= lp.epochs, "schedule.warmup_epochs", s.warmup_epochs, f"<= loop.epochs ({lp.epochs})")
+    _check(lp.batch_size >= 1, "loop.batch_size", lp.batch_size, "an integer >= 1")
+    _check(lp.eval_batch_size >= 0, "loop.eval_batch_size", lp.eval_batch_size, "an integer >= 0")
+    _check(lp.eval_every >= 0, "loop.eval_every", lp.eval_every, "an integer >= 0")
+    _check(lp.max_steps >= 0, "loop.max_steps", lp.max_steps, "an integer >= 0")
+    _check(lp.log_every >= 1, "loop.log_every", lp.log_every, "an integer >= 1")
+    _check(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, "an integer >= 0")
+    _check(ck.keep >= 2, "checkpoint.keep", ck.keep, "an integer >= 2 (the newest may still be in flight)")
+    _check("://" not in ck.uri, "checkpoint.uri", ck.uri, "a local folder (remote storage is not supported yet)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generic strict conversion of plain data (YAML) into the dataclasses above.
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple,):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming `key`. No silent lossy casts."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: invalid value {value!r}; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: invalid value {value!r}; expected {_type_name(tp)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a programming error, not a user one
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, strictly."""
+    fields, hints, kwargs = _fields(cls), _hints(cls), {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key; {_did_you_mean(name, list(fields))}"
+                              f"allowed: {', '.join(fields)}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {', '.join(_fields(tp))}, got {value!r}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (YAML/JSON-safe: tuples become lists) of a config dataclass."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, dict):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs" else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipes and overrides.
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> its one-line description, for every YAML file in trainer/recipes/."""
+    out = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out[path.stem] = str(data.get("description", ""))
+    return out
+
+
+def read_recipe(name_or_path: str) -> tuple[str, dict]:
+    """Return (recipe name, raw dict) for a recipe name in trainer/recipes/ or a path to a YAML file."""
+    path = Path(name_or_path)
+    if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
+        names = list(list_recipes())
+        if name_or_path not in names:
+            raise ConfigError(f"--recipe: unknown recipe {name_or_path!r}; {_did_you_mean(name_or_path, names)}"
+                              f"available: {', '.join(names)} (or a path to a .yaml file)")
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--recipe: file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"--recipe: {str(path)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--recipe: {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return path.stem, data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value parsed as YAML, so 0.1, true, [1, 2] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set: {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set: {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # treat unparsable YAML as a plain string; type checking will complain if needed
+    return parts, value
+
+
+def load(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults < recipe YAML < overrides ('a.b=c'), strictly validated."""
+    name, data = read_recipe(recipe)
+    data = dict(data)
+    data.setdefault("recipe", name)
+    for text in overrides:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for p in reversed(parts):
+            nested = {p: nested}
+        data = _deep_merge(data, nested)
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Build a RunConfig from a plain dict (e.g. a saved config.yaml), strictly."""
+    return _build(RunConfig, data)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every field, from the attribute docstrings in this file."""
+    docs = field_docs(cls)
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f"{prefix}{f.name}", repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right after an annotated field) of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+def sections() -> list[type]:
+    """Every config dataclass (for tests that check docstrings)."""
+    return [RunConfig, DataConfig, ModelConfig, OptimConfig, GNPConfig, ScheduleConfig, LoopConfig,
+            CheckpointConfig, MetricsConfig, RunSection]
+
+
+__all__ = ["ConfigError", "RunConfig", "load", "from_dict", "to_dict", "list_recipes", "read_recipe", "describe",
+           "field_docs", "sections"]

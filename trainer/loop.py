@@ -1,0 +1,194 @@
+"""The training loop: one epoch of GNP steps, and evaluation over the whole validation set.
+
+Components arrive as plain objects and arguments (no config objects): the DDP-wrapped model, the GNP
+optimizer, the loaders, a `StepPolicy` with every per-step number, and a `Sink` for log records.
+Host syncs (`.item()`) happen only on log steps: GNP already pays for two backward passes, and a per-step
+sync would stall the GPU's queue as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from trainer.dist import DistEnv, all_reduce_sum
+from trainer.optim.gnp import GNP, StepInfo
+from trainer.optim.schedules import gr_warmup, is_gnp_step, learning_rate
+
+
+class Sink(Protocol):
+    """Where log records go (metrics.jsonl, progress display, ...); see trainer.metrics."""
+
+    def log(self, kind: str, record: dict) -> None: ...
+
+    def progress(self, done: int, total: int, epoch: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """Everything that changes from step to step, as pure functions of the global step and epoch."""
+
+    base_lr: float
+    lr_kind: str
+    lr_warmup_steps: int
+    total_steps: int
+    lr_milestones: tuple[int, ...]
+    lr_gamma: float
+    r: float
+    alpha: float
+    gr_strategy: str
+    gr_warmup_steps: int
+    gr_warmup_epochs: float
+    hybrid_p: float
+    gnp_every: int
+    seed: int
+
+    def apply(self, opt: torch.optim.Optimizer, step: int, epoch: int) -> bool:
+        """Write lr, r and alpha for `step` into every param group; return whether it is a GNP step."""
+        lr = learning_rate(step, base_lr=self.base_lr, kind=self.lr_kind, warmup_steps=self.lr_warmup_steps,
+                           total_steps=self.total_steps, milestones=self.lr_milestones, gamma=self.lr_gamma)
+        r, alpha = gr_warmup(step, epoch, r=self.r, alpha=self.alpha, strategy=self.gr_strategy,
+                             warmup_steps=self.gr_warmup_steps, warmup_epochs=self.gr_warmup_epochs)
+        for group in opt.param_groups:
+            group["lr"], group["r"], group["alpha"] = lr, r, alpha
+        return r > 0 and alpha > 0 and is_gnp_step(step, seed=self.seed, p=self.hybrid_p, every=self.gnp_every)
+
+
+@dataclass
+class LoopState:
+    """Progress counters saved in checkpoints."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (GNP and plain)
+    gnp_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "gnp_steps": self.gnp_steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.step, self.gnp_steps = int(sd["epoch"]), int(sd["step"]), int(sd["gnp_steps"])
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How the training loss is formed: CE with label smoothing plus the reference's L2 term."""
+
+    label_smoothing: float = 0.0
+    l2: float = 0.0
+    l2_params: tuple[torch.nn.Parameter, ...] = field(default=())
+
+
+def l2_term(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """sum(w^2) over `params`, differentiable (no norm: its gradient is NaN for an all-zero tensor)."""
+    return torch.stack([p.float().pow(2).sum() for p in params]).sum()
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """An autocast context for `dtype`, or a no-op for full precision."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, policy: StepPolicy, state: LoopState,
+                loss_spec: LossSpec, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
+                clip_norm: float, max_steps: int, log_every: int, sink: Sink) -> bool:
+    """Run one epoch (or until `max_steps`). Returns False when max_steps stopped it early."""
+    model.train()
+    epoch, total = state.epoch, len(loader)
+    window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
+    fetch_start = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        window_data_s += time.perf_counter() - fetch_start
+        if max_steps and state.step >= max_steps:
+            return False
+        use_gnp = policy.apply(opt, state.step, epoch)
+
+        ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
+
+        def loss_fn(images: torch.Tensor = images, labels: torch.Tensor = labels) -> torch.Tensor:
+            with autocast_for(env.device, amp_dtype):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
+            ce_seen.append(loss.detach())
+            if loss_spec.l2 > 0:
+                # In the loss (not added to .grad afterwards) so DDP averages it with the rest: pass 2's
+                # L2 gradient l2*(theta+eps_k) differs per rank when perturbations are per rank.
+                loss = loss + 0.5 * loss_spec.l2 * l2_term(loss_spec.l2_params)
+            return loss
+
+        info = opt.train_step(loss_fn, model=model, gnp=use_gnp, scaler=scaler, clip_norm=clip_norm)
+        state.step += 1
+        state.gnp_steps += int(info.gnp)
+        window_images += images.shape[0]
+        if state.step % log_every == 0 or i + 1 == total:
+            # The only host sync of the step loop: turn the detached tensors into floats.
+            elapsed = time.perf_counter() - window_start
+            sink.log("train", _train_record(info, ce_seen, opt, state, epoch, i + 1, total,
+                                            images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
+                                            data_wait_s=window_data_s))
+            window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
+        sink.progress(i + 1, total, epoch)
+        fetch_start = time.perf_counter()
+    return True
+
+
+def _train_record(info: StepInfo, ce_seen: list[torch.Tensor], opt: GNP, state: LoopState, epoch: int, batch: int,
+                  total: int, images_per_s: float, data_wait_s: float) -> dict:
+    """One log record. `loss` is the pass-1 cross-entropy at theta (the reference logs the perturbed one);
+    `objective` adds the L2 term; `loss_perturbed` is the cross-entropy at theta + eps."""
+    group = opt.param_groups[0]
+    rec = {"step": state.step, "epoch": epoch + batch / total, "loss": ce_seen[0].item(),
+           "objective": info.loss.item(), "grad_norm": info.grad_norm.item(), "lr": group["lr"], "r": group["r"],
+           "alpha": group["alpha"], "gnp": info.gnp, "gnp_steps": state.gnp_steps, "images_per_s": images_per_s,
+           "data_wait_s": data_wait_s}
+    if info.loss_perturbed is not None and len(ce_seen) > 1:
+        rec["loss_perturbed"] = ce_seen[1].item()
+        rec["sharpness"] = rec["loss_perturbed"] - rec["loss"]  # L(theta+eps) - L(theta), cross-entropy only
+    if info.g1_norm is not None:
+        rec["g1_norm"] = info.g1_norm.item()
+    if info.skipped is not None:
+        rec["skipped"] = bool(info.skipped.item())
+    return rec
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, loader, env: DistEnv, amp_dtype: torch.dtype | None) -> dict:
+    """Loss, top-1 and top-5 accuracy/error over the validation set, summed exactly across ranks.
+
+    Runs the unwrapped module: a DDP forward would broadcast buffers, a collective, and ranks may hold
+    different numbers of eval batches (every image is evaluated exactly once, so shards differ by one).
+    """
+    was_training = module.training
+    module.eval()
+    # float64 sums: exact counts for any realistic dataset size
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss_sum, top1, top5, n
+    for images, labels in loader:
+        with autocast_for(env.device, amp_dtype):
+            logits = module(images)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(labels[:, None])
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(dim=1).sum()
+        sums[3] += labels.shape[0]
+    all_reduce_sum(sums, env)
+    module.train(was_training)
+    loss_sum, top1, top5, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"eval_loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "top1_error": 1 - top1 / n,
+            "top5_error": 1 - top5 / n, "images": int(sums[3].item())}
+
+
+def is_finite_record(record: dict) -> bool:
+    """True when every float in a log record is finite (tests use it; training diverging shows up here)."""
+    return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+

@@ -1,0 +1,316 @@
+"""Entry point that wires config -> dist -> data -> model -> GNP -> loop -> checkpoint/metrics.
+
+Run it on one process or under torchrun, identically:
+    python -m trainer train --recipe fashion-mnist-demo
+    torchrun --standalone --nproc_per_node=2 -m trainer train --recipe fashion-mnist-demo --set loop.epochs=2
+This is the only module that sees the whole RunConfig; everything it calls takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer import dist
+from trainer.checkpoint import LocalCheckpointer
+from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.data import build_loaders
+from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, train_epoch
+from trainer.metrics import NullSink, RunSink
+from trainer.models import create_model
+from trainer.optim.gnp import GNP
+
+# Keys that may differ between the config saved in a run directory and the one resuming it: they change
+# how a run is observed or fed, not what it computes.
+RESUMABLE_CHANGES = ("recipe", "description", "run.fresh", "run.dir", "data.path", "data.num_workers",
+                     "data.os_cache", "loop.max_steps", "loop.log_every", "loop.eval_every", "metrics.")
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.run.dir or f"runs/{cfg.recipe or 'run'}")
+
+
+def git_commit() -> str:
+    """The code's commit: $GIT_COMMIT (set in the image) or `git rev-parse HEAD` of the checkout, else ''."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every key that differs, ignoring RESUMABLE_CHANGES."""
+    a, b = _flat(saved), _flat(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
+    """Create the run directory (rank 0), refusing one made by a different config unless run.fresh.
+
+    With run.fresh an existing directory is renamed aside (<dir>.old-<time>), never deleted.
+    All ranks return the same answer or raise the same ConfigError.
+    """
+    path = run_dir_of(cfg)
+    error = ""
+    if env.is_primary:
+        saved_file = path / "config.yaml"
+        current = to_dict(cfg)
+        if saved_file.is_file() and cfg.run.fresh:
+            aside = path.with_name(f"{path.name}.old-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+            path.rename(aside)
+            print(f"run.fresh: moved the old run directory to {aside}", file=sys.stderr)
+        elif saved_file.is_file():
+            diffs = config_differences(yaml.safe_load(saved_file.read_text()) or {}, current)
+            if diffs:
+                error = (f"run.dir: {str(path)!r} was made by a different config ({'; '.join(diffs[:3])}"
+                         f"{'; ...' if len(diffs) > 3 else ''}); use another run.dir or --set run.fresh=true")
+        if not error:
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / ".config.yaml.tmp"
+            tmp.write_text(yaml.safe_dump({**current, "git_commit": git_commit()}, sort_keys=False))
+            os.replace(tmp, saved_file)
+    error = dist.broadcast_object(error, env)
+    if error:
+        raise ConfigError(error)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Per-(epoch, rank) seed: dropout and other model randomness restart identically on resume."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[GNP, tuple[torch.nn.Parameter, ...]]:
+    """GNP around the configured base optimizer; also returns the parameters under the L2 term."""
+    o, g = cfg.optim, cfg.gnp
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.no_weight_decay_on_bn:
+        decay = [p for p in params if p.ndim > 1]
+        groups = [{"params": decay, "weight_decay": o.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    else:
+        decay, groups = params, [{"params": params, "weight_decay": o.weight_decay}]
+    groups = [gr for gr in groups if gr["params"]]
+    if o.name == "sgd":
+        base = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    else:
+        base = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps)
+    opt = GNP(base, r=g.r, alpha=g.alpha, norm_perturbations=g.norm_perturbations,
+              sync_perturbations=g.sync_perturbations, eps=g.eps)
+    return opt, tuple(decay)
+
+
+def amp_dtype_of(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _per_rank_batch(cfg: RunConfig, env: dist.DistEnv) -> int:
+    lp = cfg.loop
+    if lp.batch_size_mode == "per_rank":
+        return lp.batch_size
+    if lp.batch_size % env.world_size:
+        raise ConfigError(f"loop.batch_size: invalid value {lp.batch_size}; expected a multiple of the world size "
+                          f"({env.world_size}) with loop.batch_size_mode=global")
+    return lp.batch_size // env.world_size
+
+
+class _Held:
+    """Holds the DDP model and optimizer so teardown can drop them before destroy_process_group().
+
+    (An exception's traceback keeps a function's locals alive; attributes of this object can be cleared.)
+    """
+
+    def clear(self) -> None:
+        self.__dict__.clear()
+
+
+def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
+    """Loaders, model (plain and wrapped) and checkpointer for `cfg`."""
+    per_rank = _per_rank_batch(cfg, env)
+    d, lp = cfg.data, cfg.loop
+    if not d.path:
+        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
+    channels_last = lp.channels_last and env.device.type == "cuda"
+    loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
+                            num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,
+                            device=env.device, augment=d.augment, cutout=d.cutout, image_size=d.image_size or None,
+                            channels_last=channels_last, os_cache=d.os_cache)
+    meta = loaders.meta
+    seed_everything(lp.init_seed if lp.init_seed >= 0 else lp.seed)
+    image_size = d.image_size or (meta.get("image_size") or [224])[0]
+    module = create_model(cfg.model.name, num_classes=meta["num_classes"], in_channels=3, image_size=image_size,
+                          **cfg.model.kwargs).to(env.device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    held.module = module
+    model = torch.compile(module) if lp.compile else module
+    if env.distributed and train:
+        # gradient_as_bucket_view: GNP scales .grad in place between the passes, which keeps the views valid.
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    held.model = model
+    ckpt = LocalCheckpointer(cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints", keep=cfg.checkpoint.keep)
+    return loaders, module, model, ckpt
+
+
+def _resume(ckpt: LocalCheckpointer, env: dist.DistEnv, restore) -> int | None:
+    """Rank 0 picks the newest verified checkpoint; every rank loads that one. Returns its step or None."""
+    found = ckpt.latest() if env.is_primary else None
+    step = dist.broadcast_object(found[0] if found else None, env)
+    if step is None:
+        return None
+    state = found[1] if env.is_primary else ckpt.load(step)
+    restore(state)
+    return step
+
+
+def train(cfg: RunConfig) -> dict:
+    """Train according to `cfg` (resuming from the run directory's latest checkpoint); returns the summary."""
+    env = dist.init()
+    held = _Held()
+    try:
+        return _train(cfg, env, held)
+    finally:
+        held.clear()
+        dist.shutdown(env)
+
+
+def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
+    t_start = time.time()
+    run_dir = prepare_run_dir(cfg, env)
+    loaders, module, model, ckpt = _build(cfg, env, held)
+    opt, l2_params = build_optimizer(module, cfg)
+    held.opt = opt
+    amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
+    state = LoopState()
+
+    def restore(sd: dict) -> None:
+        module.load_state_dict(sd["model"])
+        opt.load_state_dict(sd["optimizer"])
+        state.load_state_dict(sd["loop"])
+        if scaler is not None and sd.get("scaler"):
+            scaler.load_state_dict(sd["scaler"])
+
+    resumed = _resume(ckpt, env, restore)
+    sink = RunSink(run_dir / "metrics.jsonl" if cfg.metrics.jsonl else None, cfg.metrics.progress) \
+        if env.is_primary else NullSink()
+    held.sink = sink
+    spe = len(loaders.train)
+    lp, sch, g = cfg.loop, cfg.schedule, cfg.gnp
+    policy = StepPolicy(base_lr=cfg.optim.lr, lr_kind=sch.name, lr_warmup_steps=round(sch.warmup_epochs * spe),
+                        total_steps=lp.epochs * spe, lr_milestones=tuple(round(m * spe) for m in sch.milestones),
+                        lr_gamma=sch.gamma, r=g.r, alpha=g.alpha, gr_strategy=g.warmup,
+                        gr_warmup_steps=round(g.warmup_epochs * spe), gr_warmup_epochs=g.warmup_epochs,
+                        hybrid_p=g.hybrid_p, gnp_every=g.every, seed=lp.seed)
+    loss_spec = LossSpec(label_smoothing=cfg.data.label_smoothing, l2=cfg.optim.l2, l2_params=l2_params)
+    sink.log("start", {"run_dir": str(run_dir), "world_size": env.world_size, "device": str(env.device),
+                       "model": cfg.model.name, "params": sum(p.numel() for p in module.parameters()),
+                       "train_images": loaders.meta["train_size"], "steps_per_epoch": spe,
+                       "resumed_from_step": resumed})
+    last_eval: dict = {}
+    while state.epoch < lp.epochs:
+        epoch = state.epoch
+        torch.manual_seed(epoch_seed(lp.seed, epoch, env.rank))
+        loaders.train.set_epoch(epoch)
+        finished = train_epoch(model=model, opt=opt, loader=loaders.train, env=env, policy=policy, state=state,
+                               loss_spec=loss_spec, amp_dtype=amp_dtype, scaler=scaler,
+                               clip_norm=cfg.optim.clip_norm, max_steps=lp.max_steps, log_every=lp.log_every,
+                               sink=sink)
+        if not finished:
+            break
+        state.epoch += 1
+        last = state.epoch == lp.epochs
+        if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
+            last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
+            sink.log("eval", last_eval)
+        if last or (cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0):
+            if env.is_primary:
+                ckpt.save(state.step, _snapshot(module, opt, state, scaler, cfg))
+            dist.barrier(env)
+    if not last_eval:
+        last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
+        sink.log("eval", last_eval)
+    summary = {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "gnp_steps": state.gnp_steps,
+               "top1": last_eval["top1"], "top5": last_eval["top5"], "eval_loss": last_eval["eval_loss"],
+               "wall_s": round(time.time() - t_start, 1)}
+    sink.log("done", summary)
+    sink.close()
+    return summary
+
+
+def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: RunConfig) -> dict:
+    """Everything a resumed run needs; tensors and plain values only (loadable with weights_only=True)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": module.state_dict(), "optimizer": opt.state_dict(), "loop": state.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
+            "config": to_dict(cfg), "git_commit": git_commit()}
+
+
+def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
+    """Evaluate the latest checkpoint of `run_dir` on its validation set (works under torchrun too)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--run: {run_dir!r} has no config.yaml; expected a run directory made by `trainer train`")
+    data = yaml.safe_load(saved.read_text()) or {}
+    data.pop("git_commit", None)
+    data.setdefault("run", {})["dir"] = str(run_dir)
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = value
+    cfg = from_dict(data)
+    env = dist.init()
+    held = _Held()
+    try:
+        loaders, module, _, ckpt = _build(cfg, env, held, train=False)
+        step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
+        if step is None:
+            raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to evaluate")
+        result = {"run_dir": str(run_dir), "step": step,
+                  **evaluate(module, loaders.val, env, amp_dtype_of(cfg.loop.precision, env.device))}
+        if env.is_primary:
+            print(json.dumps(result), flush=True)
+        return result
+    finally:
+        held.clear()
+        dist.shutdown(env)
+
