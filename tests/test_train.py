@@ -67,7 +67,8 @@ def test_torchrun_two_processes_checkpoint_then_resume(fmnist_small, tmp_path):
     assert [e["epoch"] for e in evals] == [1, 2] and all(e["images"] == 500 for e in evals)
 
     # `eval --run` evaluates the latest checkpoint over the full validation set, on 2 ranks as well
-    res = run_torchrun("-m", "trainer", "eval", "--run", str(run_dir))
+    # (positional: torchrun's own parser would take `--run` for an abbreviation of its `--run-path`)
+    res = run_torchrun("-m", "trainer", "eval", str(run_dir))
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["images"] == 500 and out["step"] == 2 * steps_per_epoch

@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(c)
 
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run directory")
-    e.add_argument("--run", required=True, help="run directory written by `train`")
+    e.add_argument("--run", dest="run_dir", help="run directory written by `train`")
+    # Positional form for torchrun: its own parser takes `--run` for an abbreviation of `--run-path`.
+    e.add_argument("run_pos", nargs="?", metavar="RUN_DIR", help="the run directory, positionally")
     e.add_argument("--data", default=None, help="dataset folder, if it moved since training")
 
     sub.add_parser("recipes", help="list the built-in recipes")
@@ -75,7 +77,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from trainer.train import evaluate_run
 
-        evaluate_run(args.run, {"data.path": args.data} if args.data else None)
+        run_dir = args.run_dir or args.run_pos
+        if not run_dir:
+            raise config.ConfigError("eval: missing the run directory; expected --run DIR (or DIR)")
+        evaluate_run(run_dir, {"data.path": args.data} if args.data else None)
         return 0
     cfg = config.load(args.recipe, args.overrides)
     from trainer.train import train

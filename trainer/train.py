@@ -32,7 +32,7 @@ from trainer.optim.gnp import GNP
 
 # Keys that may differ between the config saved in a run directory and the one resuming it: they change
 # how a run is observed or fed, not what it computes.
-RESUMABLE_CHANGES = ("recipe", "description", "run.fresh", "run.dir", "data.path", "data.num_workers",
+RESUMABLE_CHANGES = ("git_commit", "recipe", "description", "run.fresh", "run.dir", "data.path", "data.num_workers",
                      "data.os_cache", "loop.max_steps", "loop.log_every", "loop.eval_every", "metrics.")
 
 
@@ -167,7 +167,7 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
     d, lp = cfg.data, cfg.loop
     if not d.path:
         raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
-    channels_last = lp.channels_last and env.device.type == "cuda"
+    channels_last = lp.channels_last
     loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
                             num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,
                             device=env.device, augment=d.augment, cutout=d.cutout, image_size=d.image_size or None,

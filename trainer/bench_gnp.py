@@ -1,0 +1,180 @@
+"""Benchmark: time of a GNP step vs an SGD step (``python -m trainer.bench_gnp``; ``make bench-gnp``).
+
+Both columns run ``GNP.train_step`` on the same model, data and base optimizer (SGD, momentum 0.9,
+Nesterov) with the reference's clip of 5.0: "SGD" is the plain one-pass step (``gnp=False``), "GNP"
+the two-pass step (r=0.1, alpha=0.8). The ratio GNP/SGD has a floor of ~2.0 (two forward+backward
+passes); the GPU target is <= 2.02.
+
+* CPU (always): a small CNN, 32 px, batch 32, fp32 (a smoke number; CPU ratios are not the target).
+* CUDA (when available): WRN-28-10 (32 px, batch 256, 10 classes) and ResNet-50 (224 px, batch 256,
+  1000 classes), bf16 autocast + channels_last, eager and ``torch.compile``.
+
+Timing: warm-up steps (and compilation), then rounds of ``--*-steps`` steps with one device
+synchronisation per round (no per-step sync), SGD and GNP rounds alternating; the best round of each
+is reported (robust to load from other processes). Synthetic data, resident on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.optim.gnp import GNP
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU x3 with pooling and a linear head (~0.3 M parameters)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2),
+                                      block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(name: str, num_classes: int, image_size: int) -> tuple[nn.Module, str]:
+    """A model from the trainer's registry; torchvision's ResNet-50 if the registry lacks it."""
+    if name == "small_cnn":
+        return SmallCNN(num_classes), "bench SmallCNN"
+    try:
+        from trainer.models import create_model
+
+        return create_model(name, num_classes=num_classes, in_channels=3, image_size=image_size), "trainer.models"
+    except (ImportError, ValueError) as e:
+        if name != "resnet50":
+            raise
+        import torchvision
+
+        return torchvision.models.resnet50(num_classes=num_classes), f"torchvision (registry: {e})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, steps: int,
+                     rounds: int) -> dict[str, float]:
+    """Best mean seconds per step of each function: rounds alternate between the functions, so a
+    burst of load from other processes hits every function's rounds alike; the min discards it."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / steps)
+    return best
+
+
+def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, num_classes: int,
+              amp: torch.dtype | None, channels_last: bool, compile_model: bool, steps: int, rounds: int,
+              warmup: int) -> dict:
+    """Time plain and GNP train_steps of one configuration; returns a table row."""
+    torch.manual_seed(0)
+    model, source = build_model(name, num_classes, image_size)
+    model = model.to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    model.train()
+    run_model: nn.Module = torch.compile(model) if compile_model else model
+    x = torch.randn(batch, 3, image_size, image_size, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    opt = GNP(base, r=0.1, alpha=0.8)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+
+    def loss_fn() -> torch.Tensor:
+        with autocast():
+            logits = run_model(x)
+        return F.cross_entropy(logits.float(), y)
+
+    def sgd() -> object:
+        return opt.train_step(loss_fn, model=run_model, gnp=False, clip_norm=5.0)
+
+    def gnp() -> object:
+        return opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
+
+    compile_start = time.perf_counter()
+    for _ in range(warmup):  # includes compilation of both graph variants (BN frozen in pass 2)
+        sgd()
+        gnp()
+    _sync(device)
+    warm_s = time.perf_counter() - compile_start
+    best = time_interleaved({"sgd": sgd, "gnp": gnp}, device, steps, rounds)
+    t_sgd, t_gnp = best["sgd"], best["gnp"]
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "model": name, "source": source, "params_M": params / 1e6, "batch": batch, "px": image_size,
+        "precision": "bf16" if amp == torch.bfloat16 else "fp32", "mode": "compile" if compile_model else "eager",
+        "sgd_ms": t_sgd * 1e3, "gnp_ms": t_gnp * 1e3, "ratio": t_gnp / t_sgd, "warmup_s": warm_s,
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':<12} {'params':>7} {'batch':>5} {'px':>4} {'prec':>5} {'mode':>8} " \
+             f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<12} {r['params_M']:>6.1f}M {r['batch']:>5} {r['px']:>4} {r['precision']:>5} "
+              f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f}")
+    for r in rows:
+        if r["source"] not in ("trainer.models", "bench SmallCNN"):
+            print(f"note: {r['model']} from {r['source']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse options, run the CPU row and (on CUDA) the GPU rows, print the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-steps", type=int, default=3)
+    ap.add_argument("--gpu-steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--models", default="wrn28_10,resnet50", help="CUDA models (comma separated)")
+    ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
+    ap.add_argument("--no-cpu", action="store_true", help="skip the CPU row")
+    args = ap.parse_args(argv)
+
+    rows = []
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"CPU threads {torch.get_num_threads()}")
+    if not args.no_cpu:
+        rows.append(bench_one("small_cnn", device=torch.device("cpu"), batch=32, image_size=32, num_classes=10,
+                              amp=None, channels_last=False, compile_model=False, steps=args.cpu_steps,
+                              rounds=args.rounds, warmup=2))
+        rows[-1]["model"] = "small_cnn"
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+        configs = {"wrn28_10": (32, 10), "resnet50": (224, 1000)}
+        for name in [m for m in args.models.split(",") if m]:
+            size, classes = configs.get(name, (32, 10))
+            for compile_model in ([False] if args.no_compile else [False, True]):
+                rows.append(bench_one(name, device=device, batch=256, image_size=size, num_classes=classes,
+                                      amp=torch.bfloat16, channels_last=True, compile_model=compile_model,
+                                      steps=args.gpu_steps, rounds=args.rounds, warmup=3))
+                torch.cuda.empty_cache()
+    else:
+        print("no CUDA device: GPU rows (WRN-28-10, ResNet-50; bf16, channels_last, eager/compile) skipped")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
