@@ -117,7 +117,9 @@ def test_describe_lists_every_leaf():
     (["train", "--recipe", "debug-cpu", "--set", "data.path=/nonexistent/ds"], "/nonexistent/ds"),
     (["eval", "--run", "/nonexistent/run"], "has no config.yaml"),
 ])
-def test_cli_errors_are_one_line_exit_2(args, needle):
+def test_cli_errors_are_one_line_exit_2(args, needle, tmp_path):
+    if args[0] == "train":
+        args = [*args, "--set", f"run.dir={tmp_path / 'run'}"]
     res = run_cli(*args, timeout=120)
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

@@ -34,9 +34,18 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""
     """Folder with train.beton, val.beton and meta.json written by `python -m trainer convert` (required)."""
-    augment: Literal["none", "basic", "imagenet"] = "basic"
-    """Train-time augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
-    imagenet = random-resized-crop + flip (val: center crop 224/256)."""
+    augment: Literal["none", "basic", "autoaugment", "imagenet", "randaugment"] = "basic"
+    """Per-image train augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
+    autoaugment = the AutoAugment CIFAR policy, then basic; imagenet = random-resized-crop + flip (val: center
+    crop 224/256); randaugment = imagenet + RandAugment(N=2, M=9) (the reference's ImageNet 'autoaugment')."""
+    batch_augment: Literal["none", "cutout", "mixup", "mixcut", "cutmix"] = "none"
+    """Batch-level augmentation on the batch's device: cutout = one batch_cutout square at the same place in
+    every image of the batch (the reference); mixup = Beta(mixup_alpha) mix with the reversed batch;
+    mixcut = mixup then cutout (the reference's 'mixcut', not CutMix); cutmix = per-sample CutMix (extension)."""
+    batch_cutout: int = 16
+    """Side of the square of the batch-level cutout and mixcut."""
+    mixup_alpha: float = 1.0
+    """Beta(a, a) parameter of mixup, mixcut and cutmix."""
     image_size: int = 0
     """Output side for the imagenet pipeline (e.g. 224); 0 = the dataset's stored size (fixed-size data)."""
     cutout: int = 0
@@ -160,8 +169,18 @@ class CheckpointConfig:
     """Where checkpoints go: a local folder; empty = <run.dir>/checkpoints."""
     every_epochs: int = 1
     """Save every N epochs (and after the last); 0 = only after the last epoch."""
+    every_steps: int = 0
+    """Also save every N optimizer steps, mid-epoch (preemptible nodes); 0 disables it."""
     keep: int = 2
     """How many complete checkpoints to keep (>= 2: the newest may be in the middle of being written)."""
+    s3_endpoint: str = ""
+    """Endpoint URL of an S3-compatible store (MinIO, Ceph, SeaweedFS); empty = AWS (or $AWS_ENDPOINT_URL_S3)."""
+    s3_region: str = ""
+    """S3 region; empty = the AWS credential chain's default (or us-east-1)."""
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore retry mode for S3 requests."""
+    s3_max_attempts: int = 5
+    """botocore max attempts per S3 request (the background uploader also retries whole uploads)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +189,14 @@ class MetricsConfig:
     """Rank 0 appends every logged value to <run.dir>/metrics.jsonl."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Rank 0 progress display: auto = a tqdm bar on a terminal, plain periodic lines otherwise."""
+    prometheus: bool = False
+    """Every training process serves Prometheus metrics on port + LOCAL_RANK."""
+    port: int = 9300
+    """Base port of the Prometheus endpoints (rank r of a node listens on port + r)."""
+    addr: str = "0.0.0.0"
+    """Address the Prometheus endpoints bind to (127.0.0.1 in tests)."""
+    job: str = ""
+    """Value of the `job_name` label; empty = $GNP_JOB_NAME, else the recipe name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +281,13 @@ def _validate(c: RunConfig) -> None:
     _check(lp.log_every >= 1, "loop.log_every", lp.log_every, "an integer >= 1")
     _check(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, "an integer >= 0")
     _check(ck.keep >= 2, "checkpoint.keep", ck.keep, "an integer >= 2 (the newest may still be in flight)")
-    _check("://" not in ck.uri, "checkpoint.uri", ck.uri, "a local folder (remote storage is not supported yet)")
+    _check("://" not in ck.uri or (ck.uri.startswith("s3://") and len(ck.uri) > 5), "checkpoint.uri", ck.uri,
+           "a local folder or s3://bucket/prefix")
+    _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
+    _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
+    _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
+    _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
+    _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
 
 
 # ---------------------------------------------------------------------------------------------------

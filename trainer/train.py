@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import dist
 from trainer.checkpoint import LocalCheckpointer
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
-from trainer.data import build_loaders
+from trainer.data import build_loaders, validate_dataset
 from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, train_epoch
 from trainer.metrics import NullSink, RunSink
 from trainer.models import create_model
@@ -214,6 +214,9 @@ def train(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     t_start = time.time()
+    if not cfg.data.path:
+        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
+    validate_dataset(cfg.data.path)  # before touching the run directory: a typo must not create or refuse one
     run_dir = prepare_run_dir(cfg, env)
     loaders, module, model, ckpt = _build(cfg, env, held)
     opt, l2_params = build_optimizer(module, cfg)
