@@ -6,7 +6,7 @@ NPROC ?= 2
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast bench-gnp recipes clean
+.PHONY: setup demo test test-fast bench-gnp recipes clean plot
 
 # Idempotent: apt packages when missing (root) or the exact apt command (exit 2), then .venv with pinned deps.
 setup:
@@ -20,7 +20,7 @@ demo: setup $(DATA)/meta.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer train \
 	    --recipe fashion-mnist-demo --set data.path=$(DATA) --set run.dir=runs/demo --set run.fresh=true
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests
 
 # Everything except the tests marked slow (for quick iteration; CI runs them all).
@@ -35,3 +35,55 @@ recipes: setup
 
 clean:
 	rm -rf runs data .pytest_cache
+
+# --- Container image and Kubernetes (docker/, k8s/; see "Run on Kubernetes" in README.md) ---
+# make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" PART=job|convert|monitoring|all]
+# make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+JOB ?=
+IMAGE ?=
+NAMESPACE ?=
+NAME ?=
+SET ?=
+PART ?= job
+BASE_IMAGE ?=
+K8S = $(PY) k8s/render.py
+K8S_NS = $(if $(NAMESPACE),--namespace $(NAMESPACE))
+K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s))
+NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
+IMAGE_TAG = $(or $(IMAGE),gnp-trainer:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml))
+
+.PHONY: jobs render submit status logs delete image lint
+
+jobs: setup
+	@$(K8S) jobs
+
+render: setup
+	$(NEED_JOB)
+	@$(K8S) render $(JOB) $(K8S_OPTS) --part $(PART)
+
+submit: setup
+	$(NEED_JOB)
+	@$(K8S) submit $(JOB) $(K8S_OPTS)
+
+status: setup
+	$(NEED_JOB)
+	@$(K8S) status $(JOB) $(K8S_NS)
+
+logs: setup
+	$(NEED_JOB)
+	@$(K8S) logs $(JOB) $(K8S_NS)
+
+delete: setup
+	$(NEED_JOB)
+	@$(K8S) delete $(JOB) $(K8S_NS)
+
+# docker when its daemon answers, else podman (rootless/daemonless), else fail with a clear message.
+image:
+	@if docker info >/dev/null 2>&1; then tool="docker build"; \
+	elif command -v podman >/dev/null; then tool="podman build --ignorefile docker/Dockerfile.dockerignore"; \
+	else echo "make image: no docker daemon and no podman" >&2; exit 2; fi; \
+	set -x; $$tool -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE_TAG) .
+
+# hadolint fails on error-level findings (docker/.hadolint.yaml); tests/test_k8s.py wants no finding at all.
+lint: setup
+	$(VENV)/bin/hadolint --config docker/.hadolint.yaml docker/Dockerfile

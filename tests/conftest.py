@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import s3_env, s3_server  # noqa: F401  (fixtures for every test module)
+
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

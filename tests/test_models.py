@@ -1,8 +1,9 @@
 """Model registry and zoo: every registered model builds, runs forward and backward with a finite
 gradient for every parameter, and the paper variants have the published parameter counts.
 
-Expected values come from torchvision (ResNet-18/34/50/101/152 layouts), published figures
-(WRN-28-10 36.48 M with 1×1 shortcuts), hand arithmetic of the architecture tables in
+Expected values come from torchvision (ResNet-18/34/50/101/152, VGG-16/19 (BN), ViT-B/L layouts),
+published figures (WRN-28-10 36.48 M with 1×1 shortcuts, Shake-Shake 26 2×96d 26.2 M, the
+PyramidNet paper's counts, timm's ViT-Ti/S), hand arithmetic of the architecture tables in
 gnp-method.md §6 (written out below), and hand computations on small tensors.
 """
 
@@ -18,15 +19,26 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from torch import Tensor
+
 from trainer.models import create_model, list_models, model_options, register_model
 from trainer.models import registry
+from trainer.models.layers import shake_drop
+from trainer.models.pyramidnet import PyramidBottleneck, ShakeDropBlock, pool_pad, pyramid_widths
+from trainer.models.shakeshake import ShakeShakeBlock, ShiftedProjection
+from trainer.models.vit import Attention
 from trainer.models.wideresnet import pool_pad_shortcut
 
 PAPER_NAMES = {
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
     "wrn16_4", "wrn28_10", "wrn40_10",
+    "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "wrn26_2x96_shakeshake",
+    "pyramidnet164_48", "pyramidnet164_270", "pyramidnet200_240", "pyramidnet272_200",
+    "pyramidnet164_48_shakedrop", "pyramidnet272_200_shakedrop",
+    "vit_ti", "vit_s", "vit_b", "vit_l",
 }
-DEBUG_NAMES = {"resnet_debug", "wrn_debug"}
+DEBUG_NAMES = {"resnet_debug", "wrn_debug", "vgg_debug", "shakeshake_debug", "pyramidnet_debug", "vit_debug"}
 ALL_NAMES = PAPER_NAMES | DEBUG_NAMES | {"demo_cnn"}
 
 
@@ -164,19 +176,31 @@ def test_register_and_create_custom_model(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 # --------------------------------------------------------------------------- every model
-# (batch, side) for the forward/backward test. The paper variants run at 8 px and batch 2 (CIFAR
-# stem, built with image_size=32) so that even ResNet-200 takes about a second on 2 cores; after
-# three stride-2 stages the last feature map is 1×1, and 2 images still give train-mode BN two
-# values per channel.
-SMALL_INPUT: dict[str, tuple[int, int]] = {"demo_cnn": (4, 28), "resnet_debug": (4, 32), "wrn_debug": (4, 32)}
+# (batch, side, image_size) for the forward/backward test. The convolutional paper variants run at
+# 8 px and batch 2 (CIFAR stem, built with image_size=32) so that even ResNet-200 takes about a
+# second on 2 cores; after three stride-2 stages the last feature map is 1×1, and 2 images still
+# give train-mode BN two values per channel. VGG flattens its final map (five 2× poolings), so it
+# needs 32 px; a ViT is built for one image size, and 8 px with the CIFAR patch 4 gives 4 tokens +
+# cls, which keeps ViT-L (304 M parameters) to a few seconds.
+SMALL_INPUT: dict[str, tuple[int, int, int]] = {
+    "demo_cnn": (4, 28, 32), **{name: (4, 32, 32) for name in DEBUG_NAMES},
+    **{name: (2, 32, 32) for name in ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
+    **{name: (2, 8, 8) for name in ("vit_ti", "vit_s", "vit_b", "vit_l")},
+}
 
 
-@pytest.mark.parametrize("name", list_models())
+# Building ViT-L (304 M parameters, Xavier init) and allocating its gradients takes ~8 s of CPU.
+SLOW_FORWARD = {"vit_l"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FORWARD else n for n in list_models()]
+)
 def test_forward_backward_every_param_has_grad(name: str) -> None:
     torch.manual_seed(0)
-    batch, side = SMALL_INPUT.get(name, (2, 8))
+    batch, side, image_size = SMALL_INPUT.get(name, (2, 8, 32))
     num_classes = 7  # not 10/100/1000, so nothing can hide behind a class-count rule
-    model = create_model(name, num_classes=num_classes, image_size=32)
+    model = create_model(name, num_classes=num_classes, image_size=image_size)
     x = torch.randn(batch, 3, side, side)
     out = model(x)
     assert out.shape == (batch, num_classes)
@@ -226,7 +250,7 @@ def test_wrn_dropout_option() -> None:
 
 
 def test_bn_settings_everywhere() -> None:
-    for name in ("resnet_debug", "wrn_debug", "demo_cnn"):
+    for name in ("resnet_debug", "wrn_debug", "demo_cnn", "vgg_debug", "shakeshake_debug", "pyramidnet_debug"):
         model = create_model(name, num_classes=10)
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns
@@ -431,3 +455,520 @@ def test_demo_cnn_cost_and_shape() -> None:
     gray = create_model("demo_cnn", num_classes=10, in_channels=1)
     assert gray.train()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- VGG
+def vgg_param_count(blocks: tuple[int, ...], bn: bool, num_classes: int, image_size: int) -> int:
+    """§6 VGG by hand: 3×3 convs with bias (+ BN γ, β), widths 64·2^i capped at 512; flatten of the
+    ⌊image_size/32⌋² × 512 map → 4096 → 4096 → K, all Linear with bias."""
+    total, channels = 0, 3
+    for i, depth in enumerate(blocks):
+        width = min(64 * 2**i, 512)
+        for _ in range(depth):
+            total += 9 * channels * width + width + (2 * width if bn else 0)
+            channels = width
+    features = channels * (image_size // 32) ** 2
+    return total + features * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * num_classes + num_classes
+
+
+@pytest.mark.parametrize(
+    "name, blocks, bn, expected",
+    [
+        ("vgg16", (2, 2, 3, 3, 3), False, 138_357_544),
+        ("vgg16_bn", (2, 2, 3, 3, 3), True, 138_365_992),  # published 138.4 M
+        ("vgg19", (2, 2, 4, 4, 4), False, 143_667_240),
+        ("vgg19_bn", (2, 2, 4, 4, 4), True, 143_678_248),
+    ],
+)
+def test_vgg_imagenet_matches_torchvision(name: str, blocks: tuple[int, ...], bn: bool, expected: int) -> None:
+    # torchvision has the same convs (with bias), BNs and 25,088 → 4096 → 4096 → 1000 head; its 7×7
+    # adaptive pool has no parameters, so the counts agree exactly.
+    assert count(name, num_classes=1000, image_size=224) == expected == tv_count(name)
+    assert vgg_param_count(blocks, bn, 1000, 224) == expected
+
+
+def test_vgg_cifar_head_count_and_structure() -> None:
+    # At 32 px the final map is 1×1×512: the first Linear has 512 inputs instead of 25,088, and the
+    # classifier 10 outputs: 138,365,992 − (25,088 − 512)·4096 − 990·4096 − 990 = 33,646,666.
+    expected = 138_365_992 - (25_088 - 512) * 4096 - 990 * 4096 - 990
+    assert expected == 33_646_666 == vgg_param_count((2, 2, 3, 3, 3), True, 10, 32)
+    with torch.device("meta"):
+        model = create_model("vgg16_bn", num_classes=10)
+        plain = create_model("vgg19", num_classes=10)
+    assert n_params(model) == expected
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and all(c.bias is not None and c.kernel_size == (3, 3) for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 5
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 2 and all(d.p == 0.5 for d in dropouts)
+    assert [m.in_features for m in model.modules() if isinstance(m, nn.Linear)] == [512, 4096, 4096]
+    assert sum(isinstance(m, nn.Conv2d) for m in plain.modules()) == 16
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+
+
+def test_vgg_sizes_and_errors() -> None:
+    model = create_model("vgg_debug", num_classes=3, image_size=64)
+    assert model.classifier[0].in_features == 64 * 2 * 2  # 64 px → 2×2 final map, width 64
+    assert model.train()(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"built for a 2×2 final feature map \(image_size 64\)"):
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="image_size >= 32"):
+        create_model("vgg16", num_classes=10, image_size=16)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        create_model("vgg16", num_classes=10, dropout=1.0)
+
+
+def test_vgg_init_and_dropout() -> None:
+    torch.manual_seed(0)
+    model = create_model("vgg_debug", num_classes=10)
+    # Every Linear, hidden ones included, U(−1/√out, 1/√out) with bias 0 (reference dense init).
+    for linear in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        bound = 1 / math.sqrt(linear.out_features)
+        assert 0.9 * bound < linear.weight.abs().max().item() <= bound
+        assert torch.count_nonzero(linear.bias) == 0
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(torch.count_nonzero(c.bias) == 0 for c in convs)
+    x = torch.randn(4, 3, 32, 32)
+    assert not torch.allclose(model.train()(x), model(x))  # dropout masks differ
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+# --------------------------------------------------------------------------- Shake-Shake
+def shakeshake_param_count(blocks_per_group: int, width: int, num_classes: int) -> int:
+    """§6 WRN Shake-Shake by hand: stem conv 3·16·9 + BN; per block two branches of conv3×3 + BN +
+    conv3×3 + BN; when the shape changes, two 1×1 convs to w/2 + BN(w); classifier."""
+    total, channels = 3 * 16 * 9 + 2 * 16, 16
+    for w, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+        for i in range(blocks_per_group):
+            total += 2 * (9 * channels * w + 2 * w + 9 * w * w + 2 * w)
+            if channels != w or (stride if i == 0 else 1) != 1:
+                total += 2 * channels * (w // 2) + 2 * w
+            channels = w
+    return total + channels * num_classes + num_classes
+
+
+def test_shakeshake_count_and_flags() -> None:
+    # Gastaldi 2017 reports 26.2 M parameters for 26 2×96d on CIFAR-10.
+    expected = shakeshake_param_count(4, 96, 10)
+    assert expected == 26_192_922
+    assert abs(expected / 26.2e6 - 1) < 0.001
+    with torch.device("meta"):
+        model = create_model("wrn26_2x96_shakeshake", num_classes=10)
+    assert n_params(model) == expected
+    flagged = [m for m in model.modules() if hasattr(m, "true_gradient")]
+    assert len(flagged) == 12 and all(type(m).__name__ == "ShakeShakeBlock" for m in flagged)
+    assert all(m.true_gradient is False for m in flagged)
+    # Stem conv + BN, no ReLU; projections exactly on the three group entries (16→96, 96→192, 192→384).
+    assert isinstance(model.stem[1], nn.BatchNorm2d) and len(model.stem) == 2
+    projections = [m for m in model.modules() if isinstance(m, ShiftedProjection)]
+    assert [(p.conv_a.in_channels, p.conv_a.out_channels, p.stride) for p in projections] == [
+        (16, 48, 1), (96, 96, 2), (192, 192, 2)]
+
+
+def test_shifted_projection_by_hand() -> None:
+    # 1×1 convs that copy channel c to output c (path a) and c + 2 (path b); BN in eval mode with
+    # running stats (0, 1) divides by √(1 + eps). Path b sees x shifted by one pixel up-left.
+    proj = ShiftedProjection(2, 4, 2).eval()
+    with torch.no_grad():
+        proj.conv_a.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        proj.conv_b.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+    x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).reshape(2, 2, 4, 4)
+    scale = 1 / math.sqrt(1 + 1e-5)
+    with torch.no_grad():
+        out = proj(x)
+        assert out.shape == (2, 4, 2, 2)
+        torch.testing.assert_close(out[:, :2], x[:, :, 0::2, 0::2] * scale)  # pixels (0,0),(0,2),(2,0),(2,2)
+        torch.testing.assert_close(out[:, 2:], x[:, :, 1::2, 1::2] * scale)  # the complementary (1,1),...
+        proj.stride = 1
+        out1 = proj(x)
+    assert out1.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(out1[:, 2:, :3, :3], x[:, :, 1:, 1:] * scale)
+    assert torch.count_nonzero(out1[:, 2:, 3, :]) == 0 and torch.count_nonzero(out1[:, 2:, :, 3]) == 0
+
+
+def _capture(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """Forward hooks that keep each module's latest output (with retain_grad) under its key."""
+    store: dict[str, Tensor] = {}
+    for key, module in modules.items():
+        def hook(mod: nn.Module, args: object, out: Tensor, key: str = key) -> None:
+            if out.requires_grad:
+                out.retain_grad()
+            store[key] = out
+        module.register_forward_hook(hook)
+    return store
+
+
+def _per_sample_coef(target: Tensor, basis: Tensor) -> Tensor:
+    """Least-squares c (one per sample) with target ≈ c·basis, shaped (N, 1, 1, 1)."""
+    dims = tuple(range(1, target.dim()))
+    c = (target * basis).sum(dims) / (basis * basis).sum(dims)
+    return c.view(-1, *([1] * len(dims)))
+
+
+def test_shakeshake_block_gates() -> None:
+    torch.manual_seed(0)
+    block = ShakeShakeBlock(8, 8, 1)  # identity shortcut: y = x + mix(a, b)
+    store = _capture({"a": block.branch_a, "b": block.branch_b})
+    x = torch.randn(6, 8, 5, 5)
+    # Eval: the expected forward 0.5·(a + b), no randomness.
+    block.eval()
+    with torch.no_grad():
+        y = block(x)
+    torch.testing.assert_close(y, x + 0.5 * (store["a"] + store["b"]))
+    block.train()
+    w = torch.randn(6, 8, 5, 5)
+
+    def run(true_gradient: bool) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Forward + backward of sum(w·y); returns the forward gate g, ∂/∂a, ∂/∂b, param grads."""
+        block.true_gradient = true_gradient
+        block.zero_grad()
+        y = block(x)
+        a, b = store["a"], store["b"]
+        g = _per_sample_coef((y - x - b).detach(), (a - b).detach())
+        # the forward really is g·a + (1 − g)·b with one gate per sample in [0, 1]
+        torch.testing.assert_close(y - x, g * a + (1 - g) * b)
+        assert ((g >= 0) & (g <= 1)).all() and g.std() > 0.05
+        (y * w).sum().backward()
+        return g, a.grad, b.grad, [p.grad.clone() for p in block.parameters()]
+
+    g, grad_a, grad_b, grads = run(true_gradient=True)
+    # True gradient: ∂y/∂a = g, ∂y/∂b = 1 − g — the plain gradient of the gated forward.
+    torch.testing.assert_close(grad_a, w * g)
+    torch.testing.assert_close(grad_b, w * (1 - g))
+    # The same at the parameters: rebuild the block's output with the gates fixed by hand.
+    block.zero_grad()
+    h = F.relu(x)
+    (((x + g * block.branch_a(h) + (1 - g) * block.branch_b(h)) * w).sum()).backward()
+    for got, want in zip(grads, (p.grad for p in block.parameters())):
+        torch.testing.assert_close(got, want)
+    # Default: an independent backward gate h ~ U(0, 1) per sample, so the gradient differs.
+    g2, grad_a2, grad_b2, grads2 = run(true_gradient=False)
+    gate_back = _per_sample_coef(grad_a2, w)
+    torch.testing.assert_close(grad_a2, w * gate_back)
+    torch.testing.assert_close(grad_b2, w * (1 - gate_back))
+    assert ((gate_back >= 0) & (gate_back <= 1)).all()
+    assert (gate_back - g2).abs().max() > 0.05
+    assert not torch.allclose(grad_a2, w * g2)
+    # The flag does not change what is drawn: the same seed gives the same forward either way
+    # (GNP's pass 1 runs with true_gradient=True, pass 2 without, after restoring the RNG).
+    outs = []
+    for flag in (True, False):
+        block.true_gradient = flag
+        torch.manual_seed(123)
+        outs.append(block(x).detach())
+    assert torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------- PyramidNet / ShakeDrop
+def pyramidnet_param_count(depth: int, alpha: int, num_classes: int, stem_bn: bool = False,
+                           rounding: str = "floor") -> int:
+    """§6 PyramidNet by hand, in integers: L = 3·(depth − 2)/9 blocks, width of block k
+    ⌊(16·L + k·α)/L⌋ (or rounded half up); block BN(c_in) + conv1×1 + BN + conv3×3 + BN +
+    conv1×1(4w) + BN(4w); stem conv (+ BN); final BN; classifier. Shortcuts have no parameters."""
+    blocks = 3 * ((depth - 2) // 9)
+    total, channels = 3 * 16 * 9 + (2 * 16 if stem_bn else 0), 16
+    for k in range(1, blocks + 1):
+        num = 16 * blocks + k * alpha
+        w = num // blocks if rounding == "floor" else (2 * num + blocks) // (2 * blocks)
+        total += 2 * channels + channels * w + 2 * w + 9 * w * w + 2 * w + 4 * w * w + 8 * w
+        channels = 4 * w
+    return total + 2 * channels + channels * num_classes + num_classes
+
+
+@pytest.mark.parametrize(
+    "name, depth, alpha, published, floor_count, round_count",
+    [
+        ("pyramidnet164_48", 164, 48, 1.7e6, 1_683_970, 1_715_410),
+        ("pyramidnet164_270", 164, 270, 27.0e6, 27_215_989, 27_215_989),
+        ("pyramidnet200_240", 200, 240, 26.6e6, 26_616_968, 26_752_670),
+        ("pyramidnet272_200", 272, 200, 26.0e6, 26_049_530, 26_210_810),
+    ],
+)
+def test_pyramidnet_counts(name: str, depth: int, alpha: int, published: float, floor_count: int,
+                           round_count: int) -> None:
+    # CIFAR-10 (10 classes). Default widths ⌊16 + kα/L⌋ (paper); rounding="round" is the GNP
+    # reference's int(round(·)). The paper's published counts are within 1 % of the floor rule
+    # (α = 270: 0.8 % above the published 27.0 M with either rule, its widths are integers).
+    assert pyramidnet_param_count(depth, alpha, 10) == floor_count
+    assert pyramidnet_param_count(depth, alpha, 10, rounding="round") == round_count
+    assert count(name, num_classes=10) == floor_count
+    assert count(name, num_classes=10, rounding="round") == round_count
+    assert abs(floor_count / published - 1) < 0.01
+
+
+def test_pyramidnet_shakedrop_counts_and_keep_probs() -> None:
+    # ShakeDrop variants = plain + stem BN (32 parameters).
+    with torch.device("meta"):
+        model = create_model("pyramidnet272_200_shakedrop", num_classes=10)
+        plain = create_model("pyramidnet272_200", num_classes=10)
+    assert n_params(model) == 26_049_530 + 32 == pyramidnet_param_count(272, 200, 10, stem_bn=True)
+    assert count("pyramidnet164_48_shakedrop", num_classes=100) == pyramidnet_param_count(164, 48, 100, stem_bn=True)
+    blocks = list(model.blocks)
+    assert len(blocks) == 90 and all(isinstance(b, ShakeDropBlock) for b in blocks)
+    # p_l = 1 − (l/L)·0.5 for l = 1..L: 1 − 1/180 first, 0.5 last.
+    for l, block in enumerate(blocks, start=1):
+        assert block.keep_prob == pytest.approx(1 - l / 90 * 0.5, abs=1e-12)
+    assert blocks[-1].keep_prob == pytest.approx(0.5)
+    assert all(b.true_gradient is False for b in blocks)
+    assert [m for m in model.modules() if hasattr(m, "true_gradient")] == blocks
+    assert not any(hasattr(m, "true_gradient") for m in plain.modules())
+    # Stem: conv only (plain) vs conv + BN (ShakeDrop); strides 2 at the entries of groups 2 and 3.
+    assert len(plain.stem) == 1 and isinstance(model.stem[1], nn.BatchNorm2d)
+    assert [k for k, b in enumerate(blocks, start=1) if b.stride == 2] == [31, 61]
+    # widths ⌊16 + 20k/9⌋ = 18, 20, 22, …, 216 → 4× outputs
+    assert [b.out_channels for b in blocks][:3] == [72, 80, 88] and blocks[-1].out_channels == 864
+    with pytest.raises(ValueError, match=r"final_drop must be in \[0, 1\]"):
+        create_model("pyramidnet_debug", num_classes=10, final_drop=1.5)
+    with pytest.raises(ValueError, match="rounding must be one of floor, round"):
+        create_model("pyramidnet164_48", num_classes=10, rounding="ceil")
+
+
+def test_pyramid_widths() -> None:
+    # α = 48, L = 54: 16 + k·8/9 → 16 (k=1, 16.9), 24 exactly at k = 9, 64 = 16 + α at the end.
+    widths = pyramid_widths(164, 48)
+    assert len(widths) == 54 and widths[0] == 16 and widths[8] == 24 and widths[-1] == 64
+    assert pyramid_widths(164, 48, "round")[0] == 17
+    assert pyramid_widths(164, 270) == [16 + 5 * k for k in range(1, 55)]
+    assert pyramid_widths(272, 200)[-1] == 216 and pyramid_widths(200, 240)[-1] == 256
+    with pytest.raises(ValueError, match="depth must be 9n\\+2"):
+        pyramid_widths(100, 48)
+
+
+def test_pyramid_pool_pad_and_block_shapes() -> None:
+    x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    out = pool_pad(x, 5, 2)
+    assert out.shape == (1, 5, 2, 2)
+    # window (i, j) of channel c holds 16c + 8i + 2j + {0, 1, 4, 5} → mean 16c + 8i + 2j + 2.5
+    for c in range(2):
+        for i in range(2):
+            for j in range(2):
+                assert out[0, c, i, j].item() == 16 * c + 8 * i + 2 * j + 2.5
+    assert torch.count_nonzero(out[:, 2:]) == 0
+    # Unlike WRN's shortcut it pools whenever the block strides, even with unchanged channels.
+    assert pool_pad(x, 2, 2).shape == (1, 2, 2, 2)
+    assert pool_pad(x, 2, 1) is x
+    block = PyramidBottleneck(16, 5, 2)
+    assert block(torch.randn(2, 16, 8, 8)).shape == (2, 20, 4, 4)
+    # BN first (no ReLU before the first conv), BN last (no ReLU before the addition).
+    assert isinstance(block.residual[0], nn.BatchNorm2d) and isinstance(block.residual[1], nn.Conv2d)
+    assert isinstance(block.residual[-1], nn.BatchNorm2d)
+
+
+def test_shake_drop_coefficients() -> None:
+    # Per-sample coefficients on x = 1: the output is the forward coefficient, x.grad the backward one.
+    torch.manual_seed(0)
+    n, p = 20_000, 0.7
+    x = torch.ones(n, 1, requires_grad=True)
+    y = shake_drop(x, p, training=True)
+    y.sum().backward()
+    fwd, bwd = y.detach().squeeze(1), x.grad.squeeze(1)
+    kept = fwd == 1  # α = 1 exactly has probability 0
+    assert abs(kept.float().mean().item() - p) < 0.015  # Bernoulli(p): σ = 0.0032
+    alpha = fwd[~kept]
+    assert alpha.min() >= -1 and alpha.max() <= 1 and abs(alpha.mean().item()) < 0.03
+    assert alpha.min() < -0.99 and alpha.max() > 0.99
+    assert torch.equal(bwd[kept], torch.ones_like(bwd[kept]))
+    beta = bwd[~kept]
+    assert beta.min() >= 0 and beta.max() <= 1 and abs(beta.mean().item() - 0.5) < 0.02
+    assert abs(torch.corrcoef(torch.stack([alpha, beta]))[0, 1].item()) < 0.05  # β independent of α
+    # true_gradient: the backward coefficient is the forward one.
+    x.grad = None
+    y = shake_drop(x, p, training=True, true_gradient=True)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    # Eval: scaled by the expected forward coefficient p + E[α]·(1 − p) = p.
+    z = torch.randn(3, 4)
+    torch.testing.assert_close(shake_drop(z, p, training=False), p * z)
+
+
+def test_shakedrop_block_semantics() -> None:
+    torch.manual_seed(0)
+    block = ShakeDropBlock(8, 2, 1, keep_prob=0.5)  # 8 = 4·2 channels in and out: identity shortcut
+    store = _capture({"r": block.residual})
+    x = torch.randn(16, 8, 4, 4)
+    block.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), x + 0.5 * store["r"])
+    block.train()
+    w = torch.randn(16, 8, 4, 4)
+    for true_gradient in (True, False):
+        block.true_gradient = true_gradient
+        y = block(x)
+        r = store["r"]
+        c_fwd = _per_sample_coef((y - x).detach(), r.detach())
+        torch.testing.assert_close(y - x, c_fwd * r)
+        (y * w).sum().backward()
+        c_bwd = _per_sample_coef(r.grad, w)
+        torch.testing.assert_close(r.grad, c_bwd * w)
+        dropped = (c_fwd - 1).abs().flatten() > 1e-4
+        assert 0 < dropped.sum() < 16
+        if true_gradient:
+            torch.testing.assert_close(c_bwd, c_fwd)
+        else:
+            assert torch.allclose(c_bwd.flatten()[~dropped], torch.ones(int((~dropped).sum())))
+            assert ((c_bwd >= 0) & (c_bwd <= 1)).all()
+            assert (c_bwd - c_fwd).flatten()[dropped].abs().max() > 0.05
+
+
+# --------------------------------------------------------------------------- GNP integration
+@pytest.mark.parametrize("name", ["shakeshake_debug", "pyramidnet_debug", "vit_debug"])
+def test_gnp_step_sees_same_gates_and_switches_true_gradient(name: str) -> None:
+    # With r so small that θ + ε == θ in float32, GNP's pass 2 repeats pass 1 exactly iff it draws
+    # the same gates and dropout masks (the optimizer restores the RNG; the models must draw the
+    # same amount whatever true_gradient is). Pass 1 runs with true_gradient=True, pass 2 with False.
+    from trainer.optim.gnp import GNP
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    flags: list[bool] = []
+    flagged = [m for m in model.modules() if hasattr(m, "true_gradient")]
+    for m in flagged:
+        m.register_forward_pre_hook(lambda mod, args: flags.append(mod.true_gradient))
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.0), r=1e-30, alpha=0.5)
+    info = opt.train_step(lambda: F.cross_entropy(model(x), y), model=model)
+    assert torch.equal(info.loss, info.loss_perturbed)
+    assert flags == [True] * len(flagged) + [False] * len(flagged)
+    assert all(m.true_gradient is False for m in flagged)
+
+
+# --------------------------------------------------------------------------- ViT
+def vit_param_count(hidden: int, mlp: int, layers: int, num_classes: int, image_size: int, patch: int) -> int:
+    """§6 ViT by hand: patch conv (+ bias), cls token, position embedding for tokens + 1; per block
+    two LayerNorms, qkv (3·hidden outputs) and output projection, two MLP Linears, all with bias;
+    final LayerNorm; head."""
+    tokens = (image_size // patch) ** 2 + 1
+    block = 4 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) \
+        + (hidden * mlp + mlp) + (mlp * hidden + hidden)
+    embed = 3 * patch * patch * hidden + hidden + hidden + tokens * hidden
+    return embed + layers * block + 2 * hidden + hidden * num_classes + num_classes
+
+
+@pytest.mark.parametrize(
+    "name, expected, hidden, mlp, layers, tv_name",
+    [
+        ("vit_ti", 5_717_416, 192, 768, 12, None),  # timm vit_tiny_patch16_224
+        ("vit_s", 22_050_664, 384, 1536, 12, None),  # timm vit_small_patch16_224 (22.05 M)
+        ("vit_b", 86_567_656, 768, 3072, 12, "vit_b_16"),  # 86.6 M
+        ("vit_l", 304_326_632, 1024, 4096, 24, "vit_l_16"),
+    ],
+)
+def test_vit_imagenet_counts(name: str, expected: int, hidden: int, mlp: int, layers: int,
+                             tv_name: str | None) -> None:
+    # 224 px → patch 16, 196 tokens + cls; 1000 classes. Same layout as timm/torchvision, so equal.
+    assert count(name, num_classes=1000, image_size=224) == expected
+    assert vit_param_count(hidden, mlp, layers, 1000, 224, 16) == expected
+    if tv_name is not None:
+        assert tv_count(tv_name) == expected
+
+
+def test_vit_cifar_count_and_patch_choice() -> None:
+    # ViT-S on CIFAR-10: patch 4, 64 tokens + cls: 22,050,664 − 16²·3·384 + 4²·3·384 (patch conv)
+    # − 132·384 (position embeddings 197 → 65) − 990·384 − 990 (head 1000 → 10) = 21,342,346.
+    expected = 22_050_664 - (256 - 16) * 3 * 384 - 132 * 384 - 990 * 384 - 990
+    assert expected == 21_342_346 == vit_param_count(384, 1536, 12, 10, 32, 4)
+    assert count("vit_s", num_classes=10) == expected
+    for image_size, patch, tokens in ((32, 4, 64), (127, None, None), (128, 16, 64), (224, 16, 196)):
+        if patch is None:
+            with pytest.raises(ValueError, match="patch 4 must divide image_size 127"):
+                create_model("vit_debug", num_classes=10, image_size=image_size)
+            continue
+        model = create_model("vit_debug", num_classes=10, image_size=image_size)
+        assert model.patch == patch and model.pos_embed.shape == (1, tokens + 1, 32)
+    model = create_model("vit_debug", num_classes=10, image_size=32, patch=8)
+    assert model.patch_embed.kernel_size == (8, 8) and model.patch_embed.stride == (8, 8)
+    assert model.pos_embed.shape == (1, 17, 32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"built for 32×32 images"):
+        model(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="patch 5 must divide image_size 32"):
+        create_model("vit_s", num_classes=10, patch=5)
+    assert model_options("vit_s") == {"patch": None, "dropout": 0.1, "attention_dropout": 0.1}
+
+
+def test_vit_head_zero_init_and_first_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_debug", num_classes=10)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model.cls_token) == 0
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    assert torch.count_nonzero(out) == 0  # zero head → zero logits
+    F.cross_entropy(out, torch.arange(4)).backward()
+    # The zero head blocks the backward: at the first step only the head gets a non-zero gradient
+    # (softmax(0) − onehot for the bias), as in the reference.
+    torch.testing.assert_close(model.head.bias.grad, torch.full((10,), 0.1) - torch.bincount(torch.arange(4), minlength=10) / 4)
+    assert torch.count_nonzero(model.head.weight.grad) > 0
+    others = [n for n, p in model.named_parameters() if not n.startswith("head") and torch.count_nonzero(p.grad)]
+    assert others == []
+
+
+def test_vit_init_follows_reference() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit_s", num_classes=10)  # 32 px, patch 4
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.03)  # 65·384 samples
+    fan_in = 3 * 4 * 4
+    w = model.patch_embed.weight
+    assert w.std().item() == pytest.approx(math.sqrt(1 / fan_in), rel=0.03)  # LeCun normal (truncated)
+    assert w.abs().max().item() <= 2 * math.sqrt(1 / fan_in) / 0.87962566103423978 + 1e-6
+    assert torch.count_nonzero(model.patch_embed.bias) == 0
+    block = model.blocks[0]
+    hidden = 384
+    bound = math.sqrt(6 / (2 * hidden))  # Xavier on each hidden×hidden q, k, v kernel
+    for part in block.attn.qkv.weight.split(hidden):
+        assert 0.99 * bound < part.abs().max().item() <= bound
+    assert math.sqrt(6 / (4 * hidden)) < block.attn.qkv.weight.abs().max().item()  # not Xavier on 3h×h
+    assert torch.count_nonzero(block.attn.qkv.bias) == 0 and torch.count_nonzero(block.attn.proj.bias) == 0
+    fc1, fc2 = block.mlp[0], block.mlp[3]
+    assert fc1.weight.abs().max().item() <= math.sqrt(6 / (384 + 1536))
+    assert 0 < fc1.bias.abs().max().item() < 1e-5 and 0 < fc2.bias.abs().max().item() < 1e-5  # N(0, 1e-6)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(m.eps == 1e-6 for m in norms)
+    gelus = [m for m in model.modules() if isinstance(m, nn.GELU)]
+    assert len(gelus) == 12 and all(m.approximate == "tanh" for m in gelus)  # Flax nn.gelu default
+    assert not any(isinstance(m, nn.Tanh) for m in model.modules())  # no pre-logits layer
+
+
+def test_vit_dropout_present_and_configurable() -> None:
+    with torch.device("meta"):
+        model = create_model("vit_s", num_classes=10)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    # after the position embedding, after attention, and twice in each MLP
+    assert len(dropouts) == 1 + 3 * 12 and all(m.p == 0.1 for m in dropouts)
+    assert all(b.attn.attention_dropout == 0.1 for b in model.blocks)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+
+    def varies(**kwargs: float) -> bool:
+        m = create_model("vit_debug", num_classes=10, **kwargs)
+        nn.init.normal_(m.head.weight)  # a zero head would hide every difference
+        m.train()
+        varies_train = not torch.allclose(m(x), m(x))
+        m.eval()
+        assert torch.equal(m(x), m(x))
+        return varies_train
+
+    assert varies()
+    assert not varies(dropout=0.0, attention_dropout=0.0)
+    assert varies(dropout=0.0, attention_dropout=0.5)  # attention dropout alone
+    assert varies(dropout=0.5, attention_dropout=0.0)
+    with pytest.raises(ValueError, match=r"attention_dropout must be in \[0, 1\)"):
+        create_model("vit_debug", num_classes=10, attention_dropout=1.0)
+
+
+def test_vit_attention_matches_torch_multihead() -> None:
+    # Independent reference: torch's MultiheadAttention with the same packed q/k/v and output weights.
+    torch.manual_seed(0)
+    attn = Attention(32, 4, attention_dropout=0.0).eval()
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        nn.init.normal_(attn.qkv.bias)
+        nn.init.normal_(attn.proj.bias)
+        mha.in_proj_weight.copy_(attn.qkv.weight)
+        mha.in_proj_bias.copy_(attn.qkv.bias)
+        mha.out_proj.weight.copy_(attn.proj.weight)
+        mha.out_proj.bias.copy_(attn.proj.bias)
+        x = torch.randn(3, 7, 32)
+        torch.testing.assert_close(attn(x), mha(x, x, x, need_weights=False)[0])

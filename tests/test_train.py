@@ -109,7 +109,7 @@ def test_import_direction():
     import ast
     from pathlib import Path
 
-    order = ["config", "dist", "data", "models", "optim", "loop", "checkpoint", "metrics"]
+    order = ["config", "dist", "data", "models", "optim", "loop", "storage", "checkpoint", "metrics"]
     pkg = Path(__file__).resolve().parents[1] / "trainer"
     for path in pkg.rglob("*.py"):
         rel = path.relative_to(pkg).parts

@@ -1,7 +1,8 @@
-"""Command line: `python -m trainer {train,convert,eval,recipes,models,config}` (also the `gnp-train` script).
+"""Command line: `python -m trainer {train,convert,eval,plot,recipes,models,config}` (also the `gnp-train` script).
 
-User errors (bad config, bad dataset, unknown recipe) print one line `error: ...` and exit with status 2,
-which Kubeflow's ExitCode restart policy treats as permanent. Set GNP_TRACEBACK=1 to see the traceback.
+User errors (bad config, bad dataset, unknown recipe, wrong S3 credentials) print one line `error: ...` and
+exit with status 2, which Kubeflow's ExitCode restart policy treats as permanent; storage outages exit 200
+(>= 128: retryable). Set GNP_TRACEBACK=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import argparse
 import os
 import sys
 
-EXIT_USAGE = 2
+from trainer.storage import StorageError
+
+EXIT_USAGE = 2  # configuration or data error: permanent (Kubeflow ExitCode policy: 1-127)
+EXIT_RETRYABLE = 200  # infrastructure fault (storage outage): retryable (>= 128)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_pos", nargs="?", metavar="RUN_DIR", help="the run directory, positionally")
     e.add_argument("--data", default=None, help="dataset folder, if it moved since training")
 
+    pl = sub.add_parser("plot", help="overlay the curves of run directories into one PNG")
+    from trainer.plot import add_arguments as plot_arguments
+
+    plot_arguments(pl)
+
     sub.add_parser("recipes", help="list the built-in recipes")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("config", help="list every config key with its default and meaning")
@@ -50,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except StorageError as e:  # an outage a restart can cure: retryable under PyTorchJob's ExitCode policy
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return EXIT_RETRYABLE
     except KeyboardInterrupt:
         return 130
 
@@ -58,8 +70,11 @@ def _run(args: argparse.Namespace) -> int:
     from trainer import config
 
     if args.command == "recipes":
+        print(f"{'recipe':26s} {'model':28s} {'data':18s} {'epochs':>6s} {'batch':>5s} {'r':>5s} {'alpha':>5s}  description")
         for name, desc in config.list_recipes().items():
-            print(f"{name:28s} {desc}")
+            c = config.load(name)
+            print(f"{name:26s} {c.model.name:28s} {c.data.path.rsplit('/', 1)[-1]:18s} {c.loop.epochs:6d} "
+                  f"{c.loop.batch_size:5d} {c.gnp.r:5g} {c.gnp.alpha:5g}  {desc}")
         return 0
     if args.command == "config":
         for key, default, doc in config.describe():
@@ -70,6 +85,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print("\n".join(list_models()))
         return 0
+    if args.command == "plot":
+        from trainer.plot import run as plot_run
+
+        return plot_run(args)
     if args.command == "convert":
         from trainer.data.convert import run
 

@@ -12,11 +12,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from trainer.data.augment import soft_target_cross_entropy
 from trainer.dist import DistEnv, all_reduce_sum
 from trainer.optim.gnp import GNP, StepInfo
 from trainer.optim.schedules import gr_warmup, is_gnp_step, learning_rate
@@ -62,26 +63,33 @@ class StepPolicy:
 
 @dataclass
 class LoopState:
-    """Progress counters saved in checkpoints."""
+    """Progress counters saved in checkpoints: where the run is, down to the batch within the epoch."""
 
     epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch completed (the data-loader position)
     step: int = 0  # optimizer steps taken (GNP and plain)
     gnp_steps: int = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "gnp_steps": self.gnp_steps}
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "gnp_steps": self.gnp_steps}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.epoch, self.step, self.gnp_steps = int(sd["epoch"]), int(sd["step"]), int(sd["gnp_steps"])
+        self.epoch, self.batch = int(sd["epoch"]), int(sd.get("batch", 0))
+        self.step, self.gnp_steps = int(sd["step"]), int(sd["gnp_steps"])
+
+
+BatchAugmentFn = Callable[[torch.Tensor, torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """How the training loss is formed: CE with label smoothing plus the reference's L2 term."""
+    """How the training loss is formed: CE with label smoothing (or soft targets from a batch augmentation)
+    plus the reference's L2 term."""
 
     label_smoothing: float = 0.0
     l2: float = 0.0
     l2_params: tuple[torch.nn.Parameter, ...] = field(default=())
+    batch_augment: BatchAugmentFn | None = None  # (images, labels, step) -> (images, soft targets)
 
 
 def l2_term(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -98,24 +106,42 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.
 
 def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, policy: StepPolicy, state: LoopState,
                 loss_spec: LossSpec, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
-                clip_norm: float, max_steps: int, log_every: int, sink: Sink) -> bool:
-    """Run one epoch (or until `max_steps`). Returns False when max_steps stopped it early."""
+                clip_norm: float, max_steps: int, log_every: int, sink: Sink,
+                after_step: Callable[[], None] | None = None) -> bool:
+    """Run the rest of the current epoch (from batch `state.batch`) or until `max_steps`.
+
+    Returns False when max_steps stopped it early. `after_step` runs after every step (mid-epoch
+    checkpoints). Resuming mid-epoch skips the batches already trained on: the loader's order is a function
+    of (seed, epoch), so the skipped batches are exactly those.
+    """
     model.train()
-    epoch, total = state.epoch, len(loader)
+    epoch, total, skip = state.epoch, len(loader), state.batch
     window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
+    step_times: list[float] = []  # host wall time per step (paced by the device queue in steady state)
     fetch_start = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
-        window_data_s += time.perf_counter() - fetch_start
+        if i < skip:  # decoded and dropped: only on the first epoch after a mid-epoch resume
+            fetch_start = time.perf_counter()
+            continue
+        step_start = time.perf_counter()
+        window_data_s += step_start - fetch_start
         if max_steps and state.step >= max_steps:
             return False
         use_gnp = policy.apply(opt, state.step, epoch)
+        targets = None
+        if loss_spec.batch_augment is not None:
+            images, targets = loss_spec.batch_augment(images, labels, state.step)
 
         ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
 
-        def loss_fn(images: torch.Tensor = images, labels: torch.Tensor = labels) -> torch.Tensor:
+        def loss_fn(images: torch.Tensor = images, labels: torch.Tensor = labels,
+                    targets: torch.Tensor | None = targets) -> torch.Tensor:
             with autocast_for(env.device, amp_dtype):
                 logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
+            if targets is None:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
+            else:  # soft targets (mixup/cutmix; label smoothing already folded in)
+                loss = soft_target_cross_entropy(logits, targets)
             ce_seen.append(loss.detach())
             if loss_spec.l2 > 0:
                 # In the loss (not added to .grad afterwards) so DDP averages it with the rest: pass 2's
@@ -125,29 +151,34 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
 
         info = opt.train_step(loss_fn, model=model, gnp=use_gnp, scaler=scaler, clip_norm=clip_norm)
         state.step += 1
+        state.batch = i + 1
         state.gnp_steps += int(info.gnp)
         window_images += images.shape[0]
+        step_times.append(time.perf_counter() - step_start)
         if state.step % log_every == 0 or i + 1 == total:
             # The only host sync of the step loop: turn the detached tensors into floats.
+            record = _train_record(info, ce_seen, opt, state, epoch, i + 1, total)
             elapsed = time.perf_counter() - window_start
-            sink.log("train", _train_record(info, ce_seen, opt, state, epoch, i + 1, total,
-                                            images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
-                                            data_wait_s=window_data_s))
-            window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
+            record.update(images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
+                          data_wait_s=window_data_s, window_steps=len(step_times), window_images=window_images,
+                          step_times_s=step_times)
+            sink.log("train", record)
+            window_start, window_images, window_data_s, step_times = time.perf_counter(), 0, 0.0, []
         sink.progress(i + 1, total, epoch)
+        if after_step is not None:
+            after_step()
         fetch_start = time.perf_counter()
     return True
 
 
 def _train_record(info: StepInfo, ce_seen: list[torch.Tensor], opt: GNP, state: LoopState, epoch: int, batch: int,
-                  total: int, images_per_s: float, data_wait_s: float) -> dict:
+                  total: int) -> dict:
     """One log record. `loss` is the pass-1 cross-entropy at theta (the reference logs the perturbed one);
     `objective` adds the L2 term; `loss_perturbed` is the cross-entropy at theta + eps."""
     group = opt.param_groups[0]
     rec = {"step": state.step, "epoch": epoch + batch / total, "loss": ce_seen[0].item(),
            "objective": info.loss.item(), "grad_norm": info.grad_norm.item(), "lr": group["lr"], "r": group["r"],
-           "alpha": group["alpha"], "gnp": info.gnp, "gnp_steps": state.gnp_steps, "images_per_s": images_per_s,
-           "data_wait_s": data_wait_s}
+           "alpha": group["alpha"], "gnp": info.gnp, "gnp_steps": state.gnp_steps}
     if info.loss_perturbed is not None and len(ce_seen) > 1:
         rec["loss_perturbed"] = ce_seen[1].item()
         rec["sharpness"] = rec["loss_perturbed"] - rec["loss"]  # L(theta+eps) - L(theta), cross-entropy only

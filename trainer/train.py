@@ -22,16 +22,19 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import dist
-from trainer.checkpoint import LocalCheckpointer
+from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
 from trainer.data import build_loaders, validate_dataset
 from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, train_epoch
-from trainer.metrics import NullSink, RunSink
+from trainer.metrics import build_sink
 from trainer.models import create_model
 from trainer.optim.gnp import GNP
+from trainer.storage import StorageError
 
 # Keys that may differ between the config saved in a run directory and the one resuming it: they change
 # how a run is observed or fed, not what it computes.
+FINAL_UPLOAD_TIMEOUT_S = 600
+
 RESUMABLE_CHANGES = ("git_commit", "recipe", "description", "run.fresh", "run.dir", "data.path", "data.num_workers",
                      "data.os_cache", "loop.max_steps", "loop.log_every", "loop.eval_every", "metrics.")
 
@@ -186,11 +189,13 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
     held.model = model
-    ckpt = LocalCheckpointer(cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints", keep=cfg.checkpoint.keep)
+    ck = cfg.checkpoint
+    ckpt = Checkpointer(ck.uri or run_dir_of(cfg) / "checkpoints", keep=ck.keep, s3_endpoint=ck.s3_endpoint,
+                        s3_region=ck.s3_region, s3_retry_mode=ck.s3_retry_mode, s3_max_attempts=ck.s3_max_attempts)
     return loaders, module, model, ckpt
 
 
-def _resume(ckpt: LocalCheckpointer, env: dist.DistEnv, restore) -> int | None:
+def _resume(ckpt: Checkpointer, env: dist.DistEnv, restore) -> int | None:
     """Rank 0 picks the newest verified checkpoint; every rank loads that one. Returns its step or None."""
     found = ckpt.latest() if env.is_primary else None
     step = dist.broadcast_object(found[0] if found else None, env)
@@ -208,6 +213,9 @@ def train(cfg: RunConfig) -> dict:
     try:
         return _train(cfg, env, held)
     finally:
+        for name in ("sink", "ckpt"):  # release the metrics port; give a pending upload its last chance
+            if hasattr(held, name):
+                getattr(held, name).close()
         held.clear()
         dist.shutdown(env)
 
@@ -217,60 +225,94 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     if not cfg.data.path:
         raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
     validate_dataset(cfg.data.path)  # before touching the run directory: a typo must not create or refuse one
+    if cfg.loop.deterministic:
+        torch.use_deterministic_algorithms(True)
     run_dir = prepare_run_dir(cfg, env)
     loaders, module, model, ckpt = _build(cfg, env, held)
+    held.ckpt = ckpt
     opt, l2_params = build_optimizer(module, cfg)
     held.opt = opt
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
     state = LoopState()
+    rng_restored = False
 
     def restore(sd: dict) -> None:
+        nonlocal rng_restored
         module.load_state_dict(sd["model"])
         opt.load_state_dict(sd["optimizer"])
         state.load_state_dict(sd["loop"])
         if scaler is not None and sd.get("scaler"):
             scaler.load_state_dict(sd["scaler"])
+        rng_restored = set_rng_state(sd.get("rng"), env)
 
     resumed = _resume(ckpt, env, restore)
-    sink = RunSink(run_dir / "metrics.jsonl" if cfg.metrics.jsonl else None, cfg.metrics.progress) \
-        if env.is_primary else NullSink()
+    m = cfg.metrics
+    sink = build_sink(rank=env.rank, local_rank=env.local_rank, run_dir=run_dir, jsonl=m.jsonl, progress=m.progress,
+                      prometheus=m.prometheus, port=m.port, addr=m.addr,
+                      job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run")
     held.sink = sink
     spe = len(loaders.train)
-    lp, sch, g = cfg.loop, cfg.schedule, cfg.gnp
+    lp, sch, g, ck = cfg.loop, cfg.schedule, cfg.gnp, cfg.checkpoint
     policy = StepPolicy(base_lr=cfg.optim.lr, lr_kind=sch.name, lr_warmup_steps=round(sch.warmup_epochs * spe),
                         total_steps=lp.epochs * spe, lr_milestones=tuple(round(m * spe) for m in sch.milestones),
                         lr_gamma=sch.gamma, r=g.r, alpha=g.alpha, gr_strategy=g.warmup,
                         gr_warmup_steps=round(g.warmup_epochs * spe), gr_warmup_epochs=g.warmup_epochs,
                         hybrid_p=g.hybrid_p, gnp_every=g.every, seed=lp.seed)
-    loss_spec = LossSpec(label_smoothing=cfg.data.label_smoothing, l2=cfg.optim.l2, l2_params=l2_params)
+    loss_spec = LossSpec(label_smoothing=cfg.data.label_smoothing, l2=cfg.optim.l2, l2_params=l2_params,
+                         batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env))
     sink.log("start", {"run_dir": str(run_dir), "world_size": env.world_size, "device": str(env.device),
                        "model": cfg.model.name, "params": sum(p.numel() for p in module.parameters()),
                        "train_images": loaders.meta["train_size"], "steps_per_epoch": spe,
-                       "resumed_from_step": resumed})
+                       "resumed_from_step": resumed, "gnp_steps": state.gnp_steps, "step": state.step,
+                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)})
+
+    def save() -> None:
+        """Checkpoint at the current step: every rank contributes its RNG state, rank 0 writes."""
+        rng = gather_rng_states(env)
+        if env.is_primary:
+            t0 = time.perf_counter()
+            ckpt.save(state.step, _snapshot(module, opt, state, scaler, cfg, rng))
+            sink.log("checkpoint", {"step": state.step, "blocking_s": time.perf_counter() - t0, **ckpt_stats(ckpt)})
+
+    def after_step() -> None:
+        if ck.every_steps and state.step % ck.every_steps == 0 and state.batch < spe:
+            save()  # mid-epoch; the end of an epoch is handled below
+
     last_eval: dict = {}
     while state.epoch < lp.epochs:
-        epoch = state.epoch
-        torch.manual_seed(epoch_seed(lp.seed, epoch, env.rank))
-        loaders.train.set_epoch(epoch)
+        if not rng_restored:
+            # Fresh epoch: model randomness restarts from (seed, epoch, rank), so resuming at an epoch
+            # boundary reproduces it even without the saved generator state.
+            torch.manual_seed(epoch_seed(lp.seed, state.epoch, env.rank))
+        rng_restored = False
+        loaders.train.set_epoch(state.epoch)
         finished = train_epoch(model=model, opt=opt, loader=loaders.train, env=env, policy=policy, state=state,
                                loss_spec=loss_spec, amp_dtype=amp_dtype, scaler=scaler,
                                clip_norm=cfg.optim.clip_norm, max_steps=lp.max_steps, log_every=lp.log_every,
-                               sink=sink)
+                               sink=sink, after_step=after_step)
         if not finished:
             break
-        state.epoch += 1
+        state.epoch, state.batch = state.epoch + 1, 0
         last = state.epoch == lp.epochs
         if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
             last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
             sink.log("eval", last_eval)
-        if last or (cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0):
-            if env.is_primary:
-                ckpt.save(state.step, _snapshot(module, opt, state, scaler, cfg))
-            dist.barrier(env)
+        if last or (ck.every_epochs and state.epoch % ck.every_epochs == 0) or (
+                ck.every_steps and state.step % ck.every_steps == 0):
+            save()
     if not last_eval:
         last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
         sink.log("eval", last_eval)
+    if env.is_primary:
+        # The final upload must land before the process reports success; if storage stays down, exit
+        # retryable so the job restarts from the last complete checkpoint instead of "succeeding".
+        landed = ckpt.wait(timeout=FINAL_UPLOAD_TIMEOUT_S)
+        sink.log("checkpoint", {"step": state.step, "final": True, **ckpt_stats(ckpt)})
+        if not landed:
+            raise StorageError(f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
+                               f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}")
+    dist.barrier(env)
     summary = {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "gnp_steps": state.gnp_steps,
                "top1": last_eval["top1"], "top5": last_eval["top5"], "eval_loss": last_eval["eval_loss"],
                "wall_s": round(time.time() - t_start, 1)}
@@ -279,11 +321,55 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     return summary
 
 
-def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: RunConfig) -> dict:
-    """Everything a resumed run needs; tensors and plain values only (loadable with weights_only=True)."""
-    rng = {"torch": torch.get_rng_state()}
+def ckpt_stats(ckpt) -> dict:
+    """The checkpointer's health counters (uploads, failures, last success) as a plain dict."""
+    return dict(getattr(ckpt, "stats", {}) or {})
+
+
+def build_batch_augment(cfg: RunConfig, num_classes: int, env: dist.DistEnv):
+    """The batch-level augmentation of cfg.data.batch_augment, or None."""
+    d = cfg.data
+    if d.batch_augment == "none":
+        return None
+    from trainer.data.augment import BatchAugment
+
+    return BatchAugment(d.batch_augment, num_classes=num_classes, cutout=d.batch_cutout, alpha=d.mixup_alpha,
+                        label_smoothing=d.label_smoothing, seed=cfg.loop.seed, rank=env.rank)
+
+
+def gather_rng_states(env: dist.DistEnv) -> list[dict]:
+    """Every rank's generator states (CPU, CUDA, Python), in rank order; a collective on every rank."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if not env.distributed:
+        return [mine]
+    out: list = [None] * env.world_size
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def set_rng_state(states: list[dict] | None, env: dist.DistEnv) -> bool:
+    """Restore this rank's generators from a checkpoint; False when it holds none for this rank (e.g. the
+    world size changed), in which case the epoch seed takes over."""
+    if not states or len(states) != env.world_size:
+        return False
+    mine = states[env.rank]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(_as_tuple(mine["python"]))
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
+    return True
+
+
+def _as_tuple(x):
+    """random.setstate needs tuples; a checkpoint round trip may hand back lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: RunConfig, rng: list[dict]) -> dict:
+    """Everything a resumed run needs; tensors and plain values only (loadable with weights_only=True).
+    Credentials never enter it: the config holds none (they come from the environment)."""
     return {"model": module.state_dict(), "optimizer": opt.state_dict(), "loop": state.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
             "config": to_dict(cfg), "git_commit": git_commit()}

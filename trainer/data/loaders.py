@@ -41,15 +41,24 @@ Augmentations (train only; validation is decode [+ center crop] only):
 * ``imagenet``: ``RandomResizedCropRGBImageDecoder`` (scale 0.08-1, ratio 3/4-4/3) + flip for
   train; ``CenterCropRGBImageDecoder(ratio=224/256)`` for val; size ``image_size`` (default 224,
   or the native size of fixed-size datasets).
+* ``autoaugment``: the reference's AutoAugment CIFAR policy (``trainer.data.augment.AutoAugment``,
+  95 sub-policies), then ``basic``, in that order as in the reference; both run in torch on the
+  uint8 batch on ``device`` (decode-only FFCV pipeline, like ``none``/``basic``).
+* ``randaugment``: the ``imagenet`` pipeline (random-resized crop + flip in FFCV), then
+  RandAugment(N=2, M=9) in torch on ``device`` (the reference's ImageNet "autoaugment").
 * ``cutout > 0``: one ``cutout`` x ``cutout`` square per image after the crop, placed fully inside
   the image like FFCV's ``Cutout``, filled with the dataset mean rounded to integers so that the
-  patch is ~0 after normalization.
+  patch is ~0 after normalization. With ``autoaugment``/``randaugment`` it is applied in torch,
+  after the policy (and after the crop).
 
 Flip, reflect crop and cutout are one fused numba operation, ``RandomFlipCropCutout`` (FFCV's own
 flip and cutout take 10-12 s each to JIT-compile; this one ~2-3 s).
 
 The random numbers of the numba augmentations come from numba's own per-thread generator, which
-is seeded from OS entropy: augmentations are NOT reproducible, the order is.
+is seeded from OS entropy: those augmentations are NOT reproducible, the order is. The torch stages
+of ``autoaugment``/``randaugment`` are: their random numbers are a function of
+``(seed, rank, epoch * len(train) + batch index)`` (``autoaugment`` is reproducible end to end;
+``randaugment``'s crop and flip are not). They draw on the host and never sync with the GPU.
 
 GPU: call ``torch.cuda.set_device(local_rank)`` before ``build_loaders`` (FFCV picks its CUDA
 streams from the current device). FFCV's ``torch.set_num_threads`` side effects (at import and for
@@ -68,9 +77,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .augment import build_image_policy
 from .convert import FORMAT_VERSION, META_NAME, SPLIT_FILES, import_ffcv, keep_torch_threads
 
-AUGMENTS = ("none", "basic", "imagenet")
+AUGMENTS = ("none", "basic", "imagenet", "autoaugment", "randaugment")
 BASIC_PADDING = 4
 IMAGENET_CENTER_RATIO = 224 / 256
 IMAGENET_DEFAULT_SIZE = 224
@@ -337,6 +347,9 @@ class _EpochIterator:
 
     def __init__(self, owner: "_BatchLoader"):
         self._owner = owner
+        # FFCV's iter() advances next_epoch: read the epoch this iteration produces first.
+        self._epoch = int(getattr(owner._loader, "next_epoch", 0))
+        self._batch = 0
         with keep_torch_threads():
             self._it = iter(owner._loader)
 
@@ -345,7 +358,10 @@ class _EpochIterator:
 
     def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
         images, labels = next(self._it)
-        return self._owner._finish(images, labels)
+        # Key of the torch augmentations' random numbers: the global batch index of this epoch.
+        step = self._epoch * len(self._owner) + self._batch
+        self._batch += 1
+        return self._owner._finish(images, labels, step)
 
     def close(self) -> None:
         """Stop FFCV's background thread (also done at the end of the epoch).
@@ -368,14 +384,19 @@ class _BatchLoader:
     """Common part of TrainLoader and EvalLoader: an FFCV loader plus torch post-processing."""
 
     def __init__(self, loader: Any, device: torch.device, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool):
+                 channels_last: bool, policy: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
         self._loader = loader
+        self._policy = policy
         self.device = device
         self.channels_last = channels_last
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float64)).to(torch.float32).to(device).view(1, -1, 1, 1)
 
-    def _finish(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _finish(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._policy is not None:
+            # Per-image torch augmentation on the uint8 batch on `device`; returns a new tensor
+            # (FFCV's buffer is never written).
+            images = self._policy(images, step)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         # New float tensor: never aliases FFCV's recycled uint8 buffers.
         x = images.to(device=self.device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
@@ -472,7 +493,7 @@ def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], ima
 
     ops: list = []
     padding, flip_prob = 0, 0.0
-    if augment == "imagenet":
+    if augment in ("imagenet", "randaugment"):
         if image_size is None:
             square = native is not None and native[0] == native[1]
             size = native[0] if square else IMAGENET_DEFAULT_SIZE
@@ -495,12 +516,15 @@ def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], ima
             # Full center square resized to image_size, identical for train and val.
             ops.append(CenterCropRGBImageDecoder((image_size, image_size), ratio=1.0))
             out_hw = (image_size, image_size)
-        if train and augment == "basic":
+        if train and augment in ("basic", "autoaugment"):
             if BASIC_PADDING >= min(out_hw):
-                raise ValueError(f"augment: 'basic' pads by {BASIC_PADDING}, too much for {out_hw} images")
-            padding, flip_prob = BASIC_PADDING, 0.5
+                raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {out_hw} images")
+            if augment == "basic":
+                padding, flip_prob = BASIC_PADDING, 0.5
     if train and cutout > min(out_hw):
         raise ValueError(f"cutout: {cutout} is larger than the {out_hw[0]}x{out_hw[1]} images")
+    if augment in ("autoaugment", "randaugment"):
+        cutout = 0  # applied in torch after the policy (see build_image_policy)
     if train and (padding or flip_prob or cutout):
         # Cutout patch in the dataset mean colour: ~0 after normalization, like the reference's
         # zero patch applied after normalization.
@@ -558,6 +582,8 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
     common = dict(device=device, mean=mean, std=std, channels_last=channels_last)
 
     train_info, val_info = infos["train"], infos["val"]
+    policy = build_image_policy(augment, seed=int(seed), rank=int(rank), cutout=int(cutout),
+                                fill=tuple(int(round(m)) for m in mean), padding=BASIC_PADDING)
     with keep_torch_threads():
         train = Loader(
             train_info.path, batch_size=int(batch_size), num_workers=threads, os_cache=os_cache,
@@ -580,6 +606,6 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
                 pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean,
                                      device, val_info.path),
                 drop_last=False)
-    train_loader = TrainLoader(train, **common)
+    train_loader = TrainLoader(train, policy=policy, **common)
     eval_loader = EvalLoader(val_loader, indices, **common)
     return Loaders(train=train_loader, val=eval_loader, meta=meta, steps_per_epoch=len(train_loader))

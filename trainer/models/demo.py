@@ -24,7 +24,7 @@ after 2 epochs (89.4 % after 1). The demo recipe's longer schedule with GNP is e
 Grayscale input is expected as 1 channel or replicated to 3 (``in_channels``). The adaptive
 pool is the identity at 28 px and lets other input sizes (e.g. 32 px CIFAR) work, so
 ``image_size`` is not needed. Convs and the hidden Linear have no bias (a BN follows each);
-initialisation follows the zoo's convention (``trainer.models.resnet.init_reference_``).
+initialisation follows the zoo's convention (``trainer.models.layers.init_reference_``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .registry import register_model
-from .resnet import BN_EPS, BN_MOMENTUM, batch_norm, init_reference_
+from .layers import BN_EPS, BN_MOMENTUM, batch_norm, init_reference_
 
 __all__ = ["DemoCNN"]
 

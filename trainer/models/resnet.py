@@ -36,57 +36,26 @@ Deviations from the reference, on purpose:
 * PyTorch pads symmetrically (conv7×7/2 pad 3, maxpool pad 1) where Flax's ``"SAME"`` pads
   (2, 3) and (0, 1) on even inputs; the sampling grid shifts by one pixel, nothing else changes.
 
-``batch_norm`` and ``init_reference_`` are the conventions every family of the zoo shares.
+``batch_norm`` and ``init_reference_`` (``trainer.models.layers``) are the conventions every family
+of the zoo shares.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .layers import batch_norm, init_reference_
 from .registry import register_model
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "batch_norm", "init_reference_"]
-
-# PyTorch's momentum is the weight of the *new* batch statistic: 0.1 here = Flax momentum 0.9.
-BN_MOMENTUM = 0.1
-BN_EPS = 1e-5
+__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
 Stem = Literal["cifar", "imagenet"]
 _STEMS = ("cifar", "imagenet")
 # Inputs at least this large get the ImageNet stem when ``stem=None``.
 IMAGENET_STEM_MIN_SIZE = 128
-
-
-def batch_norm(channels: int) -> nn.BatchNorm2d:
-    """BatchNorm2d with the reference's momentum and epsilon."""
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-
-
-def init_reference_(model: nn.Module) -> None:
-    """Initialise ``model`` in place as the reference does.
-
-    Conv kernels ``kaiming_normal_(fan_out)`` (std ``√(2/(out·kh·kw))``), conv biases 0; BN γ = 1,
-    β = 0; every Linear weight ``U(−1/√out_features, 1/√out_features)`` and bias 0, which for the
-    classifier is ``U(−1/√num_classes, 1/√num_classes)``. Families whose reference uses another
-    rule for hidden Linear layers must re-initialise those after calling this.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            bound = 1.0 / math.sqrt(module.out_features)
-            nn.init.uniform_(module.weight, -bound, bound)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
 
 
 def _projection(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.Module:

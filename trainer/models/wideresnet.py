@@ -12,7 +12,7 @@ itself the google-research/sam model).
   ``activation_before_residual``); every other block takes the raw input;
 * final BN-ReLU, global average pool, Linear.
 
-No conv has a bias. Initialisation and BN settings: ``trainer.models.resnet.init_reference_``
+No conv has a bias. Initialisation and BN settings: ``trainer.models.layers.init_reference_``
 (kaiming-normal fan-out convs, ``U(−1/√K, 1/√K)`` classifier, BN momentum 0.1 = Flax 0.9, eps 1e-5).
 
 Not carried over: the reference's ``use_additional_skip_connections_in_wrn`` flag (default off,
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register_model
-from .resnet import batch_norm, init_reference_
+from .layers import batch_norm, init_reference_
 
 __all__ = ["WideResNet", "WideBlock", "pool_pad_shortcut"]
 

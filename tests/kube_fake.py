@@ -1,0 +1,224 @@
+"""A small in-process fake of the Kubernetes API subset that k8s/render.py's submit/status/logs/delete use.
+
+No real kube-apiserver can be installed on the development machines (nothing installable ships one; kind,
+minikube and k3s need docker or downloads; see environment.md §5), so the client code path is exercised
+against this HTTP server on 127.0.0.1 instead. It speaks the real wire format the kubernetes Python client
+expects (JSON bodies, `Status` objects for errors) for:
+
+  GET    /apis/kubeflow.org/v1                                         discovery (404 when the CRD is absent)
+  POST   /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs               create (409 AlreadyExists, 404 no namespace)
+  GET    /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs[/NAME]        list / get (404 NotFound)
+  DELETE /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME          delete (and the job's pods)
+  GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
+  GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
+
+Like the training operator, a created job gets a `Created` condition and one Running pod per replica
+(`<job>-master-0`, `<job>-worker-<i>`) labelled training.kubeflow.org/job-name; `Running` is then set.
+Everything it does not implement answers 404 with a Status, and every request is recorded in `requests`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+GROUP_PATH = "/apis/kubeflow.org/v1"
+JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
+PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?$")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+class FakeKube:
+    """The fake API server; use as a context manager. `url` is its base URL."""
+
+    def __init__(self, crd_installed: bool = True, namespaces: tuple[str, ...] = ("default", "gnp")) -> None:
+        self.crd_installed = crd_installed
+        self.namespaces = set(namespaces)
+        self.jobs: dict[tuple[str, str], dict] = {}
+        self.pods: dict[tuple[str, str], dict] = {}
+        self.logs: dict[tuple[str, str], str] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:PORT."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> "FakeKube":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def kubeconfig(self, path: Path, namespace: str | None = None) -> Path:
+        """Write a kubeconfig for this server (token auth, plain HTTP) and return its path."""
+        ctx = {"cluster": "fake", "user": "tester"}
+        if namespace:
+            ctx["namespace"] = namespace
+        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+               "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+               "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+               "contexts": [{"name": "fake", "context": ctx}]}
+        path.write_text(json.dumps(cfg))
+        return path
+
+    # -- the operator's part -----------------------------------------------------------------------
+
+    def _spawn_pods(self, ns: str, job: dict) -> None:
+        name = job["metadata"]["name"]
+        for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items():
+            for i in range(rs.get("replicas", 1)):
+                pod_name = f"{name}-{rtype.lower()}-{i}"
+                labels = {**rs["template"].get("metadata", {}).get("labels", {}),
+                          "training.kubeflow.org/job-name": name,
+                          "training.kubeflow.org/replica-type": rtype.lower(),
+                          "training.kubeflow.org/replica-index": str(i)}
+                containers = rs["template"]["spec"]["containers"]
+                self.pods[(ns, pod_name)] = {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod_name, "namespace": ns, "labels": labels, "uid": str(uuid.uuid4()),
+                                 "creationTimestamp": _now()},
+                    "spec": {"nodeName": f"node-{i}", "containers": [
+                        {"name": c["name"], "image": c["image"]} for c in containers]},
+                    "status": {"phase": "Running", "containerStatuses": [
+                        {"name": c["name"], "image": c["image"], "imageID": "", "ready": True, "restartCount": 0,
+                         "state": {"running": {"startedAt": _now()}}} for c in containers]}}
+                self.logs[(ns, pod_name)] = f"log of {pod_name}\nstep 1 loss 2.30\n"
+        job["status"] = {
+            "conditions": [
+                {"type": "Created", "status": "True", "reason": "PyTorchJobCreated",
+                 "message": f"PyTorchJob {name} is created.", "lastTransitionTime": _now()},
+                {"type": "Running", "status": "True", "reason": "PyTorchJobRunning",
+                 "message": f"PyTorchJob {ns}/{name} is running.", "lastTransitionTime": _now()}],
+            "replicaStatuses": {rtype: {"active": rs.get("replicas", 1)}
+                                for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items()},
+            "startTime": _now()}
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+            def _send(self, code: int, body: dict | str) -> None:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> dict:
+                n = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(n) or b"{}")
+
+            def _route(self, method: str) -> None:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                with fake._lock:
+                    fake.requests.append((method, self.path))
+                    code, body = fake._dispatch(method, url.path, query, self._body() if method == "POST" else {})
+                self._send(code, body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                self._route("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._route("POST")
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                self._route("DELETE")
+
+        return Handler
+
+    def _dispatch(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict | str]:
+        if path.startswith(GROUP_PATH) and not self.crd_installed:
+            return 404, _status(404, "NotFound", "the server could not find the requested resource")
+        if path == GROUP_PATH and method == "GET":
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
+                         "resources": [
+                             {"name": "pytorchjobs", "singularName": "pytorchjob", "namespaced": True,
+                              "kind": "PyTorchJob", "verbs": ["create", "delete", "get", "list", "patch",
+                                                              "update", "watch"]},
+                             {"name": "pytorchjobs/status", "singularName": "", "namespaced": True,
+                              "kind": "PyTorchJob", "verbs": ["get", "patch", "update"]}]}
+        m = JOBS.match(path)
+        if m:
+            return self._jobs(method, m.group(1), m.group(2), body)
+        m = PODS.match(path)
+        if m and method == "GET":
+            return self._pods(m.group(1), m.group(2), bool(m.group(3)), query)
+        return 404, _status(404, "NotFound", "the server could not find the requested resource")
+
+    def _jobs(self, method: str, ns: str, name: str | None, body: dict) -> tuple[int, dict | str]:
+        if ns not in self.namespaces:
+            return 404, _status(404, "NotFound", f'namespaces "{ns}" not found')
+        if name is None and method == "GET":
+            items = [j for (n, _), j in sorted(self.jobs.items()) if n == ns]
+            return 200, {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJobList", "metadata": {}, "items": items}
+        if name is None and method == "POST":
+            jname = body.get("metadata", {}).get("name", "")
+            if (ns, jname) in self.jobs:
+                return 409, _status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{jname}" already exists')
+            job = json.loads(json.dumps(body))
+            job["metadata"].update({"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(),
+                                    "resourceVersion": "1"})
+            self.jobs[(ns, jname)] = job
+            self._spawn_pods(ns, job)
+            return 201, job
+        if name is not None and (ns, name) not in self.jobs:
+            return 404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
+        if method == "GET":
+            return 200, self.jobs[(ns, name)]
+        if method == "DELETE":
+            del self.jobs[(ns, name)]
+            for key in [k for k, p in self.pods.items()
+                        if k[0] == ns and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name]:
+                del self.pods[key]
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                         "details": {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"}}
+        return 405, _status(405, "MethodNotAllowed", f"{method} is not supported here")
+
+    def _pods(self, ns: str, name: str | None, log: bool, query: dict) -> tuple[int, dict | str]:
+        if name is None:
+            wanted = {}
+            for term in ",".join(query.get("labelSelector", [])).split(","):
+                if term:
+                    k, _, v = term.partition("=")
+                    wanted[k] = v
+            items = [p for (n, _), p in sorted(self.pods.items())
+                     if n == ns and all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+            return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
+        if (ns, name) not in self.pods:
+            return 404, _status(404, "NotFound", f'pods "{name}" not found')
+        if log:
+            return 200, self.logs.get((ns, name), "")
+        return 200, self.pods[(ns, name)]
