@@ -492,12 +492,15 @@ def test_entrypoint_real_trainer_user_error_is_2():
 def test_entrypoint_sigterm_exits_143_and_stops_the_ranks(rank_module, tmp_path):
     proc = subprocess.Popen([str(ENTRYPOINT), "--recipe", "x"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_entry_env(rank_module, FAKE_MODE="sleep", TMPDIR=str(tmp_path)))
-    seen = 0
+    # Both ranks share the pipe, so their lines can interleave: count occurrences, not line starts.
+    text = ""
     deadline = time.monotonic() + 60
-    while seen < 2 and time.monotonic() < deadline:
+    while text.count("ARGS") < 2 and time.monotonic() < deadline:
         line = proc.stdout.readline()
-        seen += line.startswith("ARGS")
-    assert seen == 2
+        if not line and proc.poll() is not None:
+            break
+        text += line
+    assert text.count("ARGS") == 2, text
     rank_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "gnp_fake_rank train"], capture_output=True,
                                                 text=True).stdout.split()]
     assert rank_pids
