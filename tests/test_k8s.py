@@ -436,7 +436,9 @@ import os, signal, sys, time
 mode, rank = os.environ["FAKE_MODE"], int(os.environ["LOCAL_RANK"])
 if os.environ.get("GNP_DATA_DIR"):
     print("DATA", sorted(os.listdir(os.environ["GNP_DATA_DIR"])), flush=True)
-print("ARGS", sys.argv[1:], "RANK", os.environ["RANK"], "WORLD", os.environ["WORLD_SIZE"], flush=True)
+# one write per line: both ranks share the pipe, and print() with several arguments writes piecewise
+sys.stdout.write(f"ARGS {sys.argv[1:]} RANK {os.environ['RANK']} WORLD {os.environ['WORLD_SIZE']}\\n")
+sys.stdout.flush()
 if mode == "user" and rank == 1:
     sys.exit(2)
 if mode == "crash" and rank == 1:
