@@ -133,3 +133,30 @@ def test_import_direction():
     for sub in ("optim/gnp.py",):
         src = (pkg / sub).read_text()
         assert "from trainer" not in src and "import trainer" not in src
+
+
+def test_memory_loader_trains_bitwise_like_the_ffcv_loader(fmnist_small, tmp_path):
+    """data.loader=memory reads the raw Fashion-MNIST files itself; without augmentation its batches equal the
+    FFCV pipeline's, so one epoch of GNP must end in the same weights, bit for bit."""
+    import torch
+
+    weights = {}
+    for loader, path in (("ffcv", str(fmnist_small)), ("memory", "fashion-mnist:/usr/share/datasets/fashion-mnist")):
+        run_dir = tmp_path / loader
+        extra = ["data.limit=500"] if loader == "memory" else []
+        res = run_cli(*common(path, run_dir, f"data.loader={loader}", "loop.epochs=1", *extra))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert records(run_dir, "eval")[-1]["images"] == 500
+        (ckpt,) = (run_dir / "checkpoints").glob("step-*/state.pt")
+        weights[loader] = torch.load(ckpt, weights_only=True)["model"]
+    assert weights["ffcv"].keys() == weights["memory"].keys()
+    assert all(torch.equal(weights["ffcv"][k], weights["memory"][k]) for k in weights["ffcv"])
+
+
+def test_memory_loader_bad_source_and_limit_exit_2(tmp_path):
+    for sets, match in [(["data.loader=memory", "data.path=mnist:/nowhere"], "data.path"),
+                        (["data.loader=ffcv", "data.path=x", "data.limit=5"], "data.limit")]:
+        res = run_cli("train", "--recipe", "debug-cpu", "--set", f"run.dir={tmp_path / 'r'}",
+                      *[a for s in sets for a in ("--set", s)])
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
+        assert not (tmp_path / "r").exists()

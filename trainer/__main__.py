@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,convert,eval,plot,recipes,models,config}` (also the `gnp-train` script).
+"""Command line: `python -m trainer {train,convert,eval,plot,compare,recipes,models,config}` (also the `gnp-train` script).
 
 User errors (bad config, bad dataset, unknown recipe, wrong S3 credentials) print one line `error: ...` and
 exit with status 2, which Kubeflow's ExitCode restart policy treats as permanent; storage outages exit 200
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     from trainer.plot import add_arguments as plot_arguments
 
     plot_arguments(pl)
+
+    cmp = sub.add_parser("compare", help="train methods x seeds on one recipe, then a table and a plot")
+    from trainer.compare import add_arguments as compare_arguments
+
+    compare_arguments(cmp)
 
     sub.add_parser("recipes", help="list the built-in recipes")
     sub.add_parser("models", help="list the registered models")
@@ -89,6 +94,10 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.plot import run as plot_run
 
         return plot_run(args)
+    if args.command == "compare":
+        from trainer.compare import run as compare_run
+
+        return compare_run(args)
     if args.command == "convert":
         from trainer.data.convert import run
 

@@ -33,7 +33,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str = ""
-    """Folder with train.beton, val.beton and meta.json written by `python -m trainer convert` (required)."""
+    """Required. loader=ffcv: the folder with train.beton, val.beton and meta.json written by `python -m trainer
+    convert`. loader=memory: NAME:PATH of a raw dataset (fashion-mnist:/usr/share/datasets/fashion-mnist,
+    cifar10:FILE.tar.gz, cifar100:FILE.tar.gz) or synthetic:HxW:CLASSES:N (random images, for benchmarks)."""
+    loader: Literal["ffcv", "memory"] = "ffcv"
+    """ffcv: FFCV pipelines decoding on the CPU (any dataset size). memory: the whole dataset as uint8 on the
+    training device, augmented there (small datasets; no data-pipeline cost; works without FFCV installed)."""
+    limit: int = 0
+    """loader=memory only: keep the first N images of each split (like `convert --limit`); 0 = all."""
     augment: Literal["none", "basic", "autoaugment", "imagenet", "randaugment"] = "basic"
     """Per-image train augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
     autoaugment = the AutoAugment CIFAR policy, then basic; imagenet = random-resized-crop + flip (val: center
@@ -247,6 +254,11 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
     _check(d.image_size >= 0, "data.image_size", d.image_size, "an integer >= 0")
+    _check(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all images)")
+    _check(d.loader == "memory" or d.limit == 0, "data.limit", d.limit, "0 with data.loader=ffcv (convert with "
+           "--limit instead)")
+    _check(d.loader == "ffcv" or d.image_size == 0, "data.image_size", d.image_size,
+           "0 with data.loader=memory (images keep their stored size)")
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
     _check(d.num_workers >= 1, "data.num_workers", d.num_workers, "an integer >= 1")

@@ -160,8 +160,8 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
             record = _train_record(info, ce_seen, opt, state, epoch, i + 1, total)
             elapsed = time.perf_counter() - window_start
             record.update(images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
-                          data_wait_s=window_data_s, window_steps=len(step_times), window_images=window_images,
-                          step_times_s=step_times)
+                          window_s=elapsed, data_wait_s=window_data_s, window_steps=len(step_times),
+                          window_images=window_images, step_times_s=step_times)
             sink.log("train", record)
             window_start, window_images, window_data_s, step_times = time.perf_counter(), 0, 0.0, []
         sink.progress(i + 1, total, epoch)
@@ -217,6 +217,54 @@ def evaluate(module: torch.nn.Module, loader, env: DistEnv, amp_dtype: torch.dty
     n = max(n, 1.0)
     return {"eval_loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "top1_error": 1 - top1 / n,
             "top5_error": 1 - top5 / n, "images": int(sums[3].item())}
+
+
+def measure_sharpness(module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, r: float,
+                      amp_dtype: torch.dtype | None = None) -> dict:
+    """Train loss, gradient norm and sharpness of a trained model, averaged over `batches`.
+
+    For each batch b, with g_b = grad L_b(theta) (plain cross-entropy, no label smoothing or L2):
+        loss = L_b(theta),  g1_norm = ||g_b||,  sharpness = L_b(theta + r*g_b/||g_b||) - L_b(theta)
+    (the quantities GNP logs during training, but measured identically for every method, including plain
+    SGD which never computes them). The model is in eval mode: BatchNorm uses its running statistics, so the
+    numbers are a deterministic function of the weights and the batches. Parameters are restored exactly.
+    """
+    was_training = module.training
+    module.eval()
+    params = [p for p in module.parameters() if p.requires_grad]
+    sums = {"loss": 0.0, "g1_norm": 0.0, "sharpness": 0.0}
+    n_batches = n_images = 0
+    device = params[0].device
+
+    def ce(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device, amp_dtype):
+            logits = module(images)
+        # at least fp32 (autocast may give bf16), never below the model's own precision
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
+
+    try:
+        for images, labels in batches:
+            loss = ce(images, labels)
+            grads = torch.autograd.grad(loss, params)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                scale = r / (norm + 1e-12)
+                for p, g in zip(params, grads):
+                    p.add_(g, alpha=float(scale))
+                perturbed = ce(images, labels)
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            sums["loss"] += loss.item()
+            sums["g1_norm"] += norm.item()
+            sums["sharpness"] += perturbed.item() - loss.item()
+            n_batches += 1
+            n_images += labels.shape[0]
+    finally:
+        module.train(was_training)
+    if not n_batches:
+        raise ValueError("measure: no batches; expected at least one training batch")
+    return {**{k: v / n_batches for k, v in sums.items()}, "batches": n_batches, "images": n_images, "r": r}
 
 
 def is_finite_record(record: dict) -> bool:

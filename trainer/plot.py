@@ -18,7 +18,8 @@ def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a run, oldest first.
 
     A resumed run appends to the same metrics.jsonl and replays the steps after its checkpoint; the last
-    record of each step (each evaluated epoch) wins, so the curves show what the finished run did.
+    record of each step (each evaluated epoch) wins, so the curves show what the finished run did. The
+    evaluation of a run stopped mid-epoch by loop.max_steps is not an epoch's and is left out.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -37,7 +38,7 @@ def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"plot: {path}: line {n} is not JSON; expected one JSON record per line") from None
         if rec.get("kind") == "train":
             train[int(rec["step"])] = rec
-        elif rec.get("kind") == "eval":
+        elif rec.get("kind") == "eval" and not rec.get("partial"):  # partial: a loop.max_steps stop
             evals[int(rec["epoch"])] = rec
     if not train and not evals:
         raise ValueError(f"plot: {path} holds no train or eval records; expected metrics of a started run")

@@ -25,7 +25,7 @@ from trainer import dist
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
 from trainer.data import build_loaders, validate_dataset
-from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, train_epoch
+from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, measure_sharpness, train_epoch
 from trainer.metrics import build_sink
 from trainer.models import create_model
 from trainer.optim.gnp import GNP
@@ -108,6 +108,20 @@ def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
     return path
 
 
+def check_data(cfg: RunConfig) -> None:
+    """Fail fast (one line, exit 2) on a missing or malformed dataset, without reading the images."""
+    d = cfg.data
+    if not d.path:
+        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert` "
+                          "(or, with data.loader=memory, NAME:PATH or synthetic:HxW:CLASSES:N)")
+    if d.loader == "memory":
+        from trainer.data.memory import parse_source
+
+        parse_source(d.path)
+    else:
+        validate_dataset(d.path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -168,13 +182,20 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
     """Loaders, model (plain and wrapped) and checkpointer for `cfg`."""
     per_rank = _per_rank_batch(cfg, env)
     d, lp = cfg.data, cfg.loop
-    if not d.path:
-        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
+    check_data(cfg)
     channels_last = lp.channels_last
-    loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
-                            num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,
-                            device=env.device, augment=d.augment, cutout=d.cutout, image_size=d.image_size or None,
-                            channels_last=channels_last, os_cache=d.os_cache)
+    if d.loader == "memory":
+        from trainer.data import build_memory_loaders
+
+        loaders = build_memory_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
+                                       seed=lp.seed, rank=env.rank, world_size=env.world_size, device=env.device,
+                                       augment=d.augment, cutout=d.cutout, channels_last=channels_last,
+                                       limit=d.limit or None)
+    else:
+        loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
+                                num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,
+                                device=env.device, augment=d.augment, cutout=d.cutout,
+                                image_size=d.image_size or None, channels_last=channels_last, os_cache=d.os_cache)
     meta = loaders.meta
     seed_everything(lp.init_seed if lp.init_seed >= 0 else lp.seed)
     image_size = d.image_size or (meta.get("image_size") or [224])[0]
@@ -222,9 +243,7 @@ def train(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     t_start = time.time()
-    if not cfg.data.path:
-        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert`")
-    validate_dataset(cfg.data.path)  # before touching the run directory: a typo must not create or refuse one
+    check_data(cfg)  # before touching the run directory: a typo must not create or refuse one
     if cfg.loop.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = prepare_run_dir(cfg, env)
@@ -301,8 +320,9 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         if last or (ck.every_epochs and state.epoch % ck.every_epochs == 0) or (
                 ck.every_steps and state.step % ck.every_steps == 0):
             save()
-    if not last_eval:
-        last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
+    if not last_eval:  # stopped by loop.max_steps: evaluate where it stopped, marked as not an epoch's end
+        last_eval = {"epoch": state.epoch, "partial": True, "step": state.step,
+                     **evaluate(module, loaders.val, env, amp_dtype)}
         sink.log("eval", last_eval)
     if env.is_primary:
         # The final upload must land before the process reports success; if storage stays down, exit
@@ -375,8 +395,8 @@ def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: 
             "config": to_dict(cfg), "git_commit": git_commit()}
 
 
-def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
-    """Evaluate the latest checkpoint of `run_dir` on its validation set (works under torchrun too)."""
+def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
+    """The config a run directory was trained with (its config.yaml), with `overrides` ({"data.path": ...})."""
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--run: {run_dir!r} has no config.yaml; expected a run directory made by `trainer train`")
@@ -386,7 +406,12 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     for key, value in (overrides or {}).items():
         section, name = key.split(".", 1)
         data.setdefault(section, {})[name] = value
-    cfg = from_dict(data)
+    return from_dict(data)
+
+
+def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
+    """Evaluate the latest checkpoint of `run_dir` on its validation set (works under torchrun too)."""
+    cfg = saved_config(run_dir, overrides)
     env = dist.init()
     held = _Held()
     try:
@@ -403,3 +428,32 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
         held.clear()
         dist.shutdown(env)
 
+
+def measure_run(run_dir: str, *, batches: int, r: float | None = None, overrides: dict | None = None) -> dict:
+    """Train loss, ||g1|| and sharpness of the latest checkpoint of `run_dir` (see loop.measure_sharpness).
+
+    One process. The batches are the first `batches` of the training set in the order of seed 0, without
+    augmentation, so every run of a comparison is measured on the same images; r defaults to the run's gnp.r.
+    """
+    cfg = saved_config(run_dir, {"data.augment": "none", "data.batch_augment": "none", "data.cutout": 0,
+                                 "loop.seed": 0, **(overrides or {})})
+    env = dist.init()
+    if env.distributed:
+        dist.shutdown(env)
+        raise ConfigError("measure: runs in one process; do not start it under torchrun")
+    held = _Held()
+    try:
+        loaders, module, _, ckpt = _build(cfg, env, held, train=False)
+        step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
+        if step is None:
+            raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to measure")
+        loaders.train.set_epoch(0)
+        picked = (batch for _, batch in zip(range(batches), loaders.train))
+        radius = cfg.gnp.r if r is None else r
+        if radius <= 0:
+            raise ConfigError(f"measure: r={radius} must be > 0 to measure sharpness")
+        out = measure_sharpness(module, picked, r=radius, amp_dtype=amp_dtype_of(cfg.loop.precision, env.device))
+        return {"run_dir": str(run_dir), "step": step, **out}
+    finally:
+        held.clear()
+        dist.shutdown(env)

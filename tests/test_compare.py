@@ -1,0 +1,149 @@
+"""`python -m trainer compare`: the measurement against a hand computation, the statistics against Python's
+statistics module, and real comparisons on Fashion-MNIST (training runs, resume of a partial comparison,
+bad input exiting 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.func import functional_call
+
+from tests.conftest import run_cli
+from trainer.compare import METHODS, aggregate, markdown_table, resolve_methods
+from trainer.config import ConfigError
+from trainer.loop import measure_sharpness
+
+
+def test_measure_sharpness_matches_a_functional_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5)).double()
+    model(torch.randn(16, 3, 8, 8, dtype=torch.float64))  # non-trivial BN running statistics
+    batches = [(torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (8,))) for _ in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = 0.05
+    got = measure_sharpness(model, batches, r=r)
+    assert model.training, "the caller's mode is restored"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights restored exactly"
+
+    # Independent: functional calls on explicit parameter dicts, eval-mode BN, the formula by hand.
+    model.eval()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss(params, x, y):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    rows = []
+    for x, y in batches:
+        params = {n: t.clone().requires_grad_() for n, t in theta.items()}
+        value = loss(params, x, y)
+        grads = torch.autograd.grad(value, list(params.values()))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        shifted = {n: theta[n] + r * g / norm for n, g in zip(params, grads)}
+        rows.append((value.item(), norm.item(), loss(shifted, x, y).item() - value.item()))
+    for i, key in enumerate(("loss", "g1_norm", "sharpness")):
+        assert got[key] == pytest.approx(sum(row[i] for row in rows) / 3, rel=1e-9, abs=1e-12), key
+    assert got["sharpness"] > 0 and got["batches"] == 3 and got["images"] == 24
+
+
+def test_aggregate_statistics_and_gain_share():
+    def run(method, seed, err, t):
+        return {"method": method, "seed": seed, "test_error": err, "train_loss": 0.1 * seed, "g1_norm": 1.0 + seed,
+                "sharpness": 0.01 * err, "s_per_epoch": t}
+
+    runs = {"sgd": [run("sgd", 0, 10.0, 2.0), run("sgd", 1, 11.0, 2.2), run("sgd", 2, 12.5, 1.8)],
+            "gnp": [run("gnp", 0, 9.0, 4.1), run("gnp", 1, 9.6, 3.9), run("gnp", 2, 10.2, 4.0)],
+            "gnp-every4": [run("gnp-every4", 0, 9.8, 2.5), run("gnp-every4", 1, 10.1, 2.4)]}
+    agg = aggregate(runs)
+    for method, rs in runs.items():
+        errs = [r["test_error"] for r in rs]
+        assert agg[method]["test_error"]["mean"] == pytest.approx(statistics.mean(errs))
+        assert agg[method]["test_error"]["std"] == pytest.approx(statistics.stdev(errs))  # sample std (n - 1)
+        assert agg[method]["seeds"] == [r["seed"] for r in rs]
+    sgd_err, gnp_err = statistics.mean([10.0, 11.0, 12.5]), statistics.mean([9.0, 9.6, 10.2])
+    assert agg["gnp-every4"]["gain_vs_gnp"] == pytest.approx((sgd_err - 9.95) / (sgd_err - gnp_err))
+    assert agg["gnp"]["gain_vs_gnp"] == pytest.approx(1.0) and agg["sgd"]["gain_vs_gnp"] == 0.0
+    assert agg["gnp"]["time_vs_sgd"] == pytest.approx(4.0 / 2.0)
+    table = markdown_table(agg, "t")
+    assert table.count("\n| ") == 4 and "| gnp-every4 | 2 | 9.95 ± 0.21 |" in table
+    # No gain to share when GNP is not better than SGD.
+    worse = aggregate({"sgd": runs["gnp"], "gnp": runs["sgd"]})
+    assert "gain_vs_gnp" not in worse["sgd"] and "–" in markdown_table(worse, "t")
+
+
+def test_resolve_methods_builtin_defined_and_errors():
+    got = resolve_methods("sgd,sam,mine", ["mine:gnp.r=0.2", "mine:gnp.every=3"])
+    assert got == {"sgd": METHODS["sgd"].overrides, "sam": METHODS["sam"].overrides,
+                   "mine": (("gnp.r", 0.2), ("gnp.every", 3))}
+    for names, defines, match in [("sgd,nope", [], "unknown method 'nope'"), (",", [], "empty"),
+                                  ("x", ["x=gnp.r=1"], "NAME:section.key=value"), ("a/b", ["a/b:gnp.r=1"], "folder")]:
+        with pytest.raises(ConfigError, match=match):
+            resolve_methods(names, defines)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_builtin_method_is_a_valid_config(name):
+    from trainer import config
+
+    cfg = config.load("fashion-mnist-demo", [f"{k}={json.dumps(v)}" for k, v in METHODS[name].overrides])
+    assert cfg.gnp.r > 0  # measurement needs r even where the method never perturbs
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_compare_runs_methods_and_resumes_a_partial_comparison(fmnist_small, tmp_path):
+    out = tmp_path / "cmp"
+    common = ["--recipe", "debug-cpu", "--out", str(out), "--measure-batches", "2",
+              "--set", f"data.path={fmnist_small}", "--set", "data.augment=none", "--set", "loop.epochs=2",
+              "--set", "checkpoint.every_steps=5"]
+    # 1) a first, smaller comparison
+    res = run_cli("compare", *common, "--methods", "sgd", "--seeds", "1", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # 2) a run interrupted after 5 steps (what a killed comparison leaves): same config, max_steps is resumable
+    partial = out / "gnp" / "seed1"
+    res = run_cli("train", "--recipe", "debug-cpu", "--set", f"data.path={fmnist_small}", "--set", "data.augment=none",
+                  "--set", "loop.epochs=2", "--set", "checkpoint.every_steps=5", "--set", "loop.seed=1",
+                  "--set", f"run.dir={partial}", "--set", "loop.max_steps=5", "--set", "metrics.progress=lines")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # 3) the full comparison: keeps sgd/seed0, resumes gnp/seed1, trains the rest
+    res = run_cli("compare", *common, "--methods", "sgd,gnp", "--seeds", "2", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    starts = {(m, s): [r for r in _jsonl(out / m / f"seed{s}" / "metrics.jsonl") if r["kind"] == "start"]
+              for m in ("sgd", "gnp") for s in (0, 1)}
+    assert len(starts["sgd", 0]) == 1, "a finished run is not trained again"
+    assert [s["resumed_from_step"] for s in starts["gnp", 1]] == [None, 5], "the partial run resumed"
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and set(results["summary"]) == {"sgd", "gnp"}
+    spe = 500 // 32
+    for method, rs in results["runs"].items():
+        assert [r["seed"] for r in rs] == [0, 1]
+        for r in rs:
+            assert r["steps"] == 2 * spe and r["gnp_steps"] == (2 * spe if method == "gnp" else 0)
+            assert len(r["curve"]) == 2 and 0 < r["test_error"] < 100 and r["s_per_epoch"] > 0
+            assert r["curve"][-1][1] == r["test_error"]
+            assert math.isfinite(r["sharpness"]) and r["g1_norm"] > 0
+            cfg = yaml.safe_load((out / method / f"seed{r['seed']}" / "config.yaml").read_text())
+            assert cfg["gnp"]["alpha"] == (0.0 if method == "sgd" else 0.8) and cfg["loop"]["seed"] == r["seed"]
+    md = (out / "results.md").read_text()
+    assert "| sgd | 2 |" in md and "| gnp | 2 |" in md
+    assert (out / "test_error.png").stat().st_size > 10_000
+    # 4) the same folder with other common overrides is refused, one line, exit 2
+    res = run_cli("compare", *common, "--methods", "sgd", "--seeds", "1", "--set", "optim.lr=0.3")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--out" in res.stderr
+
+
+def test_compare_bad_input_exits_2_with_one_line(tmp_path):
+    for args, match in [(["--methods", "sgd,bogus"], "bogus"), (["--seeds", "0"], "--seeds"),
+                        (["--set", "gnp.alpha=2"], "gnp.alpha")]:
+        res = run_cli("compare", "--recipe", "debug-cpu", "--out", str(tmp_path / "c"), *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr

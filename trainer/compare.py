@@ -1,0 +1,341 @@
+"""Compare methods over seeds on one recipe: `python -m trainer compare --recipe R --methods sgd,sam,gnp --seeds 3`.
+
+Every method x seed is a separate training run of the same recipe with an identical budget (same epochs,
+batch size, LR schedule, data order and initialization for a given seed: seeds pair the methods), launched
+one after another as `python -m trainer train` (or under torchrun with --nproc > 1) into
+OUT/<method>/seed<k>/. After training, each run's final weights are measured the same way
+(`trainer.loop.measure_sharpness`: train loss, ||g1|| and sharpness at the recipe's r on the same training
+batches, so plain SGD gets the numbers too). Then OUT/results.json, OUT/results.md and OUT/test_error.png
+(test error against epoch and against training time, mean line and a +-1 std band per method).
+
+Resuming: run the same command again. Finished runs (a `done` record and measure.json) are kept; an
+interrupted run resumes from its latest checkpoint (the trainer's own resume); new methods or seeds are
+added. The comparison's recipe and overrides are saved in OUT/compare.yaml and must not change.
+
+"Identical budget" means identical epochs: SAM and GNP take two passes per step and cost about twice the
+time of SGD; the table's time column shows it, and the efficient variants (every-k, hybrid p, reuse) are
+the way to buy the gain for less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from trainer.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to train the recipe: config overrides applied on top of it."""
+
+    description: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+METHODS: dict[str, Method] = {
+    "sgd": Method("the base optimizer alone (alpha = 0: one pass per step)", (("gnp.alpha", 0.0),)),
+    "sam": Method("SAM: the gradient at theta + r*g1/||g1|| alone (alpha = 1)", (("gnp.alpha", 1.0),)),
+    "gnp": Method("GNP with the recipe's r and alpha, two passes every step"),
+    "gnp-every2": Method("GNP step every 2nd step, plain steps between", (("gnp.every", 2),)),
+    "gnp-every4": Method("GNP step every 4th step, plain steps between", (("gnp.every", 4),)),
+    "gnp-p0.5": Method("GNP step with probability 0.5 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.5),)),
+    "gnp-p0.25": Method("GNP step with probability 0.25 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.25),)),
+}
+
+
+def list_methods() -> dict[str, str]:
+    return {name: m.description for name, m in METHODS.items()}
+
+
+def resolve_methods(names: str, defines: list[str]) -> dict[str, tuple[tuple[str, object], ...]]:
+    """Method name -> overrides, from `--methods a,b` (built-in names or names given by --define) and the
+    `--define NAME:section.key=value` options (repeatable; several for one NAME accumulate)."""
+    custom: dict[str, list[tuple[str, object]]] = {}
+    for d in defines:
+        name, sep, assignment = d.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not sep or not eq or not name or "." not in key:
+            raise ConfigError(f"--define: {d!r}; expected NAME:section.key=value")
+        custom.setdefault(name.strip(), []).append((key.strip(), yaml.safe_load(value)))
+    out: dict[str, tuple[tuple[str, object], ...]] = {}
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name in custom:
+            out[name] = tuple(custom[name])
+        elif name in METHODS:
+            out[name] = METHODS[name].overrides
+        else:
+            raise ConfigError(f"--methods: unknown method {name!r}; expected one of {', '.join(METHODS)} or a "
+                              f"name given with --define NAME:section.key=value")
+    if not out:
+        raise ConfigError("--methods: empty; expected a comma-separated list such as sgd,sam,gnp")
+    for name in out:
+        if "/" in name or name.startswith("."):
+            raise ConfigError(f"--methods: {name!r} cannot name a folder; use letters, digits, '-', '_', '.'")
+    return out
+
+
+def _sets(overrides: tuple[tuple[str, object], ...] | list[tuple[str, object]]) -> list[str]:
+    return [a for key, value in overrides for a in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+    return out
+
+
+def is_done(run_dir: Path, epochs: int) -> bool:
+    """Whether the run trained all `epochs` (a run stopped by loop.max_steps also ends with a `done` record)."""
+    return any(r.get("kind") == "done" and r.get("epochs") == epochs for r in _records(run_dir))
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Final test error, its curve, and training wall time (eval and startup excluded) of a finished run."""
+    from trainer.plot import load_run
+
+    train, evals = load_run(str(run_dir))
+    done = [r for r in _records(run_dir) if r.get("kind") == "done"][-1]  # the finishing one
+    train_s = sum(r.get("window_s", 0.0) for r in train)
+    epochs = max(1, int(done["epochs"]))
+    return {"test_error": 100 * evals[-1]["top1_error"], "curve": [[e["epoch"], 100 * e["top1_error"]] for e in evals],
+            "time_curve": _time_curve(train, evals), "train_s": train_s, "s_per_epoch": train_s / epochs,
+            "epochs": epochs, "steps": done["steps"], "gnp_steps": done["gnp_steps"],
+            "train_loss_logged": train[-1]["loss"] if train else None}
+
+
+def _time_curve(train: list[dict], evals: list[dict]) -> list[list[float]]:
+    """(cumulative training seconds at the end of epoch e, test error %) for each evaluated epoch e."""
+    out = []
+    for e in evals:
+        spent = sum(r.get("window_s", 0.0) for r in train if r["epoch"] <= e["epoch"] + 1e-9)
+        out.append([spent, 100 * e["top1_error"]])
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0  # sample std
+    return mean, std
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per method: mean and sample std over seeds of every reported quantity."""
+    out: dict[str, dict] = {}
+    for method, rs in runs.items():
+        if not rs:
+            continue
+        row: dict = {"seeds": [r["seed"] for r in rs]}
+        for key in ("test_error", "train_loss", "g1_norm", "sharpness", "s_per_epoch"):
+            row[key] = dict(zip(("mean", "std"), _mean_std([float(r[key]) for r in rs])))
+        out[method] = row
+    sgd, gnp = out.get("sgd"), out.get("gnp")
+    for row in out.values():
+        if sgd:
+            row["time_vs_sgd"] = row["s_per_epoch"]["mean"] / sgd["s_per_epoch"]["mean"]
+        if sgd and gnp and sgd["test_error"]["mean"] - gnp["test_error"]["mean"] > 1e-9:
+            # Share of GNP's improvement over SGD this method keeps (the efficiency target: >= 80 % at
+            # <= 1.25x SGD time); undefined when GNP does not improve on SGD.
+            row["gain_vs_gnp"] = ((sgd["test_error"]["mean"] - row["test_error"]["mean"])
+                                  / (sgd["test_error"]["mean"] - gnp["test_error"]["mean"])) + 0.0
+    return out
+
+
+def markdown_table(agg: dict[str, dict], title: str) -> str:
+    def pm(cell: dict, digits: int) -> str:
+        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+    lines = [f"**{title}**", "",
+             "| method | seeds | test error % | train loss | ‖g1‖ | sharpness | s / epoch | time × SGD | "
+             "share of GNP's gain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, row in agg.items():
+        ratio = f"{row['time_vs_sgd']:.2f}" if "time_vs_sgd" in row else "–"
+        gain = f"{100 * row['gain_vs_gnp']:.0f} %" if "gain_vs_gnp" in row else "–"
+        lines.append(f"| {method} | {len(row['seeds'])} | {pm(row['test_error'], 2)} | {pm(row['train_loss'], 4)} | "
+                     f"{pm(row['g1_norm'], 3)} | {pm(row['sharpness'], 4)} | {pm(row['s_per_epoch'], 1)} | {ratio} | "
+                     f"{gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[dict]], out: Path, title: str) -> None:
+    """Test error against epoch and against training time: per method the mean over seeds and a +-1 std band."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, (method, rs) in enumerate(runs.items()):
+        if not rs:
+            continue
+        color = f"C{i % 10}"
+        for ax, key in zip(axes, ("curve", "time_curve")):
+            n = min(len(r[key]) for r in rs)  # epochs every seed has evaluated
+            xs = [_mean_std([r[key][j][0] for r in rs])[0] for j in range(n)]
+            stats = [_mean_std([r[key][j][1] for r in rs]) for j in range(n)]
+            mean = [m for m, _ in stats]
+            ax.plot(xs, mean, color=color, marker="o", ms=3, label=f"{method} ({len(rs)} seeds)")
+            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.2)
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("training time (s, evaluation excluded)")
+    for ax in axes:
+        ax.set_ylabel("test top-1 error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title + " — mean ± 1 std over seeds", fontsize=11)
+    fig.savefig(out, dpi=100)
+
+
+def _check_spec(out: Path, spec: dict) -> None:
+    """The comparison's identity (recipe and common overrides) is fixed once its folder exists."""
+    path = out / "compare.yaml"
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text()) or {}
+        for key in ("recipe", "sets"):
+            if saved.get(key) != spec[key]:
+                raise ConfigError(f"--out: {str(out)!r} holds a comparison with {key} {saved.get(key)!r}, not "
+                                  f"{spec[key]!r}; use another --out")
+        methods = {**saved.get("methods", {}), **spec["methods"]}
+        for name, overrides in saved.get("methods", {}).items():
+            if name in spec["methods"] and spec["methods"][name] != overrides:
+                raise ConfigError(f"--methods: {name!r} had overrides {overrides} in {path}, now "
+                                  f"{spec['methods'][name]}; use another name or --out")
+        spec = {**spec, "methods": methods}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".compare.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _train_command(nproc: int) -> list[str]:
+    if nproc <= 1:
+        return [sys.executable, "-m", "trainer", "train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "trainer", "train"]
+
+
+class TrainingFailed(RuntimeError):
+    """A run of the comparison exited non-zero; `code` is its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def compare(*, recipe: str, methods: dict[str, tuple[tuple[str, object], ...]], seeds: int, out: Path,
+            sets: list[str], nproc: int = 1, measure_batches: int = 8, log=print) -> dict:
+    """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json."""
+    from trainer import config
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds}; expected an integer >= 1")
+    if measure_batches < 1:
+        raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
+    base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
+    for name, overrides in methods.items():
+        config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]])
+    if "gnp" in methods and not 0 < base.gnp.alpha < 1:
+        log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
+    spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
+    _check_spec(out, spec)
+    seed_values = [base.loop.seed + i for i in range(seeds)]
+    total, index = len(methods) * seeds, 0
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    # Seeds outermost: an interrupted comparison has balanced results, and load drift hits every method alike.
+    for seed in seed_values:
+        for method, overrides in methods.items():
+            index += 1
+            run_dir = out / method / f"seed{seed}"
+            tag = f"[{index}/{total}] {method} seed {seed}"
+            if not is_done(run_dir, base.loop.epochs):
+                log(f"{tag}: training ({'resuming' if (run_dir / 'metrics.jsonl').exists() else 'new'}) -> {run_dir}")
+                _train(recipe, sets, overrides, seed, run_dir, nproc)
+            measured = run_dir / "measure.json"
+            if not measured.is_file():
+                from trainer.train import measure_run
+
+                result = measure_run(str(run_dir), batches=measure_batches, r=base.gnp.r)
+                tmp = run_dir / ".measure.json.tmp"
+                tmp.write_text(json.dumps(result, indent=1))
+                os.replace(tmp, measured)
+            m = json.loads(measured.read_text())
+            summary = {"method": method, "seed": seed, "run_dir": str(run_dir), **run_summary(run_dir),
+                       "train_loss": m["loss"], "g1_norm": m["g1_norm"], "sharpness": m["sharpness"],
+                       "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]}}
+            runs[method].append(summary)
+            log(f"{tag}: test error {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
+                f"sharpness {summary['sharpness']:.4f}")
+    agg = aggregate(runs)
+    title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
+    results = {"recipe": recipe, "sets": list(sets), "methods": spec["methods"], "seeds": seed_values,
+               "epochs": base.loop.epochs, "model": base.model.name, "nproc": nproc, "summary": agg, "runs": runs}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown_table(agg, title)
+    (out / "results.md").write_text(table)
+    plot(runs, out / "test_error.png", title)
+    log(table)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
+    return results
+
+
+def _train(recipe: str, sets: list[str], overrides, seed: int, run_dir: Path, nproc: int) -> None:
+    cmd = [*_train_command(nproc), "--recipe", recipe, *[a for s in sets for a in ("--set", s)],
+           *_sets(overrides), "--set", f"loop.seed={seed}", "--set", f"run.dir={run_dir}",
+           "--set", "metrics.progress=lines"]
+    env = dict(os.environ)
+    if nproc > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "train.log"
+    started = time.time()
+    with open(log_path, "a") as log_file:
+        log_file.write(f"$ {' '.join(cmd)}\n")
+        log_file.flush()
+        code = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or [""]
+        raise TrainingFailed(f"compare: run {run_dir} exited {code} after {time.time() - started:.0f} s "
+                             f"({tail[0][:300]}); full log {log_path}", code)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe name (see `recipes`) or path to a YAML file")
+    p.add_argument("--methods", default="sgd,sam,gnp",
+                   help=f"comma-separated methods (default sgd,sam,gnp); built in: {', '.join(METHODS)}")
+    p.add_argument("--define", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE",
+                   help="define (or extend) a method NAME by one override, e.g. gnp-r0.2:gnp.r=0.2 (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method: the recipe's loop.seed + 0..N-1")
+    p.add_argument("--out", default=None, help="comparison folder (default runs/compare-<recipe>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--measure-batches", type=int, default=8,
+                   help="training batches the final train loss, ||g1|| and sharpness are averaged over")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override for every run (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = resolve_methods(args.methods, args.define)
+    out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
+    try:
+        compare(recipe=args.recipe, methods=methods, seeds=args.seeds, out=out, sets=args.overrides,
+                nproc=args.nproc, measure_batches=args.measure_batches, log=lambda m: print(m, flush=True))
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.code if 0 < e.code < 256 else 1
+    return 0
