@@ -144,6 +144,6 @@ def test_compare_runs_methods_and_resumes_a_partial_comparison(fmnist_small, tmp
 
 def test_compare_bad_input_exits_2_with_one_line(tmp_path):
     for args, match in [(["--methods", "sgd,bogus"], "bogus"), (["--seeds", "0"], "--seeds"),
-                        (["--set", "gnp.alpha=2"], "gnp.alpha")]:
+                        (["--set", "gnp.r=-1"], "gnp.r")]:
         res = run_cli("compare", "--recipe", "debug-cpu", "--out", str(tmp_path / "c"), *args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr

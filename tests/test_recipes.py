@@ -38,6 +38,9 @@ def test_recipe_runs_two_steps(recipe, fmnist_small, tmp_path):
     sets = {"model.name": debug_variant(cfg.model.name), "data.path": str(fmnist_small), "data.image_size": 32,
             "data.num_workers": 1, "loop.batch_size": 32, "loop.max_steps": 2, "loop.log_every": 1,
             "run.dir": str(tmp_path / "run")}
+    if cfg.data.loader == "memory":  # device-resident recipes read the raw files: the same 500 images, native size
+        sets.update({"data.path": "fashion-mnist:/usr/share/datasets/fashion-mnist", "data.limit": 500,
+                     "data.image_size": 0})
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     res = run_cli("train", "--recipe", recipe, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

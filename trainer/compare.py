@@ -50,6 +50,8 @@ METHODS: dict[str, Method] = {
     "gnp-every4": Method("GNP step every 4th step, plain steps between", (("gnp.every", 4),)),
     "gnp-p0.5": Method("GNP step with probability 0.5 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.5),)),
     "gnp-p0.25": Method("GNP step with probability 0.25 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.25),)),
+    "gnp-reuse4": Method("GNP step every 4th step; plain steps between add the last full step's orthogonal part "
+                         "of g2 (LookSAM-style reuse)", (("gnp.every", 4), ("gnp.reuse", "looksam"))),
 }
 
 

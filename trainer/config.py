@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,13 @@ class GNPConfig:
     agrees. 1.0 = always GNP."""
     every: int = 1
     """Deterministic alternative to hybrid_p: a GNP step every k-th step (1 = every step)."""
+    reuse: Literal["none", "looksam"] = "none"
+    """Gradient reuse on the plain steps of hybrid_p / every: none = plain steps are the base optimizer's;
+    looksam = keep the last full step's part of g2 orthogonal to g1, v = g2_perp/||g1||, and use
+    g + alpha*reuse_weight*||g||*v on plain steps (after LookSAM; one extra buffer, one extra all-reduce per
+    full step under DDP, nothing extra on plain steps)."""
+    reuse_weight: float = 1.0
+    """w >= 0 in g + alpha*w*||g||*v (1 replays the measured orthogonal part at the current gradient norm)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,6 +262,8 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
     _check(d.image_size >= 0, "data.image_size", d.image_size, "an integer >= 0")
+    _check(g.reuse_weight >= 0 and math.isfinite(g.reuse_weight), "gnp.reuse_weight", g.reuse_weight,
+           "a finite number >= 0")
     _check(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all images)")
     _check(d.loader == "memory" or d.limit == 0, "data.limit", d.limit, "0 with data.loader=ffcv (convert with "
            "--limit instead)")

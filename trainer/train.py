@@ -148,7 +148,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[GNP, tuple[
     else:
         base = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps)
     opt = GNP(base, r=g.r, alpha=g.alpha, norm_perturbations=g.norm_perturbations,
-              sync_perturbations=g.sync_perturbations, eps=g.eps)
+              sync_perturbations=g.sync_perturbations, eps=g.eps, reuse=g.reuse, reuse_weight=g.reuse_weight)
     return opt, tuple(decay)
 
 

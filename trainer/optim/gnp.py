@@ -43,6 +43,54 @@ Two entry points:
   without calling backward, so the passes can be weighted and scaled; supports GradScaler,
   clipping of the final gradient, and returns a ``StepInfo`` of detached device tensors without a
   host synchronisation.
+
+Gradient reuse (``reuse="looksam"``, after LookSAM: Liu et al., CVPR 2022, arXiv 2203.02714). The
+training loop may mix full GNP steps with plain one-pass steps (hybrid / every-k schedules,
+``train_step(..., gnp=False)``). Write the full step's gradient as::
+
+    (1 − α)·g1 + α·g2 = g1 + α·(g2∥ − g1) + α·g2⊥       g2∥ = (<g1,g2>/‖g1‖²)·g1,  g2⊥ = g2 − g2∥
+
+The term α·g2⊥ is the part of the penalty that turns the update away from the plain gradient. A
+full step stores it relative to the gradient's size, ONE global inner product and norm over every
+parameter that has a gradient (the parameters whose gradients enter ‖g1‖)::
+
+    v = (g2 − <g1,g2>/(‖g1‖ + eps)² · g1) / (‖g1‖ + eps)           kept per parameter, fp32 (fp64)
+
+and a later plain step with gradient g (synchronised, unscaled, before clipping) becomes::
+
+    g ← g + α·w·‖g‖·v                α = the group's current alpha, w = reuse_weight
+
+i.e. g2 ≈ g + ‖g‖·v: with w = 1 and an unchanged gradient the plain step reproduces the full step's
+orthogonal part α·g2⊥ exactly and drops the along-g1 part α·(g2∥ − g1), a rescaling of g1 that is
+close to a learning-rate change. LookSAM instead replays g + α_L·(‖g‖/‖g_v‖)·g_v, keeping only the
+direction of its stored g_v (g_v = the SAM gradient's part orthogonal to g, which is what v·‖g1‖ is
+for α = 1) with a tuned α_L (≈ 0.7 there); v keeps the measured ratio ‖g2⊥‖/‖g1‖, so w = 1
+means "replay what was measured" and w scales it. The correction is applied only on plain steps where
+GNP would otherwise run (some group has r > 0 and α > 0, i.e. ``gnp=False`` steps), so α = 0 or
+r = 0 stays bitwise the base optimizer; before the first full step there is no v and plain steps are
+plain. Definitions:
+
+* g1, g2 are the raw gradients at θ and θ + ε, rank-averaged under DDP (ḡ1 = mean_k g1_k, ḡ2 =
+  mean_k g2_k). With ``norm_perturbations=True`` the mix uses g1/(‖g1‖+eps), but v is still built
+  from the raw g1 and g2: v describes how the gradient turns under the perturbation, independent of
+  how the full step mixes, and the plain step it corrects uses the raw gradient. The mix mode only
+  changes how ḡ2 is recovered from the mixed ``.grad``.
+* ḡ2 is recovered from the mixed gradient M (the one DDP all-reduced): ḡ2 = (M − (1 − α)·U)/α with
+  U = ḡ1 (paper mix) or U = mean_k g1_k/(‖g1_k‖+eps) (normalised mix); α > 0 in every group of a
+  full step. Its rounding error is about ulp(M)/α.
+* Cost: buffers v (one per parameter, fp32) and a g1 copy (transient, reused; two copies with
+  ``norm_perturbations=True`` under DDP without ``sync_perturbations``); on full steps one extra
+  all-reduce of that copy under DDP without ``sync_perturbations`` (none in one process or with
+  ``sync_perturbations``, where g1 is already averaged); plain steps: one more global norm and a
+  fused add, no communication, no host synchronisation. All parameters with gradients must sit on
+  one device (v is one flat buffer).
+* fp16 ``GradScaler``: g1 and M are unscaled before use; if either pass overflowed (the scaler skips
+  the step) v keeps its previous value. The plain-step correction is added after ``unscale_``.
+* ``step(closure)`` stores v on its full steps; its plain steps happen only when GNP is off (α = 0 or
+  r = 0), so they are never corrected.
+* v is in ``state_dict()["reuse"]["v"]`` (parameter index → tensor, like the base state), so resumes
+  are bitwise. It is not kept in the shared base-optimizer ``state``: Adam/AdamW initialise a
+  parameter's state only when it is empty.
 """
 
 from __future__ import annotations
@@ -54,11 +102,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["GNP", "StepInfo", "exact_gnp_gradient"]
+__all__ = ["GNP", "REUSE_MODES", "StepInfo", "exact_gnp_gradient"]
+
+REUSE_MODES = ("none", "looksam")
 
 
 @dataclass
@@ -88,6 +139,21 @@ def _check_hyper(name: str, value: Any, where: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"GNP: {name} must be a finite number >= 0{where}, got {value!r}")
     return value
+
+
+def _check_reuse(value: Any, where: str) -> str:
+    """Validate the gradient-reuse mode."""
+    if not isinstance(value, str) or value not in REUSE_MODES:
+        allowed = " or ".join(repr(m) for m in REUSE_MODES)
+        raise ValueError(f"GNP: gnp.reuse must be {allowed}{where}, got {value!r}")
+    return value
+
+
+def _check_reuse_weight(value: Any, where: str) -> float:
+    """Validate the reuse weight w (finite, >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"GNP: gnp.reuse_weight must be a finite number >= 0{where}, got {value!r}")
+    return float(value)
 
 
 def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -173,6 +239,66 @@ class _ModelInfo:
         return self.ddp_ref() if self.ddp_ref is not None else None
 
 
+class _ReuseBuffers:
+    """Flat buffers of the gradient-reuse mode (module docstring, "Gradient reuse").
+
+    ``v`` is one flat tensor laid out parameter after parameter in param_group order (only the
+    parameters that had a gradient at the full step), so the global inner product and norm are single
+    kernels and the DDP all-reduce of g1 is one collective; ``v_views`` are the per-parameter views.
+    ``scratch`` holds g1 (and, when needed, the rank-averaged normalised g1) during a full step.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.params: list[Tensor] = []
+        self.index: dict[Tensor, int] = {}
+        self.bounds: list[tuple[int, int]] = []
+        self.v: Tensor | None = None
+        self.v_views: list[Tensor] = []
+        self.scratch: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.bounds[-1][1] if self.bounds else 0
+
+    def set_layout(self, params: list[Tensor], v: Tensor) -> None:
+        """Adopt ``params`` (in flat order) and the flat ``v`` that belongs to them."""
+        self.params = list(params)
+        self.index = {p: i for i, p in enumerate(self.params)}
+        self.bounds, start = [], 0
+        for p in self.params:
+            self.bounds.append((start, start + p.numel()))
+            start += p.numel()
+        if v.numel() != start:
+            raise ValueError(f"GNP: reuse v has {v.numel()} elements, the parameters {start}")
+        self.v = v
+        self.v_views = self.views(v)
+        self.scratch = None
+
+    def ensure(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        """Keep v when the parameters and dtype are unchanged (a skipped fp16 step keeps the old v);
+        otherwise start a fresh layout whose v is 0 (adds nothing to a plain step)."""
+        v = self.v
+        if (v is not None and v.dtype == dtype and v.device == device and len(params) == len(self.params)
+                and all(a is b for a, b in zip(params, self.params))):
+            return
+        self.set_layout(params, torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device))
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Per-parameter views of the first ``numel`` elements of ``flat``, in the layout's order."""
+        return [flat[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.bounds)]
+
+    def scratch_of(self, rows: int) -> Tensor:
+        """The g1 scratch with ``rows`` stacked copies (allocated once, reused every full step)."""
+        assert self.v is not None
+        n = rows * self.numel
+        if self.scratch is None or self.scratch.numel() != n:
+            self.scratch = torch.empty(n, dtype=self.v.dtype, device=self.v.device)
+        return self.scratch
+
+
 class _ClosureHooks:
     """Global forward pre-hook applying per-pass module settings inside ``step(closure)``.
 
@@ -189,6 +315,7 @@ class _ClosureHooks:
         self.seen: set[int] = set()
         self.bn_changed: list[_BatchNorm] = []
         self.ddp_changed: list[DistributedDataParallel] = []
+        self.ddps: list[DistributedDataParallel] = []  # every DDP wrapper the closure ran (reuse's all-reduce)
         self.handle: Any = None
 
     def _hook(self, module: nn.Module, args: Any) -> None:
@@ -200,6 +327,8 @@ class _ClosureHooks:
             self.seen.add(id(m))
             if hasattr(m, "true_gradient"):
                 m.true_gradient = self.mode == "pass1"
+            if isinstance(m, DistributedDataParallel):
+                self.ddps.append(m)
             if self.mode == "pass2":
                 self.bn_changed.extend(_freeze_batchnorm([m]))
             elif self.mode == "pass1" and not self.sync and isinstance(m, DistributedDataParallel):
@@ -237,6 +366,15 @@ class GNP(torch.optim.Optimizer):
         sync_perturbations: under DDP, average g1 across ranks before perturbing (costs a second
             all-reduce per GNP step); False = each rank perturbs with its own g1.
         eps: added to ‖g1‖ in every division (>= 0).
+        reuse: ``"none"`` or ``"looksam"``: full GNP steps store v = (g2 − <g1,g2>/‖g1‖²·g1)/‖g1‖
+            (global inner products, rank-averaged g1 and g2; ‖g1‖ + eps in the divisions) and plain
+            steps of ``train_step(..., gnp=False)`` use g + α·reuse_weight·‖g‖·v (module docstring,
+            "Gradient reuse"; works with both mixes, with DDP, fp16 GradScaler and ``step(closure)``).
+        reuse_weight: w >= 0 in that correction (1 = replay the measured orthogonal part; 0 = off).
+
+    ``reuse`` and ``reuse_weight`` are attributes, not param_group entries: v is defined by global
+    inner products over all groups, and nothing schedules the weight; α in the correction is the
+    group's current alpha.
 
     A step is a GNP step when some param_group has r > 0 and alpha > 0; otherwise it is a plain
     single-pass step. Within a GNP step each group uses its own r (perturbation) and alpha (mix);
@@ -252,6 +390,8 @@ class GNP(torch.optim.Optimizer):
         norm_perturbations: bool = False,
         sync_perturbations: bool = False,
         eps: float = 1e-12,
+        reuse: str = "none",
+        reuse_weight: float = 1.0,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise ValueError(
@@ -262,6 +402,8 @@ class GNP(torch.optim.Optimizer):
         r = _check_hyper("r", r, "")
         alpha = _check_hyper("alpha", alpha, "")
         eps = _check_hyper("eps", eps, "")
+        reuse = _check_reuse(reuse, "")
+        reuse_weight = _check_reuse_weight(reuse_weight, "")
         for name, flag in (("norm_perturbations", norm_perturbations), ("sync_perturbations", sync_perturbations)):
             if not isinstance(flag, bool):
                 raise ValueError(f"GNP: {name} must be True or False, got {flag!r}")
@@ -274,6 +416,9 @@ class GNP(torch.optim.Optimizer):
         self.norm_perturbations = norm_perturbations
         self.sync_perturbations = sync_perturbations
         self.eps = eps
+        self.reuse = reuse
+        self.reuse_weight = reuse_weight
+        self._reuse = _ReuseBuffers()
         # Transient θ copies, one per parameter, reused every step (never part of state_dict).
         self._theta: dict[Tensor, Tensor] = {}
         self._model_info: _ModelInfo | None = None
@@ -293,8 +438,12 @@ class GNP(torch.optim.Optimizer):
         """Base optimizer state (momentum buffers, Adam moments, groups incl. lr/r/alpha) + settings.
 
         The transient θ copies are not included. Plain values only (``torch.load(weights_only=True)``).
+        ``"reuse": {"v": {index: tensor}}`` holds the stored reuse direction (same parameter indices
+        as ``"state"``; views of one flat buffer, which ``torch.save`` writes once).
         """
         base = self.base_optimizer.state_dict()
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        buf = self._reuse
         return {
             "state": base["state"],
             "param_groups": base["param_groups"],
@@ -302,7 +451,10 @@ class GNP(torch.optim.Optimizer):
                 "norm_perturbations": self.norm_perturbations,
                 "sync_perturbations": self.sync_perturbations,
                 "eps": self.eps,
+                "reuse": self.reuse,
+                "reuse_weight": self.reuse_weight,
             },
+            "reuse": {"v": {index[p]: view for p, view in zip(buf.params, buf.v_views)}},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -310,7 +462,10 @@ class GNP(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("GNP.load_state_dict: expected a dict with 'state' and 'param_groups'")
         settings = state_dict.get("gnp", {})
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "gnp"})
+        reuse_state = state_dict.get("reuse", {"v": {}})
+        if not isinstance(reuse_state, dict) or not isinstance(reuse_state.get("v"), dict):
+            raise ValueError("GNP.load_state_dict: 'reuse' must be a dict {'v': {param index: tensor}}")
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k not in ("gnp", "reuse")})
         # torch's load_state_dict builds new group dicts and a new state dict: re-share them.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -323,7 +478,31 @@ class GNP(torch.optim.Optimizer):
             self.sync_perturbations = bool(settings["sync_perturbations"])
         if "eps" in settings:
             self.eps = _check_hyper("eps", settings["eps"], " in the state dict")
+        if "reuse" in settings:
+            self.reuse = _check_reuse(settings["reuse"], " in the state dict")
+        if "reuse_weight" in settings:
+            self.reuse_weight = _check_reuse_weight(settings["reuse_weight"], " in the state dict")
+        self._load_reuse(reuse_state["v"])
         self._validate_groups()
+
+    def _load_reuse(self, saved: dict[Any, Any]) -> None:
+        """Rebuild the flat v from ``{param index: tensor}`` (empty: no v, plain steps stay plain)."""
+        self._reuse.clear()
+        if not saved:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        items = sorted(saved.items(), key=lambda kv: kv[0] if isinstance(kv[0], int) else -1)
+        for i, v in items:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"GNP.load_state_dict: reuse v index must be a parameter index, got {i!r}")
+            if not isinstance(v, Tensor) or v.numel() != params[i].numel():
+                raise ValueError(f"GNP.load_state_dict: reuse v[{i}] must be a tensor shaped like parameter {i}")
+        dtype = items[0][1].dtype
+        if any(v.dtype != dtype for _, v in items):
+            raise ValueError("GNP.load_state_dict: reuse v tensors must share one dtype")
+        device = params[items[0][0]].device
+        flat = torch.cat([v.detach().reshape(-1).to(device=device, dtype=dtype) for _, v in items])
+        self._reuse.set_layout([params[i] for i, _ in items], flat)
 
     # -- shared pieces of both entry points ---------------------------------------------------
 
@@ -434,6 +613,111 @@ class GNP(torch.optim.Optimizer):
             if factor is not None:
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
 
+    # -- gradient reuse (module docstring, "Gradient reuse") ------------------------------------
+
+    def _reuse_enabled(self) -> bool:
+        """Re-check the (public, assignable) reuse settings; True when full steps store v."""
+        self.reuse = _check_reuse(self.reuse, "")
+        self.reuse_weight = _check_reuse_weight(self.reuse_weight, "")
+        return self.reuse == "looksam"
+
+    @torch.no_grad()
+    def _reuse_capture(
+        self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], averaged_later: bool
+    ) -> None:
+        """After pass 1, before .grad is scaled for the mix: copy g1 into the flat scratch.
+
+        ``averaged_later``: DDP without sync_perturbations (g1 is rank-local and gets all-reduced in
+        ``_reuse_store``); with the normalised mix the scratch then has a second row for g1/(‖g1‖+eps).
+        """
+        params = [p for _, ps, _ in collected for p in ps]
+        grads = [g for _, _, gs in collected for g in gs]
+        device = grads[0].device
+        if any(g.device != device for g in grads):
+            raise ValueError("GNP: gnp.reuse='looksam' needs every parameter with a gradient on one device")
+        self._reuse.ensure(params, _accumulation_dtype(grads), device)
+        rows = 2 if averaged_later and self.norm_perturbations else 1
+        scratch = self._reuse.scratch_of(rows)
+        torch._foreach_copy_(self._reuse.views(scratch), grads)
+
+    @torch.no_grad()
+    def _reuse_store(
+        self,
+        collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+        *,
+        g1_norm: Tensor,
+        scale_inv: Tensor | None,
+        process_group: Any,
+        keep_on_overflow: bool,
+    ) -> None:
+        """After the mix M is in .grad (synchronised, unscaled): v from ḡ1 and ḡ2 = (M − (1−α)U)/α.
+
+        ``g1_norm`` is the (unscaled) norm the perturbation used, so 1/(g1_norm+eps) is bitwise the
+        factor of the normalised mix. ``process_group``: all-reduce the rank-local g1 there (DDP
+        without sync_perturbations), else None. ``keep_on_overflow`` (GradScaler): a non-finite g1
+        or M leaves the previous v in place, decided on the device (no host sync).
+        """
+        buf = self._reuse
+        assert buf.v is not None and buf.scratch is not None
+        n, dtype = buf.numel, buf.v.dtype
+        g1 = buf.scratch[:n]
+        if scale_inv is not None:
+            g1.mul_(scale_inv.to(dtype))  # a power of two: exact
+        inv = (1.0 / (g1_norm + self.eps)).to(dtype)
+        # u: the first-pass term of the mix when it is not simply inv·g1 (normalised mix under DDP)
+        u: Tensor | None = None
+        if process_group is not None:
+            if self.norm_perturbations:
+                u = buf.scratch[n:2 * n]
+                torch.mul(g1, inv, out=u)  # this rank's g1/(‖g1_k‖+eps), averaged with g1 below
+            # One collective for g1 (and u): plain steps never get here.
+            dist.all_reduce(buf.scratch, group=process_group)
+            buf.scratch.div_(dist.get_world_size(process_group))
+        target = torch.empty_like(buf.v) if keep_on_overflow else buf.v
+        # M, flat. Read p.grad afresh: DDP's reducer may re-bind .grad to its buckets in pass 2.
+        torch._foreach_copy_(buf.views(target), [p.grad for _, ps, _ in collected for p in ps])
+        start = 0
+        for group, params, _ in collected:
+            end = start + sum(p.numel() for p in params)
+            a = float(group["alpha"])  # > 0 in every group of a full step (_validate_groups)
+            if a != 1.0:
+                seg = target[start:end]
+                if u is not None:
+                    seg.add_(u[start:end], alpha=-(1.0 - a))
+                elif self.norm_perturbations:
+                    seg.addcmul_(g1[start:end], inv, value=-(1.0 - a))
+                else:
+                    seg.add_(g1[start:end], alpha=-(1.0 - a))
+                seg.div_(a)
+            start = end
+        # target = ḡ2 now; remove its component along ḡ1 and divide by ‖ḡ1‖
+        dot = torch.dot(g1, target)
+        n1 = torch.linalg.vector_norm(g1)
+        inv1 = 1.0 / (n1 + self.eps)
+        target.addcmul_(g1, dot * inv1 * inv1, value=-1.0)
+        target.mul_(inv1)
+        if keep_on_overflow:
+            # any inf/NaN in g1 or ḡ2 makes dot or ‖ḡ1‖ non-finite; full overlap with out= is allowed
+            ok = torch.isfinite(dot) & torch.isfinite(n1)
+            torch.where(ok, target, buf.v, out=buf.v)
+
+    @torch.no_grad()
+    def _reuse_apply(self, grads: list[Tensor]) -> None:
+        """Plain step: .grad ← .grad + α·w·‖g‖·v per group (g = every gradient, synced, unscaled)."""
+        buf = self._reuse
+        if buf.v is None or self.reuse_weight == 0:
+            return
+        g_norm = _global_norm(grads).to(buf.v.dtype)
+        for group in self.param_groups:
+            a = float(group["alpha"])
+            if a == 0:
+                continue
+            pairs = [(p.grad, buf.v_views[buf.index[p]]) for p in group["params"]
+                     if p.grad is not None and p in buf.index]
+            if pairs:
+                gs, vs = (list(t) for t in zip(*pairs))
+                torch._foreach_add_(gs, torch._foreach_mul(vs, g_norm * (a * self.reuse_weight)))
+
     @staticmethod
     def _check_loss(loss: Any, where: str) -> Tensor:
         """The loss must be a scalar tensor that requires grad."""
@@ -461,7 +745,8 @@ class GNP(torch.optim.Optimizer):
 
         ``closure()`` must run forward, compute the loss, call ``loss.backward()`` and return the
         loss. Gradients are zeroed before pass 1; pass 2 accumulates into the pre-scaled g1 on
-        purpose (it is what lets DDP all-reduce the mixed gradient once).
+        purpose (it is what lets DDP all-reduce the mixed gradient once). With ``reuse="looksam"``
+        a GNP step stores v; the plain step here runs only when GNP is off and is never corrected.
         """
         if closure is None or not callable(closure):
             raise ValueError("GNP.step needs a closure that runs forward, calls loss.backward() and returns the loss")
@@ -474,12 +759,17 @@ class GNP(torch.optim.Optimizer):
             self.base_optimizer.step()
             return loss
 
+        reuse = self._reuse_enabled()
         first = next(p for g in self.param_groups for p in g["params"])
         rng = _RngSnapshot(first.device)
-        with _ClosureHooks("pass1", self.sync_perturbations), torch.enable_grad():
+        with _ClosureHooks("pass1", self.sync_perturbations) as hooks1, torch.enable_grad():
             loss = self._check_loss(closure(), "closure")
         collected = self._require_grads("the closure (did it call loss.backward()?)")
-        _, params, saved, _, post = self._perturb_and_premix(collected, grad_scale_inv=None, loss_weight_free=False)
+        # g1 is rank-local when pass 1 ran a DDP model unsynchronised: reuse must average it
+        reuse_group = hooks1.ddps[0].process_group if hooks1.ddps and not self.sync_perturbations else None
+        if reuse:
+            self._reuse_capture(collected, averaged_later=reuse_group is not None)
+        norm, params, saved, _, post = self._perturb_and_premix(collected, grad_scale_inv=None, loss_weight_free=False)
         versions = [(g, g._version) for _, _, gs in collected for g in gs]
         rng.restore()
         try:
@@ -492,6 +782,9 @@ class GNP(torch.optim.Optimizer):
         if all(p_grad is g and g._version == v for (g, v), p_grad in zip(versions, (p.grad for p in params))):
             raise RuntimeError("GNP: the closure did not call loss.backward() in pass 2")
         self._postmix(post, collected)
+        if reuse:
+            self._reuse_store(collected, g1_norm=norm, scale_inv=None, process_group=reuse_group,
+                              keep_on_overflow=False)
         self.base_optimizer.step()
         return loss
 
@@ -521,7 +814,9 @@ class GNP(torch.optim.Optimizer):
                 for ``no_sync``, BatchNorm freezing and ``true_gradient`` (cached per model object).
             gnp: False forces a plain step (hybrid / warmup schedules). A plain step also runs when
                 no param_group has both r > 0 and alpha > 0. Decided before pass 1, so a
-                ``no_sync`` pass is never the step's last backward.
+                ``no_sync`` pass is never the step's last backward. With ``reuse="looksam"`` a
+                full step stores v and a ``gnp=False`` step (while some group has r > 0 and
+                alpha > 0) adds α·reuse_weight·‖g‖·v to its gradient before clipping.
             scaler: fp16 ``torch.amp.GradScaler`` (None or disabled: no scaling). Both passes
                 accumulate under one scale; ``unscale_``, ``step`` (skips on inf/NaN from either
                 pass) and ``update`` run once per step.
@@ -534,7 +829,9 @@ class GNP(torch.optim.Optimizer):
         """
         if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or math.isnan(clip_norm):
             raise ValueError(f"GNP.train_step: clip_norm must be a number (<= 0 disables), got {clip_norm!r}")
-        active = self._validate_groups() and bool(gnp)
+        gnp_on = self._validate_groups()  # GNP would run: the condition for the reuse correction
+        active = gnp_on and bool(gnp)
+        reuse = self._reuse_enabled()
         use_scaler = scaler is not None and scaler.is_enabled()
         minfo = self._info_for(model)
         self.base_optimizer.zero_grad(set_to_none=True)
@@ -544,13 +841,15 @@ class GNP(torch.optim.Optimizer):
 
         loss2: Tensor | None = None
         g1_norm: Tensor | None = None
+        scale_inv: Tensor | None = None
+        reuse_group: Any = None
         with torch.enable_grad():
             if not active:
                 for m in minfo.true_gradient:
                     m.true_gradient = False
                 loss = self._check_loss(loss_fn(), "loss_fn")
                 backward(loss)
-                self._require_grads("the backward of loss_fn()")
+                collected = self._require_grads("the backward of loss_fn()")
             else:
                 first = next(p for g in self.param_groups for p in g["params"])
                 rng = _RngSnapshot(first.device)
@@ -562,7 +861,10 @@ class GNP(torch.optim.Optimizer):
                     loss = self._check_loss(loss_fn(), "loss_fn")
                     backward(loss)
                 collected = self._require_grads("the backward of loss_fn()")
-                scale_inv = None
+                if ddp is not None and not self.sync_perturbations:
+                    reuse_group = ddp.process_group
+                if reuse:
+                    self._reuse_capture(collected, averaged_later=reuse_group is not None)
                 if use_scaler:
                     scale = scaler._get_scale_async()  # the tensor; get_scale() would sync the host
                     # the scale is a power of two: its fp32 reciprocal is exact
@@ -587,6 +889,12 @@ class GNP(torch.optim.Optimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if use_scaler:
                 scaler.unscale_(self.base_optimizer)
+            if reuse and active:
+                assert g1_norm is not None
+                self._reuse_store(collected, g1_norm=g1_norm, scale_inv=scale_inv, process_group=reuse_group,
+                                  keep_on_overflow=use_scaler)
+            elif reuse and gnp_on:
+                self._reuse_apply(grads)  # unscaled and synchronised, before clipping
             grad_norm = _global_norm(grads)
             if clip_norm > 0:
                 # Same rule as torch.nn.utils.clip_grad_norm_: g·min(1, max/(‖g‖+1e-6)), no sync.
