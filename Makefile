@@ -6,7 +6,7 @@ NPROC ?= 2
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast bench-gnp recipes clean plot
+.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data compare-cpu compare-gpu recipes clean plot
 
 # Idempotent: apt packages when missing (root) or the exact apt command (exit 2), then .venv with pinned deps.
 setup:
@@ -27,8 +27,27 @@ test: setup lint
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
+# Speed: GNP vs SGD step, the real loop end to end vs that step, FFCV vs torchvision loading (tables).
+bench: bench-gnp bench-e2e bench-data
+
 bench-gnp: setup
 	$(PY) -m trainer.bench_gnp
+
+bench-e2e: setup
+	$(PY) -m trainer.bench_e2e
+
+bench-data: setup
+	$(PY) -m trainer.bench_data
+
+# Method comparisons (table + plot; rerun to resume). CPU: < 20 min on 2 cores. GPU: one ~15-minute session.
+COMPARE_METHODS ?= sgd,sam,gnp
+compare-cpu: setup
+	OMP_NUM_THREADS=$(NPROC) $(PY) -m trainer compare --recipe fashion-mnist-compare-cpu --methods $(COMPARE_METHODS) \
+	    --seeds 3 --out runs/compare-cpu
+
+compare-gpu: setup
+	$(PY) -m trainer compare --recipe fashion-mnist-compare-gpu --methods $(COMPARE_METHODS) --seeds 3 \
+	    --out runs/compare-gpu
 
 recipes: setup
 	@$(PY) -m trainer recipes

@@ -58,7 +58,7 @@ def test_aggregate_statistics_and_gain_share():
         return {"method": method, "seed": seed, "test_error": err, "train_loss": 0.1 * seed, "g1_norm": 1.0 + seed,
                 "sharpness": 0.01 * err, "s_per_epoch": t}
 
-    runs = {"sgd": [run("sgd", 0, 10.0, 2.0), run("sgd", 1, 11.0, 2.2), run("sgd", 2, 12.5, 1.8)],
+    runs = {"sgd": [run("sgd", 0, 12.0, 2.0), run("sgd", 1, 12.5, 2.2), run("sgd", 2, 13.0, 1.8)],
             "gnp": [run("gnp", 0, 9.0, 4.1), run("gnp", 1, 9.6, 3.9), run("gnp", 2, 10.2, 4.0)],
             "gnp-every4": [run("gnp-every4", 0, 9.8, 2.5), run("gnp-every4", 1, 10.1, 2.4)]}
     agg = aggregate(runs)
@@ -67,12 +67,15 @@ def test_aggregate_statistics_and_gain_share():
         assert agg[method]["test_error"]["mean"] == pytest.approx(statistics.mean(errs))
         assert agg[method]["test_error"]["std"] == pytest.approx(statistics.stdev(errs))  # sample std (n - 1)
         assert agg[method]["seeds"] == [r["seed"] for r in rs]
-    sgd_err, gnp_err = statistics.mean([10.0, 11.0, 12.5]), statistics.mean([9.0, 9.6, 10.2])
+    sgd_err, gnp_err = statistics.mean([12.0, 12.5, 13.0]), statistics.mean([9.0, 9.6, 10.2])
     assert agg["gnp-every4"]["gain_vs_gnp"] == pytest.approx((sgd_err - 9.95) / (sgd_err - gnp_err))
     assert agg["gnp"]["gain_vs_gnp"] == pytest.approx(1.0) and agg["sgd"]["gain_vs_gnp"] == 0.0
     assert agg["gnp"]["time_vs_sgd"] == pytest.approx(4.0 / 2.0)
     table = markdown_table(agg, "t")
     assert table.count("\n| ") == 4 and "| gnp-every4 | 2 | 9.95 ± 0.21 |" in table
+    # No share when GNP's gain is within two standard errors (here gap 0.4, se sqrt(0.25/3 + 0.36/3) = 0.45).
+    noisy = aggregate({"sgd": runs["sgd"], "gnp": [run("gnp", s, e + 2.5, 4.0) for s, e in enumerate([9.0, 9.6, 10.2])]})
+    assert "gain_vs_gnp" not in noisy["gnp"] and "gain_vs_gnp" not in noisy["sgd"]
     # No gain to share when GNP is not better than SGD.
     worse = aggregate({"sgd": runs["gnp"], "gnp": runs["sgd"]})
     assert "gain_vs_gnp" not in worse["sgd"] and "–" in markdown_table(worse, "t")
