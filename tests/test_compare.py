@@ -150,3 +150,36 @@ def test_compare_bad_input_exits_2_with_one_line(tmp_path):
                         (["--set", "gnp.r=-1"], "gnp.r")]:
         res = run_cli("compare", "--recipe", "debug-cpu", "--out", str(tmp_path / "c"), *args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
+
+
+def test_sigterm_stops_the_comparison_and_its_training_run(fmnist_small, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, cli_env
+
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "compare", "--recipe", "debug-cpu", "--out", str(out),
+                             "--methods", "gnp", "--seeds", "1", "--set", f"data.path={fmnist_small}",
+                             "--set", "loop.epochs=50"], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "gnp" / "seed0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:  # the training child is running
+        time.sleep(0.2)
+    assert metrics.exists(), proc.communicate(timeout=30)
+    child = int(subprocess.run(["pgrep", "-f", f"run.dir={out}/gnp/seed0"], capture_output=True,
+                               text=True).stdout.split()[0])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the training child outlived the comparison")

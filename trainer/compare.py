@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -339,7 +340,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override for every run (repeatable)")
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    # subprocess.run kills its child when interrupted by an exception; SIGTERM's default would leave the
+    # training run orphaned and still holding the CPUs/GPU. Its checkpoints make the next invocation resume.
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     methods = resolve_methods(args.methods, args.define)
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
     try:
