@@ -6,7 +6,7 @@ NPROC ?= 2
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data compare-cpu compare-gpu recipes clean plot
+.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data gpu-suite compare-cpu compare-gpu recipes clean plot
 
 # Idempotent: apt packages when missing (root) or the exact apt command (exit 2), then .venv with pinned deps.
 setup:
@@ -38,6 +38,12 @@ bench-e2e: setup
 
 bench-data: setup
 	$(PY) -m trainer.bench_data
+
+# On a GPU host: correctness checks, every GPU benchmark and the GPU comparison in one budgeted run
+# (README "On a lent GPU"). BUDGET in seconds; the report lands in runs/gpu-suite/report.
+BUDGET ?= 540
+gpu-suite: setup
+	$(PY) -m trainer.gpu_suite --out runs/gpu-suite/report --budget $(BUDGET) --fmnist $(FMNIST)
 
 # Method comparisons (table + plot; rerun to resume). CPU: < 20 min on 2 cores. GPU: one ~15-minute session.
 COMPARE_METHODS ?= sgd,sam,gnp

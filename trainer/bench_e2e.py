@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.bench_gnp import bench_one
+from trainer.bench_gnp import bench_one, parse_modes
 
 CUDA_MODELS = {"wrn28_10": (32, 10, 256), "resnet50": (224, 1000, 256)}  # px, classes, batch
 CPU_MODELS = {"demo_cnn": (28, 10, 128)}
@@ -73,9 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                                                    "demo_cnn on the CPU)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per e2e run (default 60 CUDA, 40 CPU)")
     ap.add_argument("--nproc", type=int, default=1, help="processes of the e2e runs (torchrun when > 1)")
-    ap.add_argument("--compile", action="store_true", help="also the torch.compile rows")
+    ap.add_argument("--compile", action="store_true", help="also the torch.compile rows (= --modes eager,compile)")
+    ap.add_argument("--modes", default="eager", help="eager, compile or eager,compile (default eager)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
+    modes = parse_modes(args.modes)
+    if modes is None:
+        print(f"bench-e2e: --modes {args.modes!r}: expected eager, compile or eager,compile", file=sys.stderr)
+        return 2
+    if args.compile and "compile" not in modes:
+        modes.append("compile")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     table = CUDA_MODELS if cuda else CPU_MODELS
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         for name in names:
             px, classes, batch = table.get(name, (32, 10, 128))
-            for compile_model in ([False, True] if args.compile else [False]):
+            for compile_model in [m == "compile" for m in modes]:
                 step = bench_one(name, device=device, batch=batch, image_size=px, num_classes=classes,
                                  amp=torch.bfloat16 if cuda else None, channels_last=True,
                                  compile_model=compile_model, steps=10, rounds=5 if cuda else 3,

@@ -5,6 +5,12 @@ Nesterov) with the reference's clip of 5.0: "SGD" is the plain one-pass step (``
 the two-pass step (r=0.1, alpha=0.8). The ratio GNP/SGD has a floor of ~2.0 (two forward+backward
 passes); the GPU target is <= 2.02.
 
+Efficient GNP (the cost side; accuracy is measured by ``trainer compare``): "reuse" times a plain step of
+a ``reuse="looksam"`` GNP whose v is stored (SGD + the correction g + α·‖g‖·v), and the table derives the
+time per step relative to SGD of gnp-every4 (one full GNP step in 4: (3·SGD + GNP)/4) and gnp-reuse4
+((3·reuse + full reuse step)/4; a full step of the reuse mode also stores v). A hybrid probability p
+costs (1 − p)·SGD + p·GNP on average.
+
 * CPU (always): a small CNN, 32 px, batch 32, fp32 (a smoke number; CPU ratios are not the target).
 * CUDA (when available): WRN-28-10 (32 px, batch 256, 10 classes) and ResNet-50 (224 px, batch 256,
   1000 classes), bf16 autocast + channels_last, eager and ``torch.compile``.
@@ -18,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -85,8 +94,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
 
 def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, num_classes: int,
               amp: torch.dtype | None, channels_last: bool, compile_model: bool, steps: int, rounds: int,
-              warmup: int) -> dict:
-    """Time plain and GNP train_steps of one configuration; returns a table row."""
+              warmup: int, with_reuse: bool = False) -> dict:
+    """Time plain and GNP train_steps of one configuration (and the reuse mode's steps if
+    ``with_reuse``); returns a table row."""
     torch.manual_seed(0)
     model, source = build_model(name, num_classes, image_size)
     model = model.to(device)
@@ -96,8 +106,10 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     run_model: nn.Module = torch.compile(model) if compile_model else model
     x = torch.randn(batch, 3, image_size, image_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    opt = GNP(base, r=0.1, alpha=0.8)
+    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8)
+    # Its own base optimizer (momentum buffers) on the same parameters: the two never share state.
+    reuse_opt = GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8,
+                    reuse="looksam")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
 
     def loss_fn() -> torch.Tensor:
@@ -111,36 +123,61 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     def gnp() -> object:
         return opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
 
+    def reuse_full() -> object:
+        return reuse_opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
+
+    def reuse_plain() -> object:
+        return reuse_opt.train_step(loss_fn, model=run_model, gnp=False, clip_norm=5.0)
+
+    fns = {"sgd": sgd, "gnp": gnp, "reuse_full": reuse_full, "reuse": reuse_plain}
+    if not with_reuse:
+        fns = {"sgd": sgd, "gnp": gnp}
     compile_start = time.perf_counter()
     for _ in range(warmup):  # includes compilation of both graph variants (BN frozen in pass 2)
-        sgd()
-        gnp()
+        for fn in fns.values():  # reuse_full runs before reuse: v is stored before the first plain step
+            fn()
     _sync(device)
     warm_s = time.perf_counter() - compile_start
-    best = time_interleaved({"sgd": sgd, "gnp": gnp}, device, steps, rounds)
+    best = time_interleaved(fns, device, steps, rounds)
     t_sgd, t_gnp = best["sgd"], best["gnp"]
+    extra = {}
+    if with_reuse:
+        extra = {"reuse_ms": best["reuse"] * 1e3, "reuse_full_ms": best["reuse_full"] * 1e3,
+                 "every4_x_sgd": (3 * t_sgd + t_gnp) / 4 / t_sgd,
+                 "reuse4_x_sgd": (3 * best["reuse"] + best["reuse_full"]) / 4 / t_sgd}
     params = sum(p.numel() for p in model.parameters())
     return {
         "model": name, "source": source, "params_M": params / 1e6, "batch": batch, "px": image_size,
         "precision": "bf16" if amp == torch.bfloat16 else "fp32", "mode": "compile" if compile_model else "eager",
-        "sgd_ms": t_sgd * 1e3, "gnp_ms": t_gnp * 1e3, "ratio": t_gnp / t_sgd, "warmup_s": warm_s,
+        "sgd_ms": t_sgd * 1e3, "gnp_ms": t_gnp * 1e3, "ratio": t_gnp / t_sgd, "warmup_s": warm_s, **extra,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
     }
+
+
+def parse_modes(text: str) -> list[str] | None:
+    """``--modes`` ("eager", "compile" or both, comma separated) as a list; None if invalid."""
+    modes = [m for m in text.split(",") if m]
+    return modes if modes and all(m in ("eager", "compile") for m in modes) else None
 
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'model':<12} {'params':>7} {'batch':>5} {'px':>4} {'prec':>5} {'mode':>8} " \
-             f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8}"
+             f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8} {'reuse ms':>9} {'every4':>7} {'reuse4':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
+        reuse = (f"{r['reuse_ms']:>9.2f} {r['every4_x_sgd']:>7.3f} {r['reuse4_x_sgd']:>7.3f}" if "reuse_ms" in r
+                 else f"{'-':>9} {'-':>7} {'-':>7}")
         print(f"{r['model']:<12} {r['params_M']:>6.1f}M {r['batch']:>5} {r['px']:>4} {r['precision']:>5} "
-              f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f}")
+              f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f} {reuse}")
+    print("every4, reuse4: time per step relative to SGD of one full GNP step in 4 (plain / reuse-corrected "
+          "steps between)")
     for r in rows:
         if r["source"] not in ("trainer.models", "bench SmallCNN"):
             print(f"note: {r['model']} from {r['source']}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Parse options, run the CPU row and (on CUDA) the GPU rows, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-steps", type=int, default=3)
@@ -149,7 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="wrn28_10,resnet50", help="CUDA models (comma separated)")
     ap.add_argument("--no-compile", action="store_true", help="CUDA: skip the torch.compile rows")
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU row")
+    ap.add_argument("--modes", default="eager,compile", help="CUDA: eager, compile or both (comma separated)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
+    modes = parse_modes(args.modes)
+    if modes is None:
+        print(f"bench-gnp: --modes {args.modes!r}: expected eager, compile or eager,compile", file=sys.stderr)
+        return 2
+    if args.no_compile:
+        modes = [m for m in modes if m != "compile"]
 
     rows = []
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
@@ -157,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_cpu:
         rows.append(bench_one("small_cnn", device=torch.device("cpu"), batch=32, image_size=32, num_classes=10,
                               amp=None, channels_last=False, compile_model=False, steps=args.cpu_steps,
-                              rounds=args.rounds, warmup=2))
+                              rounds=args.rounds, warmup=2, with_reuse=True))
         rows[-1]["model"] = "small_cnn"
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -166,15 +211,19 @@ def main(argv: list[str] | None = None) -> None:
         configs = {"wrn28_10": (32, 10), "resnet50": (224, 1000)}
         for name in [m for m in args.models.split(",") if m]:
             size, classes = configs.get(name, (32, 10))
-            for compile_model in ([False] if args.no_compile else [False, True]):
+            for mode in modes:
                 rows.append(bench_one(name, device=device, batch=256, image_size=size, num_classes=classes,
-                                      amp=torch.bfloat16, channels_last=True, compile_model=compile_model,
-                                      steps=args.gpu_steps, rounds=args.rounds, warmup=3))
+                                      amp=torch.bfloat16, channels_last=True, compile_model=mode == "compile",
+                                      steps=args.gpu_steps, rounds=args.rounds, warmup=3, with_reuse=True))
+                print(f"  {name} {mode}: GNP/SGD {rows[-1]['ratio']:.3f}", flush=True)
                 torch.cuda.empty_cache()
     else:
         print("no CUDA device: GPU rows (WRN-28-10, ResNet-50; bf16, channels_last, eager/compile) skipped")
     print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
