@@ -40,6 +40,12 @@ def test_single_process_run_writes_config_metrics_checkpoint(fmnist_small, tmp_p
     ev = records(run_dir, "eval")[-1]
     assert ev["images"] == 500  # every validation image exactly once
     assert list((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    # `trainer eval` of the finished run reloads the final checkpoint and reproduces the last evaluation.
+    res = run_cli("eval", "--run", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    again = json.loads(res.stdout.strip().splitlines()[-1])
+    assert again["step"] == last["steps"] and again["images"] == 500
+    assert again["top1"] == pytest.approx(ev["top1"]) and again["eval_loss"] == pytest.approx(ev["eval_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -409,16 +409,22 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
     return from_dict(data)
 
 
+def _load_latest(cfg, env, held: _Held, run_dir: str, what: str):
+    """Loaders and model of `cfg` with the latest complete checkpoint of `run_dir` loaded: (loaders, model, step)."""
+    loaders, module, _, ckpt = _build(cfg, env, held, train=False)
+    step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
+    if step is None:
+        raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to {what}")
+    return loaders, module, step
+
+
 def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     """Evaluate the latest checkpoint of `run_dir` on its validation set (works under torchrun too)."""
     cfg = saved_config(run_dir, overrides)
     env = dist.init()
     held = _Held()
     try:
-        loaders, module, _, ckpt = _build(cfg, env, held, train=False)
-        step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
-        if step is None:
-            raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to evaluate")
+        loaders, module, step = _load_latest(cfg, env, held, run_dir, "evaluate")
         result = {"run_dir": str(run_dir), "step": step,
                   **evaluate(module, loaders.val, env, amp_dtype_of(cfg.loop.precision, env.device))}
         if env.is_primary:
@@ -443,10 +449,7 @@ def measure_run(run_dir: str, *, batches: int, r: float | None = None, overrides
         raise ConfigError("measure: runs in one process; do not start it under torchrun")
     held = _Held()
     try:
-        loaders, module, _, ckpt = _build(cfg, env, held, train=False)
-        step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
-        if step is None:
-            raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to measure")
+        loaders, module, step = _load_latest(cfg, env, held, run_dir, "measure")
         loaders.train.set_epoch(0)
         picked = (batch for _, batch in zip(range(batches), loaders.train))
         radius = cfg.gnp.r if r is None else r
