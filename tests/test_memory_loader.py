@@ -348,9 +348,28 @@ def test_bad_sources_raise_one_line(source: str) -> None:
 @pytest.mark.parametrize("kw, key", [
     (dict(augment="imagenet"), "augment"), (dict(batch_size=3001), "batch_size"), (dict(rank=2, world_size=2), "rank"),
     (dict(cutout=29), "cutout"), (dict(limit=0), "limit"), (dict(batch_size=0), "batch_size"),
+    (dict(label_noise=1.0), "label_noise"), (dict(label_noise=-0.1), "label_noise"),
     (dict(source="synthetic:4x4:2:10"), "augment"), (dict(source=f"cifar10:{FMNIST}"), "cifar"),
 ])
 def test_bad_arguments_raise(kw: dict, key: str) -> None:
     kw.setdefault("source", "synthetic:28x28:10:3000")
     with pytest.raises(ValueError, match=key):
         build(**kw)
+
+
+def test_label_noise_is_symmetric_fixed_and_train_only() -> None:
+    clean = build(limit=3000, augment="none")
+    noisy = build(limit=3000, augment="none", label_noise=0.3)
+    other_seed = build(limit=3000, augment="none", label_noise=0.3, seed=7)
+    y0, y1 = clean.train._labels, noisy.train._labels
+    changed = y0 != y1
+    assert int(changed.sum()) == 900 == noisy.meta["noisy_labels"] and noisy.meta["label_noise"] == 0.3
+    assert torch.equal(other_seed.train._labels, y1)  # part of the dataset: the same for every run seed
+    assert torch.equal(noisy.val._labels, clean.val._labels)  # evaluation on clean labels
+    assert "label_noise" not in clean.meta
+    # Symmetric: every wrong class is about equally likely (900 draws over 9 offsets: ~100 each).
+    offsets = torch.bincount((y1[changed] - y0[changed]) % 10, minlength=10)
+    assert offsets[0] == 0 and int(offsets[1:].min()) > 60 and int(offsets[1:].max()) < 140
+    # The noisy labels are what the training batches carry.
+    seen = torch.cat([y for _, y in noisy.train])
+    assert torch.equal(seen, y1[torch.from_numpy(noisy.train.epoch_order(0)[: len(seen)])])

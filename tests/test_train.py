@@ -161,7 +161,10 @@ def test_memory_loader_trains_bitwise_like_the_ffcv_loader(fmnist_small, tmp_pat
 
 def test_memory_loader_bad_source_and_limit_exit_2(tmp_path):
     for sets, match in [(["data.loader=memory", "data.path=mnist:/nowhere"], "data.path"),
-                        (["data.loader=ffcv", "data.path=x", "data.limit=5"], "data.limit")]:
+                        (["data.loader=ffcv", "data.path=x", "data.limit=5"], "data.limit"),
+                        (["data.loader=ffcv", "data.path=x", "data.label_noise=0.2"], "data.label_noise"),
+                        (["data.loader=memory", "data.path=synthetic:8x8:2:10", "data.label_noise=1"],
+                         "data.label_noise")]:
         res = run_cli("train", "--recipe", "debug-cpu", "--set", f"run.dir={tmp_path / 'r'}",
                       *[a for s in sets for a in ("--set", s)])
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr

@@ -42,6 +42,10 @@ class DataConfig:
     training device, augmented there (small datasets; no data-pipeline cost; works without FFCV installed)."""
     limit: int = 0
     """loader=memory only: keep the first N images of each split (like `convert --limit`); 0 = all."""
+    label_noise: float = 0.0
+    """loader=memory only: this fraction of the training labels is replaced by a different class, drawn
+    uniformly (symmetric label noise; a fixed selection, the same for every seed and method; validation labels
+    are clean). A standard test of memorization, where SAM-type methods are known to help most. 0 = clean."""
     augment: Literal["none", "basic", "autoaugment", "imagenet", "randaugment"] = "basic"
     """Per-image train augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
     autoaugment = the AutoAugment CIFAR policy, then basic; imagenet = random-resized-crop + flip (val: center
@@ -267,6 +271,9 @@ def _validate(c: RunConfig) -> None:
     _check(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all images)")
     _check(d.loader == "memory" or d.limit == 0, "data.limit", d.limit, "0 with data.loader=ffcv (convert with "
            "--limit instead)")
+    _check(0 <= d.label_noise < 1, "data.label_noise", d.label_noise, "a fraction in [0, 1)")
+    _check(d.loader == "memory" or d.label_noise == 0, "data.label_noise", d.label_noise,
+           "0 with data.loader=ffcv (label noise is a memory-loader option)")
     _check(d.loader == "ffcv" or d.image_size == 0, "data.image_size", d.image_size,
            "0 with data.loader=memory (images keep their stored size)")
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")

@@ -190,7 +190,7 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
         loaders = build_memory_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
                                        seed=lp.seed, rank=env.rank, world_size=env.world_size, device=env.device,
                                        augment=d.augment, cutout=d.cutout, channels_last=channels_last,
-                                       limit=d.limit or None)
+                                       limit=d.limit or None, label_noise=d.label_noise)
     else:
         loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
                                 num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,

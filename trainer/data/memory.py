@@ -18,6 +18,9 @@ Sources (the ``data.path`` string)::
                               identical across runs on the same kind of device.
 
 ``limit`` keeps the first ``limit`` images of each split, as ``trainer convert --limit`` does.
+``label_noise`` f replaces round(f·N) training labels by a different class, drawn uniformly (symmetric
+label noise), chosen by a fixed generator (``LABEL_NOISE_SEED``) independent of ``seed``: every run of a
+comparison sees the same noisy labels. Validation labels stay clean.
 
 ``meta`` has the ``meta.json`` keys the trainer reads: dataset, num_classes, classes, train_size,
 val_size, image_size [H, W], channels (of the source), mean, std (3 floats each on the 0-255 scale,
@@ -136,6 +139,22 @@ def _upload(split: ArraySplit, device: torch.device) -> Tuple[torch.Tensor, torc
         images = images[..., None]
     labels = torch.from_numpy(np.asarray(split.labels, dtype=np.int64)).to(device)
     return images, labels
+
+
+LABEL_NOISE_SEED = 20220717  # fixed: the noisy labels are part of the dataset, not of a run's randomness
+
+
+def noisy_labels(labels: torch.Tensor, num_classes: int, fraction: float) -> tuple[torch.Tensor, int]:
+    """Symmetric label noise: round(fraction·N) labels, chosen by ``LABEL_NOISE_SEED``, each moved to one of
+    the other ``num_classes - 1`` classes uniformly. Returns (new labels on the same device, changed count)."""
+    y = labels.cpu().numpy().copy()
+    k = int(round(fraction * len(y)))
+    if k == 0:
+        return labels, 0
+    rng = np.random.default_rng(LABEL_NOISE_SEED)
+    picked = rng.permutation(len(y))[:k]
+    y[picked] = (y[picked] + rng.integers(1, num_classes, size=k)) % num_classes
+    return torch.from_numpy(y).to(labels.device), k
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -380,7 +399,7 @@ class MemoryEvalLoader(_MemoryBatches):
 def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_batch_size: Optional[int],
                          seed: int, rank: int, world_size: int, device: torch.device | str,
                          augment: str = "basic", cutout: int = 0, channels_last: bool = True,
-                         limit: Optional[int] = None, drop_last: bool = True) -> Loaders:
+                         limit: Optional[int] = None, drop_last: bool = True, label_noise: float = 0.0) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
     ``source`` is a ``data.path`` string of the forms in the module docstring. ``batch_size`` and
@@ -396,6 +415,8 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
     _check_int("rank", rank, 0)
     _check_int("cutout", cutout, 0)
     _check_int("limit", limit, 1, allow_none=True)
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
     if rank >= world_size:
         raise ValueError(f"rank: {rank}; expected 0..{world_size - 1}")
     if augment not in MEMORY_AUGMENTS:
@@ -427,6 +448,7 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
         classes, channels, where = list(data.classes), train.source_channels, os.path.abspath(src.path)
         (train_x, train_y), (val_x, val_y) = _upload(train, device), _upload(val, device)
 
+    train_y, noisy = noisy_labels(train_y, len(classes), label_noise)
     n, h, w, _ = train_x.shape
     mean, std = _channel_stats(train_x)  # before replicating gray: a third of the work
     train_x, val_x = _rgb(train_x), _rgb(val_x)
@@ -448,5 +470,7 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
         "val_size": int(val_x.shape[0]), "image_size": [int(h), int(w)], "channels": channels,
         "mean": mean, "std": std, "source": where, "loader": "memory",
     }
+    if noisy:
+        meta.update(label_noise=float(label_noise), noisy_labels=noisy)
     return Loaders(train=train_loader, val=eval_loader, meta=meta,  # type: ignore[arg-type]
                    steps_per_epoch=len(train_loader))
