@@ -6,7 +6,7 @@ NPROC ?= 2
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data gpu-suite compare-cpu compare-gpu recipes clean plot
+.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data gpu-suite compare-cpu compare-noisy-cpu compare-gpu recipes clean plot
 
 # Idempotent: apt packages when missing (root) or the exact apt command (exit 2), then .venv with pinned deps.
 setup:
@@ -50,6 +50,12 @@ COMPARE_METHODS ?= sgd,sam,gnp
 compare-cpu: setup
 	OMP_NUM_THREADS=$(NPROC) $(PY) -m trainer compare --recipe fashion-mnist-compare-cpu --methods $(COMPARE_METHODS) \
 	    --seeds 3 --out runs/compare-cpu
+
+# Label-noise regime (30 % noisy labels): where GNP's gain over SGD is large enough to judge the efficient variants.
+NOISY_METHODS ?= sgd,sam,gnp,gnp-every4,gnp-p0.25,gnp-reuse4
+compare-noisy-cpu: setup
+	OMP_NUM_THREADS=$(NPROC) $(PY) -m trainer compare --recipe fashion-mnist-noisy-cpu --methods $(NOISY_METHODS) \
+	    --seeds 3 --out runs/compare-noisy-cpu
 
 compare-gpu: setup
 	$(PY) -m trainer compare --recipe fashion-mnist-compare-gpu --methods $(COMPARE_METHODS) --seeds 3 \

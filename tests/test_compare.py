@@ -79,6 +79,9 @@ def test_aggregate_statistics_and_gain_share():
     # No gain to share when GNP is not better than SGD.
     worse = aggregate({"sgd": runs["gnp"], "gnp": runs["sgd"]})
     assert "gain_vs_gnp" not in worse["sgd"] and "–" in markdown_table(worse, "t")
+    # One seed has no measured noise: no share, however large the gap.
+    single = aggregate({"sgd": runs["sgd"][:1], "gnp": runs["gnp"][:1]})
+    assert "gain_vs_gnp" not in single["gnp"]
 
 
 def test_resolve_methods_builtin_defined_and_errors():

@@ -141,7 +141,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def gnp_gain_is_real(sgd: dict, gnp: dict) -> bool:
     """Whether GNP's mean test error beats SGD's by more than two standard errors of the difference: below
-    that, a "share of GNP's gain" divides seed noise by seed noise."""
+    that, a "share of GNP's gain" divides seed noise by seed noise. Needs two seeds of each (one seed has
+    no measured noise)."""
+    if min(len(sgd["seeds"]), len(gnp["seeds"])) < 2:
+        return False
     gap = sgd["test_error"]["mean"] - gnp["test_error"]["mean"]
     se = math.sqrt(sgd["test_error"]["std"] ** 2 / len(sgd["seeds"]) + gnp["test_error"]["std"] ** 2 / len(gnp["seeds"]))
     return gap > max(2 * se, 1e-9)
