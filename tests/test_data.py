@@ -704,38 +704,3 @@ def test_distributed_shards_and_eval(fake_fashion, tmp_path: Path) -> None:
         np.testing.assert_array_equal(r["val_labels"], data["val_y"][r["val_idx"]])
     sums = sorted(res[0]["val_sums"] + res[1]["val_sums"])
     assert sums == sorted((3 * data["val_x"].reshape(n_val, -1).astype(np.int64).sum(1)).tolist())
-
-
-def test_cpu_normalization_table_is_the_torch_arithmetic() -> None:
-    """NormalizeLUT (CPU device: FFCV's threads normalize) holds exactly what _finish computes in torch,
-    for every uint8 value and channel, so both paths give bitwise equal batches."""
-    from trainer.data.loaders import normalize_table
-
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        mean = list(rng.uniform(0, 255, 3))
-        std = list(rng.uniform(1, 90, 3))
-        x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
-        ref = x.to(torch.float32)
-        ref.sub_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        ref.mul_((1.0 / torch.tensor(std, dtype=torch.float64)).to(torch.float32).view(1, -1, 1, 1))
-        table = torch.from_numpy(normalize_table(mean, std))  # (256, C)
-        looked_up = table[x.long().flatten(2), torch.arange(3).view(1, 3, 1)].view(1, 3, 16, 16)
-        assert torch.equal(looked_up, ref)
-
-
-def test_cpu_loaders_normalize_in_ffcv_unless_a_torch_policy_needs_uint8(fmnist_small) -> None:
-    from trainer.data.loaders import build_loaders
-
-    def ops(augment: str, split: str) -> list[str]:
-        L = build_loaders(fmnist_small, batch_size=50, eval_batch_size=None, num_workers=1, seed=0, rank=0,
-                          world_size=1, device=torch.device("cpu"), augment=augment)
-        loader = (L.train if split == "train" else L.val)._loader
-        names = [type(op).__name__ for op in loader.pipeline_specs["image"].transforms]
-        images, _ = next(iter(L.train if split == "train" else L.val))
-        assert images.dtype == torch.float32 and images.shape == (50, 3, 28, 28)
-        return names
-
-    assert "NormalizeLUT" in ops("basic", "train") and "NormalizeLUT" in ops("basic", "val")
-    # AutoAugment runs in torch on uint8 images: the train pipeline must stay uint8; eval has no policy.
-    assert "NormalizeLUT" not in ops("autoaugment", "train") and "NormalizeLUT" in ops("autoaugment", "val")

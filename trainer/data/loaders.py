@@ -4,10 +4,7 @@ What a batch is: ``(images, labels)``; images float32 N x C x H x W on ``device`
 the dataset's train mean/std (``meta.json``), in ``torch.channels_last`` when asked; labels int64
 (N,) on ``device``. FFCV's numba stages only decode and augment uint8 pixels on the CPU; the
 uint8 -> float conversion and the normalization run in torch after the copy to ``device`` (4x less
-host-to-device traffic, and the arithmetic runs on the GPU). Exception: on a CPU device with no torch
-image policy, FFCV's worker threads normalize (``NormalizeLUT``, a 256-entry table per channel holding
-exactly the torch arithmetic's float32 results), instead of one serial torch pass on the consumer
-thread that capped loading at ~1/1.35 of FFCV's decode rate on 2 cores.
+host-to-device traffic, and the arithmetic runs on the GPU).
 
 Ordering and sharding (train):
 
@@ -341,68 +338,6 @@ def RandomFlipCropCutout(padding: int = 0, flip_prob: float = 0.5, cutout: int =
     return _OP_CLS(padding, flip_prob, cutout, fill)
 
 
-def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """float32 (256, C): table[v, c] = (v - mean[c]) * (1 / std[c]) computed as ``_BatchLoader._finish``
-    computes it (float32 subtract, then multiply by the float32 reciprocal), so both paths agree bitwise."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1)
-    inv_std = (1.0 / torch.tensor(std, dtype=torch.float64)).to(torch.float32).view(1, -1)
-    values = torch.arange(256, dtype=torch.float32).view(-1, 1).expand(256, len(mean)).clone()
-    return values.sub_(mean_t).mul_(inv_std).numpy()
-
-
-def _normalize_operation() -> type:
-    """Build the ``NormalizeLUT`` class (deferred like ``RandomFlipCropCutout``)."""
-    import_ffcv()
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
-
-    class NormalizeLUT(Operation):
-        """uint8 H x W x C -> normalized float32 H x W x C by table lookup, in FFCV's parallel JIT stage."""
-
-        def __init__(self, table: np.ndarray):
-            super().__init__()
-            self.table = np.ascontiguousarray(table, dtype=np.float32)
-
-        def generate_code(self) -> Callable:
-            my_range = Compiler.get_iterator()
-            table = self.table
-
-            def normalize(images, dst):
-                n, h, w, c = images.shape
-                for i in my_range(n):
-                    for y in range(h):
-                        for x in range(w):
-                            for k in range(c):
-                                dst[i, y, x, k] = table[images[i, y, x, k], k]
-                return dst
-
-            normalize.is_parallel = True
-            return normalize
-
-        def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-            h, w, c = previous_state.shape
-            if previous_state.dtype != np.uint8 or self.table.shape != (256, c):
-                raise ValueError(f"NormalizeLUT: needs uint8 images and a (256, {c}) table, got "
-                                 f"{previous_state.dtype} and {self.table.shape}")
-            f32 = np.dtype(np.float32)
-            return replace(previous_state, jit_mode=True, dtype=f32), AllocationQuery((h, w, c), f32)
-
-    return NormalizeLUT
-
-
-_NORMALIZE_CLS: Optional[type] = None
-
-
-def NormalizeLUT(mean: Sequence[float], std: Sequence[float]) -> Any:  # noqa: N802
-    """A new ``NormalizeLUT`` FFCV operation for this mean/std (see ``_normalize_operation``)."""
-    global _NORMALIZE_CLS
-    if _NORMALIZE_CLS is None:
-        _NORMALIZE_CLS = _normalize_operation()
-    return _NORMALIZE_CLS(normalize_table(mean, std))
-
-
 # --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
@@ -463,13 +398,9 @@ class _BatchLoader:
             # (FFCV's buffer is never written).
             images = self._policy(images, step)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if images.dtype == torch.float32:  # NormalizeLUT ran in FFCV (CPU device, no policy)
-            # copy=True: never hand out FFCV's recycled buffer itself.
-            x = images.to(device=self.device, memory_format=fmt, copy=True)
-        else:
-            # New float tensor: never aliases FFCV's recycled uint8 buffers.
-            x = images.to(device=self.device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
-            x.sub_(self._mean).mul_(self._inv_std)
+        # New float tensor: never aliases FFCV's recycled uint8 buffers.
+        x = images.to(device=self.device, dtype=torch.float32, memory_format=fmt, non_blocking=True)
+        x.sub_(self._mean).mul_(self._inv_std)
         # Labels are cloned for the same reason (FFCV reuses its output slots a few batches later).
         y = labels.reshape(-1).to(device=self.device, dtype=torch.int64, copy=True)
         return x, y
@@ -554,8 +485,7 @@ def _numba_threads(num_workers: int) -> int:
 
 
 def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], image_size: Optional[int],
-               cutout: int, mean: Sequence[float], device: torch.device, path: str,
-               normalize_std: Optional[Sequence[float]] = None) -> dict:
+               cutout: int, mean: Sequence[float], device: torch.device, path: str) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
                                        SimpleRGBImageDecoder)
@@ -601,8 +531,6 @@ def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], ima
         fill = tuple(int(round(m)) for m in mean)
         ops.append(RandomFlipCropCutout(padding, flip_prob, cutout, fill))
     label_ops: list = [IntDecoder(), ToTensor()]
-    if normalize_std is not None:
-        ops.append(NormalizeLUT(mean, normalize_std))
     ops.append(ToTensor())
     if device.type != "cpu":
         ops.append(ToDevice(device, non_blocking=True))
@@ -656,15 +584,12 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
     train_info, val_info = infos["train"], infos["val"]
     policy = build_image_policy(augment, seed=int(seed), rank=int(rank), cutout=int(cutout),
                                 fill=tuple(int(round(m)) for m in mean), padding=BASIC_PADDING)
-    # CPU device: normalize in FFCV's threads (module docstring); a torch policy needs uint8 first.
-    train_std = std if device.type == "cpu" and policy is None else None
-    val_std = std if device.type == "cpu" else None
     with keep_torch_threads():
         train = Loader(
             train_info.path, batch_size=int(batch_size), num_workers=threads, os_cache=os_cache,
             order=OrderOption.RANDOM, distributed=world_size > 1, seed=int(seed),
             pipelines=_pipelines(True, augment, train_info.fixed_size, image_size, cutout, mean,
-                                 device, train_info.path, train_std),
+                                 device, train_info.path),
             drop_last=True)
     per_rank = math.ceil(train_info.num_samples / world_size)
     if len(train) == 0:
@@ -679,7 +604,7 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
                 val_info.path, batch_size=int(eval_batch_size or batch_size), num_workers=threads,
                 os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
                 pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean,
-                                     device, val_info.path, val_std),
+                                     device, val_info.path),
                 drop_last=False)
     train_loader = TrainLoader(train, policy=policy, **common)
     eval_loader = EvalLoader(val_loader, indices, **common)
