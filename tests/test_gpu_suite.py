@@ -67,7 +67,8 @@ def test_budget_stops_a_part_and_skips_the_rest(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
-    for args in (["--parts", "gnp-eager,nope"], ["--budget", "10"], ["--seeds", "0"]):
+    for args in (["--parts", "gnp-eager,nope"], ["--budget", "10"], ["--seeds", "0"],
+                 ["--compare-recipe", "no-such-recipe"], ["--compare-set", "loop.epochs=-1"]):
         res = subprocess.run([sys.executable, "-m", "trainer.gpu_suite", "--out", str(tmp_path), *args],
                              cwd=ROOT, capture_output=True, text=True)
         assert res.returncode == 2, (args, res.stderr)

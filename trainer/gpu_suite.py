@@ -12,9 +12,9 @@ fits, and always writes its report. Parts:
                     as a fraction of that step.
 4. ``gnp-compile``  as 2 with torch.compile.
 5. ``e2e-compile``  as 3 with torch.compile.
-6. ``compare``      trainer compare on Fashion-MNIST (recipe fashion-mnist-compare-gpu; sgd, sam, gnp,
-                    gnp-every4, gnp-reuse4), one seed more per round while the budget lasts (a round cut
-                    short leaves the earlier rounds' results).
+6. ``compare``      trainer compare on Fashion-MNIST (--compare-recipe, default fashion-mnist-compare-gpu;
+                    sgd, sam, gnp, gnp-every4, gnp-reuse4), one seed more per round while the budget lasts
+                    (a round cut short leaves the earlier rounds' results).
 
 Writes into --out (at most 4 files, so the whole report fits what a device lease returns): suite.md (the
 tables), suite.json (every row), suite.log (every part's output) and test_error.png (compare).
@@ -59,7 +59,8 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def plan(*, work: Path, smoke: bool, fmnist: str, seeds: int, methods: str) -> list[Part]:
+def plan(*, work: Path, smoke: bool, fmnist: str, seeds: int, methods: str,
+         recipe: str = "fashion-mnist-compare-gpu", compare_sets: tuple[str, ...] = ()) -> list[Part]:
     """The parts, in priority order, with their commands (CPU-sized when ``smoke``)."""
     gnp_cmd = ["-m", "trainer.bench_gnp", "--no-cpu"] if not smoke else [
         "-m", "trainer.bench_gnp", "--cpu-steps", "1", "--rounds", "1"]
@@ -76,8 +77,9 @@ def plan(*, work: Path, smoke: bool, fmnist: str, seeds: int, methods: str) -> l
                           60 if mode == "eager" else 150, [work / f"gnp-{mode}.json"]))
         parts.append(Part(f"e2e-{mode}", [_py(*e2e_cmd, "--modes", mode, "--json", str(work / f"e2e-{mode}.json"))],
                           90 if mode == "eager" else 200, [work / f"e2e-{mode}.json"]))
-    compare = ["-m", "trainer", "compare", "--recipe", "fashion-mnist-compare-gpu", "--methods", methods,
-               "--out", str(work / "compare"), "--set", f"data.path=fashion-mnist:{fmnist}"]
+    compare = ["-m", "trainer", "compare", "--recipe", recipe, "--methods", methods,
+               "--out", str(work / "compare"), "--set", f"data.path=fashion-mnist:{fmnist}",
+               *[a for kv in compare_sets for a in ("--set", kv)]]
     if smoke:
         compare += ["--set", "data.limit=256", "--set", "loop.epochs=1", "--set", "model.name=demo_cnn",
                     "--set", "loop.precision=fp32", "--set", "loop.batch_size=64", "--measure-batches", "1"]
@@ -239,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder with the Fashion-MNIST idx .gz files (compare part)")
     ap.add_argument("--seeds", type=int, default=3, help="compare: at most this many seeds (default 3)")
     ap.add_argument("--methods", default=COMPARE_METHODS, help=f"compare: methods (default {COMPARE_METHODS})")
+    ap.add_argument("--compare-recipe", default="fashion-mnist-compare-gpu",
+                    help="compare: a Fashion-MNIST memory-loader recipe (default fashion-mnist-compare-gpu; "
+                         "fashion-mnist-noisy-cpu is the label-noise benchmark)")
+    ap.add_argument("--compare-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="compare: override for every run (repeatable), e.g. model.name=wrn16_4")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized settings: tests the orchestration only")
     args = ap.parse_args(argv)
     only = {p for p in args.parts.split(",") if p}
@@ -249,12 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.budget > REPORT_RESERVE_S or args.seeds < 1:
         print(f"gpu-suite: --budget must exceed {REPORT_RESERVE_S:.0f} s and --seeds be >= 1", file=sys.stderr)
         return 2
+    if "compare" in only:  # a bad recipe or override: one line and exit 2 now, not a failed part minutes later
+        from trainer.config import ConfigError, load
+
+        try:
+            load(args.compare_recipe, [f"data.path=fashion-mnist:{args.fmnist}", *args.compare_set])
+        except ConfigError as e:
+            print(f"gpu-suite: --compare-recipe/--compare-set: {e}", file=sys.stderr)
+            return 2
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"[gpu-suite] {env['device']}, torch {env['torch']}, budget {args.budget:.0f} s", flush=True)
-    parts = plan(work=work, smoke=args.smoke, fmnist=args.fmnist, seeds=args.seeds, methods=args.methods)
+    parts = plan(work=work, smoke=args.smoke, fmnist=args.fmnist, seeds=args.seeds, methods=args.methods,
+                 recipe=args.compare_recipe, compare_sets=tuple(args.compare_set))
     for part in parts:  # stale results of an earlier suite run must not be reported as this run's
         for f in part.json_files:
             if part.name != "compare":
