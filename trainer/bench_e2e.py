@@ -77,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="eager", help="eager, compile or eager,compile (default eager)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    modes = parse_modes(args.modes)
+    modes = parse_modes(args.modes, "bench-e2e")
     if modes is None:
-        print(f"bench-e2e: --modes {args.modes!r}: expected eager, compile or eager,compile", file=sys.stderr)
         return 2
     if args.compile and "compile" not in modes:
         modes.append("compile")

@@ -154,10 +154,14 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     }
 
 
-def parse_modes(text: str) -> list[str] | None:
-    """``--modes`` ("eager", "compile" or both, comma separated) as a list; None if invalid."""
+def parse_modes(text: str, prog: str) -> list[str] | None:
+    """``--modes`` ("eager", "compile" or both, comma separated) as a list; None (after printing the
+    one-line error for ``prog``) if invalid."""
     modes = [m for m in text.split(",") if m]
-    return modes if modes and all(m in ("eager", "compile") for m in modes) else None
+    if modes and all(m in ("eager", "compile") for m in modes):
+        return modes
+    print(f"{prog}: --modes {text!r}: expected eager, compile or eager,compile", file=sys.stderr)
+    return None
 
 
 def print_table(rows: list[dict]) -> None:
@@ -189,9 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="eager,compile", help="CUDA: eager, compile or both (comma separated)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    modes = parse_modes(args.modes)
+    modes = parse_modes(args.modes, "bench-gnp")
     if modes is None:
-        print(f"bench-gnp: --modes {args.modes!r}: expected eager, compile or eager,compile", file=sys.stderr)
         return 2
     if args.no_compile:
         modes = [m for m in modes if m != "compile"]

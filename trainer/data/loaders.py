@@ -473,6 +473,18 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> Non
         raise ValueError(f"{name}: {value!r}; expected an integer >= {low}" + (" or none" if allow_none else ""))
 
 
+def _check_common(batch_size: Any, eval_batch_size: Any, seed: Any, rank: Any, world_size: Any, cutout: Any) -> None:
+    """The arguments both loader builders (FFCV and memory) take; ValueError naming the first bad one."""
+    _check_int("batch_size", batch_size, 1)
+    _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+    _check_int("seed", seed, 0)
+    _check_int("world_size", world_size, 1)
+    _check_int("rank", rank, 0)
+    _check_int("cutout", cutout, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank: {rank}; expected 0..{world_size - 1}")
+
+
 def _numba_threads(num_workers: int) -> int:
     import numba
 
@@ -554,16 +566,9 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
     import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
-    _check_int("batch_size", batch_size, 1)
-    _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
     _check_int("num_workers", num_workers, 1)
-    _check_int("seed", seed, 0)
-    _check_int("world_size", world_size, 1)
-    _check_int("rank", rank, 0)
-    _check_int("cutout", cutout, 0)
     _check_int("image_size", image_size, 8, allow_none=True)
-    if rank >= world_size:
-        raise ValueError(f"rank: {rank}; expected 0..{world_size - 1}")
     if augment not in AUGMENTS:
         raise ValueError(f"augment: unknown '{augment}'; allowed: {', '.join(AUGMENTS)}")
     device = torch.device(device)

@@ -77,7 +77,7 @@ import torch
 
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, Loaders, _check_int
+from .loaders import BASIC_PADDING, Loaders, _check_common, _check_int
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -408,17 +408,10 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
     unreadable files or bad arguments.
     """
     src = parse_source(source)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
-    _check_int("seed", seed, 0)
-    _check_int("world_size", world_size, 1)
-    _check_int("rank", rank, 0)
-    _check_int("cutout", cutout, 0)
+    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
     _check_int("limit", limit, 1, allow_none=True)
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
         raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
-    if rank >= world_size:
-        raise ValueError(f"rank: {rank}; expected 0..{world_size - 1}")
     if augment not in MEMORY_AUGMENTS:
         raise ValueError(f"augment: '{augment}' is not supported by the memory loader; allowed: "
                          f"{', '.join(MEMORY_AUGMENTS)}")
