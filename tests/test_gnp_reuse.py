@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.dist_scripts.gnp_ddp_checks import RecordingSGD  # the same recorder the 2-rank checks use
 from trainer.optim.gnp import GNP
 
 R, ALPHA, EPS = 0.1, 0.8, 1e-12
@@ -30,18 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # helpers (the reference math)
-
-
-class RecordingSGD(torch.optim.SGD):
-    """SGD that keeps a clone of every gradient it is asked to apply."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.seen: list[list[Tensor]] = []
-
-    def step(self, closure=None):
-        self.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
 
 
 class BNConv(nn.Module):
