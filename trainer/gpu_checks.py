@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # An indexed device: DDP's device_ids and init_process_group's device_id want one.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no CUDA: smoke run)"
     print(f"gpu-checks on {name}, torch {torch.__version__}", flush=True)
     rows = checks(device)

@@ -155,7 +155,11 @@ def environment() -> dict:
            "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         env["cudnn"] = torch.backends.cudnn.version()
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        try:  # a tuple in recent torch, an int in older ones; never let the report's header stop the suite
+            nccl = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as e:  # noqa: BLE001
+            env["nccl"] = f"unknown ({type(e).__name__})"
         env["gpu_memory_GiB"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     missing = []
     for module in ("yaml", "prometheus_client", "matplotlib", "numpy"):
