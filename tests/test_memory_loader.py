@@ -349,6 +349,7 @@ def test_bad_sources_raise_one_line(source: str) -> None:
     (dict(augment="imagenet"), "augment"), (dict(batch_size=3001), "batch_size"), (dict(rank=2, world_size=2), "rank"),
     (dict(cutout=29), "cutout"), (dict(limit=0), "limit"), (dict(batch_size=0), "batch_size"),
     (dict(label_noise=1.0), "label_noise"), (dict(label_noise=-0.1), "label_noise"),
+    (dict(source="synthetic:8x8:1:20", augment="none", batch_size=4, label_noise=0.5), "label_noise"),
     (dict(source="synthetic:4x4:2:10"), "augment"), (dict(source=f"cifar10:{FMNIST}"), "cifar"),
 ])
 def test_bad_arguments_raise(kw: dict, key: str) -> None:

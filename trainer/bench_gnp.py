@@ -106,10 +106,11 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     run_model: nn.Module = torch.compile(model) if compile_model else model
     x = torch.randn(batch, 3, image_size, image_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8)
-    # Its own base optimizer (momentum buffers) on the same parameters: the two never share state.
-    reuse_opt = GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8,
-                    reuse="looksam")
+    def make_gnp(reuse: str) -> GNP:  # each its own base optimizer (momentum buffers) on the same parameters
+        return GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8,
+                   reuse=reuse)
+
+    opt = make_gnp("none")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
 
     def loss_fn() -> torch.Tensor:
@@ -123,18 +124,15 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     def gnp() -> object:
         return opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
 
-    def reuse_full() -> object:
-        return reuse_opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
-
-    def reuse_plain() -> object:
-        return reuse_opt.train_step(loss_fn, model=run_model, gnp=False, clip_norm=5.0)
-
-    fns = {"sgd": sgd, "gnp": gnp, "reuse_full": reuse_full, "reuse": reuse_plain}
-    if not with_reuse:
-        fns = {"sgd": sgd, "gnp": gnp}
+    fns: dict[str, Callable[[], object]] = {"sgd": sgd, "gnp": gnp}
+    if with_reuse:
+        reuse_opt = make_gnp("looksam")
+        # reuse_full before reuse: v is stored before the first plain step (warm-up keeps this order).
+        fns["reuse_full"] = lambda: reuse_opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
+        fns["reuse"] = lambda: reuse_opt.train_step(loss_fn, model=run_model, gnp=False, clip_norm=5.0)
     compile_start = time.perf_counter()
     for _ in range(warmup):  # includes compilation of both graph variants (BN frozen in pass 2)
-        for fn in fns.values():  # reuse_full runs before reuse: v is stored before the first plain step
+        for fn in fns.values():
             fn()
     _sync(device)
     warm_s = time.perf_counter() - compile_start

@@ -18,6 +18,7 @@ what only exists there:
   (NCCL refuses two ranks on one device), so averaging across ranks is tested with gloo on the CPU
   (tests/test_gnp_dist.py, tests/test_gnp_reuse.py).
 
+A check that raises on the device is reported as failed, with its error, and the others still run.
 Exit status 0 when every check passes, 1 otherwise. On a machine without CUDA the same checks run
 with the CPU as "device" (the comparisons are then trivially tight; that is the CI smoke test).
 """
@@ -109,7 +110,8 @@ def _shift(a: list[Tensor], b: list[Tensor], start: list[Tensor]) -> list[Tensor
     return [x - y + z for x, y, z in zip(a, b, start)]
 
 
-def _initial(device: torch.device) -> list[Tensor]:
+def _initial() -> list[Tensor]:
+    """The parameters and BN statistics every run of ``run_steps`` starts from (fp64, CPU)."""
     torch.manual_seed(0)
     model = _net()
     return [t.detach().double().clone() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
@@ -132,39 +134,49 @@ def checks(device: torch.device) -> list[dict]:
         print(f"  {name}: {value:.3e} ({'<=' if kind == 'max' else '>='} {limit:g}) {'ok' if ok else 'FAILED'}",
               flush=True)
 
+    def failed(name: str, error: Exception) -> None:
+        text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        rows.append({"check": name, "ok": False, "error": text, "device": str(device)})
+        print(f"  {name}: FAILED ({text})", flush=True)
+
     ref = run_steps(cpu, torch.float64, FULL3)
     record("fp64 GNP steps, device vs CPU", rel_diff(run_steps(device, torch.float64, FULL3), ref), 1e-9, "max")
     ref_reuse = run_steps(cpu, torch.float64, REUSE_PATTERN, reuse="looksam")
     record("fp64 GNP reuse steps, device vs CPU",
            rel_diff(run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam"), ref_reuse), 1e-9, "max")
 
-    start = _initial(device)
+    start = _initial()
     fp32, fp32_plain = run_steps(device, torch.float32, (True,)), run_steps(device, torch.float32, (False,))
     for precision in ("bf16", "fp16"):
+        names = (f"{precision} GNP update vs fp32 (cosine)", f"{precision} GNP − plain update vs fp32 (cosine)")
         try:
             low = run_steps(device, torch.float32, (True,), precision=precision, channels_last=True)
             low_plain = run_steps(device, torch.float32, (False,), precision=precision, channels_last=True)
-        except (RuntimeError, NotImplementedError) as e:  # e.g. an autocast dtype this device lacks
-            rows.append({"check": f"{precision} GNP update vs fp32", "ok": None, "skipped": str(e)[:200],
-                         "device": str(device)})
-            print(f"  {precision}: skipped ({str(e)[:120]})", flush=True)
+        except Exception as e:  # noqa: BLE001 — a crash on the device fails both checks; the rest still run
+            for name in names:
+                failed(name, e)
             continue
         finite = all(bool(torch.isfinite(t).all()) for t in [*low, *low_plain])
-        record(f"{precision} GNP update vs fp32 (cosine)", cosine_of_updates(low, fp32, start) if finite else -1.0,
-               0.98, "min")
+        record(names[0], cosine_of_updates(low, fp32, start) if finite else -1.0, 0.98, "min")
         # One GNP update is within a few degrees of the plain one, so the cosine above cannot tell a GNP
         # step from a plain step; the difference GNP - plain (the penalty's share) can.
-        record(f"{precision} GNP − plain update vs fp32 (cosine)",
-               cosine_of_updates(_shift(low, low_plain, start), _shift(fp32, fp32_plain, start), start)
+        record(names[1], cosine_of_updates(_shift(low, low_plain, start), _shift(fp32, fp32_plain, start), start)
                if finite else -1.0, 0.8, "min")
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
+    name = f"fp64 GNP reuse steps, DDP ({backend}, 1 rank) vs unwrapped"
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+    except Exception as e:  # noqa: BLE001 — no process group: this check fails, the report is still written
+        failed(name, e)
+        return rows
     try:
         plain = run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam")
         wrapped = run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam", ddp=True)
-        record(f"fp64 GNP reuse steps, DDP ({backend}, 1 rank) vs unwrapped", rel_diff(wrapped, plain), 1e-12, "max")
+        record(name, rel_diff(wrapped, plain), 1e-12, "max")
+    except Exception as e:  # noqa: BLE001
+        failed(name, e)
     finally:
         gc.collect()
         dist.destroy_process_group()

@@ -193,8 +193,8 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
     if checks:
         lines += ["", "## Correctness on the device", "", "| check | value | limit | result |", "|---|---|---|---|"]
         for r in checks:
-            if r.get("ok") is None:
-                lines.append(f"| {r['check']} | – | – | skipped: {r.get('skipped', '')} |")
+            if "error" in r:
+                lines.append(f"| {r['check']} | – | – | FAILED: {r['error'].replace('|', '/')} |")
             else:
                 sign = "≤" if r["kind"] == "max" else "≥"
                 lines.append(f"| {r['check']} | {r['value']:.3g} | {sign} {r['limit']:g} | "

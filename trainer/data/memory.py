@@ -151,6 +151,8 @@ def noisy_labels(labels: torch.Tensor, num_classes: int, fraction: float) -> tup
     k = int(round(fraction * len(y)))
     if k == 0:
         return labels, 0
+    if num_classes < 2:
+        raise ValueError(f"label_noise: {fraction} needs at least 2 classes; the dataset has {num_classes}")
     rng = np.random.default_rng(LABEL_NOISE_SEED)
     picked = rng.permutation(len(y))[:k]
     y[picked] = (y[picked] + rng.integers(1, num_classes, size=k)) % num_classes
