@@ -84,7 +84,8 @@ def check_epoch(loader, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
     """Labels of one epoch, after checking every batch's format and pixel range."""
     labels = []
     for x, y in loader:
-        assert x.shape == (BATCH, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
+        assert x.shape == (BATCH, 3, SIZE, SIZE) and x.dtype == torch.float32
+        assert x.is_contiguous(memory_format=torch.channels_last)  # the default --layout
         assert y.shape == (BATCH,) and y.dtype == torch.int64
         px = x * std + mean  # undo the normalization: uint8 pixel values again
         assert px.min() > -0.01 and px.max() < 255.01

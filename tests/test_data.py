@@ -613,6 +613,43 @@ def test_basic_augmentation_is_flip_reflect_crop_cutout(tmp_path: Path) -> None:
         assert (px == src).all()
 
 
+@pytest.mark.parametrize("cutout", [0, 5])
+@pytest.mark.parametrize("width", [10, 11])
+def test_flip_cutout_in_place_equals_the_copying_op(cutout: int, width: int) -> None:
+    """padding 0 (the ImageNet pipeline): the in-place variant gives the copying variant's images."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+
+    from trainer.data.loaders import RandomFlipCropCutout
+
+    @numba.njit
+    def seed(s):  # numba's generator is its own, separate from numpy's
+        np.random.seed(s)
+
+    enabled, threads = Compiler.is_enabled, Compiler.num_threads
+    Compiler.set_enabled(True)
+    Compiler.set_num_threads(1)  # plain range: every draw on this thread, from the seeded state
+    try:
+        op = RandomFlipCropCutout(padding=0, flip_prob=0.5, cutout=cutout, fill=(7, 8, 9))
+        copy, in_place = Compiler.compile(op.copy_code()), Compiler.compile(op.in_place_code())
+        src = np.random.default_rng(width).integers(0, 256, (64, 12, width, 3), dtype=np.uint8)
+        seed(5)
+        expected = copy(src, np.empty_like(src))
+        buf = src.copy()
+        seed(5)
+        got = in_place(buf, None)
+    finally:
+        Compiler.set_enabled(enabled)
+        Compiler.set_num_threads(threads)
+    assert got is buf and np.array_equal(got, expected)
+    flipped = [np.array_equal(o, s[:, ::-1]) for o, s in zip(expected, src)]
+    kept = [np.array_equal(o, s) for o, s in zip(expected, src)]
+    if cutout == 0:  # every image is its source or its mirror, and both happen
+        assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+    else:  # at least a cutout x cutout square of each image has the fill colour
+        assert ((expected == [7, 8, 9]).all(-1).sum(axis=(1, 2)) >= cutout ** 2).all()
+
+
 @pytest.mark.slow
 def test_imagenet_pipelines_on_image_folder(tmp_path: Path) -> None:
     from trainer.data.convert import convert

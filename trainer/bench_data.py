@@ -1,7 +1,8 @@
 """Benchmark: data loading alone on the CPU, FFCV vs torchvision (``python -m trainer.bench_data``).
 
 Both sides read the same real images and produce the same batches: ``(images, labels)`` with images
-float32 N x 3 x S x S (contiguous NCHW), normalized with the dataset's mean/std, labels int64, after
+float32 N x 3 x S x S normalized with the dataset's mean/std, in ``--layout`` (default channels_last,
+the trainer's default ``loop.channels_last``; ``nchw`` = contiguous), labels int64, after
 an ImageNet-style train augmentation (random-resized crop to S, scale 0.08-1, ratio 3/4-4/3, then a
 horizontal flip with probability 1/2). Nothing consumes the batches: this times the input pipeline.
 
@@ -22,10 +23,11 @@ horizontal flip with probability 1/2). Nothing consumes the batches: this times 
      INTER_AREA) + flip; uint8 -> float and normalization in torch in the calling thread.
    * ``tv-uint8``: ``ImageFolder`` + ``DataLoader(num_workers=W, persistent_workers=True)``,
      ``RandomResizedCrop(S)`` (PIL, bilinear + antialias) + ``RandomHorizontalFlip`` +
-     ``PILToTensor`` in the workers; uint8 -> float and normalization in the main process with the
-     same torch operations as the trainer (the split FFCV uses: 4x less data through shared memory).
+     uint8 pixels in the workers, H x W x C for channels_last (``PILToTensor``'s C x H x W for nchw, so
+     collating never transposes); uint8 -> float and normalization in the main process with the
+     trainer's own ``Normalizer`` (the split FFCV uses: 4x less data through shared memory).
    * ``tv-float``: the same, with ``ToTensor`` + ``Normalize`` in the workers (torchvision's
-     ImageNet example; the batches arrive finished).
+     ImageNet example; the batches arrive finished in NCHW and are made channels_last if asked).
 
    The ratios reported are FFCV against the better torchvision variant.
 
@@ -71,6 +73,7 @@ PARAMS_NAME = "params.json"
 TARGET_RATIO = 3.0
 PIPELINES = ("ffcv", "tv-uint8", "tv-float")
 WRITE_MODES = ("jpg", "raw")
+LAYOUTS = ("channels_last", "nchw")
 FASHION_MNIST_TRAIN = 60000
 FASHION_MNIST_TEST = 10000
 
@@ -223,23 +226,27 @@ def prepare(work: str | os.PathLike, params: FolderParams, write_mode: str = "jp
 # The pipelines
 # --------------------------------------------------------------------------------------------
 
-def ffcv_loader(ffcv_dir: Path, *, batch_size: int, workers: int, size: int, seed: int = 0) -> Any:
+def ffcv_loader(ffcv_dir: Path, *, batch_size: int, workers: int, size: int, channels_last: bool = True,
+                seed: int = 0) -> Any:
     """The trainer's FFCV train loader with the ImageNet augmentation, on the CPU."""
     from trainer.data.loaders import build_loaders
 
     return build_loaders(ffcv_dir, batch_size=batch_size, eval_batch_size=None, num_workers=workers,
                          seed=seed, rank=0, world_size=1, device=torch.device("cpu"), augment="imagenet",
-                         image_size=size).train
+                         image_size=size, channels_last=channels_last).train
 
 
-def build_pipelines(prep: Prepared, *, batch_size: int, workers: int, size: int, seed: int = 0) -> dict[str, Any]:
+def build_pipelines(prep: Prepared, *, batch_size: int, workers: int, size: int, channels_last: bool = True,
+                    seed: int = 0) -> dict[str, Any]:
     """The three pipelines of ``PIPELINES`` on ``prep``'s data, torchvision ones first (creation order)."""
     mean, std = prep.meta["mean"], prep.meta["std"]
     loaders: dict[str, Any] = {}
     for name, in_workers in (("tv-uint8", False), ("tv-float", True)):
         loaders[name] = TorchvisionLoader(prep.jpeg_dir / "train", batch_size=batch_size, workers=workers, size=size,
-                                          mean=mean, std=std, normalize_in_workers=in_workers, seed=seed)
-    loaders["ffcv"] = ffcv_loader(prep.ffcv_dir, batch_size=batch_size, workers=workers, size=size, seed=seed)
+                                          mean=mean, std=std, normalize_in_workers=in_workers,
+                                          channels_last=channels_last, seed=seed)
+    loaders["ffcv"] = ffcv_loader(prep.ffcv_dir, batch_size=batch_size, workers=workers, size=size,
+                                  channels_last=channels_last, seed=seed)
     return loaders
 
 
@@ -248,37 +255,55 @@ def _one_torch_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class _PILToHWC:
+    """PIL image -> uint8 H x W x C tensor: collated into N x H x W x C, the channels_last batch as is."""
+
+    def __call__(self, pic: Any) -> torch.Tensor:
+        return torch.from_numpy(np.array(pic, dtype=np.uint8, copy=True))
+
+
 class TorchvisionLoader:
-    """``ImageFolder`` + ``DataLoader`` yielding the same batches as the trainer's FFCV loader."""
+    """``ImageFolder`` + ``DataLoader`` yielding the same batches as the trainer's FFCV loader.
+
+    uint8 variant: each worker hands over pixels in the layout of the requested batch (H x W x C for
+    channels_last, C x H x W otherwise), so collating is a plain copy and the main process runs the
+    trainer's own ``Normalizer``: torchvision gets the cheapest route to the same floats.
+    """
 
     def __init__(self, train_dir: Path, *, batch_size: int, workers: int, size: int, mean: Sequence[float],
-                 std: Sequence[float], normalize_in_workers: bool, seed: int = 0):
+                 std: Sequence[float], normalize_in_workers: bool, channels_last: bool = True, seed: int = 0):
         from torchvision import datasets, transforms
+
+        from trainer.data.loaders import Normalizer
 
         ops: list = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
         if normalize_in_workers:
             ops += [transforms.ToTensor(),
                     transforms.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
         else:
-            ops.append(transforms.PILToTensor())
+            ops.append(_PILToHWC() if channels_last else transforms.PILToTensor())
         self.normalize_in_workers = normalize_in_workers
+        self.channels_last = channels_last
         self.dataset = datasets.ImageFolder(str(train_dir), transform=transforms.Compose(ops))
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
             persistent_workers=True, worker_init_fn=_one_torch_thread,
             generator=torch.Generator().manual_seed(seed))
-        # Same arithmetic as trainer.data.loaders._BatchLoader._finish.
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._inv_std = (1.0 / torch.tensor(std, dtype=torch.float64)).to(torch.float32).view(1, -1, 1, 1)
+        self._normalize = Normalizer(mean, std, device=torch.device("cpu"), channels_last=channels_last)
+
+    def _finish(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalize_in_workers:
+            # Finished floats in N x C x H x W; the trainer would want its layout.
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            return images.contiguous(memory_format=fmt)
+        return self._normalize(images.permute(0, 3, 1, 2) if self.channels_last else images)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
-            if not self.normalize_in_workers:
-                images = images.to(torch.float32).sub_(self._mean).mul_(self._inv_std)
-            yield images, labels
+            yield self._finish(images), labels
 
     def worker_pids(self) -> list[int]:
         """PIDs of the persistent worker processes (empty before the first epoch)."""
@@ -374,7 +399,7 @@ def benchmark(args: argparse.Namespace) -> Run:
     torch.set_num_threads(1)
 
     loaders = build_pipelines(prep, batch_size=args.batch_size, workers=args.workers, size=args.size,
-                              seed=args.seed)
+                              channels_last=args.layout == "channels_last", seed=args.seed)
     pids: dict[str, Callable[[], list[int]]] = {name: getattr(loaders[name], "worker_pids", list)
                                                 for name in PIPELINES}
     ffcv_threads = int(loaders["ffcv"]._loader.num_workers)
@@ -411,6 +436,7 @@ def benchmark(args: argparse.Namespace) -> Run:
         "config": {
             "images": args.images, "classes": prep.meta["num_classes"], "source_px": [lo, hi],
             "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode, "size": args.size,
+            "layout": args.layout,
             "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
             "repeats": args.repeats, "work": str(args.work), "reused": prep.reused,
             "prepare_s": prep_s, "jpeg_kb_per_image": prep.jpeg_bytes_per_image / 1024,
@@ -449,7 +475,8 @@ def format_table(result: dict) -> str:
         f"data loading on the CPU: {c['images']} JPEG images ({c['classes']} classes, sides "
         f"{c['source_px'][0]}-{c['source_px'][1]} px, quality {c['jpeg_quality']}, "
         f"{c['jpeg_kb_per_image']:.1f} KB/image; FFCV {c['write_mode']} {c['ffcv_kb_per_image']:.1f} KB/image)",
-        f"augmentation: RandomResizedCrop {c['size']} + flip -> float32 NCHW normalized; batch {c['batch_size']}, "
+        f"augmentation: RandomResizedCrop {c['size']} + flip -> float32 normalized, {c['layout']}; "
+        f"batch {c['batch_size']}, "
         f"{c['workers']} workers, best of {c['repeats']} x {c['epochs']} epoch(s) after 1 warm-up epoch",
         f"machine: {m['cpu']}, {m['usable_cpus']} usable of {m['cpu_count']} CPUs, load average "
         f"{' '.join(f'{x:.2f}' for x in m['load_before'])} before / "
@@ -507,6 +534,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--write-mode", default="jpg", choices=list(WRITE_MODES),
                     help="how the FFCV copy stores images (jpg: same decode work as torchvision)")
     ap.add_argument("--size", type=int, default=128, help="RandomResizedCrop output size")
+    ap.add_argument("--layout", default="channels_last", choices=list(LAYOUTS),
+                    help="memory layout of the batches (channels_last: the trainer's default, loop.channels_last)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="FFCV threads = DataLoader worker processes")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds; the best counts")

@@ -77,7 +77,7 @@ import torch
 
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, Loaders, _check_common, _check_int
+from .loaders import BASIC_PADDING, Loaders, Normalizer, _check_common, _check_int
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -254,10 +254,8 @@ class _MemoryBatches:
         self._images = images  # N x H x W x 3 uint8
         self._labels = labels  # N int64
         self._batch_size = int(batch_size)
-        # Same constants and arithmetic as the FFCV loaders' _finish: identical floats.
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        inv_std = (1.0 / torch.tensor(std, dtype=torch.float64)).to(torch.float32)
-        self._inv_std = inv_std.to(self.device).view(1, -1, 1, 1)
+        # The FFCV loaders' conversion: identical floats.
+        self._normalize = Normalizer(mean, std, device=self.device, channels_last=channels_last)
 
     @property
     def batch_size(self) -> int:
@@ -266,9 +264,7 @@ class _MemoryBatches:
 
     def _finish(self, nchw: torch.Tensor) -> torch.Tensor:
         """uint8 N x C x H x W (any strides) -> normalized float32, new storage, chosen layout."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = nchw.to(dtype=torch.float32, memory_format=fmt)
-        return x.sub_(self._mean).mul_(self._inv_std)
+        return self._normalize(nchw)
 
 
 class MemoryTrainLoader(_MemoryBatches):
