@@ -631,7 +631,8 @@ def test_flip_cutout_in_place_equals_the_copying_op(cutout: int, width: int) -> 
     Compiler.set_num_threads(1)  # plain range: every draw on this thread, from the seeded state
     try:
         op = RandomFlipCropCutout(padding=0, flip_prob=0.5, cutout=cutout, fill=(7, 8, 9))
-        copy, in_place = Compiler.compile(op.copy_code()), Compiler.compile(op.in_place_code())
+        copy = Compiler.compile(op.generate_code(in_place=False))
+        in_place = Compiler.compile(op.generate_code())  # padding 0: in place by default
         src = np.random.default_rng(width).integers(0, 256, (64, 12, width, 3), dtype=np.uint8)
         seed(5)
         expected = copy(src, np.empty_like(src))
@@ -642,6 +643,8 @@ def test_flip_cutout_in_place_equals_the_copying_op(cutout: int, width: int) -> 
         Compiler.set_enabled(enabled)
         Compiler.set_num_threads(threads)
     assert got is buf and np.array_equal(got, expected)
+    with pytest.raises(ValueError, match="padding: 4; the in-place variant needs padding 0"):
+        RandomFlipCropCutout(padding=4).generate_code(in_place=True)
     flipped = [np.array_equal(o, s[:, ::-1]) for o, s in zip(expected, src)]
     kept = [np.array_equal(o, s) for o, s in zip(expected, src)]
     if cutout == 0:  # every image is its source or its mirror, and both happen

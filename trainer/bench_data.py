@@ -20,7 +20,8 @@ horizontal flip with probability 1/2). Nothing consumes the batches: this times 
 
    * ``ffcv``: ``trainer.data.loaders.build_loaders(augment="imagenet", image_size=S)``, the
      trainer's own train loader: W numba threads decode (libjpeg-turbo) + crop/resize (OpenCV
-     INTER_AREA) + flip; uint8 -> float and normalization in torch in the calling thread.
+     INTER_AREA) + flip (in place); uint8 -> float and normalization (``Normalizer``) in torch in the
+     calling thread.
    * ``tv-uint8``: ``ImageFolder`` + ``DataLoader(num_workers=W, persistent_workers=True)``,
      ``RandomResizedCrop(S)`` (PIL, bilinear + antialias) + ``RandomHorizontalFlip`` +
      uint8 pixels in the workers, H x W x C for channels_last (``PILToTensor``'s C x H x W for nchw, so

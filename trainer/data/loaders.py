@@ -275,26 +275,33 @@ def _flip_crop_cutout_operation() -> type:
             self.cutout = int(cutout)
             self.fill = np.asarray(fill, dtype=np.uint8)
 
-        def generate_code(self) -> Callable:
-            return self.copy_code() if self.padding else self.in_place_code()
+        def generate_code(self, in_place: Optional[bool] = None) -> Callable:
+            """The numba code; ``in_place`` (default: when there is no padding) picks the variant."""
+            import numba
 
-        def in_place_code(self) -> Callable:
-            """The ``padding == 0`` variant: flip and cutout in the input buffer, no allocation."""
+            in_place = not self.padding if in_place is None else in_place
+            if in_place and self.padding:
+                raise ValueError(f"padding: {self.padding}; the in-place variant needs padding 0")
             my_range = Compiler.get_iterator()
             pad = self.padding
             flip_prob = self.flip_prob
             cut = self.cutout
             fill = self.fill
 
+            @numba.njit(cache=False)
+            def draw(h, w, pad, cut, flip_prob):
+                # Per image, in this order, in both variants: flip, crop offset, cutout corner.
+                flip = np.random.random() < flip_prob
+                dy = np.random.randint(-pad, pad + 1)
+                dx = np.random.randint(-pad, pad + 1)
+                cy = np.random.randint(0, h - cut + 1)
+                cx = np.random.randint(0, w - cut + 1)
+                return flip, dy, dx, cy, cx
+
             def flip_cutout_in_place(images, _dst):
                 n, h, w, c = images.shape
                 for i in my_range(n):
-                    # The copy variant's draws, in its order (dy, dx are 0 here).
-                    flip = np.random.random() < flip_prob
-                    np.random.randint(-pad, pad + 1)
-                    np.random.randint(-pad, pad + 1)
-                    cy = np.random.randint(0, h - cut + 1)
-                    cx = np.random.randint(0, w - cut + 1)
+                    flip, _, _, cy, cx = draw(h, w, pad, cut, flip_prob)
                     if flip:
                         for y in range(h):
                             for x in range(w // 2):
@@ -308,25 +315,14 @@ def _flip_crop_cutout_operation() -> type:
                                 images[i, y, x, k] = fill[k]
                 return images
 
-            flip_cutout_in_place.is_parallel = True
-            return flip_cutout_in_place
-
-        def copy_code(self) -> Callable:
-            """The general variant: writes every output pixel into a new buffer."""
-            my_range = Compiler.get_iterator()
-            pad = self.padding
-            flip_prob = self.flip_prob
-            cut = self.cutout
-            fill = self.fill
+            if in_place:
+                flip_cutout_in_place.is_parallel = True
+                return flip_cutout_in_place
 
             def flip_crop_cutout(images, dst):
                 n, h, w, c = images.shape
                 for i in my_range(n):
-                    flip = np.random.random() < flip_prob
-                    dy = np.random.randint(-pad, pad + 1)
-                    dx = np.random.randint(-pad, pad + 1)
-                    cy = np.random.randint(0, h - cut + 1)
-                    cx = np.random.randint(0, w - cut + 1)
+                    flip, dy, dx, cy, cx = draw(h, w, pad, cut, flip_prob)
                     for y in range(h):
                         sy = y + dy
                         if sy < 0:
