@@ -24,5 +24,9 @@ def test_bench_e2e_cpu_table(tmp_path):
         assert r["step_images_per_s"] > 0 and r["e2e_images_per_s"] > 0
         assert r["fraction"] == pytest.approx(r["e2e_images_per_s"] / r["step_images_per_s"])
         assert f"{r['fraction']:.1%}" in res.stdout
+        # 24 steps, windows of 3, the first two untimed: 6 windows, and the rate is their images / their time
+        assert r["windows"] == 6 and r["timed_s"] > 0
+        assert r["e2e_images_per_s"] == pytest.approx(6 * 3 * r["batch"] / r["timed_s"])
+        assert r["median_window_images_per_s"] > 0
     # GNP's two passes make both its step and its loop slower than SGD's (a sanity check that can fail).
     assert rows[1]["step_images_per_s"] < rows[0]["step_images_per_s"]

@@ -158,12 +158,15 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
         if state.step % log_every == 0 or i + 1 == total:
             # The only host sync of the step loop: turn the detached tensors into floats.
             record = _train_record(info, ce_seen, opt, state, epoch, i + 1, total)
-            elapsed = time.perf_counter() - window_start
+            # Windows tile the epoch's wall time: this window ends, and the next begins, here, so the
+            # logging below (and any checkpoint after the step) is counted in the next window.
+            now = time.perf_counter()
+            elapsed = now - window_start
             record.update(images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
                           window_s=elapsed, data_wait_s=window_data_s, window_steps=len(step_times),
                           window_images=window_images, step_times_s=step_times)
             sink.log("train", record)
-            window_start, window_images, window_data_s, step_times = time.perf_counter(), 0, 0.0, []
+            window_start, window_images, window_data_s, step_times = now, 0, 0.0, []
         sink.progress(i + 1, total, epoch)
         if after_step is not None:
             after_step()
