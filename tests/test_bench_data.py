@@ -135,6 +135,9 @@ def test_table_and_json_report_the_measurements(tiny) -> None:
     assert js["ratio"] == pytest.approx(rows["ffcv"]["images_per_s"] / rows[fastest]["images_per_s"])
     assert js["target_met"] == (js["ratio"] >= 3.0)
     assert f"{js['ratio']:.2f}x" in table
+    # one round: its ratio is the best-round ratio, and the table prints it
+    assert js["round_ratios"] == [pytest.approx(js["ratio"])]
+    assert f"FFCV / {fastest} {js['round_ratios'][0]:.2f}" in table
     c, m = js["config"], js["machine"]
     assert (c["images"], c["size"], c["batch_size"], c["workers"], c["repeats"]) == (N, SIZE, BATCH, 2, 1)
     assert c["source_px"] == [36, 60] and c["write_mode"] == "jpg" and c["reused"] is False
