@@ -48,3 +48,16 @@ def fmnist_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fmnist") / "ds"
     convert("fashion-mnist", str(FMNIST), str(out), limit=500)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_checkpointers():
+    """Close what a test left open: an open Checkpointer's upload thread would otherwise live on into later
+    tests (CI counted 15 after test_checkpoint), some still retrying a failed upload and logging."""
+    yield
+    from trainer import checkpoint
+
+    for ck in list(checkpoint._live):
+        ck.close()
+        if ck._thread is not None:
+            ck._thread.join(timeout=30)
