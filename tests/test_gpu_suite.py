@@ -77,8 +77,34 @@ def test_a_check_that_crashes_is_a_failed_row_and_the_rest_still_run(monkeypatch
 
     monkeypatch.setattr(gpu_checks, "run_steps", broken_bf16)
     rows = gpu_checks.checks(torch.device("cpu"))
-    assert [r["ok"] for r in rows] == [True, True, False, False, True, True, True]
-    assert rows[2]["error"] == "RuntimeError: no bf16 kernel" and rows[2]["check"].startswith("bf16")
+    assert [r["ok"] for r in rows] == [True, True, True, False, False, True, True, True]
+    assert rows[3]["error"] == "RuntimeError: no bf16 kernel" and rows[3]["check"].startswith("bf16")
+    assert rows[2]["check"].startswith("loader normalization") and rows[2]["value"] == 0.0
+
+
+def test_normalization_check_sees_one_ulp_and_a_wrong_layout(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    assert gpu_checks.normalization_diff(cpu) == 0.0
+    real = gpu_checks.Normalizer
+    made: list[int] = []
+
+    def second_differs(mean, std, *, device, channels_last):
+        made.append(1)
+        norm = real(mean, std, device=device, channels_last=channels_last)
+        if len(made) % 2 == 1:   # the CPU reference
+            return norm
+        return lambda images: torch.nextafter(norm(images), torch.tensor(float("inf")))  # one ulp up
+
+    monkeypatch.setattr(gpu_checks, "Normalizer", second_differs)
+    assert 0.0 < gpu_checks.normalization_diff(cpu) < 1e-5
+
+    def second_nchw(mean, std, *, device, channels_last):
+        made.append(1)
+        return real(mean, std, device=device, channels_last=len(made) % 2 == 1)
+
+    made.clear()
+    monkeypatch.setattr(gpu_checks, "Normalizer", second_nchw)
+    assert gpu_checks.normalization_diff(cpu) == float("inf")
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:

@@ -12,6 +12,10 @@ what only exists there:
   direction agrees with fp32's (cosine >= 0.98), so does the part of it that GNP adds to the plain
   step (GNP update − plain update, cosine >= 0.8: one GNP step is only a few degrees from the plain
   one, so the first cosine alone cannot see GNP switched off), and every value stays finite.
+* ``normalize``: the loaders' uint8 -> float conversion (``Normalizer``, channels_last, from a CPU
+  batch as the FFCV pipeline's last CPU stage hands it over) gives on the device exactly the floats
+  it gives on the CPU (max difference 0: one float32 subtraction and one multiplication, both
+  correctly rounded everywhere).
 * ``ddp``: the same fp64 steps through DistributedDataParallel on a one-rank process group (NCCL on
   CUDA, gloo on the CPU) equal the unwrapped model's (1e-12): the no_sync first pass, the reducer's
   buckets and the reuse mode's all-reduce run on that backend. One GPU cannot host two NCCL ranks
@@ -39,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.data.loaders import Normalizer
 from trainer.optim.gnp import GNP
 
 FULL3 = (True, True, True)
@@ -117,6 +122,18 @@ def _initial() -> list[Tensor]:
     return [t.detach().double().clone() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
 
 
+def normalization_diff(device: torch.device) -> float:
+    """Largest |device - CPU| of the loaders' normalization of one random uint8 channels_last batch."""
+    nhwc = torch.randint(0, 256, (16, 24, 20, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = [120.5, 110.25, 99.0], [60.1, 58.7, 61.3]
+    images = nhwc.permute(0, 3, 1, 2)  # FFCV's NHWC buffer viewed as NCHW
+    on_cpu = Normalizer(mean, std, device=torch.device("cpu"), channels_last=True)(images)
+    on_device = Normalizer(mean, std, device=device, channels_last=True)(images)
+    if not on_device.is_contiguous(memory_format=torch.channels_last) or on_device.device.type != device.type:
+        return math.inf
+    return float((on_device.cpu() - on_cpu).abs().max())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -144,6 +161,12 @@ def checks(device: torch.device) -> list[dict]:
     ref_reuse = run_steps(cpu, torch.float64, REUSE_PATTERN, reuse="looksam")
     record("fp64 GNP reuse steps, device vs CPU",
            rel_diff(run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam"), ref_reuse), 1e-9, "max")
+
+    name = "loader normalization, device vs CPU (max abs diff)"
+    try:
+        record(name, normalization_diff(device), 0.0, "max")
+    except Exception as e:  # noqa: BLE001 — reported as a failed row; the other checks still run
+        failed(name, e)
 
     start = _initial()
     fp32, fp32_plain = run_steps(device, torch.float32, (True,)), run_steps(device, torch.float32, (False,))
