@@ -133,7 +133,7 @@ def test_smoke_suite_writes_the_full_report(tmp_path: Path) -> None:
     status = {p["name"]: p["status"] for p in report["parts"]}
     assert status == {"checks": "ok", "gnp-eager": "ok", "e2e-eager": "ok", "gnp-compile": "skipped",
                       "e2e-compile": "skipped", "compare": "ok"}
-    assert [c["ok"] for c in report["checks"]] == [True] * 7
+    assert [c["ok"] for c in report["checks"]] == [True] * 8
     (step,) = report["step"]
     assert step["model"] == "small_cnn" and step["every4_x_sgd"] == pytest.approx(
         (3 * step["sgd_ms"] + step["gnp_ms"]) / 4 / step["sgd_ms"])
