@@ -82,6 +82,20 @@ def test_a_check_that_crashes_is_a_failed_row_and_the_rest_still_run(monkeypatch
     assert rows[2]["check"].startswith("loader normalization") and rows[2]["value"] == 0.0
 
 
+def test_a_crashing_fp64_check_is_a_failed_row_too(monkeypatch) -> None:
+    real = gpu_checks.run_steps
+
+    def broken_fp64(device, dtype, pattern, **kwargs):
+        if dtype == torch.float64 and kwargs.get("reuse", "none") == "none":
+            raise RuntimeError("device lost")
+        return real(device, dtype, pattern, **kwargs)
+
+    monkeypatch.setattr(gpu_checks, "run_steps", broken_fp64)
+    rows = gpu_checks.checks(torch.device("cpu"))
+    assert [r["ok"] for r in rows] == [False, True, True, True, True, True, True, True]
+    assert rows[0]["error"] == "RuntimeError: device lost" and rows[0]["check"].startswith("fp64 GNP steps")
+
+
 def test_normalization_check_sees_one_ulp_and_a_wrong_layout(monkeypatch) -> None:
     cpu = torch.device("cpu")
     assert gpu_checks.normalization_diff(cpu) == 0.0

@@ -241,10 +241,22 @@ def validate_dataset(data_dir: str | os.PathLike) -> dict:
 def _flip_crop_cutout_operation() -> type:
     """Build the ``RandomFlipCropCutout`` class (deferred so that importing this module skips ffcv)."""
     import_ffcv()
+    import numba
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
+
+    @numba.njit
+    def draw_fn(h, w, pad, cut, flip_prob):
+        # Per image, in this order, in both variants: flip, crop offset, cutout corner. Compiled once
+        # per process (the class is built once), called from every loader's parallel stage.
+        flip = np.random.random() < flip_prob
+        dy = np.random.randint(-pad, pad + 1)
+        dx = np.random.randint(-pad, pad + 1)
+        cy = np.random.randint(0, h - cut + 1)
+        cx = np.random.randint(0, w - cut + 1)
+        return flip, dy, dx, cy, cx
 
     class RandomFlipCropCutout(Operation):
         """Random horizontal flip, reflect-padded random crop, then cutout, per image.
@@ -277,8 +289,6 @@ def _flip_crop_cutout_operation() -> type:
 
         def generate_code(self, in_place: Optional[bool] = None) -> Callable:
             """The numba code; ``in_place`` (default: when there is no padding) picks the variant."""
-            import numba
-
             in_place = not self.padding if in_place is None else in_place
             if in_place and self.padding:
                 raise ValueError(f"padding: {self.padding}; the in-place variant needs padding 0")
@@ -287,16 +297,7 @@ def _flip_crop_cutout_operation() -> type:
             flip_prob = self.flip_prob
             cut = self.cutout
             fill = self.fill
-
-            @numba.njit(cache=False)
-            def draw(h, w, pad, cut, flip_prob):
-                # Per image, in this order, in both variants: flip, crop offset, cutout corner.
-                flip = np.random.random() < flip_prob
-                dy = np.random.randint(-pad, pad + 1)
-                dx = np.random.randint(-pad, pad + 1)
-                cy = np.random.randint(0, h - cut + 1)
-                cx = np.random.randint(0, w - cut + 1)
-                return flip, dy, dx, cy, cx
+            draw = draw_fn
 
             def flip_cutout_in_place(images, _dst):
                 n, h, w, c = images.shape
