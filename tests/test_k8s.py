@@ -434,11 +434,14 @@ def test_cluster_errors_exit_2(tmp_path, monkeypatch, capsys):
 RANK_MODULE = '''
 import os, signal, sys, time
 mode, rank = os.environ["FAKE_MODE"], int(os.environ["LOCAL_RANK"])
+def say(line):
+    # one write per line: both ranks share the pipe, and print() with several arguments writes piecewise
+    # (CI once got "DATADATA  [...][...]" from two ranks' print("DATA", names))
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
 if os.environ.get("GNP_DATA_DIR"):
-    print("DATA", sorted(os.listdir(os.environ["GNP_DATA_DIR"])), flush=True)
-# one write per line: both ranks share the pipe, and print() with several arguments writes piecewise
-sys.stdout.write(f"ARGS {sys.argv[1:]} RANK {os.environ['RANK']} WORLD {os.environ['WORLD_SIZE']}\\n")
-sys.stdout.flush()
+    say(f"DATA {sorted(os.listdir(os.environ['GNP_DATA_DIR']))}")
+say(f"ARGS {sys.argv[1:]} RANK {os.environ['RANK']} WORLD {os.environ['WORLD_SIZE']}")
 if mode == "user" and rank == 1:
     sys.exit(2)
 if mode == "crash" and rank == 1:
