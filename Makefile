@@ -83,7 +83,7 @@ K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)
 NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
 IMAGE_TAG = $(or $(IMAGE),gnp-trainer:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml))
 
-.PHONY: jobs render submit status logs delete image lint
+.PHONY: jobs render submit status logs delete image lint format
 
 jobs: setup
 	@$(K8S) jobs
@@ -116,5 +116,12 @@ image:
 	set -x; $$tool -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE_TAG) .
 
 # hadolint fails on error-level findings (docker/.hadolint.yaml); tests/test_k8s.py wants no finding at all.
+# ruff: lint rules and formatting (pyproject.toml [tool.ruff]); `make format` rewrites in place.
 lint: setup
 	$(VENV)/bin/hadolint --config docker/.hadolint.yaml docker/Dockerfile
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

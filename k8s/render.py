@@ -47,12 +47,14 @@ MONITORING_DIR = K8S_DIR / "monitoring"
 MONITORING_FILES = ("podmonitor.yaml", "dashboard-configmap.yaml")
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-OPERATOR_INSTALL = ('kubectl apply --server-side -k '
-                    '"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.0"')
-CONTAINER = "pytorch"          # the operator reads exit codes and adds its port only on this container
-RDZV_PORT = 23456              # the operator's default `pytorchjob-port`
-METRICS_PORT = 9300            # trainer default metrics.port; rank r listens on port + r
-UID = 1000                     # the image's user (docker/setup.sh)
+OPERATOR_INSTALL = (
+    "kubectl apply --server-side -k "
+    '"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.0"'
+)
+CONTAINER = "pytorch"  # the operator reads exit codes and adds its port only on this container
+RDZV_PORT = 23456  # the operator's default `pytorchjob-port`
+METRICS_PORT = 9300  # trainer default metrics.port; rank r listens on port + r
+UID = 1000  # the image's user (docker/setup.sh)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 TEMPLATE_KEYS = ("name", "recipe", "namespace")
 EXIT_USER = 2
@@ -81,11 +83,37 @@ convert.dataset/source/source_s3/args/resources   the dataset-conversion Job    
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
 """
 
-SPEC_KEYS = {"name", "recipe", "description", "image", "namespace", "nodes", "gpus_per_node", "gpu_resource",
-             "nproc_per_node", "elastic", "max_restarts", "resources", "dataset", "checkpoint", "s3_secret",
-             "retry_crashes", "backoff_limit", "ttl_seconds_after_finished", "active_deadline_seconds",
-             "node_selector", "tolerations", "priority_class", "labels", "annotations", "env", "set", "convert",
-             "image_pull_policy", "image_pull_secrets"}
+SPEC_KEYS = {
+    "name",
+    "recipe",
+    "description",
+    "image",
+    "namespace",
+    "nodes",
+    "gpus_per_node",
+    "gpu_resource",
+    "nproc_per_node",
+    "elastic",
+    "max_restarts",
+    "resources",
+    "dataset",
+    "checkpoint",
+    "s3_secret",
+    "retry_crashes",
+    "backoff_limit",
+    "ttl_seconds_after_finished",
+    "active_deadline_seconds",
+    "node_selector",
+    "tolerations",
+    "priority_class",
+    "labels",
+    "annotations",
+    "env",
+    "set",
+    "convert",
+    "image_pull_policy",
+    "image_pull_secrets",
+}
 
 
 class UserError(Exception):
@@ -94,6 +122,7 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------------------------------------------
 # Job specs
+
 
 def list_jobs() -> list[str]:
     """Names of the job specs in k8s/jobs/ (files starting with `_` hold shared defaults)."""
@@ -161,6 +190,7 @@ def load_spec(job: str, spec_overrides: Iterable[str] = ()) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------------
 # Typed access to the spec, one-line errors naming the key.
 
+
 @dataclass
 class _Reader:
     where: str
@@ -200,8 +230,9 @@ class _Reader:
             if key not in allowed:
                 close = difflib.get_close_matches(key, sorted(allowed), n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise UserError(f"{self.where}: {self.prefix}{key}: unknown key; {hint}"
-                                f"allowed: {', '.join(sorted(allowed))}")
+                raise UserError(
+                    f"{self.where}: {self.prefix}{key}: unknown key; {hint}allowed: {', '.join(sorted(allowed))}"
+                )
 
 
 def _doc_line(key: str) -> str:
@@ -217,8 +248,9 @@ def _quantity(reader: _Reader, key: str, default: str | None = None, required: b
         return None
     text = str(value)
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", text):
-        raise UserError(f"{reader.where}: {reader.prefix}{key}: {value!r} is not a Kubernetes quantity "
-                        f"(e.g. 8, 500m, 64Gi)")
+        raise UserError(
+            f"{reader.where}: {reader.prefix}{key}: {value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)"
+        )
     return text
 
 
@@ -238,14 +270,17 @@ def check_name(name: str, max_index: int = 0) -> str:
     """DNS-1035 check of a PyTorchJob name, leaving room for the `-worker-<i>` Service names (63 chars)."""
     limit = 63 - len(f"-worker-{max_index}")
     if not DNS1035.match(name) or len(name) > limit:
-        raise UserError(f"job name {name!r} is not a valid DNS-1035 label: lowercase letters, digits and '-', "
-                        f"starting with a letter, ending with a letter or digit, at most {limit} characters "
-                        f"(63 minus '-worker-{max_index}')")
+        raise UserError(
+            f"job name {name!r} is not a valid DNS-1035 label: lowercase letters, digits and '-', "
+            f"starting with a letter, ending with a letter or digit, at most {limit} characters "
+            f"(63 minus '-worker-{max_index}')"
+        )
     return name
 
 
 # ---------------------------------------------------------------------------------------------------
 # Rendering
+
 
 @dataclass
 class Job:
@@ -295,8 +330,15 @@ def _override_value(sets: list[str], key: str) -> str | None:
     return found
 
 
-def build_job(job: str, *, sets: Iterable[str] = (), spec_overrides: Iterable[str] = (), image: str | None = None,
-              namespace: str | None = None, name: str | None = None) -> Job:
+def build_job(
+    job: str,
+    *,
+    sets: Iterable[str] = (),
+    spec_overrides: Iterable[str] = (),
+    image: str | None = None,
+    namespace: str | None = None,
+    name: str | None = None,
+) -> Job:
     """Validate spec JOB (+ overrides) and resolve everything the manifests need."""
     default_name, data = load_spec(job, spec_overrides)
     where = str(spec_path(job).relative_to(ROOT)) if spec_path(job).is_relative_to(ROOT) else job
@@ -343,8 +385,9 @@ def build_job(job: str, *, sets: Iterable[str] = (), spec_overrides: Iterable[st
     if ds.get("pvc", str):
         path = _rel_path(ds, "path", _expand(ds.get("path", str, ""), values))
         data_volume = {"name": "data", "persistentVolumeClaim": {"claimName": ds.get("pvc", str)}}
-        volumes.append({**data_volume, "persistentVolumeClaim": {**data_volume["persistentVolumeClaim"],
-                                                                  "readOnly": True}})
+        volumes.append(
+            {**data_volume, "persistentVolumeClaim": {**data_volume["persistentVolumeClaim"], "readOnly": True}}
+        )
         mounts.append({"name": "data", "mountPath": "/data", "readOnly": True})
         base_sets.append(f"data.path={'/data/' + path if path else '/data'}")
     elif ds.get("s3", str):
@@ -395,20 +438,28 @@ def build_job(job: str, *, sets: Iterable[str] = (), spec_overrides: Iterable[st
     gpu_resource = r.get("gpu_resource", str, "nvidia.com/gpu")
     if gpus:
         requests[gpu_resource] = limits[gpu_resource] = str(gpus)
-    volumes += [{"name": "tmp", "emptyDir": {"sizeLimit": _quantity(res, "tmp", "20Gi")}},
-                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity(res, "shm", "8Gi")}}]
+    volumes += [
+        {"name": "tmp", "emptyDir": {"sizeLimit": _quantity(res, "tmp", "20Gi")}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _quantity(res, "shm", "8Gi")}},
+    ]
     mounts += [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
 
     port = _override_value(all_sets, "metrics.port")
     metrics_port = int(port) if port and port.isdigit() else METRICS_PORT
-    labels = {"app.kubernetes.io/name": "gnp-trainer", "app.kubernetes.io/instance": name,
-              "app.kubernetes.io/component": "training", "gnp.training/recipe": recipe}
+    labels = {
+        "app.kubernetes.io/name": "gnp-trainer",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "training",
+        "gnp.training/recipe": recipe,
+    }
     extra_labels = {str(k): str(v) for k, v in (r.get("labels", dict, {}) or {}).items()}
     # The operator adds training.kubeflow.org/job-name to every pod itself (the PodMonitor selects on it);
     # setting the same value here makes the selection visible in the manifest and testable offline.
     pod_labels = {**labels, **extra_labels, "training.kubeflow.org/job-name": name}
-    pod_annotations = {"sidecar.istio.io/inject": "false",
-                       **{str(k): str(v) for k, v in (r.get("annotations", dict, {}) or {}).items()}}
+    pod_annotations = {
+        "sidecar.istio.io/inject": "false",
+        **{str(k): str(v) for k, v in (r.get("annotations", dict, {}) or {}).items()},
+    }
     pod_extra: dict = {}
     if r.get("node_selector", dict):
         pod_extra["nodeSelector"] = {str(k): str(v) for k, v in r.get("node_selector", dict).items()}
@@ -423,8 +474,11 @@ def build_job(job: str, *, sets: Iterable[str] = (), spec_overrides: Iterable[st
     # activeDeadlineSeconds is the bound that always holds (platform.md §1.2).
     # cleanPodPolicy Running: when the job ends (e.g. the Master failed with exit 2), pods still running
     # (Workers waiting on a dead rendezvous) are deleted; finished pods stay for their logs until the TTL.
-    run_policy = {"cleanPodPolicy": "Running", "backoffLimit": r.int("backoff_limit", 3),
-                  "ttlSecondsAfterFinished": r.int("ttl_seconds_after_finished", 7 * 24 * 3600)}
+    run_policy = {
+        "cleanPodPolicy": "Running",
+        "backoffLimit": r.int("backoff_limit", 3),
+        "ttlSecondsAfterFinished": r.int("ttl_seconds_after_finished", 7 * 24 * 3600),
+    }
     deadline = r.int("active_deadline_seconds", None, minimum=1)
     if deadline is not None:
         run_policy["activeDeadlineSeconds"] = deadline
@@ -433,13 +487,34 @@ def build_job(job: str, *, sets: Iterable[str] = (), spec_overrides: Iterable[st
     if pull_policy not in ("Always", "IfNotPresent", "Never"):
         raise UserError(f"{where}: image_pull_policy: expected Always, IfNotPresent or Never, got {pull_policy!r}")
     convert = _convert_spec(r, where, values, ds)
-    return Job(name=name, namespace=namespace, recipe=recipe, image=image, nodes=nodes, nproc=nproc, gpus=gpus,
-               gpu_resource=gpu_resource, elastic=elastic, max_restarts=r.int("max_restarts", 3),
-               args=["train", "--recipe", recipe] + [a for s in all_sets for a in ("--set", s)], env=env,
-               volumes=volumes, mounts=mounts, resources={"requests": requests, "limits": limits},
-               pod_labels=pod_labels, pod_annotations=pod_annotations, pod_extra=pod_extra, job_labels=labels,
-               run_policy=run_policy, metrics_port=metrics_port, convert=convert, uses_s3=uses_s3,
-               s3_secret=s3_secret, data_volume=data_volume, pull_policy=pull_policy)
+    return Job(
+        name=name,
+        namespace=namespace,
+        recipe=recipe,
+        image=image,
+        nodes=nodes,
+        nproc=nproc,
+        gpus=gpus,
+        gpu_resource=gpu_resource,
+        elastic=elastic,
+        max_restarts=r.int("max_restarts", 3),
+        args=["train", "--recipe", recipe] + [a for s in all_sets for a in ("--set", s)],
+        env=env,
+        volumes=volumes,
+        mounts=mounts,
+        resources={"requests": requests, "limits": limits},
+        pod_labels=pod_labels,
+        pod_annotations=pod_annotations,
+        pod_extra=pod_extra,
+        job_labels=labels,
+        run_policy=run_policy,
+        metrics_port=metrics_port,
+        convert=convert,
+        uses_s3=uses_s3,
+        s3_secret=s3_secret,
+        data_volume=data_volume,
+        pull_policy=pull_policy,
+    )
 
 
 def _s3_env(secret: str) -> list[dict]:
@@ -448,15 +523,21 @@ def _s3_env(secret: str) -> list[dict]:
         if optional:
             sel["optional"] = True
         return {"name": key, "valueFrom": {"secretKeyRef": sel}}
-    return [ref("AWS_ACCESS_KEY_ID", False), ref("AWS_SECRET_ACCESS_KEY", False),
-            ref("AWS_ENDPOINT_URL_S3", True), ref("AWS_DEFAULT_REGION", True),
-            # S3-compatible stores reject botocore's default CRC checksums (platform.md §3)
-            {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
-            {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"}]
+
+    return [
+        ref("AWS_ACCESS_KEY_ID", False),
+        ref("AWS_SECRET_ACCESS_KEY", False),
+        ref("AWS_ENDPOINT_URL_S3", True),
+        ref("AWS_DEFAULT_REGION", True),
+        # S3-compatible stores reject botocore's default CRC checksums (platform.md §3)
+        {"name": "AWS_REQUEST_CHECKSUM_CALCULATION", "value": "when_required"},
+        {"name": "AWS_RESPONSE_CHECKSUM_VALIDATION", "value": "when_required"},
+    ]
 
 
-def _check_trainer_config(where: str, recipe: str, sets: list[str], nproc: int, nodes: int,
-                          elastic: tuple[int, int] | None) -> None:
+def _check_trainer_config(
+    where: str, recipe: str, sets: list[str], nproc: int, nodes: int, elastic: tuple[int, int] | None
+) -> None:
     """Load the trainer config the pod will load, so typos fail here rather than in the cluster."""
     sys.path.insert(0, str(ROOT))
     try:
@@ -471,9 +552,11 @@ def _check_trainer_config(where: str, recipe: str, sets: list[str], nproc: int, 
         sizes = range(elastic[0], elastic[1] + 1) if elastic else [nodes]
         bad = [n * nproc for n in sizes if cfg.loop.batch_size % (n * nproc)]
         if bad:
-            raise UserError(f"{where}: loop.batch_size {cfg.loop.batch_size} is not divisible by the world size "
-                            f"{bad[0]} ({bad[0] // nproc} node(s) x {nproc}); change nodes/elastic or the batch "
-                            f"size, or --set loop.batch_size_mode=per_rank")
+            raise UserError(
+                f"{where}: loop.batch_size {cfg.loop.batch_size} is not divisible by the world size "
+                f"{bad[0]} ({bad[0] // nproc} node(s) x {nproc}); change nodes/elastic or the batch "
+                f"size, or --set loop.batch_size_mode=per_rank"
+            )
 
 
 def _convert_spec(r: _Reader, where: str, values: dict, ds: _Reader) -> dict | None:
@@ -491,22 +574,32 @@ def _convert_spec(r: _Reader, where: str, values: dict, ds: _Reader) -> dict | N
         # relative: inside the dataset volume; absolute: inside the image (e.g. /usr/share/datasets/...)
         if not src.startswith("/"):
             if not ds.get("pvc", str):
-                raise UserError(f"{where}: convert.source {src!r} is relative to the dataset PVC, but the "
-                                f"dataset is on S3: use convert.source_s3 or an absolute path in the image")
+                raise UserError(
+                    f"{where}: convert.source {src!r} is relative to the dataset PVC, but the "
+                    f"dataset is on S3: use convert.source_s3 or an absolute path in the image"
+                )
             src = "/data/" + _rel_path(cv, "source", src)
         out["source"] = src
     res = cv.sub("resources")
     out["resources"] = {"cpu": "4", "memory": "16Gi", "tmp": "50Gi"}
     if res is not None:
         res.check_unknown({"cpu", "memory", "tmp"})
-        out["resources"] = {"cpu": _quantity(res, "cpu", "4"), "memory": _quantity(res, "memory", "16Gi"),
-                            "tmp": _quantity(res, "tmp", "50Gi")}
+        out["resources"] = {
+            "cpu": _quantity(res, "cpu", "4"),
+            "memory": _quantity(res, "memory", "16Gi"),
+            "tmp": _quantity(res, "tmp", "50Gi"),
+        }
     return out
 
 
 def _pod_security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _container_security() -> dict:
@@ -524,14 +617,30 @@ def _meta(name: str, namespace: str | None, labels: dict) -> dict:
 def render_pytorchjob(job: Job) -> dict:
     """The kubeflow.org/v1 PyTorchJob (training-operator v1.9 CRD + webhook rules)."""
     ports = [{"name": "pytorchjob-port", "containerPort": RDZV_PORT, "protocol": "TCP"}]
-    ports += [{"name": f"metrics-{i}", "containerPort": job.metrics_port + i, "protocol": "TCP"}
-              for i in range(job.nproc)]
-    container = {"name": CONTAINER, "image": job.image, "imagePullPolicy": job.pull_policy, "args": job.args,
-                 "env": job.env, "ports": ports, "resources": job.resources,
-                 "securityContext": _container_security(), "volumeMounts": job.mounts}
-    template = {"metadata": {"labels": job.pod_labels, "annotations": job.pod_annotations},
-                "spec": {"automountServiceAccountToken": False, "securityContext": _pod_security(),
-                         **job.pod_extra, "containers": [container], "volumes": job.volumes}}
+    ports += [
+        {"name": f"metrics-{i}", "containerPort": job.metrics_port + i, "protocol": "TCP"} for i in range(job.nproc)
+    ]
+    container = {
+        "name": CONTAINER,
+        "image": job.image,
+        "imagePullPolicy": job.pull_policy,
+        "args": job.args,
+        "env": job.env,
+        "ports": ports,
+        "resources": job.resources,
+        "securityContext": _container_security(),
+        "volumeMounts": job.mounts,
+    }
+    template = {
+        "metadata": {"labels": job.pod_labels, "annotations": job.pod_annotations},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": _pod_security(),
+            **job.pod_extra,
+            "containers": [container],
+            "volumes": job.volumes,
+        },
+    }
 
     def replica(n: int) -> dict:
         return {"replicas": n, "restartPolicy": "ExitCode", "template": copy.deepcopy(template)}
@@ -540,15 +649,23 @@ def render_pytorchjob(job: Job) -> dict:
     if job.elastic:
         # Elastic: Workers only; torchrun's c10d rendezvous runs on worker-0 (PET_RDZV_ENDPOINT); the job
         # succeeds when any Worker succeeds. nProcPerNode inside elasticPolicy is deprecated: spec.nprocPerNode.
-        spec["elasticPolicy"] = {"rdzvBackend": "c10d", "minReplicas": job.elastic[0],
-                                 "maxReplicas": job.elastic[1], "maxRestarts": job.max_restarts}
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "minReplicas": job.elastic[0],
+            "maxReplicas": job.elastic[1],
+            "maxRestarts": job.max_restarts,
+        }
         spec["pytorchReplicaSpecs"] = {"Worker": replica(job.nodes)}
     else:
         spec["pytorchReplicaSpecs"] = {"Master": replica(1)}
         if job.nodes > 1:
             spec["pytorchReplicaSpecs"]["Worker"] = replica(job.nodes - 1)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": _meta(job.name, job.namespace, job.job_labels), "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": _meta(job.name, job.namespace, job.job_labels),
+        "spec": spec,
+    }
 
 
 def render_convert_job(job: Job) -> dict | None:
@@ -563,10 +680,10 @@ def render_convert_job(job: Job) -> dict | None:
     args = ["convert", "--dataset", cv["dataset"]]
     if "persistentVolumeClaim" in job.data_volume:
         out = [a.split("=", 1)[1] for a in job.args if a.startswith("data.path=")][-1]  # the last --set wins
-        volumes.append(job.data_volume)    # read-write here: this Job writes the dataset
+        volumes.append(job.data_volume)  # read-write here: this Job writes the dataset
         mounts.append({"name": "data", "mountPath": "/data"})
     else:
-        out = "/tmp/gnp-convert-out"        # then uploaded to the dataset's S3 prefix by the entrypoint
+        out = "/tmp/gnp-convert-out"  # then uploaded to the dataset's S3 prefix by the entrypoint
         env.append(next(e for e in job.env if e["name"] == "GNP_DATA_S3"))
     if cv.get("source_s3"):
         env.append({"name": "GNP_CONVERT_SOURCE_S3", "value": cv["source_s3"]})
@@ -575,22 +692,50 @@ def render_convert_job(job: Job) -> dict | None:
     args += ["--out", out, *cv["args"]]
     if job.uses_s3:
         env += _s3_env(job.s3_secret)
-    container = {"name": "convert", "image": job.image, "imagePullPolicy": job.pull_policy, "args": args,
-                 "env": env,
-                 "resources": {"requests": {"cpu": cv["resources"]["cpu"], "memory": cv["resources"]["memory"]},
-                               "limits": {"memory": cv["resources"]["memory"]}},
-                 "securityContext": _container_security(), "volumeMounts": mounts}
+    container = {
+        "name": "convert",
+        "image": job.image,
+        "imagePullPolicy": job.pull_policy,
+        "args": args,
+        "env": env,
+        "resources": {
+            "requests": {"cpu": cv["resources"]["cpu"], "memory": cv["resources"]["memory"]},
+            "limits": {"memory": cv["resources"]["memory"]},
+        },
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
     labels = {**job.job_labels, "app.kubernetes.io/component": "dataset-conversion"}
     pod_extra = {k: v for k, v in job.pod_extra.items() if k in ("tolerations", "imagePullSecrets")}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, job.namespace, labels),
-            "spec": {"backoffLimit": 2, "ttlSecondsAfterFinished": job.run_policy["ttlSecondsAfterFinished"],
-                     # exit 2 = bad arguments or source data: retrying cannot help
-                     "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                         "containerName": "convert", "operator": "In", "values": [EXIT_USER]}}]},
-                     "template": {"metadata": {"labels": labels},
-                                  "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
-                                           "securityContext": _pod_security(), **pod_extra,
-                                           "containers": [container], "volumes": volumes}}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(name, job.namespace, labels),
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": job.run_policy["ttlSecondsAfterFinished"],
+            # exit 2 = bad arguments or source data: retrying cannot help
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": "convert", "operator": "In", "values": [EXIT_USER]},
+                    }
+                ]
+            },
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": _pod_security(),
+                    **pod_extra,
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
 
 
 def monitoring_texts() -> list[str]:
@@ -626,8 +771,11 @@ def render(job: Job, part: str = "job") -> str:
     """Manifest text for one part: job, convert, monitoring or all."""
     ports = podmonitor_ports()
     if ports is not None and job.nproc > len(ports):
-        print(f"warning: {job.name}: {job.nproc} processes per pod but k8s/monitoring/podmonitor.yaml scrapes "
-              f"only {len(ports)} ports ({ports[0]}..{ports[-1]})", file=sys.stderr)
+        print(
+            f"warning: {job.name}: {job.nproc} processes per pod but k8s/monitoring/podmonitor.yaml scrapes "
+            f"only {len(ports)} ports ({ports[0]}..{ports[-1]})",
+            file=sys.stderr,
+        )
     docs: list[dict | str] = []
     if part in ("job", "all"):
         docs.append(render_pytorchjob(job))
@@ -644,6 +792,7 @@ def render(job: Job, part: str = "job") -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Cluster access (kubernetes Python client: kubeconfig, or the in-cluster service account)
+
 
 @dataclass
 class Cluster:
@@ -676,17 +825,20 @@ def connect(namespace: str | None = None, context: str | None = None) -> Cluster
             config.load_incluster_config()
         except ConfigException:
             where = os.environ.get("KUBECONFIG") or "~/.kube/config"
-            raise UserError(f"no Kubernetes configuration: no usable kubeconfig ({where}: "
-                            f"{' '.join(str(kube_err).split())[:160]}) and not running inside a cluster; "
-                            f"set KUBECONFIG or run `kubectl config use-context ...`") from None
+            raise UserError(
+                f"no Kubernetes configuration: no usable kubeconfig ({where}: "
+                f"{' '.join(str(kube_err).split())[:160]}) and not running inside a cluster; "
+                f"set KUBECONFIG or run `kubectl config use-context ...`"
+            ) from None
         if ns is None:
             sa_ns = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
             ns = sa_ns.read_text().strip() if sa_ns.is_file() else None
     cfg = client.Configuration.get_default_copy()
     cfg.retries = 1  # fail fast when the API server is unreachable
     api = client.ApiClient(cfg)
-    return Cluster(custom=client.CustomObjectsApi(api), core=client.CoreV1Api(api), namespace=ns or "default",
-                   host=cfg.host)
+    return Cluster(
+        custom=client.CustomObjectsApi(api), core=client.CoreV1Api(api), namespace=ns or "default", host=cfg.host
+    )
 
 
 TIMEOUT = (5, 30)
@@ -701,16 +853,21 @@ def _api_call(cluster: Cluster, what: str, fn: Callable, *args: Any, **kwargs: A
         return fn(*args, _request_timeout=TIMEOUT, **kwargs)
     except urllib3.exceptions.HTTPError as e:
         reason = getattr(e, "reason", None) or e
-        raise UserError(f"cannot reach the Kubernetes API server at {cluster.host} ({what}): "
-                        f"{' '.join(str(reason).split())[:200]}; check the kubeconfig context and the network") \
-            from None
+        raise UserError(
+            f"cannot reach the Kubernetes API server at {cluster.host} ({what}): "
+            f"{' '.join(str(reason).split())[:200]}; check the kubeconfig context and the network"
+        ) from None
     except ApiException as e:
         if e.status == 401:
-            raise UserError(f"the Kubernetes API server at {cluster.host} rejected the credentials ({what}): "
-                            f"log in again / refresh the kubeconfig") from None
+            raise UserError(
+                f"the Kubernetes API server at {cluster.host} rejected the credentials ({what}): "
+                f"log in again / refresh the kubeconfig"
+            ) from None
         if e.status == 403:
-            raise UserError(f"forbidden: {what} in namespace {cluster.namespace!r}: {_api_message(e)}; "
-                            f"an admin can grant it with k8s/examples/rbac.yaml") from None
+            raise UserError(
+                f"forbidden: {what} in namespace {cluster.namespace!r}: {_api_message(e)}; "
+                f"an admin can grant it with k8s/examples/rbac.yaml"
+            ) from None
         raise
 
 
@@ -727,8 +884,10 @@ def require_crd(cluster: Cluster) -> None:
     """UserError with the install command unless the API server serves kubeflow.org/v1 pytorchjobs."""
     from kubernetes.client.exceptions import ApiException
 
-    missing = UserError(f"the PyTorchJob CRD ({PLURAL}.{GROUP}/{VERSION}) is not installed in the cluster at "
-                        f"{cluster.host}; install the Kubeflow training operator v1.9: {OPERATOR_INSTALL}")
+    missing = UserError(
+        f"the PyTorchJob CRD ({PLURAL}.{GROUP}/{VERSION}) is not installed in the cluster at "
+        f"{cluster.host}; install the Kubeflow training operator v1.9: {OPERATOR_INSTALL}"
+    )
     try:
         resources = _api_call(cluster, "discover kubeflow.org/v1", cluster.custom.get_api_resources, GROUP, VERSION)
     except ApiException as e:
@@ -741,8 +900,15 @@ def require_crd(cluster: Cluster) -> None:
 
 def _free_name(cluster: Cluster, name: str) -> str:
     try:
-        listed = _api_call(cluster, "list pytorchjobs", cluster.custom.list_namespaced_custom_object, GROUP,
-                           VERSION, cluster.namespace, PLURAL)
+        listed = _api_call(
+            cluster,
+            "list pytorchjobs",
+            cluster.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+        )
         taken = {item["metadata"]["name"] for item in listed.get("items", [])}
     except Exception:  # only a suggestion: never fail the error message itself
         taken = {name}
@@ -756,14 +922,16 @@ def follow_up(name: str, namespace: str, elastic: bool) -> str:
     """The commands to watch a submitted job."""
     pod = f"{name}-worker-0" if elastic else f"{name}-master-0"
     nsarg = f" NAMESPACE={namespace}"
-    return "\n".join([
-        f"  make status JOB={name}{nsarg}     # conditions, replicas, pods",
-        f"  make logs JOB={name}{nsarg}       # follow rank 0 ({pod}, container {CONTAINER})",
-        f"  make delete JOB={name}{nsarg}",
-        f"  kubectl -n {namespace} get pytorchjob {name} -w",
-        f"  kubectl -n {namespace} wait --for=condition=Succeeded pytorchjob/{name} --timeout=168h",
-        f"  kubectl -n {namespace} logs -f {pod} -c {CONTAINER}",
-    ])
+    return "\n".join(
+        [
+            f"  make status JOB={name}{nsarg}     # conditions, replicas, pods",
+            f"  make logs JOB={name}{nsarg}       # follow rank 0 ({pod}, container {CONTAINER})",
+            f"  make delete JOB={name}{nsarg}",
+            f"  kubectl -n {namespace} get pytorchjob {name} -w",
+            f"  kubectl -n {namespace} wait --for=condition=Succeeded pytorchjob/{name} --timeout=168h",
+            f"  kubectl -n {namespace} logs -f {pod} -c {CONTAINER}",
+        ]
+    )
 
 
 def submit(job: Job, cluster: Cluster) -> dict:
@@ -775,20 +943,33 @@ def submit(job: Job, cluster: Cluster) -> dict:
     require_crd(cluster)
     body = render_pytorchjob(job)
     try:
-        return _api_call(cluster, "create pytorchjobs", cluster.custom.create_namespaced_custom_object, GROUP,
-                         VERSION, job.namespace, PLURAL, body)
+        return _api_call(
+            cluster,
+            "create pytorchjobs",
+            cluster.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            job.namespace,
+            PLURAL,
+            body,
+        )
     except ApiException as e:
         msg = _api_message(e)
         if e.status == 409:
-            raise UserError(f"pytorchjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
-                            f"(make delete JOB={job.name} NAMESPACE={job.namespace}) or submit under another "
-                            f"name: NAME={_free_name(cluster, job.name)}") from None
+            raise UserError(
+                f"pytorchjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
+                f"(make delete JOB={job.name} NAMESPACE={job.namespace}) or submit under another "
+                f"name: NAME={_free_name(cluster, job.name)}"
+            ) from None
         if e.status == 404:
             if "namespace" in msg.lower():
-                raise UserError(f"namespace {job.namespace!r} does not exist: kubectl create namespace "
-                                f"{job.namespace}") from None
-            raise UserError(f"the PyTorchJob CRD is not served ({msg}); install the Kubeflow training operator "
-                            f"v1.9: {OPERATOR_INSTALL}") from None
+                raise UserError(
+                    f"namespace {job.namespace!r} does not exist: kubectl create namespace {job.namespace}"
+                ) from None
+            raise UserError(
+                f"the PyTorchJob CRD is not served ({msg}); install the Kubeflow training operator "
+                f"v1.9: {OPERATOR_INSTALL}"
+            ) from None
         if e.status in (400, 422):
             raise UserError(f"the API server rejected pytorchjob {job.name!r}: {msg}") from None
         raise
@@ -799,12 +980,22 @@ def _get_job(cluster: Cluster, name: str) -> dict:
 
     require_crd(cluster)
     try:
-        return _api_call(cluster, "get pytorchjobs", cluster.custom.get_namespaced_custom_object, GROUP, VERSION,
-                         cluster.namespace, PLURAL, name)
+        return _api_call(
+            cluster,
+            "get pytorchjobs",
+            cluster.custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            name,
+        )
     except ApiException as e:
         if e.status == 404:
-            raise UserError(f"pytorchjob {name!r} not found in namespace {cluster.namespace!r} "
-                            f"(kubectl -n {cluster.namespace} get pytorchjobs lists them)") from None
+            raise UserError(
+                f"pytorchjob {name!r} not found in namespace {cluster.namespace!r} "
+                f"(kubectl -n {cluster.namespace} get pytorchjobs lists them)"
+            ) from None
         raise
 
 
@@ -827,23 +1018,36 @@ def status_text(cluster: Cluster, name: str) -> str:
     obj = _get_job(cluster, name)
     st = obj.get("status") or {}
     conds = st.get("conditions") or []
-    state = next((c["type"] for c in reversed(conds) if c.get("status") == "True"), "Unknown (no conditions: "
-                 "is the training operator running?)")
+    state = next(
+        (c["type"] for c in reversed(conds) if c.get("status") == "True"),
+        "Unknown (no conditions: is the training operator running?)",
+    )
     meta = obj.get("metadata", {})
-    lines = [f"pytorchjob {cluster.namespace}/{name}: {state}   "
-             f"(recipe {meta.get('labels', {}).get('gnp.training/recipe', '?')}, "
-             f"created {_age(meta.get('creationTimestamp'))} ago)"]
+    lines = [
+        f"pytorchjob {cluster.namespace}/{name}: {state}   "
+        f"(recipe {meta.get('labels', {}).get('gnp.training/recipe', '?')}, "
+        f"created {_age(meta.get('creationTimestamp'))} ago)"
+    ]
     lines.append("conditions:")
     for c in conds:
-        lines.append(f"  {c.get('type', ''):11s} {c.get('status', ''):6s} {c.get('reason', ''):24s} "
-                     f"{_age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}")
+        lines.append(
+            f"  {c.get('type', ''):11s} {c.get('status', ''):6s} {c.get('reason', ''):24s} "
+            f"{_age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}"
+        )
     if not conds:
         lines.append("  (none yet)")
     for rtype, rs in (st.get("replicaStatuses") or {}).items():
-        lines.append(f"replicas {rtype}: active {rs.get('active', 0)}, succeeded {rs.get('succeeded', 0)}, "
-                     f"failed {rs.get('failed', 0)}")
-    pods = _api_call(cluster, "list pods", cluster.core.list_namespaced_pod, cluster.namespace,
-                     label_selector=f"training.kubeflow.org/job-name={name}")
+        lines.append(
+            f"replicas {rtype}: active {rs.get('active', 0)}, succeeded {rs.get('succeeded', 0)}, "
+            f"failed {rs.get('failed', 0)}"
+        )
+    pods = _api_call(
+        cluster,
+        "list pods",
+        cluster.core.list_namespaced_pod,
+        cluster.namespace,
+        label_selector=f"training.kubeflow.org/job-name={name}",
+    )
     lines.append("pods:")
     if not pods.items:
         lines.append("  (none)")
@@ -858,8 +1062,10 @@ def status_text(cluster: Cluster, name: str) -> str:
                 detail = f"exit {s.terminated.exit_code} ({s.terminated.reason or ''})"
             elif s and s.waiting:
                 detail = f"waiting: {s.waiting.reason or ''}"
-        lines.append(f"  {p.metadata.name:32s} {p.status.phase or '':10s} restarts {restarts:<3d} "
-                     f"node {p.spec.node_name or '-':20s} {detail}")
+        lines.append(
+            f"  {p.metadata.name:32s} {p.status.phase or '':10s} restarts {restarts:<3d} "
+            f"node {p.spec.node_name or '-':20s} {detail}"
+        )
     return "\n".join(lines)
 
 
@@ -880,14 +1086,23 @@ def logs(cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            resp = _api_call(cluster, "read pods/log", cluster.core.read_namespaced_pod_log, pod, cluster.namespace,
-                             container=CONTAINER, follow=follow, _preload_content=False)
+            resp = _api_call(
+                cluster,
+                "read pods/log",
+                cluster.core.read_namespaced_pod_log,
+                pod,
+                cluster.namespace,
+                container=CONTAINER,
+                follow=follow,
+                _preload_content=False,
+            )
             break
         except ApiException as e:
             if e.status not in (400, 404) or time.monotonic() > deadline:
                 if e.status in (400, 404):
-                    raise UserError(f"pod {pod} has no log yet after {wait_s:.0f} s ({_api_message(e)}); "
-                                    f"see make status JOB={name}") from None
+                    raise UserError(
+                        f"pod {pod} has no log yet after {wait_s:.0f} s ({_api_message(e)}); see make status JOB={name}"
+                    ) from None
                 raise
             print(f"waiting for {pod}: {_api_message(e)}", file=sys.stderr)
             time.sleep(2)
@@ -905,8 +1120,17 @@ def delete(cluster: Cluster, name: str) -> None:
 
     require_crd(cluster)
     try:
-        _api_call(cluster, "delete pytorchjobs", cluster.custom.delete_namespaced_custom_object, GROUP, VERSION,
-                  cluster.namespace, PLURAL, name, propagation_policy="Background")
+        _api_call(
+            cluster,
+            "delete pytorchjobs",
+            cluster.custom.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            name,
+            propagation_policy="Background",
+        )
     except ApiException as e:
         if e.status == 404:
             raise UserError(f"pytorchjob {name!r} not found in namespace {cluster.namespace!r}") from None
@@ -916,34 +1140,57 @@ def delete(cluster: Cluster, name: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python k8s/render.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="job spec keys:\n" + SPEC_DOC)
+    p = argparse.ArgumentParser(
+        prog="python k8s/render.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="job spec keys:\n" + SPEC_DOC,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     sub.add_parser("jobs", help="list the job specs")
 
     def job_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("job", metavar="JOB", help="spec name in k8s/jobs/ or path to a spec file")
-        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="trainer override added to the pod's arguments (repeatable)")
-        sp.add_argument("--spec", dest="spec", action="append", default=[], metavar="KEY=VALUE",
-                        help="job spec override, e.g. nodes=4 or resources.memory=64Gi (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="sets",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="trainer override added to the pod's arguments (repeatable)",
+        )
+        sp.add_argument(
+            "--spec",
+            dest="spec",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="job spec override, e.g. nodes=4 or resources.memory=64Gi (repeatable)",
+        )
         sp.add_argument("--image", help="container image (default: the spec's image)")
         sp.add_argument("--name", help="PyTorchJob name (default: the spec name)")
         sp.add_argument("-n", "--namespace", help="namespace (default: spec, then kubeconfig context, then default)")
 
     r = sub.add_parser("render", help="print the manifests (no cluster needed)")
     job_args(r)
-    r.add_argument("--part", choices=["job", "convert", "monitoring", "all"], default="job",
-                   help="job: the PyTorchJob; convert: the dataset-conversion Job; monitoring: PodMonitor + "
-                        "dashboard ConfigMap; all: every one of them")
+    r.add_argument(
+        "--part",
+        choices=["job", "convert", "monitoring", "all"],
+        default="job",
+        help="job: the PyTorchJob; convert: the dataset-conversion Job; monitoring: PodMonitor + "
+        "dashboard ConfigMap; all: every one of them",
+    )
     s = sub.add_parser("submit", help="render and create the PyTorchJob")
     job_args(s)
     s.add_argument("--context", help="kubeconfig context")
-    for cmd, text in (("status", "job conditions and pods"), ("logs", "follow the rank-0 log"),
-                      ("delete", "delete the PyTorchJob")):
+    for cmd, text in (
+        ("status", "job conditions and pods"),
+        ("logs", "follow the rank-0 log"),
+        ("delete", "delete the PyTorchJob"),
+    ):
         c = sub.add_parser(cmd, help=text)
         c.add_argument("name", metavar="NAME", help="PyTorchJob name")
         c.add_argument("-n", "--namespace")
@@ -973,17 +1220,26 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name:28s} {data.get('description', '')}")
         return 0
     if args.command in ("render", "submit"):
-        job = build_job(args.job, sets=args.sets, spec_overrides=args.spec, image=args.image,
-                        namespace=args.namespace, name=args.name)
+        job = build_job(
+            args.job,
+            sets=args.sets,
+            spec_overrides=args.spec,
+            image=args.image,
+            namespace=args.namespace,
+            name=args.name,
+        )
         if args.command == "render":
             sys.stdout.write(render(job, args.part))
             return 0
         cluster = connect(job.namespace, args.context)
         submit(job, cluster)
-        shape = (f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic
-                 else f"{job.nodes} pod(s)")
-        print(f"submitted pytorchjob {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
-              f"process(es), image {job.image}")
+        shape = (
+            f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
+        )
+        print(
+            f"submitted pytorchjob {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
+            f"process(es), image {job.image}"
+        )
         print("follow it with:\n" + follow_up(job.name, job.namespace, bool(job.elastic)))
         return 0
     check_name(args.name)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3server import s3_env, s3_server  # noqa: F401  (fixtures for every test module)
+from tests.support.s3server import s3_env, s3_server  # noqa: F401  (fixtures for every test module)
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -26,16 +26,24 @@ def cli_env(**extra: str) -> dict:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m trainer ARGS` in a child process."""
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or ROOT, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd or ROOT,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_torchrun(*args: str, nproc: int = 2, cwd: Path | None = None, timeout: float = 600,
-                 **env: str) -> subprocess.CompletedProcess:
+def run_torchrun(
+    *args: str, nproc: int = 2, cwd: Path | None = None, timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N ARGS` (gloo on CPU) in a child process."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*torchrun, *args], cwd=cwd or ROOT, env=cli_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*torchrun, *args], cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ References are independent of trainer.data.augment: label mass and mixing weight
 from the outputs, geometry from the pixels, single ops from torchvision's functional kernels or
 numpy formulas, the loss from F.cross_entropy.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,17 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as tvf
 
-from trainer.data.augment import (AutoAugment, BatchAugment, FlipReflectCrop, RandAugment, apply_op,
-                                  build_image_policy, paper_cifar10_policy, reference_cifar_policy,
-                                  soft_target_cross_entropy)
+from trainer.data.augment import (
+    AutoAugment,
+    BatchAugment,
+    FlipReflectCrop,
+    RandAugment,
+    apply_op,
+    build_image_policy,
+    paper_cifar10_policy,
+    reference_cifar_policy,
+    soft_target_cross_entropy,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -38,6 +47,7 @@ def uint8_images(n: int, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tenso
 # batch level
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["none", "cutout", "mixup", "mixcut", "cutmix"])
 @pytest.mark.parametrize("ls", [0.0, 0.1])
 def test_batch_shapes_dtypes_and_label_mass(kind: str, ls: float) -> None:
@@ -48,8 +58,8 @@ def test_batch_shapes_dtypes_and_label_mass(kind: str, ls: float) -> None:
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert t.shape == (8, 10) and t.dtype == torch.float32 and t.device == y.device
     assert torch.allclose(t.sum(1), torch.ones(8), atol=1e-6)
-    assert (t >= ls / 10 - 1e-7).all()                  # smoothing floor: ls / K on every class
-    assert torch.equal(x, batch(8, k=10)[0])            # input untouched
+    assert (t >= ls / 10 - 1e-7).all()  # smoothing floor: ls / K on every class
+    assert torch.equal(x, batch(8, k=10)[0])  # input untouched
 
 
 def test_none_is_one_hot_and_smoothing_formula() -> None:
@@ -69,21 +79,21 @@ def test_soft_target_loss_equals_cross_entropy_with_label_smoothing(ls: float) -
     ours = soft_target_cross_entropy(logits, t)
     ref = F.cross_entropy(logits, y, label_smoothing=ls)
     assert torch.allclose(ours, ref, atol=1e-6)
-    g1, = torch.autograd.grad(ours, logits)
-    g2, = torch.autograd.grad(ref, logits)
+    (g1,) = torch.autograd.grad(ours, logits)
+    (g2,) = torch.autograd.grad(ref, logits)
     assert torch.allclose(g1, g2, atol=1e-7)
 
 
 def test_mixup_is_one_folded_beta_lambda_with_reversed_batch() -> None:
     n = 10
     x, _ = batch(n)
-    y = torch.arange(n)                                 # distinct classes: lam readable from targets
+    y = torch.arange(n)  # distinct classes: lam readable from targets
     aug = BatchAugment("mixup", num_classes=n, alpha=1.0, seed=0)
     lams = []
     for step in range(300):
         out, t = aug(x, y, step)
-        lam = aug.draw(step, n, 32, 32).lam               # the exact (float64) lam of this step
-        assert abs(float(t[0, 0]) - lam) < 1e-6            # ... is the one the targets carry
+        lam = aug.draw(step, n, 32, 32).lam  # the exact (float64) lam of this step
+        assert abs(float(t[0, 0]) - lam) < 1e-6  # ... is the one the targets carry
         # one lam for the batch, partner = reversed batch
         expected_t = lam * F.one_hot(y, n).float() + (1 - lam) * F.one_hot(y.flip(0), n).float()
         assert torch.allclose(t, expected_t, atol=1e-6)
@@ -113,7 +123,7 @@ def test_cutout_one_clipped_square_same_for_every_image() -> None:
         out, t = aug(x, y, step)
         assert torch.equal(t, F.one_hot(y, 10).float())
         boxes = {zero_box(img) for img in out}
-        assert len(boxes) == 1                          # the same place in every image
+        assert len(boxes) == 1  # the same place in every image
         y0, y1, x0, x1 = boxes.pop()
         keep = torch.ones(32, 32, dtype=torch.bool)
         keep[y0:y1, x0:x1] = False
@@ -122,7 +132,7 @@ def test_cutout_one_clipped_square_same_for_every_image() -> None:
         for a, b in ((y0, y1), (x0, x1)):
             assert b - a == 16 or (a == 0 and 8 <= b <= 16) or (b == 32 and 16 <= a <= 24)
             sides.add(b - a)
-    assert 16 in sides and min(sides) <= 10             # fully inside and clipped both occur
+    assert 16 in sides and min(sides) <= 10  # fully inside and clipped both occur
 
 
 def test_mixcut_is_mixup_then_cutout_with_mixup_labels() -> None:
@@ -158,12 +168,12 @@ def test_cutmix_label_weight_is_pasted_pixel_fraction() -> None:
             expected = torch.zeros(n)
             expected[i] = 1 - frac
             if others.numel():
-                assert (others == others[0]).all()       # one partner
-                zero_box((out[i] == i + 1).float())       # the pasted pixels form one box
+                assert (others == others[0]).all()  # one partner
+                zero_box((out[i] == i + 1).float())  # the pasted pixels form one box
                 expected[int(others[0])] = frac
             assert torch.allclose(t[i], expected, atol=1e-6)
             fractions.append(frac)
-    assert len(set(fractions)) > 20                     # per-sample lam, not one per batch
+    assert len(set(fractions)) > 20  # per-sample lam, not one per batch
     _, ts = BatchAugment("cutmix", num_classes=n, label_smoothing=0.1, seed=4)(x, y, 0)
     assert torch.allclose(ts, 0.9 * aug(x, y, 0)[1] + 0.1 / n, atol=1e-6)
 
@@ -251,6 +261,7 @@ def test_shear_solarize_add_cutout_match_numpy_formulas() -> None:
 # policies
 # ------------------------------------------------------------------------------------------
 
+
 def test_policy_tables() -> None:
     ref, paper = reference_cifar_policy(), paper_cifar10_policy()
     assert len(ref) == 95 and len(paper) == 25 and all(len(s) == 2 for s in ref + paper)
@@ -274,7 +285,7 @@ def test_known_sub_policy_matches_torchvision_per_image_sign() -> None:
         plus, minus = tvf.rotate(eq, 27.0, fill=128), tvf.rotate(eq, -27.0, fill=128)
         assert torch.equal(o, plus) or torch.equal(o, minus)
         signs.append(torch.equal(o, plus))
-    assert 0 < sum(signs) < len(signs)                   # the sign is drawn per image
+    assert 0 < sum(signs) < len(signs)  # the sign is drawn per image
 
 
 def test_op_probability_is_per_image() -> None:
@@ -283,23 +294,28 @@ def test_op_probability_is_per_image() -> None:
     inverted = torch.tensor([torch.equal(o, 255 - i) for o, i in zip(out, imgs)])
     kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, imgs)])
     assert (inverted | kept).all()
-    assert 0.18 < inverted.float().mean() < 0.42        # Binomial(200, 0.3): +-4 sigma
+    assert 0.18 < inverted.float().mean() < 0.42  # Binomial(200, 0.3): +-4 sigma
 
 
-@pytest.mark.parametrize("make", [lambda s, r: AutoAugment("reference", seed=s, rank=r),
-                                  lambda s, r: AutoAugment("paper", seed=s, rank=r),
-                                  lambda s, r: RandAugment(2, 9, seed=s, rank=r)],
-                         ids=["autoaugment-reference", "autoaugment-paper", "randaugment"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s, r: AutoAugment("reference", seed=s, rank=r),
+        lambda s, r: AutoAugment("paper", seed=s, rank=r),
+        lambda s, r: RandAugment(2, 9, seed=s, rank=r),
+    ],
+    ids=["autoaugment-reference", "autoaugment-paper", "randaugment"],
+)
 def test_policies_per_sample_valid_and_deterministic(make) -> None:
     src = uint8_images(1, seed=3)
-    imgs = src.expand(64, -1, -1, -1).contiguous(memory_format=torch.channels_last)   # the loader's layout
+    imgs = src.expand(64, -1, -1, -1).contiguous(memory_format=torch.channels_last)  # the loader's layout
     out = make(0, 0)(imgs, 11)
     assert out.dtype == torch.uint8 and out.shape == imgs.shape and out.device == imgs.device
-    assert len({o.numpy().tobytes() for o in out}) > 16          # each image draws its own ops
-    assert torch.equal(out, make(0, 0)(imgs.contiguous(), 11))   # deterministic, layout-independent
+    assert len({o.numpy().tobytes() for o in out}) > 16  # each image draws its own ops
+    assert torch.equal(out, make(0, 0)(imgs.contiguous(), 11))  # deterministic, layout-independent
     for other in (make(0, 0)(imgs, 12), make(0, 1)(imgs, 11), make(1, 0)(imgs, 11)):
         assert not torch.equal(out, other)
-    assert torch.equal(imgs, src.expand(64, -1, -1, -1))         # input untouched
+    assert torch.equal(imgs, src.expand(64, -1, -1, -1))  # input untouched
 
 
 def test_reference_autoaugment_keeps_the_references_cifar_magnitudes() -> None:
@@ -309,8 +325,8 @@ def test_reference_autoaugment_keeps_the_references_cifar_magnitudes() -> None:
     def grey(out: torch.Tensor) -> int:
         return int((out == 128).flatten(1).all(1).sum())
 
-    assert grey(AutoAugment("reference", seed=0)(imgs, 0)) > 20   # ~13 % of sub-policies do it
-    assert grey(AutoAugment("paper", seed=0)(imgs, 0)) == 0        # torchvision: at most 14 px
+    assert grey(AutoAugment("reference", seed=0)(imgs, 0)) > 20  # ~13 % of sub-policies do it
+    assert grey(AutoAugment("paper", seed=0)(imgs, 0)) == 0  # torchvision: at most 14 px
 
 
 def test_flip_reflect_crop_outputs_are_flipped_reflect_padded_crops() -> None:
@@ -319,7 +335,7 @@ def test_flip_reflect_crop_outputs_are_flipped_reflect_padded_crops() -> None:
     cands = []
     for img in (a, a[:, ::-1]):
         p = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-        cands += [p[ty:ty + 12, tx:tx + 12] for ty in range(9) for tx in range(9)]
+        cands += [p[ty : ty + 12, tx : tx + 12] for ty in range(9) for tx in range(9)]
     cands = np.stack(cands)
     out = FlipReflectCrop(4, 0.5, seed=1)(src.expand(64, -1, -1, -1), 0)
     used = set()
@@ -339,13 +355,15 @@ def test_flip_reflect_crop_outputs_are_flipped_reflect_padded_crops() -> None:
 # the loader hook
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_loader_runs_autoaugment_then_basic_reproducibly(fmnist_small: Path) -> None:
     from trainer.data.loaders import build_loaders
 
-    kw = dict(batch_size=32, eval_batch_size=100, num_workers=1, seed=3, rank=0, world_size=1,
-              device=torch.device("cpu"))
-    plain = build_loaders(fmnist_small, augment="none", **kw)      # same order, no augmentation
+    kw = dict(
+        batch_size=32, eval_batch_size=100, num_workers=1, seed=3, rank=0, world_size=1, device=torch.device("cpu")
+    )
+    plain = build_loaders(fmnist_small, augment="none", **kw)  # same order, no augmentation
     L = build_loaders(fmnist_small, augment="autoaugment", **kw)
     mean, std = torch.tensor(L.meta["mean"]).view(1, 3, 1, 1), torch.tensor(L.meta["std"]).view(1, 3, 1, 1)
 
@@ -360,7 +378,7 @@ def test_loader_runs_autoaugment_then_basic_reproducibly(fmnist_small: Path) -> 
             assert torch.equal(pixels(images), expected) and torch.equal(labels, src_labels)
             if b == 2:
                 break
-    for (src, _), (images, _) in zip(plain.val, L.val):               # validation: decode only
+    for (src, _), (images, _) in zip(plain.val, L.val):  # validation: decode only
         assert torch.equal(images, src)
 
     R = build_loaders(fmnist_small, augment="randaugment", cutout=8, **kw)

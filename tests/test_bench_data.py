@@ -39,14 +39,35 @@ def tiny(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bench")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        run = bench_data.main(["--work", str(tmp / "work"), "--images", str(N), "--source-px", str(SOURCE_PX),
-                               "--size", str(SIZE), "--batch-size", str(BATCH), "--repeats", "1",
-                               "--json", str(tmp / "result.json")])
+        run = bench_data.main(
+            [
+                "--work",
+                str(tmp / "work"),
+                "--images",
+                str(N),
+                "--source-px",
+                str(SOURCE_PX),
+                "--size",
+                str(SIZE),
+                "--batch-size",
+                str(BATCH),
+                "--repeats",
+                "1",
+                "--json",
+                str(tmp / "result.json"),
+            ]
+        )
     labels = idx_payload(FMNIST / "train-labels-idx1-ubyte.gz", 8)[:N].astype(np.int64)
     images = idx_payload(FMNIST / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)[:N]
-    return {"work": tmp / "work", "result": run.result, "loaders": run.loaders,
-            "json": json.loads((tmp / "result.json").read_text()),
-            "table": out.getvalue(), "labels": labels, "images": images}
+    return {
+        "work": tmp / "work",
+        "result": run.result,
+        "loaders": run.loaders,
+        "json": json.loads((tmp / "result.json").read_text()),
+        "table": out.getvalue(),
+        "labels": labels,
+        "images": images,
+    }
 
 
 def folder_histogram(train_dir: Path) -> np.ndarray:
@@ -147,8 +168,9 @@ def test_table_and_json_report_the_measurements(tiny) -> None:
 
 
 def test_work_folder_is_reused_rebuilt_or_refused(tmp_path: Path) -> None:
-    params = bench_data.FolderParams(images=20, val_images=10, source_px=32, jpeg_quality=90, seed=0,
-                                     source=str(FMNIST))
+    params = bench_data.FolderParams(
+        images=20, val_images=10, source_px=32, jpeg_quality=90, seed=0, source=str(FMNIST)
+    )
     first = bench_data.prepare(tmp_path / "w", params)
     some = next((tmp_path / "w" / "jpeg" / "train").glob("*/*.jpg"))
     stamp = some.stat().st_mtime_ns
@@ -178,6 +200,12 @@ def test_bad_arguments(tmp_path: Path) -> None:
         bench_data.main(["--work", str(tmp_path), "--jpeg-quality", "101"])
     assert not any(tmp_path.iterdir())
     # The command line turns the ValueError into one line and exit status 2, like `python -m trainer`.
-    p = subprocess.run([sys.executable, "-m", "trainer.bench_data", "--images", "0"], cwd=ROOT, env=cli_env(),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "trainer.bench_data", "--images", "0"],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (p.returncode, p.stderr.strip()) == (2, "error: --images: 0; expected an integer in 1..60000")

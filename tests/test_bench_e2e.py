@@ -15,8 +15,14 @@ from tests.conftest import ROOT, cli_env
 @pytest.mark.slow
 def test_bench_e2e_cpu_table(tmp_path):
     out = tmp_path / "rows.json"
-    res = subprocess.run([sys.executable, "-m", "trainer.bench_e2e", "--steps", "24", "--json", str(out)], cwd=ROOT,
-                         env=cli_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "trainer.bench_e2e", "--steps", "24", "--json", str(out)],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["model"], r["method"]) for r in rows] == [("demo_cnn", "SGD"), ("demo_cnn", "GNP")]

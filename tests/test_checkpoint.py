@@ -66,8 +66,11 @@ def test_layout_and_manifest_checked_independently(tmp_path):
     assert manifest["step"] == 7
     for name in ("state.pt", "config.yaml"):
         blob = (folder / name).read_bytes()
-        assert manifest["files"][name] == {"object": name, "size": len(blob),
-                                           "sha256": hashlib.sha256(blob).hexdigest()}
+        assert manifest["files"][name] == {
+            "object": name,
+            "size": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
     assert ck.load_file(7, "config.yaml") == b"model: wrn\n"
     assert torch.equal(torch.load(folder / "state.pt", weights_only=True)["w"], torch.full((4, 4), 7.0))
 
@@ -132,8 +135,9 @@ def test_loads_weights_only(tmp_path):
     folder.mkdir()
     torch.save({"x": Evil()}, folder / "state.pt")
     data = (folder / "state.pt").read_bytes()
-    (folder / "manifest.json").write_text(json.dumps(
-        {"step": 1, "files": {"state.pt": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"step": 1, "files": {"state.pt": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+    )
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
         LocalCheckpointer(tmp_path).load(1)
 
@@ -187,8 +191,13 @@ def test_failed_uploads_retry_with_capped_backoff_and_one_line_warnings(tmp_path
 def test_gives_up_after_max_upload_tries_and_keeps_previous(tmp_path):
     logs = Logs()
     broken = {"on": False}
-    ck = Checkpointer(tmp_path, storage=FlakyStorage(tmp_path, lambda k: broken["on"]), log=logs,
-                      max_upload_tries=2, retry_base_s=0.01)
+    ck = Checkpointer(
+        tmp_path,
+        storage=FlakyStorage(tmp_path, lambda k: broken["on"]),
+        log=logs,
+        max_upload_tries=2,
+        retry_base_s=0.01,
+    )
     ck.save(1, state(1))
     assert ck.wait(30)
     broken["on"] = True
@@ -205,8 +214,9 @@ def test_newer_save_supersedes_one_waiting_to_retry(tmp_path):
     the retries of an older checkpoint, it replaces it."""
     logs = Logs()
     broken = {"on": True}
-    ck = Checkpointer(tmp_path, storage=FlakyStorage(tmp_path, lambda k: broken["on"]), log=logs,
-                      retry_base_s=30, retry_cap_s=30)
+    ck = Checkpointer(
+        tmp_path, storage=FlakyStorage(tmp_path, lambda k: broken["on"]), log=logs, retry_base_s=30, retry_cap_s=30
+    )
     ck.save(1, state(1))
     deadline = time.monotonic() + 10
     while ck.stats["failures_total"] == 0 and time.monotonic() < deadline:

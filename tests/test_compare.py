@@ -23,8 +23,9 @@ from trainer.loop import measure_sharpness
 
 def test_measure_sharpness_matches_a_functional_computation():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    ).double()
     model(torch.randn(16, 3, 8, 8, dtype=torch.float64))  # non-trivial BN running statistics
     batches = [(torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (8,))) for _ in range(3)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -45,7 +46,7 @@ def test_measure_sharpness_matches_a_functional_computation():
         params = {n: t.clone().requires_grad_() for n, t in theta.items()}
         value = loss(params, x, y)
         grads = torch.autograd.grad(value, list(params.values()))
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
         shifted = {n: theta[n] + r * g / norm for n, g in zip(params, grads)}
         rows.append((value.item(), norm.item(), loss(shifted, x, y).item() - value.item()))
     for i, key in enumerate(("loss", "g1_norm", "sharpness")):
@@ -55,12 +56,21 @@ def test_measure_sharpness_matches_a_functional_computation():
 
 def test_aggregate_statistics_and_gain_share():
     def run(method, seed, err, t):
-        return {"method": method, "seed": seed, "test_error": err, "train_loss": 0.1 * seed, "g1_norm": 1.0 + seed,
-                "sharpness": 0.01 * err, "s_per_epoch": t}
+        return {
+            "method": method,
+            "seed": seed,
+            "test_error": err,
+            "train_loss": 0.1 * seed,
+            "g1_norm": 1.0 + seed,
+            "sharpness": 0.01 * err,
+            "s_per_epoch": t,
+        }
 
-    runs = {"sgd": [run("sgd", 0, 12.0, 2.0), run("sgd", 1, 12.5, 2.2), run("sgd", 2, 13.0, 1.8)],
-            "gnp": [run("gnp", 0, 9.0, 4.1), run("gnp", 1, 9.6, 3.9), run("gnp", 2, 10.2, 4.0)],
-            "gnp-every4": [run("gnp-every4", 0, 9.8, 2.5), run("gnp-every4", 1, 10.1, 2.4)]}
+    runs = {
+        "sgd": [run("sgd", 0, 12.0, 2.0), run("sgd", 1, 12.5, 2.2), run("sgd", 2, 13.0, 1.8)],
+        "gnp": [run("gnp", 0, 9.0, 4.1), run("gnp", 1, 9.6, 3.9), run("gnp", 2, 10.2, 4.0)],
+        "gnp-every4": [run("gnp-every4", 0, 9.8, 2.5), run("gnp-every4", 1, 10.1, 2.4)],
+    }
     agg = aggregate(runs)
     for method, rs in runs.items():
         errs = [r["test_error"] for r in rs]
@@ -74,7 +84,9 @@ def test_aggregate_statistics_and_gain_share():
     table = markdown_table(agg, "t")
     assert table.count("\n| ") == 4 and "| gnp-every4 | 2 | 9.95 ± 0.21 |" in table
     # No share when GNP's gain is within two standard errors (here gap 0.4, se sqrt(0.25/3 + 0.36/3) = 0.45).
-    noisy = aggregate({"sgd": runs["sgd"], "gnp": [run("gnp", s, e + 2.5, 4.0) for s, e in enumerate([9.0, 9.6, 10.2])]})
+    noisy = aggregate(
+        {"sgd": runs["sgd"], "gnp": [run("gnp", s, e + 2.5, 4.0) for s, e in enumerate([9.0, 9.6, 10.2])]}
+    )
     assert "gain_vs_gnp" not in noisy["gnp"] and "gain_vs_gnp" not in noisy["sgd"]
     # No gain to share when GNP is not better than SGD.
     worse = aggregate({"sgd": runs["gnp"], "gnp": runs["sgd"]})
@@ -86,10 +98,17 @@ def test_aggregate_statistics_and_gain_share():
 
 def test_resolve_methods_builtin_defined_and_errors():
     got = resolve_methods("sgd,sam,mine", ["mine:gnp.r=0.2", "mine:gnp.every=3"])
-    assert got == {"sgd": METHODS["sgd"].overrides, "sam": METHODS["sam"].overrides,
-                   "mine": (("gnp.r", 0.2), ("gnp.every", 3))}
-    for names, defines, match in [("sgd,nope", [], "unknown method 'nope'"), (",", [], "empty"),
-                                  ("x", ["x=gnp.r=1"], "NAME:section.key=value"), ("a/b", ["a/b:gnp.r=1"], "folder")]:
+    assert got == {
+        "sgd": METHODS["sgd"].overrides,
+        "sam": METHODS["sam"].overrides,
+        "mine": (("gnp.r", 0.2), ("gnp.every", 3)),
+    }
+    for names, defines, match in [
+        ("sgd,nope", [], "unknown method 'nope'"),
+        (",", [], "empty"),
+        ("x", ["x=gnp.r=1"], "NAME:section.key=value"),
+        ("a/b", ["a/b:gnp.r=1"], "folder"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             resolve_methods(names, defines)
 
@@ -109,23 +128,57 @@ def _jsonl(path):
 @pytest.mark.slow
 def test_compare_runs_methods_and_resumes_a_partial_comparison(fmnist_small, tmp_path):
     out = tmp_path / "cmp"
-    common = ["--recipe", "debug-cpu", "--out", str(out), "--measure-batches", "2",
-              "--set", f"data.path={fmnist_small}", "--set", "data.augment=none", "--set", "loop.epochs=2",
-              "--set", "checkpoint.every_steps=5"]
+    common = [
+        "--recipe",
+        "debug-cpu",
+        "--out",
+        str(out),
+        "--measure-batches",
+        "2",
+        "--set",
+        f"data.path={fmnist_small}",
+        "--set",
+        "data.augment=none",
+        "--set",
+        "loop.epochs=2",
+        "--set",
+        "checkpoint.every_steps=5",
+    ]
     # 1) a first, smaller comparison
     res = run_cli("compare", *common, "--methods", "sgd", "--seeds", "1", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     # 2) a run interrupted after 5 steps (what a killed comparison leaves): same config, max_steps is resumable
     partial = out / "gnp" / "seed1"
-    res = run_cli("train", "--recipe", "debug-cpu", "--set", f"data.path={fmnist_small}", "--set", "data.augment=none",
-                  "--set", "loop.epochs=2", "--set", "checkpoint.every_steps=5", "--set", "loop.seed=1",
-                  "--set", f"run.dir={partial}", "--set", "loop.max_steps=5", "--set", "metrics.progress=lines")
+    res = run_cli(
+        "train",
+        "--recipe",
+        "debug-cpu",
+        "--set",
+        f"data.path={fmnist_small}",
+        "--set",
+        "data.augment=none",
+        "--set",
+        "loop.epochs=2",
+        "--set",
+        "checkpoint.every_steps=5",
+        "--set",
+        "loop.seed=1",
+        "--set",
+        f"run.dir={partial}",
+        "--set",
+        "loop.max_steps=5",
+        "--set",
+        "metrics.progress=lines",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     # 3) the full comparison: keeps sgd/seed0, resumes gnp/seed1, trains the rest
     res = run_cli("compare", *common, "--methods", "sgd,gnp", "--seeds", "2", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    starts = {(m, s): [r for r in _jsonl(out / m / f"seed{s}" / "metrics.jsonl") if r["kind"] == "start"]
-              for m in ("sgd", "gnp") for s in (0, 1)}
+    starts = {
+        (m, s): [r for r in _jsonl(out / m / f"seed{s}" / "metrics.jsonl") if r["kind"] == "start"]
+        for m in ("sgd", "gnp")
+        for s in (0, 1)
+    }
     assert len(starts["sgd", 0]) == 1, "a finished run is not trained again"
     assert [s["resumed_from_step"] for s in starts["gnp", 1]] == [None, 5], "the partial run resumed"
     results = json.loads((out / "results.json").read_text())
@@ -149,8 +202,11 @@ def test_compare_runs_methods_and_resumes_a_partial_comparison(fmnist_small, tmp
 
 
 def test_compare_bad_input_exits_2_with_one_line(tmp_path):
-    for args, match in [(["--methods", "sgd,bogus"], "bogus"), (["--seeds", "0"], "--seeds"),
-                        (["--set", "gnp.r=-1"], "gnp.r")]:
+    for args, match in [
+        (["--methods", "sgd,bogus"], "bogus"),
+        (["--seeds", "0"], "--seeds"),
+        (["--set", "gnp.r=-1"], "gnp.r"),
+    ]:
         res = run_cli("compare", "--recipe", "debug-cpu", "--out", str(tmp_path / "c"), *args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
 
@@ -165,17 +221,39 @@ def test_sigterm_stops_the_comparison_and_its_training_run(fmnist_small, tmp_pat
     from tests.conftest import ROOT, cli_env
 
     out = tmp_path / "cmp"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "compare", "--recipe", "debug-cpu", "--out", str(out),
-                             "--methods", "gnp", "--seeds", "1", "--set", f"data.path={fmnist_small}",
-                             "--set", "loop.epochs=50"], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "compare",
+            "--recipe",
+            "debug-cpu",
+            "--out",
+            str(out),
+            "--methods",
+            "gnp",
+            "--seeds",
+            "1",
+            "--set",
+            f"data.path={fmnist_small}",
+            "--set",
+            "loop.epochs=50",
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "gnp" / "seed0" / "metrics.jsonl"
     deadline = time.time() + 120
     while not metrics.exists() and time.time() < deadline:  # the training child is running
         time.sleep(0.2)
     assert metrics.exists(), proc.communicate(timeout=30)
-    child = int(subprocess.run(["pgrep", "-f", f"run.dir={out}/gnp/seed0"], capture_output=True,
-                               text=True).stdout.split()[0])
+    child = int(
+        subprocess.run(["pgrep", "-f", f"run.dir={out}/gnp/seed0"], capture_output=True, text=True).stdout.split()[0]
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 130
     for _ in range(100):

@@ -30,9 +30,17 @@ def test_precedence_defaults_recipe_override(tmp_path):
 
 
 def test_override_types_parse_as_yaml(tmp_path):
-    cfg = config.load(write(tmp_path, ""), ["gnp.norm_perturbations=true", "optim.betas=[0.8, 0.9]",
-                                            "schedule.milestones=[1, 2.5]", "model.kwargs={dropout: 0.1}",
-                                            "optim.lr=1", "run.dir=/tmp/x"])
+    cfg = config.load(
+        write(tmp_path, ""),
+        [
+            "gnp.norm_perturbations=true",
+            "optim.betas=[0.8, 0.9]",
+            "schedule.milestones=[1, 2.5]",
+            "model.kwargs={dropout: 0.1}",
+            "optim.lr=1",
+            "run.dir=/tmp/x",
+        ],
+    )
     assert cfg.gnp.norm_perturbations is True
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.schedule.milestones == (1.0, 2.5)
@@ -47,26 +55,29 @@ def test_config_is_frozen(tmp_path):
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=0.1", "optim.lrr: unknown key; did you mean 'lr'?"),
-    ("optimm.lr=0.1", "optimm: unknown key; did you mean 'optim'?"),
-    ("optim.lr=fast", "optim.lr: invalid value 'fast'; expected a number"),
-    ("loop.epochs=2.5", "loop.epochs: invalid value 2.5; expected an integer"),
-    ("loop.epochs=true", "loop.epochs: invalid value True; expected an integer"),
-    ("gnp.norm_perturbations=1", "gnp.norm_perturbations: invalid value 1; expected true or false"),
-    ("optim.name=sgdd", "optim.name: invalid value 'sgdd'; expected one of 'sgd', 'adamw' (did you mean 'sgd'?)"),
-    ("gnp.warmup=lamda", "did you mean 'lambda'?"),
-    ("gnp.r=-0.1", "gnp.r: invalid value -0.1; expected a number >= 0"),
-    ("gnp.alpha=-1", "gnp.alpha: invalid value -1.0"),
-    ("gnp.hybrid_p=0", "gnp.hybrid_p: invalid value 0.0; expected a probability in (0, 1]"),
-    ("checkpoint.keep=1", "checkpoint.keep: invalid value 1; expected an integer >= 2"),
-    ("optim.betas=[0.9]", "optim.betas: invalid value [0.9]; expected a list of 2 values"),
-    ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
-    ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
-    ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
-    ("loop", "--set: 'loop' is not of the form section.key=value"),
-    ("optim=3", "optim: expected a mapping of"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "optim.lrr: unknown key; did you mean 'lr'?"),
+        ("optimm.lr=0.1", "optimm: unknown key; did you mean 'optim'?"),
+        ("optim.lr=fast", "optim.lr: invalid value 'fast'; expected a number"),
+        ("loop.epochs=2.5", "loop.epochs: invalid value 2.5; expected an integer"),
+        ("loop.epochs=true", "loop.epochs: invalid value True; expected an integer"),
+        ("gnp.norm_perturbations=1", "gnp.norm_perturbations: invalid value 1; expected true or false"),
+        ("optim.name=sgdd", "optim.name: invalid value 'sgdd'; expected one of 'sgd', 'adamw' (did you mean 'sgd'?)"),
+        ("gnp.warmup=lamda", "did you mean 'lambda'?"),
+        ("gnp.r=-0.1", "gnp.r: invalid value -0.1; expected a number >= 0"),
+        ("gnp.alpha=-1", "gnp.alpha: invalid value -1.0"),
+        ("gnp.hybrid_p=0", "gnp.hybrid_p: invalid value 0.0; expected a probability in (0, 1]"),
+        ("checkpoint.keep=1", "checkpoint.keep: invalid value 1; expected an integer >= 2"),
+        ("optim.betas=[0.9]", "optim.betas: invalid value [0.9]; expected a list of 2 values"),
+        ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
+        ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
+        ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
+        ("loop", "--set: 'loop' is not of the form section.key=value"),
+        ("optim=3", "optim: expected a mapping of"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
         config.load(write(tmp_path, ""), [override])
@@ -111,12 +122,15 @@ def test_describe_lists_every_leaf():
 
 
 # The CLI contract: one line on stderr, exit status 2, no traceback.
-@pytest.mark.parametrize("args, needle", [
-    (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
-    (["train", "--recipe", "debug-cpu", "--set", "optim.lr=abc"], "optim.lr: invalid value 'abc'"),
-    (["train", "--recipe", "debug-cpu", "--set", "data.path=/nonexistent/ds"], "/nonexistent/ds"),
-    (["eval", "--run", "/nonexistent/run"], "has no config.yaml"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+        (["train", "--recipe", "debug-cpu", "--set", "optim.lr=abc"], "optim.lr: invalid value 'abc'"),
+        (["train", "--recipe", "debug-cpu", "--set", "data.path=/nonexistent/ds"], "/nonexistent/ds"),
+        (["eval", "--run", "/nonexistent/run"], "has no config.yaml"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(args, needle, tmp_path):
     if args[0] == "train":
         args = [*args, "--set", f"run.dir={tmp_path / 'run'}"]

@@ -4,6 +4,7 @@ References are independent of trainer.data: source files are written here by han
 CIFAR pickles, image files), .beton contents are read back with FFCV's own Reader plus a memmap,
 statistics come from numpy, and the expected orders from the documented numpy/torch formulas.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,13 +29,24 @@ from tests.conftest import FMNIST, ROOT, cli_env
 # garbage collected (libffcv/ffcv#167); pytest would report it as an unraisable-exception warning.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 # ------------------------------------------------------------------------------------------
 # helpers: write sources, read .beton files independently
 # ------------------------------------------------------------------------------------------
+
 
 def write_idx_gz(path: Path, arr: np.ndarray) -> None:
     """IDX: magic 00 00 08 <ndim>, big-endian uint32 dims, uint8 payload; gzip-compressed."""
@@ -56,9 +68,12 @@ def make_fake_fashion(root: Path, n_train: int, n_val: int, seed: int = 0) -> di
     """Fashion-MNIST-format IDX files with indexed random images and random labels."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    data = {"train_x": indexed_gray_images(n_train, rng), "val_x": indexed_gray_images(n_val, rng),
-            "train_y": rng.integers(0, 10, n_train).astype(np.uint8),
-            "val_y": rng.integers(0, 10, n_val).astype(np.uint8)}
+    data = {
+        "train_x": indexed_gray_images(n_train, rng),
+        "val_x": indexed_gray_images(n_val, rng),
+        "train_y": rng.integers(0, 10, n_train).astype(np.uint8),
+        "val_y": rng.integers(0, 10, n_val).astype(np.uint8),
+    }
     write_idx_gz(root / "train-images-idx3-ubyte.gz", data["train_x"])
     write_idx_gz(root / "train-labels-idx1-ubyte.gz", data["train_y"])
     write_idx_gz(root / "t10k-images-idx3-ubyte.gz", data["val_x"])
@@ -78,7 +93,7 @@ def read_beton(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
     for rec in img_meta:
         assert rec["mode"] == 1, "expected raw mode"
         h, w, p = int(rec["height"]), int(rec["width"]), int(rec["data_ptr"])
-        images.append(np.array(mm[p:p + h * w * 3]).reshape(h, w, 3))
+        images.append(np.array(mm[p : p + h * w * 3]).reshape(h, w, 3))
     return images, labels
 
 
@@ -103,12 +118,17 @@ def make_fake_cifar(path: Path, num_classes: int, per_batch: int, n_test: int, s
     train_x, train_y = [], []
     if num_classes == 10:
         folder, names, label_key = "cifar-10-batches-py", ["data_batch_%d" % i for i in range(1, 6)], "labels"
-        members["batches.meta"] = cifar_pickle({"label_names": [f"c10_{i}".encode() for i in range(10)],
-                                                "num_vis": 3072})
+        members["batches.meta"] = cifar_pickle(
+            {"label_names": [f"c10_{i}".encode() for i in range(10)], "num_vis": 3072}
+        )
     else:
         folder, names, label_key = "cifar-100-python", ["train"], "fine_labels"
-        members["meta"] = cifar_pickle({"fine_label_names": [f"c100_{i}".encode() for i in range(100)],
-                                        "coarse_label_names": [f"s{i}".encode() for i in range(20)]})
+        members["meta"] = cifar_pickle(
+            {
+                "fine_label_names": [f"c100_{i}".encode() for i in range(100)],
+                "coarse_label_names": [f"s{i}".encode() for i in range(20)],
+            }
+        )
     for name in names:
         n = per_batch * (5 if num_classes == 100 else 1)
         x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
@@ -136,11 +156,15 @@ def make_fake_cifar(path: Path, num_classes: int, per_batch: int, n_test: int, s
         # documented layout: 1024 R, then 1024 G, then 1024 B values, each plane row-major 32x32
         out = np.empty((flat.shape[0], 32, 32, 3), np.uint8)
         for c in range(3):
-            out[..., c] = flat[:, c * 1024:(c + 1) * 1024].reshape(-1, 32, 32)
+            out[..., c] = flat[:, c * 1024 : (c + 1) * 1024].reshape(-1, 32, 32)
         return out
 
-    return {"train_x": to_hwc(np.concatenate(train_x)), "train_y": np.array(train_y),
-            "val_x": to_hwc(tx), "val_y": np.array(ty)}
+    return {
+        "train_x": to_hwc(np.concatenate(train_x)),
+        "train_y": np.array(train_y),
+        "val_x": to_hwc(tx),
+        "val_y": np.array(ty),
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -150,6 +174,7 @@ def leftovers(out: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # convert
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def fake_fashion(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
@@ -170,10 +195,9 @@ def test_fashion_round_trip_is_byte_exact(fake_fashion) -> None:
         src = data[f"{split}_x"]
         assert len(images) == len(src)
         for img, s in zip(images, src):
-            np.testing.assert_array_equal(img, rgb(s))   # gray replicated to 3 identical channels
+            np.testing.assert_array_equal(img, rgb(s))  # gray replicated to 3 identical channels
         np.testing.assert_array_equal(labels, data[f"{split}_y"])
-        np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                      np.bincount(data[f"{split}_y"], minlength=10))
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(data[f"{split}_y"], minlength=10))
     assert leftovers(out) == []
 
 
@@ -186,7 +210,7 @@ def test_fashion_meta(fake_fashion) -> None:
     assert (meta["train_size"], meta["val_size"]) == (203, 97)
     assert meta["image_size"] == [28, 28] and meta["channels"] == 1
     assert meta["write_mode"] == "raw" and meta["max_resolution"] is None
-    x = data["train_x"].astype(np.float64)          # statistics of the TRAIN split only
+    x = data["train_x"].astype(np.float64)  # statistics of the TRAIN split only
     np.testing.assert_allclose(meta["mean"], [x.mean()] * 3, rtol=1e-12)
     np.testing.assert_allclose(meta["std"], [x.std()] * 3, rtol=1e-12)
     for fname in ("train.beton", "val.beton"):
@@ -195,6 +219,7 @@ def test_fashion_meta(fake_fashion) -> None:
 
 def test_real_fashion_mnist_subset(fmnist_small: Path) -> None:
     """The Debian package's files: first 500 images of each split, against a plain numpy reader."""
+
     def read(name: str, header: int) -> np.ndarray:
         with gzip.open(FMNIST / f"{name}.gz", "rb") as f:
             return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
@@ -303,7 +328,7 @@ def test_image_folder_png_round_trip(tmp_path: Path) -> None:
 
     arrays = make_image_folder(tmp_path / "src")
     meta = convert("imagefolder", str(tmp_path / "src"), str(tmp_path / "ds"), num_workers=1)
-    classes = ["ant", "bee", "cat"]          # sorted train folders; label = index
+    classes = ["ant", "bee", "cat"]  # sorted train folders; label = index
     assert meta["classes"] == classes and meta["num_classes"] == 3 and meta["image_size"] is None
     assert (meta["train_size"], meta["val_size"]) == (9, 3)
     for split in ("train", "val"):
@@ -321,14 +346,21 @@ def test_image_folder_jpeg_max_resolution(tmp_path: Path) -> None:
     from trainer.data.convert import convert
 
     make_image_folder(tmp_path / "src", ext=".JPEG")
-    meta = convert("imagefolder", str(tmp_path / "src"), str(tmp_path / "ds"), num_workers=1,
-                   write_mode="jpg", max_resolution=16, jpeg_quality=80)
+    meta = convert(
+        "imagefolder",
+        str(tmp_path / "src"),
+        str(tmp_path / "ds"),
+        num_workers=1,
+        write_mode="jpg",
+        max_resolution=16,
+        jpeg_quality=80,
+    )
     assert meta["write_mode"] == "jpg" and meta["max_resolution"] == 16
     from ffcv.reader import Reader
 
     r = Reader(str(tmp_path / "ds" / "train.beton"))
     rec = r.metadata[r.metadata.dtype.names[0]]
-    assert (rec["mode"] == 0).all()                      # JPEG
+    assert (rec["mode"] == 0).all()  # JPEG
     assert max(rec["height"].max(), rec["width"].max()) == 16
 
 
@@ -348,12 +380,12 @@ def test_convert_errors(tmp_path: Path) -> None:
     src = tmp_path / "fm"
     make_fake_fashion(src, 4, 4)
     bad = src / "train-images-idx3-ubyte.gz"
-    with gzip.open(bad, "wb") as f:                    # wrong magic (labels type 0x801)
+    with gzip.open(bad, "wb") as f:  # wrong magic (labels type 0x801)
         f.write(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + b"\0" * 4)
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*magic"):
         convert("fashion-mnist", str(src), out)
     write_idx_gz(bad, np.zeros((4, 28, 28), np.uint8))
-    raw = gzip.decompress(bad.read_bytes())[:-10]      # truncated payload
+    raw = gzip.decompress(bad.read_bytes())[:-10]  # truncated payload
     bad.write_bytes(gzip.compress(raw))
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*implies"):
         convert("fashion-mnist", str(src), out)
@@ -390,7 +422,7 @@ def test_reconvert_removes_meta_first(fake_fashion, tmp_path: Path) -> None:
         convert("imagefolder", str(folder), str(out), num_workers=2, max_resolution=16)
     with pytest.raises(ValueError, match="meta.json"):
         validate_dataset(out)
-    assert leftovers(out) == []                # temp files removed
+    assert leftovers(out) == []  # temp files removed
 
 
 def test_convert_cli_entry(tmp_path: Path) -> None:
@@ -403,8 +435,20 @@ def test_convert_cli_entry(tmp_path: Path) -> None:
     make_fake_fashion(src, 10, 5)
     parser = argparse.ArgumentParser()
     conv.add_arguments(parser)
-    args = parser.parse_args(["--dataset", "fashion-mnist", "--source", str(src), "--out",
-                              str(tmp_path / "ds"), "--write-mode", "jpg", "--jpeg-quality", "95"])
+    args = parser.parse_args(
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--source",
+            str(src),
+            "--out",
+            str(tmp_path / "ds"),
+            "--write-mode",
+            "jpg",
+            "--jpeg-quality",
+            "95",
+        ]
+    )
     assert conv.run(args) == 0
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["write_mode"] == "jpg" and meta["jpeg_quality"] == 95 and meta["train_size"] == 10
@@ -413,6 +457,7 @@ def test_convert_cli_entry(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # validate_dataset: damaged datasets
 # ------------------------------------------------------------------------------------------
+
 
 def test_validate_rejects_damaged_datasets(fake_fashion, tmp_path: Path) -> None:
     from trainer.data.loaders import build_loaders, validate_dataset
@@ -444,8 +489,16 @@ def test_validate_rejects_damaged_datasets(fake_fashion, tmp_path: Path) -> None
         validate_dataset(d)
     # build_loaders goes through the same check (no numba traceback)
     with pytest.raises(ValueError, match=r"truncated/train\.beton"):
-        build_loaders(d, batch_size=8, eval_batch_size=None, num_workers=1, seed=0, rank=0,
-                      world_size=1, device=torch.device("cpu"))
+        build_loaders(
+            d,
+            batch_size=8,
+            eval_batch_size=None,
+            num_workers=1,
+            seed=0,
+            rank=0,
+            world_size=1,
+            device=torch.device("cpu"),
+        )
     # same truncation without the recorded sizes: the allocation table check catches it
     meta = json.loads((d / "meta.json").read_text())
     del meta["files"]
@@ -467,7 +520,7 @@ def test_validate_rejects_damaged_datasets(fake_fashion, tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"tiny/train\.beton: 2 bytes is too short"):
         validate_dataset(d)
 
-    d = fresh("swapped")                       # val.beton where train.beton belongs
+    d = fresh("swapped")  # val.beton where train.beton belongs
     shutil.copy(d / "val.beton", d / "train.beton")
     meta = json.loads((d / "meta.json").read_text())
     del meta["files"]
@@ -485,6 +538,7 @@ def test_validate_rejects_damaged_datasets(fake_fashion, tmp_path: Path) -> None
 # loaders, single process
 # ------------------------------------------------------------------------------------------
 
+
 def decode_index(images: torch.Tensor, mean: list[float], std: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """(image indices, denormalized uint8 pixels NHWC) of a batch of the indexed dataset."""
     px = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
@@ -497,9 +551,19 @@ def test_loader_order_decoding_and_eval(fake_fashion) -> None:
 
     out, meta, data = fake_fashion
     threads = torch.get_num_threads()
-    L = build_loaders(out, batch_size=32, eval_batch_size=40, num_workers=2, seed=7, rank=0,
-                      world_size=1, device=torch.device("cpu"), augment="none", channels_last=True)
-    assert torch.get_num_threads() == threads     # FFCV's torch.set_num_threads is undone
+    L = build_loaders(
+        out,
+        batch_size=32,
+        eval_batch_size=40,
+        num_workers=2,
+        seed=7,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        augment="none",
+        channels_last=True,
+    )
+    assert torch.get_num_threads() == threads  # FFCV's torch.set_num_threads is undone
     assert L.steps_per_epoch == len(L.train) == 203 // 32
     assert L.meta == meta
     mean, std = meta["mean"], meta["std"]
@@ -513,7 +577,7 @@ def test_loader_order_decoding_and_eval(fake_fashion) -> None:
             assert images.is_contiguous(memory_format=torch.channels_last)
             assert labels.shape == (32,) and labels.dtype == torch.int64
             idx, px = decode_index(images, mean, std)
-            np.testing.assert_array_equal(px, rgb(data["train_x"][idx]))        # lossless decode
+            np.testing.assert_array_equal(px, rgb(data["train_x"][idx]))  # lossless decode
             np.testing.assert_array_equal(labels.numpy(), data["train_y"][idx])
             # normalization: (x - mean) / std with the meta statistics
             ref = (torch.from_numpy(rgb(data["train_x"][idx])).permute(0, 3, 1, 2).double() - mean[0]) / std[0]
@@ -554,7 +618,7 @@ def reflect_crop_candidates(img: np.ndarray, pad: int) -> np.ndarray:
         h, w = img.shape[:2]
         for ty in range(2 * pad + 1):
             for tx in range(2 * pad + 1):
-                out.append(p[ty:ty + h, tx:tx + w])
+                out.append(p[ty : ty + h, tx : tx + w])
     return np.stack(out)
 
 
@@ -570,21 +634,33 @@ def test_basic_augmentation_is_flip_reflect_crop_cutout(tmp_path: Path) -> None:
     flat = src.transpose(2, 0, 1).reshape(1, 3072)
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
+
         def add(name: str, obj: dict) -> None:
             blob = cifar_pickle(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
+
         for i in range(1, 6):
             add(f"data_batch_{i}", {"data": np.repeat(flat, 13, 0), "labels": [1] * 13})
         add("test_batch", {"data": np.repeat(flat, 5, 0), "labels": [2] * 5})
         add("batches.meta", {"label_names": [b"x%d" % i for i in range(10)]})
     meta = convert("cifar10", str(archive), str(tmp_path / "ds"), num_workers=1)
-    L = build_loaders(tmp_path / "ds", batch_size=64, eval_batch_size=5, num_workers=2, seed=0, rank=0,
-                      world_size=1, device=torch.device("cpu"), augment="basic", cutout=8)
+    L = build_loaders(
+        tmp_path / "ds",
+        batch_size=64,
+        eval_batch_size=5,
+        num_workers=2,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        augment="basic",
+        cutout=8,
+    )
     mean, std = meta["mean"], meta["std"]
     fill = np.array([round(m) for m in mean])
-    cands = reflect_crop_candidates(src, 4).astype(np.int64)             # (162, 32, 32, 3)
+    cands = reflect_crop_candidates(src, 4).astype(np.int64)  # (162, 32, 32, 3)
     used = set()
     for images, labels in L.train:
         assert images.shape == (64, 3, 32, 32) and (labels == 1).all()
@@ -599,16 +675,16 @@ def test_basic_augmentation_is_flip_reflect_crop_cutout(tmp_path: Path) -> None:
             ok = False
             for y, x in zip(ys, xs):
                 keep = np.ones((32, 32), bool)
-                keep[y:y + 8, x:x + 8] = False
+                keep[y : y + 8, x : x + 8] = False
                 match = np.nonzero((cands[:, keep] == out[keep]).all(axis=(1, 2)))[0]
                 if len(match):
                     ok = True
                     used.add(int(match[0]))
                     break
             assert ok, "output is not a flipped reflect-padded crop of the source"
-    assert len(used) > 20                      # offsets and flips actually vary
+    assert len(used) > 20  # offsets and flips actually vary
     assert any(u < 81 for u in used) and any(u >= 81 for u in used)
-    for images, _ in L.val:                    # validation: no augmentation
+    for images, _ in L.val:  # validation: no augmentation
         _, px = decode_index(images, mean, std)
         assert (px == src).all()
 
@@ -650,7 +726,7 @@ def test_flip_cutout_in_place_equals_the_copying_op(cutout: int, width: int) -> 
     if cutout == 0:  # every image is its source or its mirror, and both happen
         assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
     else:  # at least a cutout x cutout square of each image has the fill colour
-        assert ((expected == [7, 8, 9]).all(-1).sum(axis=(1, 2)) >= cutout ** 2).all()
+        assert ((expected == [7, 8, 9]).all(-1).sum(axis=(1, 2)) >= cutout**2).all()
 
 
 @pytest.mark.slow
@@ -661,10 +737,29 @@ def test_imagenet_pipelines_on_image_folder(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "src", ext=".jpg")
     convert("imagefolder", str(tmp_path / "src"), str(tmp_path / "ds"), num_workers=1, write_mode="jpg")
     with pytest.raises(ValueError, match="image_size: required"):
-        build_loaders(tmp_path / "ds", batch_size=4, eval_batch_size=2, num_workers=1, seed=0, rank=0,
-                      world_size=1, device=torch.device("cpu"), augment="basic")
-    L = build_loaders(tmp_path / "ds", batch_size=4, eval_batch_size=2, num_workers=1, seed=0, rank=0,
-                      world_size=1, device=torch.device("cpu"), augment="imagenet", image_size=16)
+        build_loaders(
+            tmp_path / "ds",
+            batch_size=4,
+            eval_batch_size=2,
+            num_workers=1,
+            seed=0,
+            rank=0,
+            world_size=1,
+            device=torch.device("cpu"),
+            augment="basic",
+        )
+    L = build_loaders(
+        tmp_path / "ds",
+        batch_size=4,
+        eval_batch_size=2,
+        num_workers=1,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        augment="imagenet",
+        image_size=16,
+    )
     assert len(L.train) == 9 // 4
     n = 0
     for images, labels in L.train:
@@ -681,8 +776,9 @@ def test_build_loaders_argument_errors(fake_fashion) -> None:
     from trainer.data.loaders import build_loaders
 
     out = fake_fashion[0]
-    kw = dict(batch_size=8, eval_batch_size=None, num_workers=1, seed=0, rank=0, world_size=1,
-              device=torch.device("cpu"))
+    kw = dict(
+        batch_size=8, eval_batch_size=None, num_workers=1, seed=0, rank=0, world_size=1, device=torch.device("cpu")
+    )
     with pytest.raises(ValueError, match="augment: unknown 'autoaug'"):
         build_loaders(out, **{**kw, "augment": "autoaug"})
     with pytest.raises(ValueError, match="num_workers: 0"):
@@ -697,20 +793,32 @@ def test_build_loaders_argument_errors(fake_fashion) -> None:
 # loaders under torchrun (2 ranks, gloo)
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_distributed_shards_and_eval(fake_fashion, tmp_path: Path) -> None:
     out, meta, data = fake_fashion
     n, n_val, batch, eval_batch, seed, world = 203, 97, 16, 16, 5, 2
-    script = ROOT / "tests" / "dist_scripts" / "data_shards.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(out), str(tmp_path), str(batch), str(eval_batch), str(seed)]
+    script = ROOT / "tests" / "support" / "dist_scripts" / "data_shards.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(out),
+        str(tmp_path),
+        str(batch),
+        str(eval_batch),
+        str(seed),
+    ]
     proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
-    per_rank = math.ceil(n / world)                 # 102: DistributedSampler pads 203 -> 204
-    steps = per_rank // batch                        # 6, drop_last
+    per_rank = math.ceil(n / world)  # 102: DistributedSampler pads 203 -> 204
+    steps = per_rank // batch  # 6, drop_last
     for r in res:
         assert r["len_train"] == r["steps_per_epoch"] == r["max_len_train"] == steps
         assert set(r["train_batch_sizes"]) == {batch}

@@ -64,8 +64,9 @@ def grads_at(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tenso
     return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]
 
 
-def reference_gnp(model: nn.Module, x: Tensor, y: Tensor, r: float, alpha: float, normalized: bool,
-                  eps: float = 1e-12) -> dict:
+def reference_gnp(
+    model: nn.Module, x: Tensor, y: Tensor, r: float, alpha: float, normalized: bool, eps: float = 1e-12
+) -> dict:
     """GNP written out: g1, n, eps-perturbation, g2, mix (model parameters are left unchanged)."""
     params = list(model.parameters())
     loss1, g1 = grads_at(model, x, y)
@@ -86,10 +87,12 @@ def reference_gnp(model: nn.Module, x: Tensor, y: Tensor, r: float, alpha: float
 def run_entry(opt: GNP, entry: str, model: nn.Module, loss_fn: Callable[[], Tensor], **kw) -> StepInfo | Tensor:
     """One step through `step(closure)` or `train_step(loss_fn)`."""
     if entry == "step":
+
         def closure() -> Tensor:
             loss = loss_fn()
             loss.backward()
             return loss
+
         return opt.step(closure)
     return opt.train_step(loss_fn, model=model, **kw)
 
@@ -117,7 +120,7 @@ def test_exact_gradient_equals_hessian_formula() -> None:
     def f(vec: Tensor) -> Tensor:
         chunks, i = {}, 0
         for name, shape in zip(names, shapes):
-            chunks[name] = vec[i:i + shape.numel()].view(shape)
+            chunks[name] = vec[i : i + shape.numel()].view(shape)
             i += shape.numel()
         return F.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
 
@@ -203,7 +206,7 @@ def test_alpha_one_is_sam(entry: str) -> None:
         x, y = make_data("mlp", seed=step)
         params = list(sam_model.parameters())
         g1 = torch.autograd.grad(loss_of(sam_model, x, y), params)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+        norm = torch.sqrt(sum((g**2).sum() for g in g1))
         with torch.no_grad():
             e = [r * g / (norm + 1e-12) for g in g1]
             for p, d in zip(params, e):
@@ -253,7 +256,7 @@ def test_per_group_r_and_alpha(entry: str) -> None:
     theta = [p.detach().clone() for p in w + b]
     _, g1 = grads_at(model, x, y)
     g1 = dict(zip([id(p) for p in model.parameters()], g1))
-    norm = torch.sqrt(sum((g ** 2).sum() for g in g1.values()))
+    norm = torch.sqrt(sum((g**2).sum() for g in g1.values()))
     run_entry(opt, entry, model, loss_fn)
     rs = [0.05, 0.05, 0.3, 0.3]
     alphas = [0.5, 0.5, 0.9, 0.9]
@@ -273,8 +276,13 @@ def test_per_group_r_and_alpha(entry: str) -> None:
 def test_different_alphas_with_a_zero_rejected() -> None:
     model = make_mlp()
     x, y = make_data("mlp")
-    opt = GNP(GradCapture([{"params": [model[0].weight], "alpha": 0.0},
-                           {"params": [model[0].bias, model[2].weight, model[2].bias]}]), r=0.1, alpha=0.5)
+    opt = GNP(
+        GradCapture(
+            [{"params": [model[0].weight], "alpha": 0.0}, {"params": [model[0].bias, model[2].weight, model[2].bias]}]
+        ),
+        r=0.1,
+        alpha=0.5,
+    )
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="different alphas"):
         opt.train_step(lambda: loss_of(model, x, y), model=model)
@@ -332,7 +340,8 @@ def test_number_of_passes(entry: str) -> None:
         assert len(calls) == expected, (r, alpha)
     calls.clear()
     info = GNP(torch.optim.SGD(model.parameters(), lr=0.0), r=0.1, alpha=0.8).train_step(
-        loss_fn, model=model, gnp=False)
+        loss_fn, model=model, gnp=False
+    )
     assert len(calls) == 1 and info.gnp is False and info.loss_perturbed is None and info.g1_norm is None
 
 
@@ -479,8 +488,12 @@ def test_train_step_makes_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 3))
     x, y = make_data("mlp", torch.float32, n=16)
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), r=0.1, alpha=0.8,
-              norm_perturbations=True)
+    opt = GNP(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+        r=0.1,
+        alpha=0.8,
+        norm_perturbations=True,
+    )
     opt.train_step(lambda: loss_of(model, x, y), model=model, clip_norm=1.0)  # lazy setup outside the check
 
     def forbidden(*args, **kwargs):
@@ -502,7 +515,7 @@ def _scaler_run(overflow_pass: int | None, normalized: bool):
     x, y = make_data("mlp", torch.float32)
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt = GNP(base, r=0.1, alpha=0.8, norm_perturbations=normalized)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     opt.train_step(lambda: loss_of(model, x, y), model=model, scaler=scaler)  # momentum exists now
     params = [p.detach().clone() for p in model.parameters()]
     momentum = [base.state[p]["momentum_buffer"].clone() for p in model.parameters()]
@@ -527,7 +540,7 @@ def test_fp16_scaler_overflow_skips_step(overflow_pass: int, normalized: bool) -
         assert torch.equal(a, b)
     for a, p in zip(momentum, model.parameters()):
         assert torch.equal(a, base.state[p]["momentum_buffer"])
-    assert scaler.get_scale() == 2.0 ** 15  # one backoff per step, not per pass
+    assert scaler.get_scale() == 2.0**15  # one backoff per step, not per pass
     if overflow_pass == 1:  # non-finite g1 perturbs by 0: pass 2 ran at theta
         for a, b in zip(seen[1], params):
             assert torch.equal(a, b)
@@ -541,9 +554,9 @@ def test_fp16_scaler_without_overflow_matches_fp32_formula(normalized: bool) -> 
     expected = reference_gnp(model, x, y, 0.1, 0.8, normalized)
     base = GradCapture(model.parameters())
     opt = GNP(base, r=0.1, alpha=0.8, norm_perturbations=normalized)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     info = opt.train_step(lambda: loss_of(model, x, y), model=model, scaler=scaler, clip_norm=0.0)
-    assert bool(info.skipped) is False and scaler.get_scale() == 2.0 ** 10
+    assert bool(info.skipped) is False and scaler.get_scale() == 2.0**10
     assert torch.allclose(info.g1_norm.double(), expected["n"], rtol=1e-6)
     for got, want in zip(base.seen[0], expected["g"]):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -628,7 +641,7 @@ def test_param_groups_shared_with_base_and_scheduler() -> None:
     opt = GNP(base, r=0.1, alpha=0.8)
     assert opt.param_groups is base.param_groups
     assert base.param_groups[0]["r"] == 0.1 and base.param_groups[0]["alpha"] == 0.8
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     opt.train_step(lambda: loss_of(model, x, y), model=model)
     sched.step()
     assert base.param_groups[0]["lr"] == 0.5
@@ -698,17 +711,26 @@ def test_torch_compile_matches_eager() -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
+
     def net() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
 
     torch.manual_seed(0)
     eager = net()
     compiled_module = net()
     compiled_module.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_module, backend="aot_eager")
-    opts = [GNP(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), r=0.2, alpha=0.8)
-            for m in (eager, compiled_module)]
+    opts = [
+        GNP(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), r=0.2, alpha=0.8) for m in (eager, compiled_module)
+    ]
     for step in range(4):
         x, y = make_data("conv", torch.float32, n=8, seed=step)
         infos = []

@@ -1,4 +1,4 @@
-"""GNP under DDP: 2 real processes (torchrun, gloo, CPU) running tests/dist_scripts/gnp_ddp_checks.py.
+"""GNP under DDP: 2 real processes (torchrun, gloo, CPU) running tests/support/dist_scripts/gnp_ddp_checks.py.
 
 The script computes its references with torch.autograd.grad + explicit all_reduce and writes one JSON
 per rank; the assertions live here.
@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.dist]
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "dist_scripts" / "gnp_ddp_checks.py"
+SCRIPT = ROOT / "tests" / "support" / "dist_scripts" / "gnp_ddp_checks.py"
 TIMEOUT_S = 300
 
 
@@ -25,15 +25,23 @@ TIMEOUT_S = 300
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("gnp_dist")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(SCRIPT), str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SCRIPT),
+        str(out_dir),
+    ]
     try:
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun timed out after {TIMEOUT_S}s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     if proc.returncode != 0:
-        pytest.fail(f"torchrun failed (rc={proc.returncode})\nstdout:\n{proc.stdout[-5000:]}\n"
-                    f"stderr:\n{proc.stderr[-10000:]}")
+        pytest.fail(
+            f"torchrun failed (rc={proc.returncode})\nstdout:\n{proc.stdout[-5000:]}\nstderr:\n{proc.stderr[-10000:]}"
+        )
     return [json.loads((out_dir / f"rank{k}.json").read_text()) for k in range(2)]
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.dist_scripts.gnp_ddp_checks import RecordingSGD  # the same recorder the 2-rank checks use
+from tests.support.dist_scripts.gnp_ddp_checks import RecordingSGD  # the same recorder the 2-rank checks use
 from trainer.optim.gnp import GNP
 
 R, ALPHA, EPS = 0.1, 0.8, 1e-12
@@ -66,7 +66,7 @@ def flat(ts: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 def unflat(vec: Tensor, like: list[Tensor]) -> list[Tensor]:
     out, i = [], 0
     for t in like:
-        out.append(vec[i:i + t.numel()].view_as(t))
+        out.append(vec[i : i + t.numel()].view_as(t))
         i += t.numel()
     return out
 
@@ -112,10 +112,12 @@ def full_step(opt: GNP, entry: str, model: nn.Module, x: Tensor, y: Tensor, **kw
         return F.cross_entropy(model(x), y)
 
     if entry == "step":
+
         def closure() -> Tensor:
             loss = loss_fn()
             loss.backward()
             return loss
+
         opt.step(closure)
     else:
         opt.train_step(loss_fn, model=model, **kw)
@@ -159,8 +161,10 @@ def test_per_group_r_and_alpha(entry: str) -> None:
         x, y = make_data("bnconv", 2)
         params = list(model.parameters())
         head = {id(p) for p in model.fc.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in head], "r": 0.1, "alpha": alphas[0]},
-                  {"params": [p for p in params if id(p) in head], "r": 0.05, "alpha": alphas[1]}]
+        groups = [
+            {"params": [p for p in params if id(p) not in head], "r": 0.1, "alpha": alphas[0]},
+            {"params": [p for p in params if id(p) in head], "r": 0.05, "alpha": alphas[1]},
+        ]
         order = [p for g in groups for p in g["params"]]
         radii = [0.1 if id(p) not in head else 0.05 for p in params]
         g1, g2 = g1_g2(model, x, y, radii)
@@ -254,14 +258,18 @@ def test_same_point_same_batch_replays_the_orthogonal_part(kind: str, normalized
     assert float(orth(g_full).norm()) > 1e-3 * float(g_full.norm())  # there is an orthogonal part
 
 
-@pytest.mark.parametrize("case", ["reuse_none", "weight_zero", "before_first_full_step", "r_zero",
-                                  "alpha_zero", "checkpoint_without_v"])
+@pytest.mark.parametrize(
+    "case", ["reuse_none", "weight_zero", "before_first_full_step", "r_zero", "alpha_zero", "checkpoint_without_v"]
+)
 def test_plain_steps_bitwise_equal_base_optimizer(case: str) -> None:
     """Where no correction is due, a plain train_step equals a plain SGD step on a replica, bitwise
     (parameters and momentum)."""
     model = make_model("bnconv")
-    kwargs = {"reuse": "none"} if case == "reuse_none" else {"reuse": "looksam",
-                                                            "reuse_weight": 0.0 if case == "weight_zero" else 1.0}
+    kwargs = (
+        {"reuse": "none"}
+        if case == "reuse_none"
+        else {"reuse": "looksam", "reuse_weight": 0.0 if case == "weight_zero" else 1.0}
+    )
     opt = GNP(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True), r=R, alpha=ALPHA, **kwargs)
     schedule = [False, False] if case == "before_first_full_step" else [True, False, True, False, False]
     for i, use_gnp in enumerate(schedule):
@@ -355,9 +363,9 @@ def test_fp16_scaler_unscaled_v_and_correction_and_overflow_keeps_v() -> None:
     g1, g2 = g1_g2(model, xa, ya, [R] * 4)
     base = RecordingSGD(model.parameters(), lr=0.1)
     opt = GNP(base, r=R, alpha=ALPHA, reuse="looksam", reuse_weight=0.5)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     info = opt.train_step(lambda: F.cross_entropy(model(xa), ya), model=model, scaler=scaler)
-    assert bool(info.skipped) is False and scaler.get_scale() == 2.0 ** 10
+    assert bool(info.skipped) is False and scaler.get_scale() == 2.0**10
     v = stored_v(opt, model)
     assert rel(v, orthogonal_v(g1, g2)) < 1e-5
 
@@ -383,7 +391,7 @@ def test_fp16_first_full_step_overflows_leaves_zero_v() -> None:
     model = make_model("mlp", torch.float32)
     x, y = make_data("mlp", 1, torch.float32)
     opt = GNP(RecordingSGD(model.parameters(), lr=0.1), r=R, alpha=ALPHA, reuse="looksam")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     info = opt.train_step(lambda: F.cross_entropy(model(x), y) * 1e38, model=model, scaler=scaler)
     assert bool(info.skipped) is True
     assert torch.equal(stored_v(opt, model), torch.zeros(sum(p.numel() for p in model.parameters())))
@@ -393,8 +401,13 @@ def test_no_host_sync_with_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     x, y = make_data("mlp", 1, torch.float32, n=16)
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), r=R, alpha=ALPHA,
-              norm_perturbations=True, reuse="looksam")
+    opt = GNP(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        r=R,
+        alpha=ALPHA,
+        norm_perturbations=True,
+        reuse="looksam",
+    )
     opt.train_step(lambda: F.cross_entropy(model(x), y), model=model)  # lazy setup outside the check
 
     def forbidden(*args, **kwargs):
@@ -448,8 +461,7 @@ DDP_CASES = {  # name: (norm_perturbations, sync_perturbations, full-step entry,
 @pytest.mark.dist
 def test_ddp_v_and_plain_step_match_rank_averaged_math(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-8000:]}"
     results = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
@@ -477,7 +489,7 @@ def test_ddp_v_and_plain_step_match_rank_averaged_math(tmp_path: Path) -> None:
 
 def _ddp_batch(kind: str, step: int, rank: int, n: int = 6) -> tuple[Tensor, Tensor]:
     x, y = make_data(kind, 100 + step, n=2 * n)
-    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
 
 
 def _ddp_mean(t: Tensor) -> Tensor:
@@ -515,10 +527,23 @@ def _ddp_case(name: str, rank: int) -> tuple[dict, dict]:
         return original_all_reduce(tensor, *args, **kwargs)
 
     base = RecordingSGD(model.parameters(), lr=0.1)
-    opt = GNP(base, r=R, alpha=ALPHA, norm_perturbations=normalized, sync_perturbations=sync, reuse="looksam",
-              reuse_weight=weight)
-    out: dict = {"v_err": [], "plain_err": [], "mix_err": [], "hook_calls": {"full": [], "plain": []},
-                 "extra": {"full": [], "plain": []}, "num_params": sum(p.numel() for p in module.parameters())}
+    opt = GNP(
+        base,
+        r=R,
+        alpha=ALPHA,
+        norm_perturbations=normalized,
+        sync_perturbations=sync,
+        reuse="looksam",
+        reuse_weight=weight,
+    )
+    out: dict = {
+        "v_err": [],
+        "plain_err": [],
+        "mix_err": [],
+        "hook_calls": {"full": [], "plain": []},
+        "extra": {"full": [], "plain": []},
+        "num_params": sum(p.numel() for p in module.parameters()),
+    }
     v_ref: Tensor | None = None
     for step, use_gnp in enumerate([True, False, False, True, False]):
         x, y = _ddp_batch("bnconv", step, rank)

@@ -105,7 +105,7 @@ def test_normalization_check_sees_one_ulp_and_a_wrong_layout(monkeypatch) -> Non
     def second_differs(mean, std, *, device, channels_last):
         made.append(1)
         norm = real(mean, std, device=device, channels_last=channels_last)
-        if len(made) % 2 == 1:   # the CPU reference
+        if len(made) % 2 == 1:  # the CPU reference
             return norm
         return lambda images: torch.nextafter(norm(images), torch.tensor(float("inf")))  # one ulp up
 
@@ -122,15 +122,25 @@ def test_normalization_check_sees_one_ulp_and_a_wrong_layout(monkeypatch) -> Non
 
 
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
-    for args in (["--parts", "gnp-eager,nope"], ["--budget", "10"], ["--seeds", "0"],
-                 ["--compare-recipe", "no-such-recipe"], ["--compare-set", "loop.epochs=-1"]):
-        res = subprocess.run([sys.executable, "-m", "trainer.gpu_suite", "--out", str(tmp_path), *args],
-                             cwd=ROOT, capture_output=True, text=True)
+    for args in (
+        ["--parts", "gnp-eager,nope"],
+        ["--budget", "10"],
+        ["--seeds", "0"],
+        ["--compare-recipe", "no-such-recipe"],
+        ["--compare-set", "loop.epochs=-1"],
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "trainer.gpu_suite", "--out", str(tmp_path), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 2, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "gpu-suite:" in res.stderr
     for module in ("trainer.bench_gnp", "trainer.bench_e2e"):
-        res = subprocess.run([sys.executable, "-m", module, "--modes", "fast"], cwd=ROOT, capture_output=True,
-                             text=True)
+        res = subprocess.run(
+            [sys.executable, "-m", module, "--modes", "fast"], cwd=ROOT, capture_output=True, text=True
+        )
         assert res.returncode == 2 and "--modes" in res.stderr
 
 
@@ -138,19 +148,45 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_smoke_suite_writes_the_full_report(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
-    res = subprocess.run([sys.executable, "-m", "trainer.gpu_suite", "--smoke", "--out", str(out), "--work", str(work),
-                          "--methods", "sgd,gnp-reuse4", "--seeds", "1", "--budget", "400"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.gpu_suite",
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+            "--methods",
+            "sgd,gnp-reuse4",
+            "--seeds",
+            "1",
+            "--budget",
+            "400",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["suite.json", "suite.log", "suite.md", "test_error.png"]
     report = json.loads((out / "suite.json").read_text())
     status = {p["name"]: p["status"] for p in report["parts"]}
-    assert status == {"checks": "ok", "gnp-eager": "ok", "e2e-eager": "ok", "gnp-compile": "skipped",
-                      "e2e-compile": "skipped", "compare": "ok"}
+    assert status == {
+        "checks": "ok",
+        "gnp-eager": "ok",
+        "e2e-eager": "ok",
+        "gnp-compile": "skipped",
+        "e2e-compile": "skipped",
+        "compare": "ok",
+    }
     assert [c["ok"] for c in report["checks"]] == [True] * 8
     (step,) = report["step"]
     assert step["model"] == "small_cnn" and step["every4_x_sgd"] == pytest.approx(
-        (3 * step["sgd_ms"] + step["gnp_ms"]) / 4 / step["sgd_ms"])
+        (3 * step["sgd_ms"] + step["gnp_ms"]) / 4 / step["sgd_ms"]
+    )
     assert {(r["method"], r["mode"]) for r in report["e2e"]} == {("SGD", "eager"), ("GNP", "eager")}
     assert set(report["compare"]) == {"sgd", "gnp-reuse4"}
     md = (out / "suite.md").read_text()

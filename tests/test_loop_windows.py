@@ -36,14 +36,40 @@ def test_windows_cover_logging_and_after_step_time() -> None:
     model = torch.nn.Linear(4, 3)
     loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(10)]
     opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5)
-    policy = StepPolicy(base_lr=0.1, lr_kind="constant", lr_warmup_steps=0, total_steps=10, lr_milestones=(),
-                        lr_gamma=0.1, r=0.1, alpha=0.5, gr_strategy="none", gr_warmup_steps=0,
-                        gr_warmup_epochs=0.0, hybrid_p=1.0, gnp_every=1, seed=0)
+    policy = StepPolicy(
+        base_lr=0.1,
+        lr_kind="constant",
+        lr_warmup_steps=0,
+        total_steps=10,
+        lr_milestones=(),
+        lr_gamma=0.1,
+        r=0.1,
+        alpha=0.5,
+        gr_strategy="none",
+        gr_warmup_steps=0,
+        gr_warmup_epochs=0.0,
+        hybrid_p=1.0,
+        gnp_every=1,
+        seed=0,
+    )
     sink, state = SlowSink(), LoopState()
     start = time.perf_counter()
-    train_epoch(model=model, opt=opt, loader=loader, env=DistEnv(0, 0, 1, torch.device("cpu")), policy=policy,
-                state=state, loss_spec=LossSpec(), amp_dtype=None, scaler=None, clip_norm=0.0, max_steps=0,
-                log_every=2, sink=sink, after_step=lambda: time.sleep(0.05) if state.step == 5 else None)
+    train_epoch(
+        model=model,
+        opt=opt,
+        loader=loader,
+        env=DistEnv(0, 0, 1, torch.device("cpu")),
+        policy=policy,
+        state=state,
+        loss_spec=LossSpec(),
+        amp_dtype=None,
+        scaler=None,
+        clip_norm=0.0,
+        max_steps=0,
+        log_every=2,
+        sink=sink,
+        after_step=lambda: time.sleep(0.05) if state.step == 5 else None,
+    )
     wall = time.perf_counter() - start
     windows = [r["window_s"] for r in sink.records]
     assert len(windows) == 5 and sum(r["window_images"] for r in sink.records) == 80

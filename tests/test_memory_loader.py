@@ -5,6 +5,7 @@ normalization, the reflect-padded crops and the statistics are numpy, the distri
 torch's own DistributedSampler. The tie to the FFCV path compares with what `trainer convert`
 writes and what the FFCV loader yields for the same data (skipped where FFCV is not installed).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -30,7 +31,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
     """IDX: 2 zero bytes, type 0x08 (uint8), ndim, ndim big-endian uint32 sizes, then the bytes."""
     raw = gzip.open(path, "rb").read()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -39,10 +40,12 @@ def raw() -> dict:
     """The real Fashion-MNIST arrays, read without trainer code."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail("Fashion-MNIST is missing: `make setup` installs the dataset-fashion-mnist package")
-    return {"train_x": read_idx_gz(FMNIST / "train-images-idx3-ubyte.gz"),
-            "train_y": read_idx_gz(FMNIST / "train-labels-idx1-ubyte.gz").astype(np.int64),
-            "val_x": read_idx_gz(FMNIST / "t10k-images-idx3-ubyte.gz"),
-            "val_y": read_idx_gz(FMNIST / "t10k-labels-idx1-ubyte.gz").astype(np.int64)}
+    return {
+        "train_x": read_idx_gz(FMNIST / "train-images-idx3-ubyte.gz"),
+        "train_y": read_idx_gz(FMNIST / "train-labels-idx1-ubyte.gz").astype(np.int64),
+        "val_x": read_idx_gz(FMNIST / "t10k-images-idx3-ubyte.gz"),
+        "val_y": read_idx_gz(FMNIST / "t10k-labels-idx1-ubyte.gz").astype(np.int64),
+    }
 
 
 def gray_stats(images: np.ndarray) -> tuple[float, float]:
@@ -80,13 +83,14 @@ def reflect_crops(img: np.ndarray, pad: int) -> np.ndarray:
         src = padded[:, ::-1] if flip else padded
         for dy in range(2 * pad + 1):
             for dx in range(2 * pad + 1):
-                out.append(src[dy:dy + h, dx:dx + w])
+                out.append(src[dy : dy + h, dx : dx + w])
     return np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------
 # order and coverage
 # ------------------------------------------------------------------------------------------
+
 
 def test_one_epoch_reads_every_train_image_once(raw) -> None:
     """One rank: the epoch is numpy's permutation of (seed + epoch); labels histogram = the source's."""
@@ -104,8 +108,10 @@ def test_one_epoch_reads_every_train_image_once(raw) -> None:
 def test_two_ranks_shard_like_distributed_sampler(raw) -> None:
     """W = 2 simulated in one process, N odd: DistributedSampler's shards, one padded duplicate."""
     n, seed, epoch, bs = 10001, 7, 3, 1000
-    ranks = [build(limit=n, batch_size=bs, augment="none", seed=seed, rank=r, world_size=2, drop_last=False)
-             for r in range(2)]
+    ranks = [
+        build(limit=n, batch_size=bs, augment="none", seed=seed, rank=r, world_size=2, drop_last=False)
+        for r in range(2)
+    ]
     labels = raw["train_y"][:n]
     got, orders = [], []
     for r, L in enumerate(ranks):
@@ -113,7 +119,7 @@ def test_two_ranks_shard_like_distributed_sampler(raw) -> None:
         sampler.set_epoch(epoch)
         expected = np.asarray(list(sampler))
         assert np.array_equal(L.train.epoch_order(epoch), expected)
-        assert len(L.train) == math.ceil(math.ceil(n / 2) / bs) == 6      # same on both ranks
+        assert len(L.train) == math.ceil(math.ceil(n / 2) / bs) == 6  # same on both ranks
         L.train.set_epoch(epoch)
         y = torch.cat([b[1] for b in L.train]).numpy()
         assert np.array_equal(y, labels[expected])
@@ -154,6 +160,7 @@ def test_eval_covers_every_image_once_on_two_ranks(raw) -> None:
 # batch contents
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_unaugmented_batch_equals_numpy(raw, channels_last: bool) -> None:
     """augment=none: (raw[order] - mean) / std with mean/std of the limited train split (numpy)."""
@@ -167,7 +174,7 @@ def test_unaugmented_batch_equals_numpy(raw, channels_last: bool) -> None:
         assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (bs, 3, 28, 28)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert x.is_contiguous(memory_format=fmt)
-        idx = order[i * bs:(i + 1) * bs]
+        idx = order[i * bs : (i + 1) * bs]
         np.testing.assert_allclose(x.numpy(), normalized(raw["train_x"][idx], mean, std), rtol=0, atol=2e-5)
         assert np.array_equal(y.numpy(), raw["train_y"][idx])
         if i == 2:
@@ -218,11 +225,11 @@ def test_cutout_is_a_mean_square_inside_the_crop(raw, augment: str) -> None:
         windows = c[10:, 10:] - c[:-10, 10:] - c[10:, :-10] + c[:-10, :-10]  # fill pixels per 10x10 window
         cands = reflect_crops(raw["train_x"][order[k]], 4)
         if augment == "none":
-            cands = cands[4 * 9 + 4:4 * 9 + 5]  # only the unflipped, unshifted image
+            cands = cands[4 * 9 + 4 : 4 * 9 + 5]  # only the unflipped, unshifted image
         found = False
         for y, x0 in zip(*np.nonzero(windows == 100)):
             keep = np.ones_like(out, dtype=bool)
-            keep[y:y + 10, x0:x0 + 10] = False
+            keep[y : y + 10, x0 : x0 + 10] = False
             if (cands[:, keep] == out[keep]).all(axis=1).any():
                 found = True
                 break
@@ -241,7 +248,7 @@ def test_autoaugment_is_the_ffcv_loaders_torch_stage(raw) -> None:
     it = iter(L.train)
     for i in range(2):
         x, _ = next(it)
-        src = torch.from_numpy(np.repeat(raw["train_x"][order[i * 64:(i + 1) * 64], None], 3, axis=1).copy())
+        src = torch.from_numpy(np.repeat(raw["train_x"][order[i * 64 : (i + 1) * 64], None], 3, axis=1).copy())
         ref = policy(src, 1 * len(L.train) + i).double().numpy()
         np.testing.assert_allclose(x.numpy(), (ref - mean) / std, rtol=0, atol=2e-5)
 
@@ -250,17 +257,18 @@ def test_autoaugment_is_the_ffcv_loaders_torch_stage(raw) -> None:
 # reproducibility
 # ------------------------------------------------------------------------------------------
 
+
 def test_same_seed_and_epoch_replay_exactly() -> None:
     """Two builds, same (seed, epoch): bitwise equal batches; another epoch: another order."""
     a = build(limit=3000, batch_size=500, augment="basic", cutout=8, seed=9)
     b = build(limit=3000, batch_size=500, augment="basic", cutout=8, seed=9)
-    first = [(x.clone(), y.clone()) for x, y in a.train]          # epoch 0
+    first = [(x.clone(), y.clone()) for x, y in a.train]  # epoch 0
     assert a.train.epoch == 1
-    second = [(x.clone(), y.clone()) for x, y in a.train]         # iterating again: epoch 1
+    second = [(x.clone(), y.clone()) for x, y in a.train]  # iterating again: epoch 1
     b.train.set_epoch(1)
     for (x1, y1), (x2, y2) in zip(second, b.train):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    b.train.set_epoch(0)                                          # a resume replays epoch 0
+    b.train.set_epoch(0)  # a resume replays epoch 0
     for (x1, y1), (x2, y2) in zip(first, b.train):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not np.array_equal(a.train.epoch_order(0), a.train.epoch_order(1))
@@ -273,6 +281,7 @@ def test_same_seed_and_epoch_replay_exactly() -> None:
 # the tie to the FFCV path
 # ------------------------------------------------------------------------------------------
 
+
 def test_meta_and_batches_match_convert_and_ffcv(request: pytest.FixtureRequest) -> None:
     """limit=500: the same mean/std (bit for bit) and sizes as convert's meta.json, and, without
     augmentation, the same batches as the FFCV loader for the same seed."""
@@ -284,8 +293,17 @@ def test_meta_and_batches_match_convert_and_ffcv(request: pytest.FixtureRequest)
     L = build(limit=500, batch_size=100, augment="none", seed=11, channels_last=False)
     for key in ("mean", "std", "train_size", "val_size", "num_classes", "classes", "image_size", "channels"):
         assert L.meta[key] == meta[key], key
-    F = build_loaders(fmnist_small, batch_size=100, eval_batch_size=None, num_workers=1, seed=11, rank=0,
-                      world_size=1, device=CPU, augment="none")
+    F = build_loaders(
+        fmnist_small,
+        batch_size=100,
+        eval_batch_size=None,
+        num_workers=1,
+        seed=11,
+        rank=0,
+        world_size=1,
+        device=CPU,
+        augment="none",
+    )
     F.train.set_epoch(1)
     L.train.set_epoch(1)
     assert np.array_equal(F.train.epoch_order(1), L.train.epoch_order(1))
@@ -300,6 +318,7 @@ def test_meta_and_batches_match_convert_and_ffcv(request: pytest.FixtureRequest)
 # synthetic source and errors
 # ------------------------------------------------------------------------------------------
 
+
 def test_synthetic_source() -> None:
     """synthetic:HxW:CLASSES:N: shapes, label range, a fixed dataset, uniform-pixel statistics."""
     L = build(source="synthetic:20x24:7:3000", batch_size=64, eval_batch_size=50, seed=1, rank=1, world_size=3)
@@ -311,10 +330,9 @@ def test_synthetic_source() -> None:
     assert len(L.train) == 1000 // 64 and L.val.num_samples == 100
     # Uniform 0..255 pixels: mean 127.5, std sqrt((256^2 - 1) / 12) = 73.9; 1.44M pixels per channel.
     np.testing.assert_allclose(m["mean"], [127.5] * 3, atol=0.5)
-    np.testing.assert_allclose(m["std"], [math.sqrt((256 ** 2 - 1) / 12)] * 3, atol=0.5)
+    np.testing.assert_allclose(m["std"], [math.sqrt((256**2 - 1) / 12)] * 3, atol=0.5)
     # The data do not depend on the run's seed; the val shards of 3 ranks cover it once.
-    other = [build(source="synthetic:20x24:7:3000", eval_batch_size=50, seed=5, rank=r, world_size=3)
-             for r in range(3)]
+    other = [build(source="synthetic:20x24:7:3000", eval_batch_size=50, seed=5, rank=r, world_size=3) for r in range(3)]
     val = [torch.cat([b[0] for b in o.val]) for o in other]
     assert torch.equal(val[1], torch.cat([b[0] for b in L.val]))
     assert sum(v.shape[0] for v in val) == 300
@@ -333,11 +351,23 @@ def test_rgb_statistics_are_per_channel() -> None:
     assert len(set(np.round(mean, 6))) == 3  # three different channels, not one value repeated
 
 
-@pytest.mark.parametrize("source", [
-    "", "/usr/share/datasets/fashion-mnist", "fashion-mnist", "fashion-mnist:", "mnist:/data",
-    "imagefolder:/data/imagenet", "synthetic:32:10:100", "synthetic:32x32:10", "synthetic:axb:10:100",
-    "synthetic:32x32:0:100", "synthetic:0x32:10:100", "synthetic:32x32:10:100:5",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "",
+        "/usr/share/datasets/fashion-mnist",
+        "fashion-mnist",
+        "fashion-mnist:",
+        "mnist:/data",
+        "imagefolder:/data/imagenet",
+        "synthetic:32:10:100",
+        "synthetic:32x32:10",
+        "synthetic:axb:10:100",
+        "synthetic:32x32:0:100",
+        "synthetic:0x32:10:100",
+        "synthetic:32x32:10:100:5",
+    ],
+)
 def test_bad_sources_raise_one_line(source: str) -> None:
     with pytest.raises(ValueError) as e:
         build(source=source)
@@ -345,13 +375,22 @@ def test_bad_sources_raise_one_line(source: str) -> None:
     assert "data.path" in msg and "synthetic:HxW:CLASSES:N" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(augment="imagenet"), "augment"), (dict(batch_size=3001), "batch_size"), (dict(rank=2, world_size=2), "rank"),
-    (dict(cutout=29), "cutout"), (dict(limit=0), "limit"), (dict(batch_size=0), "batch_size"),
-    (dict(label_noise=1.0), "label_noise"), (dict(label_noise=-0.1), "label_noise"),
-    (dict(source="synthetic:8x8:1:20", augment="none", batch_size=4, label_noise=0.5), "label_noise"),
-    (dict(source="synthetic:4x4:2:10"), "augment"), (dict(source=f"cifar10:{FMNIST}"), "cifar"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(augment="imagenet"), "augment"),
+        (dict(batch_size=3001), "batch_size"),
+        (dict(rank=2, world_size=2), "rank"),
+        (dict(cutout=29), "cutout"),
+        (dict(limit=0), "limit"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(label_noise=1.0), "label_noise"),
+        (dict(label_noise=-0.1), "label_noise"),
+        (dict(source="synthetic:8x8:1:20", augment="none", batch_size=4, label_noise=0.5), "label_noise"),
+        (dict(source="synthetic:4x4:2:10"), "augment"),
+        (dict(source=f"cifar10:{FMNIST}"), "cifar"),
+    ],
+)
 def test_bad_arguments_raise(kw: dict, key: str) -> None:
     kw.setdefault("source", "synthetic:28x28:10:3000")
     with pytest.raises(ValueError, match=key):

@@ -14,17 +14,51 @@ import zlib
 
 import pytest
 
-from tests.prom import documented_metrics, free_ports, parse_exposition, scrape
+from tests.support.prom import documented_metrics, free_ports, parse_exposition, scrape
 from trainer.metrics import NullSink, PrometheusSink, RunSink, TeeSink, build_sink
 
-TRAIN_1 = {"step": 3, "epoch": 0.3, "loss": 2.25, "objective": 2.5, "loss_perturbed": 2.75, "sharpness": 0.5,
-           "g1_norm": 4.0, "grad_norm": 3.0, "lr": 0.1, "r": 0.05, "alpha": 0.8, "gnp": True, "gnp_steps": 3,
-           "images_per_s": 100.0, "data_wait_s": 0.25, "window_steps": 3, "window_images": 48,
-           "step_times_s": [0.003, 0.02, 0.6]}
-TRAIN_2 = {**TRAIN_1, "step": 5, "epoch": 0.5, "loss": 2.0, "gnp": False, "gnp_steps": 4, "data_wait_s": 0.5,
-           "window_steps": 2, "window_images": 30, "step_times_s": [1.2, 40.0], "lr": 0.09}
-EVAL = {"epoch": 1, "eval_loss": 1.5, "top1": 0.625, "top5": 0.875, "top1_error": 0.375, "top5_error": 0.125,
-        "images": 800}
+TRAIN_1 = {
+    "step": 3,
+    "epoch": 0.3,
+    "loss": 2.25,
+    "objective": 2.5,
+    "loss_perturbed": 2.75,
+    "sharpness": 0.5,
+    "g1_norm": 4.0,
+    "grad_norm": 3.0,
+    "lr": 0.1,
+    "r": 0.05,
+    "alpha": 0.8,
+    "gnp": True,
+    "gnp_steps": 3,
+    "images_per_s": 100.0,
+    "data_wait_s": 0.25,
+    "window_steps": 3,
+    "window_images": 48,
+    "step_times_s": [0.003, 0.02, 0.6],
+}
+TRAIN_2 = {
+    **TRAIN_1,
+    "step": 5,
+    "epoch": 0.5,
+    "loss": 2.0,
+    "gnp": False,
+    "gnp_steps": 4,
+    "data_wait_s": 0.5,
+    "window_steps": 2,
+    "window_images": 30,
+    "step_times_s": [1.2, 40.0],
+    "lr": 0.09,
+}
+EVAL = {
+    "epoch": 1,
+    "eval_loss": 1.5,
+    "top1": 0.625,
+    "top5": 0.875,
+    "top1_error": 0.375,
+    "top5_error": 0.125,
+    "images": 800,
+}
 
 
 def one(samples, name: str, **labels) -> float:
@@ -65,14 +99,35 @@ def test_values_follow_the_records(sink):
     # histogram: 5 observations 0.003, 0.02, 0.6, 1.2, 40.0 (40 s lands only in +Inf)
     assert one(samples, "gnp_step_duration_seconds_count") == 5
     assert one(samples, "gnp_step_duration_seconds_sum") == pytest.approx(41.823)
-    for le, count in (("0.005", 1), ("0.01", 1), ("0.025", 2), ("0.5", 2), ("0.75", 3), ("1.0", 3), ("1.5", 4),
-                      ("30.0", 4), ("+Inf", 5)):
+    for le, count in (
+        ("0.005", 1),
+        ("0.01", 1),
+        ("0.025", 2),
+        ("0.5", 2),
+        ("0.75", 3),
+        ("1.0", 3),
+        ("1.5", 4),
+        ("30.0", 4),
+        ("+Inf", 5),
+    ):
         assert one(samples, "gnp_step_duration_seconds_bucket", le=le) == count, le
     # gauges: the last record's values; the GNP-only ones keep the last GNP step's
-    expected = {"gnp_train_loss": 2.0, "gnp_train_loss_perturbed": 2.75, "gnp_sharpness": 0.5,
-                "gnp_grad_norm_g1": 4.0, "gnp_grad_norm_combined": 3.0, "gnp_alpha": 0.8, "gnp_r": 0.05,
-                "gnp_step_is_gnp": 0.0, "gnp_learning_rate": 0.09, "gnp_epoch": 0.5, "gnp_eval_loss": 1.5,
-                "gnp_eval_top1_accuracy": 0.625, "gnp_eval_top5_accuracy": 0.875, "gnp_restarts": 2.0}
+    expected = {
+        "gnp_train_loss": 2.0,
+        "gnp_train_loss_perturbed": 2.75,
+        "gnp_sharpness": 0.5,
+        "gnp_grad_norm_g1": 4.0,
+        "gnp_grad_norm_combined": 3.0,
+        "gnp_alpha": 0.8,
+        "gnp_r": 0.05,
+        "gnp_step_is_gnp": 0.0,
+        "gnp_learning_rate": 0.09,
+        "gnp_epoch": 0.5,
+        "gnp_eval_loss": 1.5,
+        "gnp_eval_top1_accuracy": 0.625,
+        "gnp_eval_top5_accuracy": 0.875,
+        "gnp_restarts": 2.0,
+    }
     for name, value in expected.items():
         assert one(samples, name) == pytest.approx(value), name
     assert one(samples, "gnp_info", model="resnet18", device="cuda:1", world_size="8") == 1
@@ -117,16 +172,22 @@ def test_checkpoint_records(sink):
 def test_async_checkpointer_stats(sink):
     # trainer.checkpoint.Checkpointer.stats as logged by train.py: the upload of a save is still pending at
     # its record; its success shows at the next record.
-    stats = {"uploads_total": 0, "failures_total": 0, "last_success_unix": 0.0, "last_duration_s": 0.0,
-             "last_error": ""}
+    stats = {
+        "uploads_total": 0,
+        "failures_total": 0,
+        "last_success_unix": 0.0,
+        "last_duration_s": 0.0,
+        "last_error": "",
+    }
     sink.log("checkpoint", {"step": 5, "blocking_s": 0.5, **stats})
     _, samples = parse_exposition(scrape(sink.port))
     names = {n for n, _, _ in samples}
     assert one(samples, "gnp_checkpoint_duration_seconds") == 0.5
     assert "gnp_checkpoint_last_success_timestamp_seconds" not in names  # nothing uploaded yet
     assert "gnp_checkpoint_upload_duration_seconds" not in names
-    stats.update(uploads_total=1, failures_total=3, last_success_unix=1.75e9, last_duration_s=12.5,
-                 last_error="timeout")
+    stats.update(
+        uploads_total=1, failures_total=3, last_success_unix=1.75e9, last_duration_s=12.5, last_error="timeout"
+    )
     sink.log("checkpoint", {"step": 10, "blocking_s": 0.25, **stats})
     sink.log("checkpoint", {"step": 10, "final": True, **stats, "failures_total": 4})
     _, samples = parse_exposition(scrape(sink.port))
@@ -215,16 +276,37 @@ def test_run_sink_lines(tmp_path, capsys):
 
 # ---------------------------------------------------------------- plots
 
+
 def write_run(path, offset: float) -> None:
     path.mkdir(parents=True)
     recs = [{"kind": "start", "world_size": 1}]
     for step in range(1, 11):
         loss = 2.0 * math.exp(-step / 5) + offset
-        recs.append({"kind": "train", "step": step, "epoch": step / 5, "loss": loss, "loss_perturbed": loss + 0.1,
-                     "sharpness": 0.1, "g1_norm": 1.0 / step, "grad_norm": 0.8 / step, "lr": 0.1})
+        recs.append(
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": step / 5,
+                "loss": loss,
+                "loss_perturbed": loss + 0.1,
+                "sharpness": 0.1,
+                "g1_norm": 1.0 / step,
+                "grad_norm": 0.8 / step,
+                "lr": 0.1,
+            }
+        )
         if step % 5 == 0:
-            recs.append({"kind": "eval", "epoch": step // 5, "eval_loss": loss, "top1": 0.5, "top5": 0.9,
-                         "top1_error": 0.5, "top5_error": 0.1})
+            recs.append(
+                {
+                    "kind": "eval",
+                    "epoch": step // 5,
+                    "eval_loss": loss,
+                    "top1": 0.5,
+                    "top5": 0.9,
+                    "top1_error": 0.5,
+                    "top5_error": 0.1,
+                }
+            )
     path.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')
 
 
@@ -260,8 +342,11 @@ def test_plot_bad_run_dirs(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "metrics.jsonl").write_text('{"kind": "start"}\n')
-    for bad, match in ((tmp_path / "missing", "has no metrics.jsonl"), (tmp_path / "empty", "has no metrics.jsonl"),
-                       (tmp_path / "blank", "holds no train or eval records")):
+    for bad, match in (
+        (tmp_path / "missing", "has no metrics.jsonl"),
+        (tmp_path / "empty", "has no metrics.jsonl"),
+        (tmp_path / "blank", "holds no train or eval records"),
+    ):
         with pytest.raises(ValueError, match=match) as e:
             plot_runs([str(bad)], str(tmp_path / "x.png"))
         assert "\n" not in str(e.value)

@@ -16,13 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torch import Tensor
-
-from trainer.models import create_model, list_models, model_options, register_model
-from trainer.models import registry
+from trainer.models import create_model, list_models, model_options, register_model, registry
 from trainer.models.layers import shake_drop
 from trainer.models.pyramidnet import PyramidBottleneck, ShakeDropBlock, pool_pad, pyramid_widths
 from trainer.models.shakeshake import ShakeShakeBlock, ShiftedProjection
@@ -30,13 +27,30 @@ from trainer.models.vit import Attention
 from trainer.models.wideresnet import pool_pad_shortcut
 
 PAPER_NAMES = {
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
-    "wrn16_4", "wrn28_10", "wrn40_10",
-    "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet200",
+    "wrn16_4",
+    "wrn28_10",
+    "wrn40_10",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
     "wrn26_2x96_shakeshake",
-    "pyramidnet164_48", "pyramidnet164_270", "pyramidnet200_240", "pyramidnet272_200",
-    "pyramidnet164_48_shakedrop", "pyramidnet272_200_shakedrop",
-    "vit_ti", "vit_s", "vit_b", "vit_l",
+    "pyramidnet164_48",
+    "pyramidnet164_270",
+    "pyramidnet200_240",
+    "pyramidnet272_200",
+    "pyramidnet164_48_shakedrop",
+    "pyramidnet272_200_shakedrop",
+    "vit_ti",
+    "vit_s",
+    "vit_b",
+    "vit_l",
 }
 DEBUG_NAMES = {"resnet_debug", "wrn_debug", "vgg_debug", "shakeshake_debug", "pyramidnet_debug", "vit_debug"}
 ALL_NAMES = PAPER_NAMES | DEBUG_NAMES | {"demo_cnn"}
@@ -183,7 +197,8 @@ def test_register_and_create_custom_model(monkeypatch: pytest.MonkeyPatch) -> No
 # needs 32 px; a ViT is built for one image size, and 8 px with the CIFAR patch 4 gives 4 tokens +
 # cls, which keeps ViT-L (304 M parameters) to a few seconds.
 SMALL_INPUT: dict[str, tuple[int, int, int]] = {
-    "demo_cnn": (4, 28, 32), **{name: (4, 32, 32) for name in DEBUG_NAMES},
+    "demo_cnn": (4, 28, 32),
+    **{name: (4, 32, 32) for name in DEBUG_NAMES},
     **{name: (2, 32, 32) for name in ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
     **{name: (2, 8, 8) for name in ("vit_ti", "vit_s", "vit_b", "vit_l")},
 }
@@ -564,7 +579,10 @@ def test_shakeshake_count_and_flags() -> None:
     assert isinstance(model.stem[1], nn.BatchNorm2d) and len(model.stem) == 2
     projections = [m for m in model.modules() if isinstance(m, ShiftedProjection)]
     assert [(p.conv_a.in_channels, p.conv_a.out_channels, p.stride) for p in projections] == [
-        (16, 48, 1), (96, 96, 2), (192, 192, 2)]
+        (16, 48, 1),
+        (96, 96, 2),
+        (192, 192, 2),
+    ]
 
 
 def test_shifted_projection_by_hand() -> None:
@@ -592,10 +610,12 @@ def _capture(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
     """Forward hooks that keep each module's latest output (with retain_grad) under its key."""
     store: dict[str, Tensor] = {}
     for key, module in modules.items():
+
         def hook(mod: nn.Module, args: object, out: Tensor, key: str = key) -> None:
             if out.requires_grad:
                 out.retain_grad()
             store[key] = out
+
         module.register_forward_hook(hook)
     return store
 
@@ -662,8 +682,9 @@ def test_shakeshake_block_gates() -> None:
 
 
 # --------------------------------------------------------------------------- PyramidNet / ShakeDrop
-def pyramidnet_param_count(depth: int, alpha: int, num_classes: int, stem_bn: bool = False,
-                           rounding: str = "floor") -> int:
+def pyramidnet_param_count(
+    depth: int, alpha: int, num_classes: int, stem_bn: bool = False, rounding: str = "floor"
+) -> int:
     """§6 PyramidNet by hand, in integers: L = 3·(depth − 2)/9 blocks, width of block k
     ⌊(16·L + k·α)/L⌋ (or rounded half up); block BN(c_in) + conv1×1 + BN + conv3×3 + BN +
     conv1×1(4w) + BN(4w); stem conv (+ BN); final BN; classifier. Shortcuts have no parameters."""
@@ -686,8 +707,9 @@ def pyramidnet_param_count(depth: int, alpha: int, num_classes: int, stem_bn: bo
         ("pyramidnet272_200", 272, 200, 26.0e6, 26_049_530, 26_210_810),
     ],
 )
-def test_pyramidnet_counts(name: str, depth: int, alpha: int, published: float, floor_count: int,
-                           round_count: int) -> None:
+def test_pyramidnet_counts(
+    name: str, depth: int, alpha: int, published: float, floor_count: int, round_count: int
+) -> None:
     # CIFAR-10 (10 classes). Default widths ⌊16 + kα/L⌋ (paper); rounding="round" is the GNP
     # reference's int(round(·)). The paper's published counts are within 1 % of the floor rule
     # (α = 270: 0.8 % above the published 27.0 M with either rule, its widths are integers).
@@ -708,8 +730,8 @@ def test_pyramidnet_shakedrop_counts_and_keep_probs() -> None:
     blocks = list(model.blocks)
     assert len(blocks) == 90 and all(isinstance(b, ShakeDropBlock) for b in blocks)
     # p_l = 1 − (l/L)·0.5 for l = 1..L: 1 − 1/180 first, 0.5 last.
-    for l, block in enumerate(blocks, start=1):
-        assert block.keep_prob == pytest.approx(1 - l / 90 * 0.5, abs=1e-12)
+    for depth, block in enumerate(blocks, start=1):
+        assert block.keep_prob == pytest.approx(1 - depth / 90 * 0.5, abs=1e-12)
     assert blocks[-1].keep_prob == pytest.approx(0.5)
     assert all(b.true_gradient is False for b in blocks)
     assert [m for m in model.modules() if hasattr(m, "true_gradient")] == blocks
@@ -840,8 +862,13 @@ def vit_param_count(hidden: int, mlp: int, layers: int, num_classes: int, image_
     two LayerNorms, qkv (3·hidden outputs) and output projection, two MLP Linears, all with bias;
     final LayerNorm; head."""
     tokens = (image_size // patch) ** 2 + 1
-    block = 4 * hidden + (3 * hidden * hidden + 3 * hidden) + (hidden * hidden + hidden) \
-        + (hidden * mlp + mlp) + (mlp * hidden + hidden)
+    block = (
+        4 * hidden
+        + (3 * hidden * hidden + 3 * hidden)
+        + (hidden * hidden + hidden)
+        + (hidden * mlp + mlp)
+        + (mlp * hidden + hidden)
+    )
     embed = 3 * patch * patch * hidden + hidden + hidden + tokens * hidden
     return embed + layers * block + 2 * hidden + hidden * num_classes + num_classes
 
@@ -855,8 +882,7 @@ def vit_param_count(hidden: int, mlp: int, layers: int, num_classes: int, image_
         ("vit_l", 304_326_632, 1024, 4096, 24, "vit_l_16"),
     ],
 )
-def test_vit_imagenet_counts(name: str, expected: int, hidden: int, mlp: int, layers: int,
-                             tv_name: str | None) -> None:
+def test_vit_imagenet_counts(name: str, expected: int, hidden: int, mlp: int, layers: int, tv_name: str | None) -> None:
     # 224 px → patch 16, 196 tokens + cls; 1000 classes. Same layout as timm/torchvision, so equal.
     assert count(name, num_classes=1000, image_size=224) == expected
     assert vit_param_count(hidden, mlp, layers, 1000, 224, 16) == expected
@@ -899,7 +925,9 @@ def test_vit_head_zero_init_and_first_gradients() -> None:
     F.cross_entropy(out, torch.arange(4)).backward()
     # The zero head blocks the backward: at the first step only the head gets a non-zero gradient
     # (softmax(0) − onehot for the bias), as in the reference.
-    torch.testing.assert_close(model.head.bias.grad, torch.full((10,), 0.1) - torch.bincount(torch.arange(4), minlength=10) / 4)
+    torch.testing.assert_close(
+        model.head.bias.grad, torch.full((10,), 0.1) - torch.bincount(torch.arange(4), minlength=10) / 4
+    )
     assert torch.count_nonzero(model.head.weight.grad) > 0
     others = [n for n, p in model.named_parameters() if not n.startswith("head") and torch.count_nonzero(p.grad)]
     assert others == []

@@ -27,7 +27,7 @@ def batches(c: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for n, h, w in ((4, 5, 7), (2, 9, 3), (1, 1, 1), (3, 16, 16)):
         nhwc = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=g)
-        yield nhwc.permute(0, 3, 1, 2)               # channels_last strides, no copy
+        yield nhwc.permute(0, 3, 1, 2)  # channels_last strides, no copy
         yield nhwc.permute(0, 3, 1, 2).contiguous()  # plain NCHW
 
 
@@ -37,16 +37,17 @@ def test_same_floats_as_the_textbook_arithmetic(channels: int, channels_last: bo
     mean, std = MEAN[:channels], STD[:channels]
     norm = Normalizer(mean, std, device=torch.device("cpu"), channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for images in batches(channels):   # several widths in turn: the tiled constants are per width
+    for images in batches(channels):  # several widths in turn: the tiled constants are per width
         before = images.clone()
         x = norm(images)
         assert x.dtype == torch.float32 and x.shape == images.shape and x.is_contiguous(memory_format=fmt)
-        assert torch.equal(x, reference(images, mean, std))           # bitwise, not approximately
-        ref64 = (images.double() - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / \
-            torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        assert torch.equal(x, reference(images, mean, std))  # bitwise, not approximately
+        ref64 = (images.double() - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(
+            std, dtype=torch.float64
+        ).view(1, -1, 1, 1)
         assert torch.allclose(x.double(), ref64, rtol=0, atol=1e-5)  # and it is (x - mean) / std
         x.fill_(0)
-        assert torch.equal(images, before)   # new storage: the source buffer is never written
+        assert torch.equal(images, before)  # new storage: the source buffer is never written
 
 
 def test_layouts_agree_and_wrong_input_is_refused() -> None:

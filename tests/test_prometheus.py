@@ -23,14 +23,33 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, cli_env
-from tests.prom import (CONFIGMAP, DASHBOARD, DASHBOARD_KEY, PODMONITOR, PODMONITOR_CRD, PROMETHEUS, Prometheus,
-                        StaticExporter, cr_errors, crd_schema, dashboard_exprs, documented_metrics, free_ports, load_dashboard,
-                        podmonitor_scrape_configs, render_configmap, series_names, substitute, template_queries)
+from tests.support.prom import (
+    CONFIGMAP,
+    DASHBOARD,
+    DASHBOARD_KEY,
+    PODMONITOR,
+    PODMONITOR_CRD,
+    PROMETHEUS,
+    Prometheus,
+    StaticExporter,
+    cr_errors,
+    crd_schema,
+    dashboard_exprs,
+    documented_metrics,
+    free_ports,
+    load_dashboard,
+    podmonitor_scrape_configs,
+    render_configmap,
+    series_names,
+    substitute,
+    template_queries,
+)
 
 JOB_LABEL = "training.kubeflow.org/job-name"
 
 
 # ---------------------------------------------------------------- static checks
+
 
 def test_podmonitor_matches_crd_and_selects_training_pods():
     pm = yaml.safe_load(PODMONITOR.read_text())
@@ -38,8 +57,10 @@ def test_podmonitor_matches_crd_and_selects_training_pods():
     assert cr_errors(pm, schema) == []
     # the strict schema does catch what a typo would do
     assert cr_errors({**pm, "spec": {**pm["spec"], "podMetricEndpoints": []}}, schema)
-    assert any("9300 is not of type 'string'" in e for e in cr_errors(
-        {**pm, "spec": {**pm["spec"], "podMetricsEndpoints": [{"port": 9300}]}}, schema))
+    assert any(
+        "9300 is not of type 'string'" in e
+        for e in cr_errors({**pm, "spec": {**pm["spec"], "podMetricsEndpoints": [{"port": 9300}]}}, schema)
+    )
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # the Helm selector gotcha
     assert "podMonitorSelectorNilUsesHelmValues" in PODMONITOR.read_text()
     assert pm["spec"]["selector"] == {"matchExpressions": [{"key": JOB_LABEL, "operator": "Exists"}]}
@@ -48,8 +69,9 @@ def test_podmonitor_matches_crd_and_selects_training_pods():
 
 def test_configmap_carries_exactly_the_dashboard():
     text = DASHBOARD.read_text()
-    assert CONFIGMAP.read_text() == render_configmap(text), \
-        "dashboard-configmap.yaml is stale: run `.venv/bin/python -m tests.prom`"
+    assert CONFIGMAP.read_text() == render_configmap(text), (
+        "dashboard-configmap.yaml is stale: run `.venv/bin/python -m tests.support.prom`"
+    )
     cm = yaml.safe_load(CONFIGMAP.read_text())
     assert cm["kind"] == "ConfigMap" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["data"] == {DASHBOARD_KEY: text}  # byte for byte, as the sidecar writes the file
@@ -75,9 +97,11 @@ def test_dashboard_model():
             assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]), p["title"]
     assert len(ids) == len(set(ids))
     for i, a in enumerate(boxes):  # no two panels overlap on the 24-column grid
-        for b in boxes[i + 1:]:
-            assert (a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1] or a[2] + a[4] <= b[2] or b[2] + b[4] <= a[2]), \
-                (a[0], b[0])
+        for b in boxes[i + 1 :]:
+            assert a[1] + a[3] <= b[1] or b[1] + b[3] <= a[1] or a[2] + a[4] <= b[2] or b[2] + b[4] <= a[2], (
+                a[0],
+                b[0],
+            )
     exprs = [e for _, _, e in dashboard_exprs(dash)]
     for e in exprs:  # every query is scoped to the selected jobs and namespaces
         assert 'job_name=~"$job"' in e and 'namespace=~"$namespace"' in e, e
@@ -85,12 +109,26 @@ def test_dashboard_model():
     documented = series_names(documented_metrics())
     assert used - {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= documented
     # the panels the issue asks for, by the metric they show
-    for needed in ("gnp_images_total", "gnp_step_duration_seconds_bucket", "gnp_data_wait_seconds_total",
-                   "gnp_train_loss", "gnp_train_loss_perturbed", "gnp_sharpness", "gnp_grad_norm_g1",
-                   "gnp_grad_norm_combined", "gnp_alpha", "gnp_r", "gnp_learning_rate", "gnp_eval_top1_accuracy",
-                   "gnp_eval_top5_accuracy", "gnp_checkpoint_last_success_timestamp_seconds",
-                   "gnp_checkpoint_failures_total", "gnp_restarts", "gnp_gpu_memory_allocated_bytes",
-                   "DCGM_FI_DEV_GPU_UTIL"):
+    for needed in (
+        "gnp_images_total",
+        "gnp_step_duration_seconds_bucket",
+        "gnp_data_wait_seconds_total",
+        "gnp_train_loss",
+        "gnp_train_loss_perturbed",
+        "gnp_sharpness",
+        "gnp_grad_norm_g1",
+        "gnp_grad_norm_combined",
+        "gnp_alpha",
+        "gnp_r",
+        "gnp_learning_rate",
+        "gnp_eval_top1_accuracy",
+        "gnp_eval_top5_accuracy",
+        "gnp_checkpoint_last_success_timestamp_seconds",
+        "gnp_checkpoint_failures_total",
+        "gnp_restarts",
+        "gnp_gpu_memory_allocated_bytes",
+        "DCGM_FI_DEV_GPU_UTIL",
+    ):
         assert needed in used, needed
 
 
@@ -107,16 +145,25 @@ def dcgm_text() -> str:
     pod/namespace labels of DCGM_EXPORTER_KUBERNETES=true, GPU 1 as it looks when the exporter is scraped
     without honorLabels (the exporter's own pod in `pod`, the workload's in exported_pod), GPU 2 of another
     job's pod (the panels must leave it out)."""
-    gpus = [(0, 'pod="gnp-obs-master-0",namespace="gnp-test"', 87, 40000),
-            (1, 'exported_pod="gnp-obs-master-0",exported_namespace="gnp-test",pod="nvidia-dcgm-exporter-x",'
-                'namespace="gpu-operator"', 65, 30000),
-            (2, 'pod="other-master-0",namespace="gnp-test"', 10, 5000)]
+    gpus = [
+        (0, 'pod="gnp-obs-master-0",namespace="gnp-test"', 87, 40000),
+        (
+            1,
+            'exported_pod="gnp-obs-master-0",exported_namespace="gnp-test",pod="nvidia-dcgm-exporter-x",'
+            'namespace="gpu-operator"',
+            65,
+            30000,
+        ),
+        (2, 'pod="other-master-0",namespace="gnp-test"', 10, 5000),
+    ]
     lines = []
     for metric, col in (("DCGM_FI_DEV_GPU_UTIL", 2), ("DCGM_FI_DEV_FB_USED", 3)):
         lines.append(f"# TYPE {metric} gauge")
         for g in gpus:
-            lines.append(f'{metric}{{gpu="{g[0]}",UUID="GPU-{g[0]}",device="nvidia{g[0]}",{g[1]},'
-                         f'modelName="NVIDIA H100 80GB HBM3",Hostname="node-a"}} {g[col]}')
+            lines.append(
+                f'{metric}{{gpu="{g[0]}",UUID="GPU-{g[0]}",device="nvidia{g[0]}",{g[1]},'
+                f'modelName="NVIDIA H100 80GB HBM3",Hostname="node-a"}} {g[col]}'
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -128,18 +175,41 @@ def prometheus_for_job(tmp_path):
     if not Path(PROMETHEUS).is_file():
         pytest.fail(f"{PROMETHEUS} is missing: `make setup` installs Debian's prometheus package")
     base = free_ports(3)
-    pods = [{"namespace": NAMESPACE, "name": f"{JOB}-master-0", "node": "node-a", "container": "pytorch",
-             "labels": {JOB_LABEL: JOB, "training.kubeflow.org/replica-type": "master",
-                        "training.kubeflow.org/replica-index": "0"},
-             "ports": {f"metrics-{r}": f"127.0.0.1:{base + r}" for r in range(3)}},
-            # a pod of some other workload: the selector must skip it
-            {"namespace": NAMESPACE, "name": "web-0", "node": "node-a", "container": "web", "labels": {"app": "web"},
-             "ports": {"metrics-0": f"127.0.0.1:{base}"}}]
+    pods = [
+        {
+            "namespace": NAMESPACE,
+            "name": f"{JOB}-master-0",
+            "node": "node-a",
+            "container": "pytorch",
+            "labels": {
+                JOB_LABEL: JOB,
+                "training.kubeflow.org/replica-type": "master",
+                "training.kubeflow.org/replica-index": "0",
+            },
+            "ports": {f"metrics-{r}": f"127.0.0.1:{base + r}" for r in range(3)},
+        },
+        # a pod of some other workload: the selector must skip it
+        {
+            "namespace": NAMESPACE,
+            "name": "web-0",
+            "node": "node-a",
+            "container": "web",
+            "labels": {"app": "web"},
+            "ports": {"metrics-0": f"127.0.0.1:{base}"},
+        },
+    ]
     pm = yaml.safe_load(PODMONITOR.read_text())
     dcgm = StaticExporter(dcgm_text())
-    jobs = [*podmonitor_scrape_configs(pm, pods, interval="1s"),
-            {"job_name": "dcgm-exporter", "honor_labels": True, "scrape_interval": "1s", "scrape_timeout": "1s",
-             "static_configs": [{"targets": [f"127.0.0.1:{dcgm.port}"]}]}]
+    jobs = [
+        *podmonitor_scrape_configs(pm, pods, interval="1s"),
+        {
+            "job_name": "dcgm-exporter",
+            "honor_labels": True,
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "static_configs": [{"targets": [f"127.0.0.1:{dcgm.port}"]}],
+        },
+    ]
     prom = Prometheus(tmp_path / "prom", free_ports(1), jobs)
     try:
         prom.wait_ready()
@@ -182,15 +252,40 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
     gpu.update_gpu()
     run_dir = tmp_path / "run"
     log = open(tmp_path / "torchrun.log", "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer",
-           "train", "--recipe", "debug-cpu", "--set", f"data.path={fmnist_small}", "--set", f"run.dir={run_dir}",
-           "--set", "loop.epochs=3", "--set", "loop.log_every=1",
-           "--set", "checkpoint.every_steps=5", "--set", "metrics.prometheus=true",
-           "--set", f"metrics.port={base}", "--set", "metrics.addr=127.0.0.1", "--set", f"metrics.job={JOB}",
-           "--set", "metrics.progress=lines"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer",
+        "train",
+        "--recipe",
+        "debug-cpu",
+        "--set",
+        f"data.path={fmnist_small}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        "loop.epochs=3",
+        "--set",
+        "loop.log_every=1",
+        "--set",
+        "checkpoint.every_steps=5",
+        "--set",
+        "metrics.prometheus=true",
+        "--set",
+        f"metrics.port={base}",
+        "--set",
+        "metrics.addr=127.0.0.1",
+        "--set",
+        f"metrics.job={JOB}",
+        "--set",
+        "metrics.progress=lines",
+    ]
     # own session: on failure the whole torchrun tree is stopped by its process-group id
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # Poll until every expression returns data at one instant while the run is live: counters
         # rising (rate windows), an evaluation (end of epoch 1) and a completed checkpoint upload (saves every
@@ -207,12 +302,17 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
                 break
             time.sleep(1)
         log.flush()
-        assert at is not None, (f"no data for {len(missing)} expressions, e.g. {missing[:3]}\n"
-                                f"torchrun rc={proc.poll()}:\n{(tmp_path / 'torchrun.log').read_text()[-3000:]}")
+        assert at is not None, (
+            f"no data for {len(missing)} expressions, e.g. {missing[:3]}\n"
+            f"torchrun rc={proc.poll()}:\n{(tmp_path / 'torchrun.log').read_text()[-3000:]}"
+        )
         # DCGM panels: this job's two GPUs, whichever way the exporter's pod label arrived; not the other job's.
-        util, fb = (sorted((r["metric"]["pod"], r["metric"]["gpu"], r["value"])
-                           for r in prom.query(substitute(e, subst), at=at))
-                    for e in (next(e for e in dcgm if "GPU_UTIL" in e), next(e for e in dcgm if "FB_USED" in e)))
+        util, fb = (
+            sorted(
+                (r["metric"]["pod"], r["metric"]["gpu"], r["value"]) for r in prom.query(substitute(e, subst), at=at)
+            )
+            for e in (next(e for e in dcgm if "GPU_UTIL" in e), next(e for e in dcgm if "FB_USED" in e))
+        )
         assert util == [(f"{JOB}-master-0", "0", 87), (f"{JOB}-master-0", "1", 65)]
         assert fb == [(f"{JOB}-master-0", "0", 40000 * 2**20), (f"{JOB}-master-0", "1", 30000 * 2**20)]
 

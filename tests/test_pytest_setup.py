@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-RECIPE = '''
+RECIPE = """
 import ast, gc, inspect
 
 class RaisesWhenFreed:
@@ -34,13 +34,29 @@ def test_parse_while_a_finalizer_raises():
             ast.parse(source)
     finally:
         gc.set_threshold(*old)
-'''
+"""
 
 
 def test_a_raising_finalizer_during_ast_parse_does_not_fail_a_test(tmp_path: Path) -> None:
     (tmp_path / "test_recipe.py").write_text(RECIPE)
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
-                          str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path / "test_recipe.py")],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_recipe.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:]
     assert "1 passed" in res.stdout

@@ -12,8 +12,15 @@ from trainer import config
 from trainer.models import list_models
 
 # Family of each full-size model -> its tiny registered variant.
-DEBUG_OF = {"resnet": "resnet_debug", "wrn26": "shakeshake_debug", "wrn": "wrn_debug", "pyramidnet": "pyramidnet_debug",
-            "vgg": "vgg_debug", "vit": "vit_debug", "demo_cnn": "demo_cnn"}
+DEBUG_OF = {
+    "resnet": "resnet_debug",
+    "wrn26": "shakeshake_debug",
+    "wrn": "wrn_debug",
+    "pyramidnet": "pyramidnet_debug",
+    "vgg": "vgg_debug",
+    "vit": "vit_debug",
+    "demo_cnn": "demo_cnn",
+}
 
 
 def debug_variant(name: str) -> str:
@@ -35,12 +42,20 @@ def test_every_recipe_model_is_registered():
 @pytest.mark.parametrize("recipe", sorted(config.list_recipes()))
 def test_recipe_runs_two_steps(recipe, fmnist_small, tmp_path):
     cfg = config.load(recipe)
-    sets = {"model.name": debug_variant(cfg.model.name), "data.path": str(fmnist_small), "data.image_size": 32,
-            "data.num_workers": 1, "loop.batch_size": 32, "loop.max_steps": 2, "loop.log_every": 1,
-            "run.dir": str(tmp_path / "run")}
+    sets = {
+        "model.name": debug_variant(cfg.model.name),
+        "data.path": str(fmnist_small),
+        "data.image_size": 32,
+        "data.num_workers": 1,
+        "loop.batch_size": 32,
+        "loop.max_steps": 2,
+        "loop.log_every": 1,
+        "run.dir": str(tmp_path / "run"),
+    }
     if cfg.data.loader == "memory":  # device-resident recipes read the raw files: the same 500 images, native size
-        sets.update({"data.path": "fashion-mnist:/usr/share/datasets/fashion-mnist", "data.limit": 500,
-                     "data.image_size": 0})
+        sets.update(
+            {"data.path": "fashion-mnist:/usr/share/datasets/fashion-mnist", "data.limit": 500, "data.image_size": 0}
+        )
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     res = run_cli("train", "--recipe", recipe, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -27,9 +27,18 @@ def args(ds, run_dir, *extra):
     """A deterministic CPU run with every per-step random source in play: hybrid GNP draws, per-rank
     perturbations, mid-epoch checkpoints every 4 steps (augment none: FFCV's numba augmentations draw from
     OS entropy, so only `none` is reproducible bit for bit)."""
-    sets = ["data.augment=none", "loop.epochs=2", "loop.deterministic=true", "checkpoint.every_steps=4",
-            "gnp.hybrid_p=0.7", "loop.log_every=1", "checkpoint.keep=3", f"data.path={ds}", f"run.dir={run_dir}",
-            *extra]
+    sets = [
+        "data.augment=none",
+        "loop.epochs=2",
+        "loop.deterministic=true",
+        "checkpoint.every_steps=4",
+        "gnp.hybrid_p=0.7",
+        "loop.log_every=1",
+        "checkpoint.keep=3",
+        f"data.path={ds}",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
     return ["-m", "trainer", "train", "--recipe", "debug-cpu", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -104,10 +113,16 @@ def test_sigkill_worker_at_random_point_restarts_and_matches(fmnist_small, tmp_p
     # a random step after the first checkpoint (step 4) has landed, so there is something to resume from
     kill_after = rnd.randint(6, 2 * STEPS_PER_EPOCH - 3)
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=3",
-           *args(fmnist_small, run_dir)]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=3",
+        *args(fmnist_small, run_dir),
+    ]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and launcher.poll() is None:

@@ -1,4 +1,4 @@
-"""S3 checkpoints against a real SeaweedFS server (tests/s3server.py): round trip, multipart, retention,
+"""S3 checkpoints against a real SeaweedFS server (tests/support/s3server.py): round trip, multipart, retention,
 corrupt/truncated/incomplete checkpoints, the server killed mid-upload, wrong credentials.
 
 Credentials reach the code under test only through the environment (AWS_ACCESS_KEY_ID/...), like a pod's
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from tests.s3server import S3Server, s3_env, s3_server  # noqa: F401 (fixtures)
+from tests.support.s3server import S3Server, s3_env, s3_server  # noqa: F401 (fixtures)
 from trainer.checkpoint import Checkpointer
 from trainer.storage import MiB, S3Storage, StorageConfigError, StorageError
 
@@ -42,14 +42,20 @@ def test_round_trip_layout_and_manifest(s3_env):
     ck.save(2, state(2), extra={"config.yaml": b"model: wrn\n"})
     assert ck.wait(30)
     assert keys(s3_env, bucket) == [
-        "runs/a/step-000000001/manifest.json", "runs/a/step-000000001/state.pt",
-        "runs/a/step-000000002/config.yaml", "runs/a/step-000000002/manifest.json",
-        "runs/a/step-000000002/state.pt"]
+        "runs/a/step-000000001/manifest.json",
+        "runs/a/step-000000001/state.pt",
+        "runs/a/step-000000002/config.yaml",
+        "runs/a/step-000000002/manifest.json",
+        "runs/a/step-000000002/state.pt",
+    ]
     client = s3_env.client()
     manifest = json.loads(client.get_object(Bucket=bucket, Key="runs/a/step-000000002/manifest.json")["Body"].read())
     blob = client.get_object(Bucket=bucket, Key="runs/a/step-000000002/state.pt")["Body"].read()
-    assert manifest["files"]["state.pt"] == {"object": "state.pt", "size": len(blob),
-                                             "sha256": hashlib.sha256(blob).hexdigest()}
+    assert manifest["files"]["state.pt"] == {
+        "object": "state.pt",
+        "size": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
     # a fresh process (new Checkpointer) finds and verifies it
     step, sd = Checkpointer(f"s3://{bucket}/runs/a/", keep=3).latest()
     assert step == 2 and torch.equal(sd["w"], torch.full((16,), 2.0)) and sd["opt"]["lr"] == 0.2
@@ -91,9 +97,14 @@ def test_retention_and_partial_prefix_collection(s3_env, monkeypatch):
         ck.save(s, state(s))
     assert ck.wait(30)
     assert ck.steps() == [5, 4]
-    assert keys(s3_env, bucket) == ["r/notes.txt", "r/step-000000004/manifest.json", "r/step-000000004/state.pt",
-                                    "r/step-000000005/manifest.json", "r/step-000000005/state.pt",
-                                    "r/step-000000099/state.pt"]
+    assert keys(s3_env, bucket) == [
+        "r/notes.txt",
+        "r/step-000000004/manifest.json",
+        "r/step-000000004/state.pt",
+        "r/step-000000005/manifest.json",
+        "r/step-000000005/state.pt",
+        "r/step-000000099/state.pt",
+    ]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest"])
@@ -129,8 +140,9 @@ def test_server_killed_mid_upload(s3_env, capfd):
     bucket = s3_env.create_bucket()
     uri = f"s3://{bucket}/k"
     logs = Logs()
-    ck = Checkpointer(uri, keep=2, s3_max_attempts=2, s3_multipart_chunksize=5 * MiB, retry_base_s=0.2,
-                      retry_cap_s=1.0, log=logs)
+    ck = Checkpointer(
+        uri, keep=2, s3_max_attempts=2, s3_multipart_chunksize=5 * MiB, retry_base_s=0.2, retry_cap_s=1.0, log=logs
+    )
     one = state(1)
     ck.save(1, one)
     assert ck.wait(30)
@@ -148,8 +160,9 @@ def test_server_killed_mid_upload(s3_env, capfd):
     st = ck.stats
     assert st["failures_total"] >= 1 and st["consecutive_failures"] >= 1 and st["pending_step"] == 2, st
     assert st["uploads_total"] == 1 and st["last_success_step"] == 1
-    assert any(m.startswith("warning: checkpoint step 2 upload failed (attempt 1): ") and "retrying in" in m
-               for m in logs), logs
+    assert any(
+        m.startswith("warning: checkpoint step 2 upload failed (attempt 1): ") and "retrying in" in m for m in logs
+    ), logs
 
     s3_env.restart()
 

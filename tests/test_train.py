@@ -20,8 +20,18 @@ def records(run_dir, kind=None):
 
 
 def common(ds, run_dir, *extra):
-    return ["train", "--recipe", "debug-cpu", "--set", f"data.path={ds}", "--set", f"run.dir={run_dir}",
-            "--set", "data.augment=none", *[a for x in extra for a in ("--set", x)]]
+    return [
+        "train",
+        "--recipe",
+        "debug-cpu",
+        "--set",
+        f"data.path={ds}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        "data.augment=none",
+        *[a for x in extra for a in ("--set", x)],
+    ]
 
 
 def test_single_process_run_writes_config_metrics_checkpoint(fmnist_small, tmp_path):
@@ -132,9 +142,11 @@ def test_import_direction():
                 dep = m.split(".")[1]
                 if dep == top:
                     continue
-                assert dep in order and order.index(dep) < order.index(top) and not (
-                    top in ("checkpoint", "metrics") and dep in ("checkpoint", "metrics")), \
-                    f"{path.relative_to(pkg)} imports {m}: against the data-flow order"
+                assert (
+                    dep in order
+                    and order.index(dep) < order.index(top)
+                    and not (top in ("checkpoint", "metrics") and dep in ("checkpoint", "metrics"))
+                ), f"{path.relative_to(pkg)} imports {m}: against the data-flow order"
     # the GNP optimizer and the models are plain PyTorch
     for sub in ("optim/gnp.py",):
         src = (pkg / sub).read_text()
@@ -160,12 +172,19 @@ def test_memory_loader_trains_bitwise_like_the_ffcv_loader(fmnist_small, tmp_pat
 
 
 def test_memory_loader_bad_source_and_limit_exit_2(tmp_path):
-    for sets, match in [(["data.loader=memory", "data.path=mnist:/nowhere"], "data.path"),
-                        (["data.loader=ffcv", "data.path=x", "data.limit=5"], "data.limit"),
-                        (["data.loader=ffcv", "data.path=x", "data.label_noise=0.2"], "data.label_noise"),
-                        (["data.loader=memory", "data.path=synthetic:8x8:2:10", "data.label_noise=1"],
-                         "data.label_noise")]:
-        res = run_cli("train", "--recipe", "debug-cpu", "--set", f"run.dir={tmp_path / 'r'}",
-                      *[a for s in sets for a in ("--set", s)])
+    for sets, match in [
+        (["data.loader=memory", "data.path=mnist:/nowhere"], "data.path"),
+        (["data.loader=ffcv", "data.path=x", "data.limit=5"], "data.limit"),
+        (["data.loader=ffcv", "data.path=x", "data.label_noise=0.2"], "data.label_noise"),
+        (["data.loader=memory", "data.path=synthetic:8x8:2:10", "data.label_noise=1"], "data.label_noise"),
+    ]:
+        res = run_cli(
+            "train",
+            "--recipe",
+            "debug-cpu",
+            "--set",
+            f"run.dir={tmp_path / 'r'}",
+            *[a for s in sets for a in ("--set", s)],
+        )
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
         assert not (tmp_path / "r").exists()

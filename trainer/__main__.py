@@ -1,4 +1,6 @@
-"""Command line: `python -m trainer {train,convert,eval,plot,compare,recipes,models,config}` (also the `gnp-train` script).
+"""Command line: `python -m trainer {train,convert,eval,plot,compare,recipes,models,config}`.
+
+Also installed as the `gnp-train` script.
 
 User errors (bad config, bad dataset, unknown recipe, wrong S3 credentials) print one line `error: ...` and
 exit with status 2, which Kubeflow's ExitCode restart policy treats as permanent; storage outages exit 200
@@ -18,15 +20,23 @@ EXIT_RETRYABLE = 200  # infrastructure fault (storage outage): retryable (>= 128
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description="Train image models with Gradient Norm "
-                                "Penalty (GNP) on FFCV data; run under torchrun for DDP.")
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train image models with Gradient Norm Penalty (GNP) on FFCV data; run under torchrun for DDP.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     t = sub.add_parser("train", help="train a recipe (resumes from the run directory's latest checkpoint)")
     t.add_argument("--recipe", required=True, help="recipe name (see `recipes`) or path to a YAML file")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable); values parse as YAML")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable); values parse as YAML",
+    )
 
     c = sub.add_parser("convert", help="write a dataset as FFCV train.beton/val.beton + meta.json")
     from trainer.data.convert import add_arguments
@@ -75,11 +85,16 @@ def _run(args: argparse.Namespace) -> int:
     from trainer import config
 
     if args.command == "recipes":
-        print(f"{'recipe':26s} {'model':28s} {'data':18s} {'epochs':>6s} {'batch':>5s} {'r':>5s} {'alpha':>5s}  description")
+        print(
+            f"{'recipe':26s} {'model':28s} {'data':18s} {'epochs':>6s} {'batch':>5s} {'r':>5s} {'alpha':>5s}"
+            "  description"
+        )
         for name, desc in config.list_recipes().items():
             c = config.load(name)
-            print(f"{name:26s} {c.model.name:28s} {c.data.path.rsplit('/', 1)[-1]:18s} {c.loop.epochs:6d} "
-                  f"{c.loop.batch_size:5d} {c.gnp.r:5g} {c.gnp.alpha:5g}  {desc}")
+            print(
+                f"{name:26s} {c.model.name:28s} {c.data.path.rsplit('/', 1)[-1]:18s} {c.loop.epochs:6d} "
+                f"{c.loop.batch_size:5d} {c.gnp.r:5g} {c.gnp.alpha:5g}  {desc}"
+            )
         return 0
     if args.command == "config":
         for key, default, doc in config.describe():
@@ -115,9 +130,12 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"final top-1 accuracy {100 * summary['top1']:.2f}% | top-5 {100 * summary['top5']:.2f}% | "
-              f"{summary['steps']} steps ({summary['gnp_steps']} GNP) | wall {summary['wall_s']:.0f} s | "
-              f"run dir {summary['run_dir']}", flush=True)
+        print(
+            f"final top-1 accuracy {100 * summary['top1']:.2f}% | top-5 {100 * summary['top5']:.2f}% | "
+            f"{summary['steps']} steps ({summary['gnp_steps']} GNP) | wall {summary['wall_s']:.0f} s | "
+            f"run dir {summary['run_dir']}",
+            flush=True,
+        )
     return 0
 
 

@@ -98,8 +98,12 @@ class FolderParams:
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-            high is not None and value > high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < low
+        or (high is not None and value > high)
+    ):
         allowed = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
         raise ValueError(f"{name}: {value!r}; expected {allowed}")
 
@@ -113,8 +117,15 @@ def _class_dir(label: int, name: str) -> str:
 # The dataset: a JPEG ImageFolder and its FFCV conversion
 # --------------------------------------------------------------------------------------------
 
-def _write_split(out: Path, images: np.ndarray, labels: np.ndarray, names: Sequence[str],
-                 params: FolderParams, rng: np.random.Generator) -> None:
+
+def _write_split(
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    params: FolderParams,
+    rng: np.random.Generator,
+) -> None:
     from PIL import Image
 
     lo, hi = params.side_range
@@ -133,10 +144,10 @@ def build_jpeg_folder(root: Path, params: FolderParams) -> None:
     from trainer.data.sources import read_fashion_mnist
 
     data = read_fashion_mnist(params.source)
-    train_x, train_y = data.train.images[:params.images], data.train.labels[:params.images]
+    train_x, train_y = data.train.images[: params.images], data.train.labels[: params.images]
     # The converter wants val classes to be a subset of train's (matters only for tiny --images).
     keep = np.isin(data.val.labels, np.unique(train_y))
-    val_x, val_y = data.val.images[keep][:params.val_images], data.val.labels[keep][:params.val_images]
+    val_x, val_y = data.val.images[keep][: params.val_images], data.val.labels[keep][: params.val_images]
     rng = np.random.default_rng(params.seed)
     _write_split(root / "train", train_x, train_y, data.classes, params, rng)
     _write_split(root / "val", val_x, val_y, data.classes, params, rng)
@@ -190,8 +201,10 @@ def prepare(work: str | os.PathLike, params: FolderParams, write_mode: str = "jp
         except (OSError, ValueError):
             old = None
     elif work.is_dir() and any(work.iterdir()):
-        raise ValueError(f"--work {work}: not empty and has no {PARAMS_NAME}; expected a folder made by "
-                         f"trainer.bench_data (or a new one)")
+        raise ValueError(
+            f"--work {work}: not empty and has no {PARAMS_NAME}; expected a folder made by "
+            f"trainer.bench_data (or a new one)"
+        )
     jpeg_dir, ffcv_dir = work / "jpeg", work / f"ffcv-{write_mode}"
     reused = old == wanted and (jpeg_dir / "train").is_dir()
     if not reused:
@@ -205,16 +218,26 @@ def prepare(work: str | os.PathLike, params: FolderParams, write_mode: str = "jp
         params_path.write_text(json.dumps(wanted, indent=2) + "\n")
     try:
         meta = validate_dataset(ffcv_dir)
-        ffcv_ok = (meta.get("write_mode") == write_mode and meta.get("jpeg_quality") == params.jpeg_quality
-                   and meta.get("train_size") == params.images)
+        ffcv_ok = (
+            meta.get("write_mode") == write_mode
+            and meta.get("jpeg_quality") == params.jpeg_quality
+            and meta.get("train_size") == params.images
+        )
     except ValueError:
         ffcv_ok = False
     if not ffcv_ok:
         reused = False
         shutil.rmtree(ffcv_dir, ignore_errors=True)
         # max_resolution = the largest side: nothing is resized, only the page size is bounded.
-        meta = convert("imagefolder", str(jpeg_dir), str(ffcv_dir), write_mode=write_mode,
-                       jpeg_quality=params.jpeg_quality, max_resolution=params.side_range[1], num_workers=2)
+        meta = convert(
+            "imagefolder",
+            str(jpeg_dir),
+            str(ffcv_dir),
+            write_mode=write_mode,
+            jpeg_quality=params.jpeg_quality,
+            max_resolution=params.side_range[1],
+            num_workers=2,
+        )
     jpeg_bytes, pixels = _folder_stats(jpeg_dir / "train")
     with keep_torch_threads():  # importing ffcv modules may reset torch's thread count
         from ffcv.reader import Reader
@@ -227,27 +250,49 @@ def prepare(work: str | os.PathLike, params: FolderParams, write_mode: str = "jp
 # The pipelines
 # --------------------------------------------------------------------------------------------
 
-def ffcv_loader(ffcv_dir: Path, *, batch_size: int, workers: int, size: int, channels_last: bool = True,
-                seed: int = 0) -> Any:
+
+def ffcv_loader(
+    ffcv_dir: Path, *, batch_size: int, workers: int, size: int, channels_last: bool = True, seed: int = 0
+) -> Any:
     """The trainer's FFCV train loader with the ImageNet augmentation, on the CPU."""
     from trainer.data.loaders import build_loaders
 
-    return build_loaders(ffcv_dir, batch_size=batch_size, eval_batch_size=None, num_workers=workers,
-                         seed=seed, rank=0, world_size=1, device=torch.device("cpu"), augment="imagenet",
-                         image_size=size, channels_last=channels_last).train
+    return build_loaders(
+        ffcv_dir,
+        batch_size=batch_size,
+        eval_batch_size=None,
+        num_workers=workers,
+        seed=seed,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        augment="imagenet",
+        image_size=size,
+        channels_last=channels_last,
+    ).train
 
 
-def build_pipelines(prep: Prepared, *, batch_size: int, workers: int, size: int, channels_last: bool = True,
-                    seed: int = 0) -> dict[str, Any]:
+def build_pipelines(
+    prep: Prepared, *, batch_size: int, workers: int, size: int, channels_last: bool = True, seed: int = 0
+) -> dict[str, Any]:
     """The three pipelines of ``PIPELINES`` on ``prep``'s data, torchvision ones first (creation order)."""
     mean, std = prep.meta["mean"], prep.meta["std"]
     loaders: dict[str, Any] = {}
     for name, in_workers in (("tv-uint8", False), ("tv-float", True)):
-        loaders[name] = TorchvisionLoader(prep.jpeg_dir / "train", batch_size=batch_size, workers=workers, size=size,
-                                          mean=mean, std=std, normalize_in_workers=in_workers,
-                                          channels_last=channels_last, seed=seed)
-    loaders["ffcv"] = ffcv_loader(prep.ffcv_dir, batch_size=batch_size, workers=workers, size=size,
-                                  channels_last=channels_last, seed=seed)
+        loaders[name] = TorchvisionLoader(
+            prep.jpeg_dir / "train",
+            batch_size=batch_size,
+            workers=workers,
+            size=size,
+            mean=mean,
+            std=std,
+            normalize_in_workers=in_workers,
+            channels_last=channels_last,
+            seed=seed,
+        )
+    loaders["ffcv"] = ffcv_loader(
+        prep.ffcv_dir, batch_size=batch_size, workers=workers, size=size, channels_last=channels_last, seed=seed
+    )
     return loaders
 
 
@@ -271,25 +316,41 @@ class TorchvisionLoader:
     trainer's own ``Normalizer``: torchvision gets the cheapest route to the same floats.
     """
 
-    def __init__(self, train_dir: Path, *, batch_size: int, workers: int, size: int, mean: Sequence[float],
-                 std: Sequence[float], normalize_in_workers: bool, channels_last: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        train_dir: Path,
+        *,
+        batch_size: int,
+        workers: int,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize_in_workers: bool,
+        channels_last: bool = True,
+        seed: int = 0,
+    ):
         from torchvision import datasets, transforms
 
         from trainer.data.loaders import Normalizer
 
         ops: list = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
         if normalize_in_workers:
-            ops += [transforms.ToTensor(),
-                    transforms.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
+            ops += [transforms.ToTensor(), transforms.Normalize([m / 255 for m in mean], [s / 255 for s in std])]
         else:
             ops.append(_PILToHWC() if channels_last else transforms.PILToTensor())
         self.normalize_in_workers = normalize_in_workers
         self.channels_last = channels_last
         self.dataset = datasets.ImageFolder(str(train_dir), transform=transforms.Compose(ops))
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-            persistent_workers=True, worker_init_fn=_one_torch_thread,
-            generator=torch.Generator().manual_seed(seed))
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            persistent_workers=True,
+            worker_init_fn=_one_torch_thread,
+            generator=torch.Generator().manual_seed(seed),
+        )
         self._normalize = Normalizer(mean, std, device=torch.device("cpu"), channels_last=channels_last)
 
     def _finish(self, images: torch.Tensor) -> torch.Tensor:
@@ -316,6 +377,7 @@ class TorchvisionLoader:
 # --------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------
+
 
 def _proc_cpu_seconds(pid: int) -> float | None:
     """utime + stime of another process from /proc (None where /proc is unavailable)."""
@@ -390,8 +452,14 @@ def benchmark(args: argparse.Namespace) -> Run:
     """Prepare the data, time every pipeline; returns the result and the pipelines."""
     import numba
 
-    params = FolderParams(images=args.images, val_images=max(10, args.images // 10), source_px=args.source_px,
-                          jpeg_quality=args.jpeg_quality, seed=args.seed, source=os.path.abspath(args.source))
+    params = FolderParams(
+        images=args.images,
+        val_images=max(10, args.images // 10),
+        source_px=args.source_px,
+        jpeg_quality=args.jpeg_quality,
+        seed=args.seed,
+        source=os.path.abspath(args.source),
+    )
     t0 = time.perf_counter()
     prep = prepare(args.work, params, args.write_mode)
     prep_s = time.perf_counter() - t0
@@ -399,10 +467,15 @@ def benchmark(args: argparse.Namespace) -> Run:
     # One intra-op thread in the main process for every pipeline (see the module docstring).
     torch.set_num_threads(1)
 
-    loaders = build_pipelines(prep, batch_size=args.batch_size, workers=args.workers, size=args.size,
-                              channels_last=args.layout == "channels_last", seed=args.seed)
-    pids: dict[str, Callable[[], list[int]]] = {name: getattr(loaders[name], "worker_pids", list)
-                                                for name in PIPELINES}
+    loaders = build_pipelines(
+        prep,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        size=args.size,
+        channels_last=args.layout == "channels_last",
+        seed=args.seed,
+    )
+    pids: dict[str, Callable[[], list[int]]] = {name: getattr(loaders[name], "worker_pids", list) for name in PIPELINES}
     ffcv_threads = int(loaders["ffcv"]._loader.num_workers)
     # In creation order: the DataLoader workers fork at their first epoch, before FFCV's threads start.
     warmup = {name: run_epochs(loader, 1).seconds for name, loader in loaders.items()}
@@ -417,14 +490,19 @@ def benchmark(args: argparse.Namespace) -> Run:
     for name in PIPELINES:
         best = min(rounds[name], key=lambda s: s.seconds)
         cpu = [1e3 * s.cpu_seconds / s.images for s in rounds[name] if s.cpu_seconds is not None]
-        rows.append({
-            "pipeline": name, "images_per_s": best.images / best.seconds, "seconds": best.seconds,
-            "images": best.images, "rounds_images_per_s": [s.images / s.seconds for s in rounds[name]],
-            # Lowest over the rounds, like the wall time: contention inflates CPU time per image too.
-            "cpu_ms_per_image": min(cpu) if len(cpu) == len(rounds[name]) else None,
-            "warmup_epoch_s": warmup[name],
-            "threads": ffcv_threads if name == "ffcv" else args.workers,
-        })
+        rows.append(
+            {
+                "pipeline": name,
+                "images_per_s": best.images / best.seconds,
+                "seconds": best.seconds,
+                "images": best.images,
+                "rounds_images_per_s": [s.images / s.seconds for s in rounds[name]],
+                # Lowest over the rounds, like the wall time: contention inflates CPU time per image too.
+                "cpu_ms_per_image": min(cpu) if len(cpu) == len(rounds[name]) else None,
+                "warmup_epoch_s": warmup[name],
+                "threads": ffcv_threads if name == "ffcv" else args.workers,
+            }
+        )
     by = {r["pipeline"]: r for r in rows}
     tv_names = ("tv-uint8", "tv-float")
     tv_best = max(tv_names, key=lambda n: by[n]["images_per_s"])
@@ -434,35 +512,55 @@ def benchmark(args: argparse.Namespace) -> Run:
         cpu_ratio = min(by[n]["cpu_ms_per_image"] for n in tv_names) / by["ffcv"]["cpu_ms_per_image"]
     # The same comparison within each round: the pipelines of a round ran back to back, under the same
     # load, so the spread of these is the run's own measure of how far to trust `ratio`.
-    round_ratios = [by["ffcv"]["rounds_images_per_s"][i] / by[tv_best]["rounds_images_per_s"][i]
-                    for i in range(args.repeats)]
+    round_ratios = [
+        by["ffcv"]["rounds_images_per_s"][i] / by[tv_best]["rounds_images_per_s"][i] for i in range(args.repeats)
+    ]
     lo, hi = params.side_range
-    return Run(loaders=loaders, result={
-        "config": {
-            "images": args.images, "classes": prep.meta["num_classes"], "source_px": [lo, hi],
-            "jpeg_quality": args.jpeg_quality, "write_mode": args.write_mode, "size": args.size,
-            "layout": args.layout,
-            "batch_size": args.batch_size, "workers": args.workers, "epochs": args.epochs,
-            "repeats": args.repeats, "work": str(args.work), "reused": prep.reused,
-            "prepare_s": prep_s, "jpeg_kb_per_image": prep.jpeg_bytes_per_image / 1024,
-            "ffcv_kb_per_image": prep.ffcv_bytes_per_image / 1024,
-            "pixels_per_image": prep.pixels_per_image,
+    return Run(
+        loaders=loaders,
+        result={
+            "config": {
+                "images": args.images,
+                "classes": prep.meta["num_classes"],
+                "source_px": [lo, hi],
+                "jpeg_quality": args.jpeg_quality,
+                "write_mode": args.write_mode,
+                "size": args.size,
+                "layout": args.layout,
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "epochs": args.epochs,
+                "repeats": args.repeats,
+                "work": str(args.work),
+                "reused": prep.reused,
+                "prepare_s": prep_s,
+                "jpeg_kb_per_image": prep.jpeg_bytes_per_image / 1024,
+                "ffcv_kb_per_image": prep.ffcv_bytes_per_image / 1024,
+                "pixels_per_image": prep.pixels_per_image,
+            },
+            "machine": {
+                "cpu": _cpu_model(),
+                "cpu_count": os.cpu_count(),
+                "usable_cpus": len(os.sched_getaffinity(0)),
+                "load_before": list(load_before),
+                "load_after": list(load_after),
+                "torch": torch.__version__,
+                "torchvision": _version("torchvision"),
+                "ffcv": _version("ffcv"),
+                "pillow": _version("pillow"),
+                "numba": numba.__version__,
+                "numba_threading_layer": _numba_layer(),
+                "python": platform.python_version(),
+            },
+            "results": rows,
+            "fastest_torchvision": tv_best,
+            "ratio": ratio,
+            "cpu_ratio": cpu_ratio,
+            "target": TARGET_RATIO,
+            "target_met": ratio >= TARGET_RATIO,
+            "round_ratios": round_ratios,
         },
-        "machine": {
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "load_before": list(load_before), "load_after": list(load_after),
-            "torch": torch.__version__, "torchvision": _version("torchvision"), "ffcv": _version("ffcv"),
-            "pillow": _version("pillow"), "numba": numba.__version__,
-            "numba_threading_layer": _numba_layer(), "python": platform.python_version(),
-        },
-        "results": rows,
-        "fastest_torchvision": tv_best,
-        "ratio": ratio,
-        "cpu_ratio": cpu_ratio,
-        "target": TARGET_RATIO,
-        "target_met": ratio >= TARGET_RATIO,
-        "round_ratios": round_ratios,
-    })
+    )
 
 
 def _numba_layer() -> str:
@@ -491,26 +589,33 @@ def format_table(result: dict) -> str:
         f"({m['numba_threading_layer']})",
         "",
     ]
-    header = f"{'pipeline':<10} {'threads':>7} {'images/s':>9} {'FFCV x':>7} {'CPU ms/image':>13} " \
-             f"{'FFCV x':>7} {'warm-up epoch s':>16}"
+    header = (
+        f"{'pipeline':<10} {'threads':>7} {'images/s':>9} {'FFCV x':>7} {'CPU ms/image':>13} "
+        f"{'FFCV x':>7} {'warm-up epoch s':>16}"
+    )
     lines += [header, "-" * len(header)]
     ffcv = next(r for r in result["results"] if r["pipeline"] == "ffcv")
     for r in result["results"]:
         cpu, cpu_x = "n/a", "n/a"
         if r["cpu_ms_per_image"] is not None and ffcv["cpu_ms_per_image"] is not None:
             cpu, cpu_x = f"{r['cpu_ms_per_image']:.3f}", f"{r['cpu_ms_per_image'] / ffcv['cpu_ms_per_image']:.2f}"
-        lines.append(f"{r['pipeline']:<10} {r['threads']:>7} {r['images_per_s']:>9.0f} "
-                     f"{ffcv['images_per_s'] / r['images_per_s']:>7.2f} {cpu:>13} {cpu_x:>7} "
-                     f"{r['warmup_epoch_s']:>16.2f}")
+        lines.append(
+            f"{r['pipeline']:<10} {r['threads']:>7} {r['images_per_s']:>9.0f} "
+            f"{ffcv['images_per_s'] / r['images_per_s']:>7.2f} {cpu:>13} {cpu_x:>7} "
+            f"{r['warmup_epoch_s']:>16.2f}"
+        )
     verdict = "met" if result["target_met"] else "NOT met"
     cpu_ratio = "n/a" if result["cpu_ratio"] is None else f"{result['cpu_ratio']:.2f}x"
-    lines += ["", f"FFCV / fastest torchvision ({result['fastest_torchvision']}): {result['ratio']:.2f}x images/s "
-                  f"(target >= {result['target']:.0f}x: {verdict}); {cpu_ratio} less CPU time per image than the "
-                  f"cheaper torchvision variant",
-              f"per round (pipelines back to back): FFCV / {result['fastest_torchvision']} "
-              f"{' '.join(f'{r:.2f}' for r in result['round_ratios'])}",
-              "images/s: best round; CPU ms/image: lowest round (this process's threads + DataLoader workers); "
-              "the warm-up epoch (FFCV's numba compilation, worker start-up) is not timed"]
+    lines += [
+        "",
+        f"FFCV / fastest torchvision ({result['fastest_torchvision']}): {result['ratio']:.2f}x images/s "
+        f"(target >= {result['target']:.0f}x: {verdict}); {cpu_ratio} less CPU time per image than the "
+        f"cheaper torchvision variant",
+        f"per round (pipelines back to back): FFCV / {result['fastest_torchvision']} "
+        f"{' '.join(f'{r:.2f}' for r in result['round_ratios'])}",
+        "images/s: best round; CPU ms/image: lowest round (this process's threads + DataLoader workers); "
+        "the warm-up epoch (FFCV's numba compilation, worker start-up) is not timed",
+    ]
     return "\n".join(lines)
 
 
@@ -526,8 +631,10 @@ def check_args(args: argparse.Namespace) -> None:
     _check_int("--jpeg-quality", args.jpeg_quality, 1, 100)
     _check_int("--seed", args.seed, 0)
     if args.batch_size > args.images:
-        raise ValueError(f"--batch-size: {args.batch_size} is larger than --images {args.images}; every "
-                         f"pipeline drops the last partial batch, so an epoch would be empty")
+        raise ValueError(
+            f"--batch-size: {args.batch_size} is larger than --images {args.images}; every "
+            f"pipeline drops the last partial batch, so an epoch would be empty"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -539,11 +646,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--images", type=int, default=6000, help="training images (first N of Fashion-MNIST)")
     ap.add_argument("--source-px", type=int, default=160, help="image sides are uniform in 0.75-1.25 x this")
     ap.add_argument("--jpeg-quality", type=int, default=90)
-    ap.add_argument("--write-mode", default="jpg", choices=list(WRITE_MODES),
-                    help="how the FFCV copy stores images (jpg: same decode work as torchvision)")
+    ap.add_argument(
+        "--write-mode",
+        default="jpg",
+        choices=list(WRITE_MODES),
+        help="how the FFCV copy stores images (jpg: same decode work as torchvision)",
+    )
     ap.add_argument("--size", type=int, default=128, help="RandomResizedCrop output size")
-    ap.add_argument("--layout", default="channels_last", choices=list(LAYOUTS),
-                    help="memory layout of the batches (channels_last: the trainer's default, loop.channels_last)")
+    ap.add_argument(
+        "--layout",
+        default="channels_last",
+        choices=list(LAYOUTS),
+        help="memory layout of the batches (channels_last: the trainer's default, loop.channels_last)",
+    )
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=2, help="FFCV threads = DataLoader worker processes")
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds; the best counts")

@@ -44,20 +44,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def e2e(model: str, *, px: int, classes: int, batch: int, alpha: float, steps: int, window: int, nproc: int,
-        compile_model: bool, work: Path) -> dict:
+def e2e(
+    model: str,
+    *,
+    px: int,
+    classes: int,
+    batch: int,
+    alpha: float,
+    steps: int,
+    window: int,
+    nproc: int,
+    compile_model: bool,
+    work: Path,
+) -> dict:
     """Images/s of the real training loop: all images / all time of the logged windows after the first two."""
     run_dir = work / f"{model}-{'gnp' if alpha else 'sgd'}-{'compile' if compile_model else 'eager'}"
     images = batch * (steps + 2)
-    sets = {"data.loader": "memory", "data.path": f"synthetic:{px}x{px}:{classes}:{images}", "data.augment": "basic",
-            "model.name": model, "optim.l2": 0.0, "optim.lr": 0.01, "gnp.r": 0.1, "gnp.alpha": alpha,
-            "loop.batch_size": batch * nproc, "loop.epochs": 1, "loop.max_steps": steps, "loop.log_every": window,
-            "loop.compile": compile_model, "loop.precision": "auto", "loop.channels_last": True,
-            "checkpoint.every_steps": steps // 2, "checkpoint.keep": 2,
-            "metrics.prometheus": True, "metrics.addr": "127.0.0.1", "metrics.port": _free_port(),
-            "metrics.progress": "lines", "run.dir": str(run_dir), "run.fresh": True}
-    launcher = [sys.executable, "-m", "trainer"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer"]
+    sets = {
+        "data.loader": "memory",
+        "data.path": f"synthetic:{px}x{px}:{classes}:{images}",
+        "data.augment": "basic",
+        "model.name": model,
+        "optim.l2": 0.0,
+        "optim.lr": 0.01,
+        "gnp.r": 0.1,
+        "gnp.alpha": alpha,
+        "loop.batch_size": batch * nproc,
+        "loop.epochs": 1,
+        "loop.max_steps": steps,
+        "loop.log_every": window,
+        "loop.compile": compile_model,
+        "loop.precision": "auto",
+        "loop.channels_last": True,
+        "checkpoint.every_steps": steps // 2,
+        "checkpoint.keep": 2,
+        "metrics.prometheus": True,
+        "metrics.addr": "127.0.0.1",
+        "metrics.port": _free_port(),
+        "metrics.progress": "lines",
+        "run.dir": str(run_dir),
+        "run.fresh": True,
+    }
+    launcher = (
+        [sys.executable, "-m", "trainer"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "trainer",
+        ]
+    )
     cmd = [*launcher, "train", "--recipe", "debug-cpu", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -67,14 +107,19 @@ def e2e(model: str, *, px: int, classes: int, batch: int, alpha: float, steps: i
     if not windows:
         raise RuntimeError(f"bench-e2e: {model}: too few logged windows; raise --steps")
     seconds = sum(s for _, s in windows)
-    return {"images_per_s": sum(rate * s for rate, s in windows) / seconds, "seconds": seconds,
-            "median_window_images_per_s": statistics.median(rate for rate, _ in windows), "windows": len(windows)}
+    return {
+        "images_per_s": sum(rate * s for rate, s in windows) / seconds,
+        "seconds": seconds,
+        "median_window_images_per_s": statistics.median(rate for rate, _ in windows),
+        "windows": len(windows),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=None, help="comma-separated (default: WRN-28-10 and ResNet-50 on CUDA, "
-                                                   "demo_cnn on the CPU)")
+    ap.add_argument(
+        "--models", default=None, help="comma-separated (default: WRN-28-10 and ResNet-50 on CUDA, demo_cnn on the CPU)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="training steps per e2e run (default 60 CUDA, 40 CPU)")
     ap.add_argument("--nproc", type=int, default=1, help="processes of the e2e runs (torchrun when > 1)")
     ap.add_argument("--compile", action="store_true", help="also the torch.compile rows (= --modes eager,compile)")
@@ -101,33 +146,72 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             px, classes, batch = table.get(name, (32, 10, 128))
             for compile_model in [m == "compile" for m in modes]:
-                step = bench_one(name, device=device, batch=batch, image_size=px, num_classes=classes,
-                                 amp=torch.bfloat16 if cuda else None, channels_last=True,
-                                 compile_model=compile_model, steps=10, rounds=5 if cuda else 3,
-                                 warmup=3 if cuda else 8)
+                step = bench_one(
+                    name,
+                    device=device,
+                    batch=batch,
+                    image_size=px,
+                    num_classes=classes,
+                    amp=torch.bfloat16 if cuda else None,
+                    channels_last=True,
+                    compile_model=compile_model,
+                    steps=10,
+                    rounds=5 if cuda else 3,
+                    warmup=3 if cuda else 8,
+                )
                 for method, alpha, ms in (("SGD", 0.0, step["sgd_ms"]), ("GNP", 0.8, step["gnp_ms"])):
-                    run = e2e(name, px=px, classes=classes, batch=batch, alpha=alpha, steps=steps, window=window,
-                              nproc=args.nproc, compile_model=compile_model, work=Path(tmp))
+                    run = e2e(
+                        name,
+                        px=px,
+                        classes=classes,
+                        batch=batch,
+                        alpha=alpha,
+                        steps=steps,
+                        window=window,
+                        nproc=args.nproc,
+                        compile_model=compile_model,
+                        work=Path(tmp),
+                    )
                     synthetic = batch * 1000 / ms
-                    rows.append({"model": name, "mode": "compile" if compile_model else "eager", "method": method,
-                                 "batch": batch, "px": px, "step_images_per_s": synthetic,
-                                 "e2e_images_per_s": run["images_per_s"] / args.nproc,
-                                 "fraction": run["images_per_s"] / args.nproc / synthetic,
-                                 "median_window_images_per_s": run["median_window_images_per_s"] / args.nproc,
-                                 "timed_s": run["seconds"], "windows": run["windows"], "device": card,
-                                 "torch": torch.__version__, "nproc": args.nproc})
-                    print(f"  {name} {rows[-1]['mode']} {method}: step {synthetic:.0f} img/s, "
-                          f"e2e {rows[-1]['e2e_images_per_s']:.0f} img/s per process", flush=True)
-    header = f"{'model':<10} {'mode':>7} {'method':>6} {'batch':>5} {'px':>4} {'step img/s':>11} " \
-             f"{'e2e img/s':>10} {'e2e/step':>8} {'median window':>14}"
+                    rows.append(
+                        {
+                            "model": name,
+                            "mode": "compile" if compile_model else "eager",
+                            "method": method,
+                            "batch": batch,
+                            "px": px,
+                            "step_images_per_s": synthetic,
+                            "e2e_images_per_s": run["images_per_s"] / args.nproc,
+                            "fraction": run["images_per_s"] / args.nproc / synthetic,
+                            "median_window_images_per_s": run["median_window_images_per_s"] / args.nproc,
+                            "timed_s": run["seconds"],
+                            "windows": run["windows"],
+                            "device": card,
+                            "torch": torch.__version__,
+                            "nproc": args.nproc,
+                        }
+                    )
+                    print(
+                        f"  {name} {rows[-1]['mode']} {method}: step {synthetic:.0f} img/s, "
+                        f"e2e {rows[-1]['e2e_images_per_s']:.0f} img/s per process",
+                        flush=True,
+                    )
+    header = (
+        f"{'model':<10} {'mode':>7} {'method':>6} {'batch':>5} {'px':>4} {'step img/s':>11} "
+        f"{'e2e img/s':>10} {'e2e/step':>8} {'median window':>14}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<10} {r['mode']:>7} {r['method']:>6} {r['batch']:>5} {r['px']:>4} "
-              f"{r['step_images_per_s']:>11.0f} {r['e2e_images_per_s']:>10.0f} {r['fraction']:>8.1%} "
-              f"{r['median_window_images_per_s']:>14.0f}")
-    print("e2e img/s: all images / all time of the timed windows (logging and the checkpoint included); "
-          "median window: the typical window without them")
+        print(
+            f"{r['model']:<10} {r['mode']:>7} {r['method']:>6} {r['batch']:>5} {r['px']:>4} "
+            f"{r['step_images_per_s']:>11.0f} {r['e2e_images_per_s']:>10.0f} {r['fraction']:>8.1%} "
+            f"{r['median_window_images_per_s']:>14.0f}"
+        )
+    print(
+        "e2e img/s: all images / all time of the timed windows (logging and the checkpoint included); "
+        "median window: the typical window without them"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

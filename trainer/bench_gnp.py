@@ -47,8 +47,15 @@ class SmallCNN(nn.Module):
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
-        self.features = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2),
-                                      block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            block(3, 32),
+            nn.MaxPool2d(2),
+            block(32, 64),
+            nn.MaxPool2d(2),
+            block(64, 128),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +83,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, steps: int,
-                     rounds: int) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, steps: int, rounds: int
+) -> dict[str, float]:
     """Best mean seconds per step of each function: rounds alternate between the functions, so a
     burst of load from other processes hits every function's rounds alike; the min discards it."""
     best = {name: float("inf") for name in fns}
@@ -92,9 +100,21 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     return best
 
 
-def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, num_classes: int,
-              amp: torch.dtype | None, channels_last: bool, compile_model: bool, steps: int, rounds: int,
-              warmup: int, with_reuse: bool = False) -> dict:
+def bench_one(
+    name: str,
+    *,
+    device: torch.device,
+    batch: int,
+    image_size: int,
+    num_classes: int,
+    amp: torch.dtype | None,
+    channels_last: bool,
+    compile_model: bool,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    with_reuse: bool = False,
+) -> dict:
     """Time plain and GNP train_steps of one configuration (and the reuse mode's steps if
     ``with_reuse``); returns a table row."""
     torch.manual_seed(0)
@@ -106,9 +126,11 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     run_model: nn.Module = torch.compile(model) if compile_model else model
     x = torch.randn(batch, 3, image_size, image_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, num_classes, (batch,), device=device)
+
     def make_gnp(reuse: str) -> GNP:  # each its own base optimizer (momentum buffers) on the same parameters
-        return GNP(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8,
-                   reuse=reuse)
+        return GNP(
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True), r=0.1, alpha=0.8, reuse=reuse
+        )
 
     opt = make_gnp("none")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
@@ -140,15 +162,28 @@ def bench_one(name: str, *, device: torch.device, batch: int, image_size: int, n
     t_sgd, t_gnp = best["sgd"], best["gnp"]
     extra = {}
     if with_reuse:
-        extra = {"reuse_ms": best["reuse"] * 1e3, "reuse_full_ms": best["reuse_full"] * 1e3,
-                 "every4_x_sgd": (3 * t_sgd + t_gnp) / 4 / t_sgd,
-                 "reuse4_x_sgd": (3 * best["reuse"] + best["reuse_full"]) / 4 / t_sgd}
+        extra = {
+            "reuse_ms": best["reuse"] * 1e3,
+            "reuse_full_ms": best["reuse_full"] * 1e3,
+            "every4_x_sgd": (3 * t_sgd + t_gnp) / 4 / t_sgd,
+            "reuse4_x_sgd": (3 * best["reuse"] + best["reuse_full"]) / 4 / t_sgd,
+        }
     params = sum(p.numel() for p in model.parameters())
     return {
-        "model": name, "source": source, "params_M": params / 1e6, "batch": batch, "px": image_size,
-        "precision": "bf16" if amp == torch.bfloat16 else "fp32", "mode": "compile" if compile_model else "eager",
-        "sgd_ms": t_sgd * 1e3, "gnp_ms": t_gnp * 1e3, "ratio": t_gnp / t_sgd, "warmup_s": warm_s, **extra,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
+        "model": name,
+        "source": source,
+        "params_M": params / 1e6,
+        "batch": batch,
+        "px": image_size,
+        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+        "mode": "compile" if compile_model else "eager",
+        "sgd_ms": t_sgd * 1e3,
+        "gnp_ms": t_gnp * 1e3,
+        "ratio": t_gnp / t_sgd,
+        "warmup_s": warm_s,
+        **extra,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "torch": torch.__version__,
     }
 
 
@@ -163,17 +198,26 @@ def parse_modes(text: str, prog: str) -> list[str] | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'model':<12} {'params':>7} {'batch':>5} {'px':>4} {'prec':>5} {'mode':>8} " \
-             f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8} {'reuse ms':>9} {'every4':>7} {'reuse4':>7}"
+    header = (
+        f"{'model':<12} {'params':>7} {'batch':>5} {'px':>4} {'prec':>5} {'mode':>8} "
+        f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8} {'reuse ms':>9} {'every4':>7} {'reuse4':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        reuse = (f"{r['reuse_ms']:>9.2f} {r['every4_x_sgd']:>7.3f} {r['reuse4_x_sgd']:>7.3f}" if "reuse_ms" in r
-                 else f"{'-':>9} {'-':>7} {'-':>7}")
-        print(f"{r['model']:<12} {r['params_M']:>6.1f}M {r['batch']:>5} {r['px']:>4} {r['precision']:>5} "
-              f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f} {reuse}")
-    print("every4, reuse4: time per step relative to SGD of one full GNP step in 4 (plain / reuse-corrected "
-          "steps between)")
+        reuse = (
+            f"{r['reuse_ms']:>9.2f} {r['every4_x_sgd']:>7.3f} {r['reuse4_x_sgd']:>7.3f}"
+            if "reuse_ms" in r
+            else f"{'-':>9} {'-':>7} {'-':>7}"
+        )
+        print(
+            f"{r['model']:<12} {r['params_M']:>6.1f}M {r['batch']:>5} {r['px']:>4} {r['precision']:>5} "
+            f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f} {reuse}"
+        )
+    print(
+        "every4, reuse4: time per step relative to SGD of one full GNP step in 4 (plain / reuse-corrected "
+        "steps between)"
+    )
     for r in rows:
         if r["source"] not in ("trainer.models", "bench SmallCNN"):
             print(f"note: {r['model']} from {r['source']}")
@@ -198,12 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         modes = [m for m in modes if m != "compile"]
 
     rows = []
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"CPU threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, CPU threads {torch.get_num_threads()}")
     if not args.no_cpu:
-        rows.append(bench_one("small_cnn", device=torch.device("cpu"), batch=32, image_size=32, num_classes=10,
-                              amp=None, channels_last=False, compile_model=False, steps=args.cpu_steps,
-                              rounds=args.rounds, warmup=2, with_reuse=True))
+        rows.append(
+            bench_one(
+                "small_cnn",
+                device=torch.device("cpu"),
+                batch=32,
+                image_size=32,
+                num_classes=10,
+                amp=None,
+                channels_last=False,
+                compile_model=False,
+                steps=args.cpu_steps,
+                rounds=args.rounds,
+                warmup=2,
+                with_reuse=True,
+            )
+        )
         rows[-1]["model"] = "small_cnn"
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -213,9 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in [m for m in args.models.split(",") if m]:
             size, classes = configs.get(name, (32, 10))
             for mode in modes:
-                rows.append(bench_one(name, device=device, batch=256, image_size=size, num_classes=classes,
-                                      amp=torch.bfloat16, channels_last=True, compile_model=mode == "compile",
-                                      steps=args.gpu_steps, rounds=args.rounds, warmup=3, with_reuse=True))
+                rows.append(
+                    bench_one(
+                        name,
+                        device=device,
+                        batch=256,
+                        image_size=size,
+                        num_classes=classes,
+                        amp=torch.bfloat16,
+                        channels_last=True,
+                        compile_model=mode == "compile",
+                        steps=args.gpu_steps,
+                        rounds=args.rounds,
+                        warmup=3,
+                        with_reuse=True,
+                    )
+                )
                 print(f"  {name} {mode}: GNP/SGD {rows[-1]['ratio']:.3f}", flush=True)
                 torch.cuda.empty_cache()
     else:

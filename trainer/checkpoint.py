@@ -115,10 +115,22 @@ class Checkpointer:
     end of training) so the last upload finishes, and `close()` when done.
     """
 
-    def __init__(self, uri, *, keep: int = 2, s3_endpoint: str = "", s3_region: str = "",
-                 s3_retry_mode: str = "standard", s3_max_attempts: int = 5, s3_multipart_chunksize: int = 64 * MiB,
-                 max_upload_tries: int = 0, retry_base_s: float = 1.0, retry_cap_s: float = 60.0,
-                 log: Callable[[str], None] = _stderr, storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        uri,
+        *,
+        keep: int = 2,
+        s3_endpoint: str = "",
+        s3_region: str = "",
+        s3_retry_mode: str = "standard",
+        s3_max_attempts: int = 5,
+        s3_multipart_chunksize: int = 64 * MiB,
+        max_upload_tries: int = 0,
+        retry_base_s: float = 1.0,
+        retry_cap_s: float = 60.0,
+        log: Callable[[str], None] = _stderr,
+        storage: Storage | None = None,
+    ) -> None:
         """Open the storage (an S3 URI is checked now: wrong credentials or a missing bucket raise
         StorageConfigError here, an unreachable endpoint StorageError).
 
@@ -129,9 +141,18 @@ class Checkpointer:
             raise ValueError(f"checkpoint.keep: invalid value {keep}; expected an integer >= 2")
         if max_upload_tries < 0:
             raise ValueError(f"max_upload_tries: invalid value {max_upload_tries}; expected an integer >= 0")
-        self.storage = storage if storage is not None else open_storage(
-            uri, endpoint_url=s3_endpoint, region=s3_region, retry_mode=s3_retry_mode,
-            max_attempts=s3_max_attempts, multipart_chunksize=s3_multipart_chunksize)
+        self.storage = (
+            storage
+            if storage is not None
+            else open_storage(
+                uri,
+                endpoint_url=s3_endpoint,
+                region=s3_region,
+                retry_mode=s3_retry_mode,
+                max_attempts=s3_max_attempts,
+                multipart_chunksize=s3_multipart_chunksize,
+            )
+        )
         self.uri, self.keep, self.log = self.storage.uri, keep, log
         self.max_upload_tries, self.retry_base_s, self.retry_cap_s = max_upload_tries, retry_base_s, retry_cap_s
         self._cv = threading.Condition()
@@ -217,8 +238,10 @@ class Checkpointer:
             self._cv.notify_all()
             job = self._job
         if job is not None:
-            self.log(f"warning: checkpoint step {job.step} not uploaded before close; the newest complete "
-                     f"checkpoint in {self.uri} stays the one to resume from")
+            self.log(
+                f"warning: checkpoint step {job.step} not uploaded before close; the newest complete "
+                f"checkpoint in {self.uri} stays the one to resume from"
+            )
         _live.discard(self)
 
     def _worker(self) -> None:
@@ -255,12 +278,16 @@ class Checkpointer:
                     s.consecutive_failures += 1
                     s.last_error = err[:500]
                 if self.max_upload_tries and job.attempts >= self.max_upload_tries:
-                    self.log(f"warning: checkpoint step {job.step} upload failed (attempt {job.attempts}): {err}; "
-                             f"giving up after {job.attempts} attempts")
+                    self.log(
+                        f"warning: checkpoint step {job.step} upload failed (attempt {job.attempts}): {err}; "
+                        f"giving up after {job.attempts} attempts"
+                    )
                     return False
                 delay = min(self.retry_cap_s, self.retry_base_s * 2 ** (job.attempts - 1))
-                self.log(f"warning: checkpoint step {job.step} upload failed (attempt {job.attempts}): {err}; "
-                         f"retrying in {delay:.3g} s")
+                self.log(
+                    f"warning: checkpoint step {job.step} upload failed (attempt {job.attempts}): {err}; "
+                    f"retrying in {delay:.3g} s"
+                )
                 with self._cv:
                     job.backing_off = True
                     self._cv.notify_all()
@@ -268,8 +295,10 @@ class Checkpointer:
                     job.backing_off = False
                     if job.superseded or self._closing:
                         why = "superseded by a newer checkpoint" if job.superseded else "checkpointer closed"
-                        self.log(f"warning: checkpoint step {job.step} abandoned after {job.attempts} failed "
-                                 f"attempts ({why})")
+                        self.log(
+                            f"warning: checkpoint step {job.step} abandoned after {job.attempts} failed "
+                            f"attempts ({why})"
+                        )
                         return False
                 continue
             with self._cv:
@@ -281,8 +310,9 @@ class Checkpointer:
                 s.last_duration_s = time.monotonic() - t0
                 s.last_bytes = sum(len(b) for b in job.files.values())
             if recovered:
-                self.log(f"checkpoint step {job.step} uploaded after {job.attempts} attempts "
-                         f"({s.last_duration_s:.1f} s)")
+                self.log(
+                    f"checkpoint step {job.step} uploaded after {job.attempts} attempts ({s.last_duration_s:.1f} s)"
+                )
             return True
 
     def _progress(self, n: int) -> None:
@@ -299,7 +329,7 @@ class Checkpointer:
         self.storage.abort_incomplete(pre)
         with self._cv:
             self._stats.pending_bytes_done = 0
-        taken = {k[len(pre):] for k in existing}
+        taken = {k[len(pre) :] for k in existing}
         files = {}
         for name, data in job.files.items():
             obj = _fresh_name(name, taken)
@@ -320,7 +350,7 @@ class Checkpointer:
                 by_step.setdefault(int(m.group(1)), []).append(key)
         complete = sorted((s for s, keys in by_step.items() if step_prefix(s) + MANIFEST in keys), reverse=True)
         newest = complete[0] if complete else step
-        drop_complete = [s for s in complete[self.keep:] if s != step]
+        drop_complete = [s for s in complete[self.keep :] if s != step]
         drop_partial = [s for s in by_step if s < newest and s not in complete]
         for s in drop_complete:  # manifest first: an interrupted delete leaves an incomplete step, never a lie
             self.storage.delete([step_prefix(s) + MANIFEST])
@@ -335,8 +365,11 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps that have a manifest, newest first (not yet verified)."""
-        out = {int(m.group(1)) for key in self.storage.list("")
-               if (m := _STEP_PREFIX.match(key)) and key == step_prefix(int(m.group(1))) + MANIFEST}
+        out = {
+            int(m.group(1))
+            for key in self.storage.list("")
+            if (m := _STEP_PREFIX.match(key)) and key == step_prefix(int(m.group(1))) + MANIFEST
+        }
         return sorted(out, reverse=True)
 
     def _manifest(self, step: int) -> dict:
@@ -352,8 +385,9 @@ class Checkpointer:
         except ObjectNotFound:
             raise CheckpointError(f"checkpoint {self._where(pre)}: no manifest (incomplete)") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self._where(pre + MANIFEST)}: unreadable manifest "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CheckpointError(
+                f"checkpoint {self._where(pre + MANIFEST)}: unreadable manifest ({type(e).__name__}: {e})"
+            ) from None
         return manifest
 
     def load_file(self, step: int, name: str = STATE_FILE) -> bytes:
@@ -370,8 +404,10 @@ class Checkpointer:
         except ObjectNotFound:
             raise CheckpointError(f"checkpoint {self._where(key)}: missing (listed in its manifest)") from None
         if len(data) != entry["size"] or _sha256(data) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {self._where(key)}: size/sha256 mismatch with its manifest "
-                                  f"({len(data)} bytes, expected {entry['size']}: truncated or corrupted)")
+            raise CheckpointError(
+                f"checkpoint {self._where(key)}: size/sha256 mismatch with its manifest "
+                f"({len(data)} bytes, expected {entry['size']}: truncated or corrupted)"
+            )
         return data
 
     def load(self, step: int, map_location: str | torch.device = "cpu") -> dict:

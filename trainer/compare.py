@@ -51,8 +51,11 @@ METHODS: dict[str, Method] = {
     "gnp-every4": Method("GNP step every 4th step, plain steps between", (("gnp.every", 4),)),
     "gnp-p0.5": Method("GNP step with probability 0.5 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.5),)),
     "gnp-p0.25": Method("GNP step with probability 0.25 (hybrid), plain otherwise", (("gnp.hybrid_p", 0.25),)),
-    "gnp-reuse4": Method("GNP step every 4th step; plain steps between add the last full step's orthogonal part "
-                         "of g2 (LookSAM-style reuse)", (("gnp.every", 4), ("gnp.reuse", "looksam"))),
+    "gnp-reuse4": Method(
+        "GNP step every 4th step; plain steps between add the last full step's orthogonal part "
+        "of g2 (LookSAM-style reuse)",
+        (("gnp.every", 4), ("gnp.reuse", "looksam")),
+    ),
 }
 
 
@@ -77,8 +80,10 @@ def resolve_methods(names: str, defines: list[str]) -> dict[str, tuple[tuple[str
         elif name in METHODS:
             out[name] = METHODS[name].overrides
         else:
-            raise ConfigError(f"--methods: unknown method {name!r}; expected one of {', '.join(METHODS)} or a "
-                              f"name given with --define NAME:section.key=value")
+            raise ConfigError(
+                f"--methods: unknown method {name!r}; expected one of {', '.join(METHODS)} or a "
+                f"name given with --define NAME:section.key=value"
+            )
     if not out:
         raise ConfigError("--methods: empty; expected a comma-separated list such as sgd,sam,gnp")
     for name in out:
@@ -117,10 +122,17 @@ def run_summary(run_dir: Path) -> dict:
     done = [r for r in _records(run_dir) if r.get("kind") == "done"][-1]  # the finishing one
     train_s = sum(r.get("window_s", 0.0) for r in train)
     epochs = max(1, int(done["epochs"]))
-    return {"test_error": 100 * evals[-1]["top1_error"], "curve": [[e["epoch"], 100 * e["top1_error"]] for e in evals],
-            "time_curve": _time_curve(train, evals), "train_s": train_s, "s_per_epoch": train_s / epochs,
-            "epochs": epochs, "steps": done["steps"], "gnp_steps": done["gnp_steps"],
-            "train_loss_logged": train[-1]["loss"] if train else None}
+    return {
+        "test_error": 100 * evals[-1]["top1_error"],
+        "curve": [[e["epoch"], 100 * e["top1_error"]] for e in evals],
+        "time_curve": _time_curve(train, evals),
+        "train_s": train_s,
+        "s_per_epoch": train_s / epochs,
+        "epochs": epochs,
+        "steps": done["steps"],
+        "gnp_steps": done["gnp_steps"],
+        "train_loss_logged": train[-1]["loss"] if train else None,
+    }
 
 
 def _time_curve(train: list[dict], evals: list[dict]) -> list[list[float]]:
@@ -146,7 +158,9 @@ def gnp_gain_is_real(sgd: dict, gnp: dict) -> bool:
     if min(len(sgd["seeds"]), len(gnp["seeds"])) < 2:
         return False
     gap = sgd["test_error"]["mean"] - gnp["test_error"]["mean"]
-    se = math.sqrt(sgd["test_error"]["std"] ** 2 / len(sgd["seeds"]) + gnp["test_error"]["std"] ** 2 / len(gnp["seeds"]))
+    se = math.sqrt(
+        sgd["test_error"]["std"] ** 2 / len(sgd["seeds"]) + gnp["test_error"]["std"] ** 2 / len(gnp["seeds"])
+    )
     return gap > max(2 * se, 1e-9)
 
 
@@ -167,8 +181,10 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
         if sgd and gnp and gnp_gain_is_real(sgd, gnp):
             # Share of GNP's improvement over SGD this method keeps (the efficiency target: >= 80 % at
             # <= 1.25x SGD time); undefined when GNP does not clearly improve on SGD.
-            row["gain_vs_gnp"] = ((sgd["test_error"]["mean"] - row["test_error"]["mean"])
-                                  / (sgd["test_error"]["mean"] - gnp["test_error"]["mean"])) + 0.0
+            row["gain_vs_gnp"] = (
+                (sgd["test_error"]["mean"] - row["test_error"]["mean"])
+                / (sgd["test_error"]["mean"] - gnp["test_error"]["mean"])
+            ) + 0.0
     return out
 
 
@@ -176,16 +192,21 @@ def markdown_table(agg: dict[str, dict], title: str) -> str:
     def pm(cell: dict, digits: int) -> str:
         return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
-    lines = [f"**{title}**", "",
-             "| method | seeds | test error % | train loss | ‖g1‖ | sharpness | s / epoch | time × SGD | "
-             "share of GNP's gain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | seeds | test error % | train loss | ‖g1‖ | sharpness | s / epoch | time × SGD | "
+        "share of GNP's gain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, row in agg.items():
         ratio = f"{row['time_vs_sgd']:.2f}" if "time_vs_sgd" in row else "–"
         gain = f"{100 * row['gain_vs_gnp']:.0f} %" if "gain_vs_gnp" in row else "–"  # – : no clear GNP gain
-        lines.append(f"| {method} | {len(row['seeds'])} | {pm(row['test_error'], 2)} | {pm(row['train_loss'], 4)} | "
-                     f"{pm(row['g1_norm'], 3)} | {pm(row['sharpness'], 4)} | {pm(row['s_per_epoch'], 1)} | {ratio} | "
-                     f"{gain} |")
+        lines.append(
+            f"| {method} | {len(row['seeds'])} | {pm(row['test_error'], 2)} | {pm(row['train_loss'], 4)} | "
+            f"{pm(row['g1_norm'], 3)} | {pm(row['sharpness'], 4)} | {pm(row['s_per_epoch'], 1)} | {ratio} | "
+            f"{gain} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -223,13 +244,17 @@ def _check_spec(out: Path, spec: dict) -> None:
         saved = yaml.safe_load(path.read_text()) or {}
         for key in ("recipe", "sets"):
             if saved.get(key) != spec[key]:
-                raise ConfigError(f"--out: {str(out)!r} holds a comparison with {key} {saved.get(key)!r}, not "
-                                  f"{spec[key]!r}; use another --out")
+                raise ConfigError(
+                    f"--out: {str(out)!r} holds a comparison with {key} {saved.get(key)!r}, not "
+                    f"{spec[key]!r}; use another --out"
+                )
         methods = {**saved.get("methods", {}), **spec["methods"]}
         for name, overrides in saved.get("methods", {}).items():
             if name in spec["methods"] and spec["methods"][name] != overrides:
-                raise ConfigError(f"--methods: {name!r} had overrides {overrides} in {path}, now "
-                                  f"{spec['methods'][name]}; use another name or --out")
+                raise ConfigError(
+                    f"--methods: {name!r} had overrides {overrides} in {path}, now "
+                    f"{spec['methods'][name]}; use another name or --out"
+                )
         spec = {**spec, "methods": methods}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".compare.yaml.tmp"
@@ -240,8 +265,16 @@ def _check_spec(out: Path, spec: dict) -> None:
 def _train_command(nproc: int) -> list[str]:
     if nproc <= 1:
         return [sys.executable, "-m", "trainer", "train"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "trainer", "train"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "trainer",
+        "train",
+    ]
 
 
 class TrainingFailed(RuntimeError):
@@ -252,8 +285,17 @@ class TrainingFailed(RuntimeError):
         self.code = code
 
 
-def compare(*, recipe: str, methods: dict[str, tuple[tuple[str, object], ...]], seeds: int, out: Path,
-            sets: list[str], nproc: int = 1, measure_batches: int = 8, log=print) -> dict:
+def compare(
+    *,
+    recipe: str,
+    methods: dict[str, tuple[tuple[str, object], ...]],
+    seeds: int,
+    out: Path,
+    sets: list[str],
+    nproc: int = 1,
+    measure_batches: int = 8,
+    log=print,
+) -> dict:
     """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json."""
     from trainer import config
 
@@ -262,7 +304,7 @@ def compare(*, recipe: str, methods: dict[str, tuple[tuple[str, object], ...]], 
     if measure_batches < 1:
         raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
     base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
-    for name, overrides in methods.items():
+    for overrides in methods.values():
         config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]])
     if "gnp" in methods and not 0 < base.gnp.alpha < 1:
         log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
@@ -289,16 +331,34 @@ def compare(*, recipe: str, methods: dict[str, tuple[tuple[str, object], ...]], 
                 tmp.write_text(json.dumps(result, indent=1))
                 os.replace(tmp, measured)
             m = json.loads(measured.read_text())
-            summary = {"method": method, "seed": seed, "run_dir": str(run_dir), **run_summary(run_dir),
-                       "train_loss": m["loss"], "g1_norm": m["g1_norm"], "sharpness": m["sharpness"],
-                       "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]}}
+            summary = {
+                "method": method,
+                "seed": seed,
+                "run_dir": str(run_dir),
+                **run_summary(run_dir),
+                "train_loss": m["loss"],
+                "g1_norm": m["g1_norm"],
+                "sharpness": m["sharpness"],
+                "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]},
+            }
             runs[method].append(summary)
-            log(f"{tag}: test error {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
-                f"sharpness {summary['sharpness']:.4f}")
+            log(
+                f"{tag}: test error {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
+                f"sharpness {summary['sharpness']:.4f}"
+            )
     agg = aggregate(runs)
     title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
-    results = {"recipe": recipe, "sets": list(sets), "methods": spec["methods"], "seeds": seed_values,
-               "epochs": base.loop.epochs, "model": base.model.name, "nproc": nproc, "summary": agg, "runs": runs}
+    results = {
+        "recipe": recipe,
+        "sets": list(sets),
+        "methods": spec["methods"],
+        "seeds": seed_values,
+        "epochs": base.loop.epochs,
+        "model": base.model.name,
+        "nproc": nproc,
+        "summary": agg,
+        "runs": runs,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown_table(agg, title)
     (out / "results.md").write_text(table)
@@ -309,9 +369,19 @@ def compare(*, recipe: str, methods: dict[str, tuple[tuple[str, object], ...]], 
 
 
 def _train(recipe: str, sets: list[str], overrides, seed: int, run_dir: Path, nproc: int) -> None:
-    cmd = [*_train_command(nproc), "--recipe", recipe, *[a for s in sets for a in ("--set", s)],
-           *_sets(overrides), "--set", f"loop.seed={seed}", "--set", f"run.dir={run_dir}",
-           "--set", "metrics.progress=lines"]
+    cmd = [
+        *_train_command(nproc),
+        "--recipe",
+        recipe,
+        *[a for s in sets for a in ("--set", s)],
+        *_sets(overrides),
+        "--set",
+        f"loop.seed={seed}",
+        "--set",
+        f"run.dir={run_dir}",
+        "--set",
+        "metrics.progress=lines",
+    ]
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -324,23 +394,44 @@ def _train(recipe: str, sets: list[str], overrides, seed: int, run_dir: Path, np
         code = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-        raise TrainingFailed(f"compare: run {run_dir} exited {code} after {time.time() - started:.0f} s "
-                             f"({tail[0][:300]}); full log {log_path}", code)
+        raise TrainingFailed(
+            f"compare: run {run_dir} exited {code} after {time.time() - started:.0f} s "
+            f"({tail[0][:300]}); full log {log_path}",
+            code,
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (see `recipes`) or path to a YAML file")
-    p.add_argument("--methods", default="sgd,sam,gnp",
-                   help=f"comma-separated methods (default sgd,sam,gnp); built in: {', '.join(METHODS)}")
-    p.add_argument("--define", action="append", default=[], metavar="NAME:SECTION.KEY=VALUE",
-                   help="define (or extend) a method NAME by one override, e.g. gnp-r0.2:gnp.r=0.2 (repeatable)")
+    p.add_argument(
+        "--methods",
+        default="sgd,sam,gnp",
+        help=f"comma-separated methods (default sgd,sam,gnp); built in: {', '.join(METHODS)}",
+    )
+    p.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME:SECTION.KEY=VALUE",
+        help="define (or extend) a method NAME by one override, e.g. gnp-r0.2:gnp.r=0.2 (repeatable)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: the recipe's loop.seed + 0..N-1")
     p.add_argument("--out", default=None, help="comparison folder (default runs/compare-<recipe>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
-    p.add_argument("--measure-batches", type=int, default=8,
-                   help="training batches the final train loss, ||g1|| and sharpness are averaged over")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override for every run (repeatable)")
+    p.add_argument(
+        "--measure-batches",
+        type=int,
+        default=8,
+        help="training batches the final train loss, ||g1|| and sharpness are averaged over",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override for every run (repeatable)",
+    )
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -354,8 +445,16 @@ def run(args: argparse.Namespace) -> int:
     methods = resolve_methods(args.methods, args.define)
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
     try:
-        compare(recipe=args.recipe, methods=methods, seeds=args.seeds, out=out, sets=args.overrides,
-                nproc=args.nproc, measure_batches=args.measure_batches, log=lambda m: print(m, flush=True))
+        compare(
+            recipe=args.recipe,
+            methods=methods,
+            seeds=args.seeds,
+            out=out,
+            sets=args.overrides,
+            nproc=args.nproc,
+            measure_batches=args.measure_batches,
+            log=lambda m: print(m, flush=True),
+        )
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.code if 0 < e.code < 256 else 1

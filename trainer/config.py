@@ -258,6 +258,7 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------------
 # Semantic checks: everything a type cannot express. One line each, naming the key.
 
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: invalid value {value!r}; expected {allowed}")
@@ -266,16 +267,32 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
     _check(d.image_size >= 0, "data.image_size", d.image_size, "an integer >= 0")
-    _check(g.reuse_weight >= 0 and math.isfinite(g.reuse_weight), "gnp.reuse_weight", g.reuse_weight,
-           "a finite number >= 0")
+    _check(
+        g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
+        "gnp.reuse_weight",
+        g.reuse_weight,
+        "a finite number >= 0",
+    )
     _check(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all images)")
-    _check(d.loader == "memory" or d.limit == 0, "data.limit", d.limit, "0 with data.loader=ffcv (convert with "
-           "--limit instead)")
+    _check(
+        d.loader == "memory" or d.limit == 0,
+        "data.limit",
+        d.limit,
+        "0 with data.loader=ffcv (convert with --limit instead)",
+    )
     _check(0 <= d.label_noise < 1, "data.label_noise", d.label_noise, "a fraction in [0, 1)")
-    _check(d.loader == "memory" or d.label_noise == 0, "data.label_noise", d.label_noise,
-           "0 with data.loader=ffcv (label noise is a memory-loader option)")
-    _check(d.loader == "ffcv" or d.image_size == 0, "data.image_size", d.image_size,
-           "0 with data.loader=memory (images keep their stored size)")
+    _check(
+        d.loader == "memory" or d.label_noise == 0,
+        "data.label_noise",
+        d.label_noise,
+        "0 with data.loader=ffcv (label noise is a memory-loader option)",
+    )
+    _check(
+        d.loader == "ffcv" or d.image_size == 0,
+        "data.image_size",
+        d.image_size,
+        "0 with data.loader=memory (images keep their stored size)",
+    )
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
     _check(d.num_workers >= 1, "data.num_workers", d.num_workers, "an integer >= 1")
@@ -285,21 +302,33 @@ def _validate(c: RunConfig) -> None:
     _check(o.adam_eps > 0, "optim.adam_eps", o.adam_eps, "a number > 0")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     _check(o.l2 >= 0, "optim.l2", o.l2, "a number >= 0")
-    _check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", o.nesterov,
-           "false when optim.momentum is 0 (Nesterov needs momentum)")
+    _check(
+        not (o.nesterov and o.name == "sgd" and o.momentum == 0),
+        "optim.nesterov",
+        o.nesterov,
+        "false when optim.momentum is 0 (Nesterov needs momentum)",
+    )
     _check(g.r >= 0, "gnp.r", g.r, "a number >= 0 (0 = plain optimizer)")
     _check(g.alpha >= 0, "gnp.alpha", g.alpha, "a number >= 0 (1 = SAM; > 1 is allowed)")
     _check(g.eps > 0, "gnp.eps", g.eps, "a number > 0")
     _check(g.warmup_epochs >= 0, "gnp.warmup_epochs", g.warmup_epochs, "a number >= 0")
-    _check(not (g.warmup != "none" and g.warmup_epochs == 0), "gnp.warmup_epochs", g.warmup_epochs,
-           f"> 0 when gnp.warmup is {g.warmup!r}")
+    _check(
+        not (g.warmup != "none" and g.warmup_epochs == 0),
+        "gnp.warmup_epochs",
+        g.warmup_epochs,
+        f"> 0 when gnp.warmup is {g.warmup!r}",
+    )
     # The reference silently never takes a GNP step with hybrid on and p = 0 (its bug #9): refuse it.
     _check(0 < g.hybrid_p <= 1, "gnp.hybrid_p", g.hybrid_p, "a probability in (0, 1] (set gnp.r=0 for plain training)")
     _check(g.every >= 1, "gnp.every", g.every, "an integer >= 1")
     _check(not (g.every > 1 and g.hybrid_p < 1), "gnp.every", g.every, "1 when gnp.hybrid_p < 1 (pick one hybrid mode)")
     _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
-    _check(list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
-           "schedule.milestones", list(s.milestones), "increasing positive epochs")
+    _check(
+        list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
+        "schedule.milestones",
+        list(s.milestones),
+        "increasing positive epochs",
+    )
     _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "a number in (0, 1]")
     _check(lp.epochs >= 1, "loop.epochs", lp.epochs, "an integer >= 1")
     _check(s.warmup_epochs <= lp.epochs, "schedule.warmup_epochs", s.warmup_epochs, f"<= loop.epochs ({lp.epochs})")
@@ -310,8 +339,12 @@ def _validate(c: RunConfig) -> None:
     _check(lp.log_every >= 1, "loop.log_every", lp.log_every, "an integer >= 1")
     _check(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, "an integer >= 0")
     _check(ck.keep >= 2, "checkpoint.keep", ck.keep, "an integer >= 2 (the newest may still be in flight)")
-    _check("://" not in ck.uri or (ck.uri.startswith("s3://") and len(ck.uri) > 5), "checkpoint.uri", ck.uri,
-           "a local folder or s3://bucket/prefix")
+    _check(
+        "://" not in ck.uri or (ck.uri.startswith("s3://") and len(ck.uri) > 5),
+        "checkpoint.uri",
+        ck.uri,
+        "a local folder or s3://bucket/prefix",
+    )
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
     _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
     _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
@@ -321,6 +354,7 @@ def _validate(c: RunConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Generic strict conversion of plain data (YAML) into the dataclasses above.
+
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -397,8 +431,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
-            raise ConfigError(f"{key}: unknown key; {_did_you_mean(name, list(fields))}"
-                              f"allowed: {', '.join(fields)}")
+            raise ConfigError(f"{key}: unknown key; {_did_you_mean(name, list(fields))}allowed: {', '.join(fields)}")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -434,6 +467,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Recipes and overrides.
 
+
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description, for every YAML file in trainer/recipes/."""
     out = {}
@@ -449,8 +483,10 @@ def read_recipe(name_or_path: str) -> tuple[str, dict]:
     if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
         names = list(list_recipes())
         if name_or_path not in names:
-            raise ConfigError(f"--recipe: unknown recipe {name_or_path!r}; {_did_you_mean(name_or_path, names)}"
-                              f"available: {', '.join(names)} (or a path to a .yaml file)")
+            raise ConfigError(
+                f"--recipe: unknown recipe {name_or_path!r}; {_did_you_mean(name_or_path, names)}"
+                f"available: {', '.join(names)} (or a path to a .yaml file)"
+            )
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"--recipe: file {str(path)!r} does not exist")
@@ -522,17 +558,42 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for prev, node in zip(body, body[1:]):
-        if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             docs[prev.target.id] = " ".join(node.value.value.split())
     return docs
 
 
 def sections() -> list[type]:
     """Every config dataclass (for tests that check docstrings)."""
-    return [RunConfig, DataConfig, ModelConfig, OptimConfig, GNPConfig, ScheduleConfig, LoopConfig,
-            CheckpointConfig, MetricsConfig, RunSection]
+    return [
+        RunConfig,
+        DataConfig,
+        ModelConfig,
+        OptimConfig,
+        GNPConfig,
+        ScheduleConfig,
+        LoopConfig,
+        CheckpointConfig,
+        MetricsConfig,
+        RunSection,
+    ]
 
 
-__all__ = ["ConfigError", "RunConfig", "load", "from_dict", "to_dict", "list_recipes", "read_recipe", "describe",
-           "field_docs", "sections"]
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "load",
+    "from_dict",
+    "to_dict",
+    "list_recipes",
+    "read_recipe",
+    "describe",
+    "field_docs",
+    "sections",
+]

@@ -58,8 +58,9 @@ def init(timeout_s: float = 1800.0) -> DistEnv:
             # torchrun restarts a group after a worker died: 3 of 5 SIGKILL-and-restart runs here hit it (one
             # exhausted --max-restarts=3), 0 of 5 with lazy init, which connects pairs on first use instead.
             os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
+        )
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

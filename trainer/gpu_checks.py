@@ -53,19 +53,37 @@ REUSE_PATTERN = (True, False, False, True)
 
 def _net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
 
 
 def _batches(n: int) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
+        for _ in range(n)
+    ]
 
 
-def run_steps(device: torch.device, dtype: torch.dtype, pattern: tuple[bool, ...], *, reuse: str = "none",
-              precision: str | None = None, channels_last: bool = False, ddp: bool = False) -> list[Tensor]:
+def run_steps(
+    device: torch.device,
+    dtype: torch.dtype,
+    pattern: tuple[bool, ...],
+    *,
+    reuse: str = "none",
+    precision: str | None = None,
+    channels_last: bool = False,
+    ddp: bool = False,
+) -> list[Tensor]:
     """Train ``_net`` for len(pattern) steps (True = GNP step, False = plain) from a fixed init;
     returns its parameters and BN running statistics as fp64 CPU tensors."""
     torch.manual_seed(0)
@@ -75,8 +93,12 @@ def run_steps(device: torch.device, dtype: torch.dtype, pattern: tuple[bool, ...
     run_model: nn.Module = model
     if ddp:
         run_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
-              r=0.1, alpha=0.8, reuse=reuse)
+    opt = GNP(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        r=0.1,
+        alpha=0.8,
+        reuse=reuse,
+    )
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     for (x, y), full in zip(_batches(len(pattern)), pattern):
@@ -89,8 +111,11 @@ def run_steps(device: torch.device, dtype: torch.dtype, pattern: tuple[bool, ...
             return F.cross_entropy(logits.float(), y)
 
         opt.train_step(loss_fn, model=run_model, gnp=full, scaler=scaler, clip_norm=5.0)
-    out = [t.detach().to("cpu", torch.float64).clone() for t in [*model.parameters(), *model.buffers()]
-           if t.is_floating_point()]
+    out = [
+        t.detach().to("cpu", torch.float64).clone()
+        for t in [*model.parameters(), *model.buffers()]
+        if t.is_floating_point()
+    ]
     del run_model, opt, model
     gc.collect()
     return out
@@ -149,8 +174,10 @@ def checks(device: torch.device) -> list[dict]:
     def record(name: str, value: float, limit: float, kind: str) -> None:
         ok = math.isfinite(value) and (value <= limit if kind == "max" else value >= limit)
         rows.append({"check": name, "value": value, "limit": limit, "kind": kind, "ok": ok, "device": str(device)})
-        print(f"  {name}: {value:.3e} ({'<=' if kind == 'max' else '>='} {limit:g}) {'ok' if ok else 'FAILED'}",
-              flush=True)
+        print(
+            f"  {name}: {value:.3e} ({'<=' if kind == 'max' else '>='} {limit:g}) {'ok' if ok else 'FAILED'}",
+            flush=True,
+        )
 
     def failed(name: str, error: Exception) -> None:
         text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
@@ -163,11 +190,21 @@ def checks(device: torch.device) -> list[dict]:
         except Exception as e:  # noqa: BLE001 — a crash on the device is a failed row; the rest still run
             failed(name, e)
 
-    check("fp64 GNP steps, device vs CPU",
-          lambda: rel_diff(run_steps(device, torch.float64, FULL3), run_steps(cpu, torch.float64, FULL3)), 1e-9, "max")
-    check("fp64 GNP reuse steps, device vs CPU",
-          lambda: rel_diff(run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam"),
-                           run_steps(cpu, torch.float64, REUSE_PATTERN, reuse="looksam")), 1e-9, "max")
+    check(
+        "fp64 GNP steps, device vs CPU",
+        lambda: rel_diff(run_steps(device, torch.float64, FULL3), run_steps(cpu, torch.float64, FULL3)),
+        1e-9,
+        "max",
+    )
+    check(
+        "fp64 GNP reuse steps, device vs CPU",
+        lambda: rel_diff(
+            run_steps(device, torch.float64, REUSE_PATTERN, reuse="looksam"),
+            run_steps(cpu, torch.float64, REUSE_PATTERN, reuse="looksam"),
+        ),
+        1e-9,
+        "max",
+    )
     check("loader normalization, device vs CPU (max abs diff)", lambda: normalization_diff(device), 0.0, "max")
 
     start = _initial()
@@ -187,14 +224,25 @@ def checks(device: torch.device) -> list[dict]:
         record(names[0], cosine_of_updates(low, fp32, start) if finite else -1.0, 0.98, "min")
         # One GNP update is within a few degrees of the plain one, so the cosine above cannot tell a GNP
         # step from a plain step; the difference GNP - plain (the penalty's share) can.
-        record(names[1], cosine_of_updates(_shift(low, low_plain, start), _shift(fp32, fp32_plain, start), start)
-               if finite else -1.0, 0.8, "min")
+        record(
+            names[1],
+            cosine_of_updates(_shift(low, low_plain, start), _shift(fp32, fp32_plain, start), start)
+            if finite
+            else -1.0,
+            0.8,
+            "min",
+        )
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     name = f"fp64 GNP reuse steps, DDP ({backend}, 1 rank) vs unwrapped"
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
+            device_id=device if device.type == "cuda" else None,
+        )
     except Exception as e:  # noqa: BLE001 — no process group: this check fails, the report is still written
         failed(name, e)
         return rows

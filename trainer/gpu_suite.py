@@ -59,30 +59,79 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def plan(*, work: Path, smoke: bool, fmnist: str, seeds: int, methods: str,
-         recipe: str = "fashion-mnist-compare-gpu", compare_sets: tuple[str, ...] = ()) -> list[Part]:
+def plan(
+    *,
+    work: Path,
+    smoke: bool,
+    fmnist: str,
+    seeds: int,
+    methods: str,
+    recipe: str = "fashion-mnist-compare-gpu",
+    compare_sets: tuple[str, ...] = (),
+) -> list[Part]:
     """The parts, in priority order, with their commands (CPU-sized when ``smoke``)."""
-    gnp_cmd = ["-m", "trainer.bench_gnp", "--no-cpu"] if not smoke else [
-        "-m", "trainer.bench_gnp", "--cpu-steps", "1", "--rounds", "1"]
+    gnp_cmd = (
+        ["-m", "trainer.bench_gnp", "--no-cpu"]
+        if not smoke
+        else ["-m", "trainer.bench_gnp", "--cpu-steps", "1", "--rounds", "1"]
+    )
     e2e_cmd = ["-m", "trainer.bench_e2e"] + (["--steps", "8"] if smoke else [])
-    parts = [Part("checks", [_py("-m", "trainer.gpu_checks", "--json", str(work / "checks.json"))], 20,
-                  [work / "checks.json"])]
+    parts = [
+        Part(
+            "checks", [_py("-m", "trainer.gpu_checks", "--json", str(work / "checks.json"))], 20, [work / "checks.json"]
+        )
+    ]
     for mode in ("eager", "compile"):
         if smoke and mode == "compile":
             # torch.compile of the CPU model takes minutes on 2 cores; the eager smoke covers the plumbing.
             parts.append(Part(f"gnp-{mode}", [], 0, status="skipped", note="smoke: no compile on the CPU"))
             parts.append(Part(f"e2e-{mode}", [], 0, status="skipped", note="smoke: no compile on the CPU"))
             continue
-        parts.append(Part(f"gnp-{mode}", [_py(*gnp_cmd, "--modes", mode, "--json", str(work / f"gnp-{mode}.json"))],
-                          60 if mode == "eager" else 150, [work / f"gnp-{mode}.json"]))
-        parts.append(Part(f"e2e-{mode}", [_py(*e2e_cmd, "--modes", mode, "--json", str(work / f"e2e-{mode}.json"))],
-                          90 if mode == "eager" else 200, [work / f"e2e-{mode}.json"]))
-    compare = ["-m", "trainer", "compare", "--recipe", recipe, "--methods", methods,
-               "--out", str(work / "compare"), "--set", f"data.path=fashion-mnist:{fmnist}",
-               *[a for kv in compare_sets for a in ("--set", kv)]]
+        parts.append(
+            Part(
+                f"gnp-{mode}",
+                [_py(*gnp_cmd, "--modes", mode, "--json", str(work / f"gnp-{mode}.json"))],
+                60 if mode == "eager" else 150,
+                [work / f"gnp-{mode}.json"],
+            )
+        )
+        parts.append(
+            Part(
+                f"e2e-{mode}",
+                [_py(*e2e_cmd, "--modes", mode, "--json", str(work / f"e2e-{mode}.json"))],
+                90 if mode == "eager" else 200,
+                [work / f"e2e-{mode}.json"],
+            )
+        )
+    compare = [
+        "-m",
+        "trainer",
+        "compare",
+        "--recipe",
+        recipe,
+        "--methods",
+        methods,
+        "--out",
+        str(work / "compare"),
+        "--set",
+        f"data.path=fashion-mnist:{fmnist}",
+        *[a for kv in compare_sets for a in ("--set", kv)],
+    ]
     if smoke:
-        compare += ["--set", "data.limit=256", "--set", "loop.epochs=1", "--set", "model.name=demo_cnn",
-                    "--set", "loop.precision=fp32", "--set", "loop.batch_size=64", "--measure-batches", "1"]
+        compare += [
+            "--set",
+            "data.limit=256",
+            "--set",
+            "loop.epochs=1",
+            "--set",
+            "model.name=demo_cnn",
+            "--set",
+            "loop.precision=fp32",
+            "--set",
+            "loop.batch_size=64",
+            "--measure-batches",
+            "1",
+        ]
     rounds = [_py(*compare, "--seeds", str(k)) for k in range(1, seeds + 1)]
     part = Part("compare", rounds, 60, [work / "compare" / "results.json"])
     if not all((Path(fmnist) / f).is_file() for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")):
@@ -97,8 +146,9 @@ def _run(cmd: list[str], timeout_s: float, log) -> tuple[int | None, float]:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         code: int | None = proc.wait(timeout=max(1.0, timeout_s))
     except subprocess.TimeoutExpired:
@@ -130,15 +180,19 @@ def execute(parts: list[Part], *, budget_s: float, only: set[str], log_path: Pat
                     else:
                         part.note = f"{i} of {len(part.commands)} rounds (budget)"
                     break
-                print(f"[gpu-suite] {part.name}{f' round {i + 1}' if len(part.commands) > 1 else ''}: "
-                      f"{left:.0f} s of budget left", flush=True)
+                print(
+                    f"[gpu-suite] {part.name}{f' round {i + 1}' if len(part.commands) > 1 else ''}: "
+                    f"{left:.0f} s of budget left",
+                    flush=True,
+                )
                 log.write(f"\n===== {part.name} =====\n")
                 code, seconds = _run(cmd, left, log)
                 part.seconds += seconds
                 if code is None:
                     part.status = "timeout" if i == 0 else "ok"
                     part.note = f"stopped at the budget after {seconds:.0f} s" + (
-                        f"; {i} of {len(part.commands)} rounds complete" if i else "")
+                        f"; {i} of {len(part.commands)} rounds complete" if i else ""
+                    )
                     break
                 if code != 0:
                     part.status, part.note = "failed", f"exit status {code} (see suite.log)"
@@ -150,9 +204,13 @@ def execute(parts: list[Part], *, budget_s: float, only: set[str], log_path: Pat
 def environment() -> dict:
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA)",
-           "cpus": os.cpu_count()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA)",
+        "cpus": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         env["cudnn"] = torch.backends.cudnn.version()
         try:  # a tuple in recent torch, an int in older ones; never let the report's header stop the suite
@@ -183,11 +241,16 @@ def _rows(paths: list[Path]) -> list[dict]:
 def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
     """suite.md and suite.json in ``out``; returns the markdown."""
     by_name = {p.name: p for p in parts}
-    lines = [f"# GPU suite: {env['device']}", "",
-             f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}), "
-             f"Python {env['python']}, {env['cpus']} CPUs" + (f"; missing modules: {', '.join(env['missing_modules'])}"
-                                                              if env["missing_modules"] else ""), "",
-             "| part | status | seconds | note |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU suite: {env['device']}",
+        "",
+        f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env.get('cudnn')}, NCCL {env.get('nccl')}), "
+        f"Python {env['python']}, {env['cpus']} CPUs"
+        + (f"; missing modules: {', '.join(env['missing_modules'])}" if env["missing_modules"] else ""),
+        "",
+        "| part | status | seconds | note |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note} |" for p in parts]
     checks = _rows(by_name["checks"].json_files)
     if checks:
@@ -197,29 +260,50 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
                 lines.append(f"| {r['check']} | – | – | FAILED: {r['error'].replace('|', '/')} |")
             else:
                 sign = "≤" if r["kind"] == "max" else "≥"
-                lines.append(f"| {r['check']} | {r['value']:.3g} | {sign} {r['limit']:g} | "
-                             f"{'ok' if r['ok'] else 'FAILED'} |")
+                lines.append(
+                    f"| {r['check']} | {r['value']:.3g} | {sign} {r['limit']:g} | {'ok' if r['ok'] else 'FAILED'} |"
+                )
     step = _rows(by_name["gnp-eager"].json_files + by_name["gnp-compile"].json_files)
     if step:
-        lines += ["", "## Step time on synthetic data (trainer.bench_gnp; target GNP/SGD ≤ 2.02)", "",
-                  "| model | batch | px | precision | mode | SGD ms | GNP ms | GNP/SGD | SGD img/s | GNP img/s | "
-                  "reuse ms | every-4 × SGD | reuse-4 × SGD |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Step time on synthetic data (trainer.bench_gnp; target GNP/SGD ≤ 2.02)",
+            "",
+            "| model | batch | px | precision | mode | SGD ms | GNP ms | GNP/SGD | SGD img/s | GNP img/s | "
+            "reuse ms | every-4 × SGD | reuse-4 × SGD |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in step:
-            reuse = (f"{r['reuse_ms']:.2f} | {r['every4_x_sgd']:.3f} | {r['reuse4_x_sgd']:.3f}" if "reuse_ms" in r
-                     else "– | – | –")
-            lines.append(f"| {r['model']} | {r['batch']} | {r['px']} | {r['precision']} | {r['mode']} | "
-                         f"{r['sgd_ms']:.2f} | {r['gnp_ms']:.2f} | {r['ratio']:.3f} | "
-                         f"{r['batch'] * 1000 / r['sgd_ms']:.0f} | {r['batch'] * 1000 / r['gnp_ms']:.0f} | {reuse} |")
+            reuse = (
+                f"{r['reuse_ms']:.2f} | {r['every4_x_sgd']:.3f} | {r['reuse4_x_sgd']:.3f}"
+                if "reuse_ms" in r
+                else "– | – | –"
+            )
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['px']} | {r['precision']} | {r['mode']} | "
+                f"{r['sgd_ms']:.2f} | {r['gnp_ms']:.2f} | {r['ratio']:.3f} | "
+                f"{r['batch'] * 1000 / r['sgd_ms']:.0f} | {r['batch'] * 1000 / r['gnp_ms']:.0f} | {reuse} |"
+            )
     e2e = _rows(by_name["e2e-eager"].json_files + by_name["e2e-compile"].json_files)
     if e2e:
-        lines += ["", "## The real loop end to end vs the step (trainer.bench_e2e; target GNP ≥ 95 %)", "",
-                  "| model | mode | method | batch | px | step img/s | e2e img/s | e2e / step | median window img/s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['mode']} | {r['method']} | {r['batch']} | {r['px']} | "
-                  f"{r['step_images_per_s']:.0f} | {r['e2e_images_per_s']:.0f} | {r['fraction']:.1%} | "
-                  f"{r['median_window_images_per_s']:.0f} |" for r in e2e]
-        lines += ["", "e2e: all images / all time of the timed windows, logging and a checkpoint included; the "
-                      "median window leaves them out."]
+        lines += [
+            "",
+            "## The real loop end to end vs the step (trainer.bench_e2e; target GNP ≥ 95 %)",
+            "",
+            "| model | mode | method | batch | px | step img/s | e2e img/s | e2e / step | median window img/s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['mode']} | {r['method']} | {r['batch']} | {r['px']} | "
+            f"{r['step_images_per_s']:.0f} | {r['e2e_images_per_s']:.0f} | {r['fraction']:.1%} | "
+            f"{r['median_window_images_per_s']:.0f} |"
+            for r in e2e
+        ]
+        lines += [
+            "",
+            "e2e: all images / all time of the timed windows, logging and a checkpoint included; the "
+            "median window leaves them out.",
+        ]
     results_md = work / "compare" / "results.md"
     if by_name["compare"].status == "ok" and results_md.is_file():
         lines += ["", "## Method comparison (trainer compare)", "", results_md.read_text().strip()]
@@ -229,12 +313,25 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
     text = "\n".join(lines) + "\n"
     (out / "suite.md").write_text(text)
     compare = work / "compare" / "results.json"
-    (out / "suite.json").write_text(json.dumps({
-        "environment": env, "parts": [{k: v for k, v in vars(p).items() if k not in ("commands", "json_files")}
-                                      | {"commands": [" ".join(c) for c in p.commands]} for p in parts],
-        "checks": checks, "step": step, "e2e": e2e,
-        "compare": json.loads(compare.read_text())["summary"]
-        if by_name["compare"].status == "ok" and compare.is_file() else None}, indent=1))
+    (out / "suite.json").write_text(
+        json.dumps(
+            {
+                "environment": env,
+                "parts": [
+                    {k: v for k, v in vars(p).items() if k not in ("commands", "json_files")}
+                    | {"commands": [" ".join(c) for c in p.commands]}
+                    for p in parts
+                ],
+                "checks": checks,
+                "step": step,
+                "e2e": e2e,
+                "compare": json.loads(compare.read_text())["summary"]
+                if by_name["compare"].status == "ok" and compare.is_file()
+                else None,
+            },
+            indent=1,
+        )
+    )
     return text
 
 
@@ -244,21 +341,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="runs/gpu-suite", help="working folder of the parts (default runs/gpu-suite)")
     ap.add_argument("--budget", type=float, default=540.0, help="wall-clock seconds for everything (default 540)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist",
-                    help="folder with the Fashion-MNIST idx .gz files (compare part)")
+    ap.add_argument(
+        "--fmnist",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with the Fashion-MNIST idx .gz files (compare part)",
+    )
     ap.add_argument("--seeds", type=int, default=3, help="compare: at most this many seeds (default 3)")
     ap.add_argument("--methods", default=COMPARE_METHODS, help=f"compare: methods (default {COMPARE_METHODS})")
-    ap.add_argument("--compare-recipe", default="fashion-mnist-compare-gpu",
-                    help="compare: a Fashion-MNIST memory-loader recipe (default fashion-mnist-compare-gpu; "
-                         "fashion-mnist-noisy-cpu is the label-noise benchmark)")
-    ap.add_argument("--compare-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="compare: override for every run (repeatable), e.g. model.name=wrn16_4")
+    ap.add_argument(
+        "--compare-recipe",
+        default="fashion-mnist-compare-gpu",
+        help="compare: a Fashion-MNIST memory-loader recipe (default fashion-mnist-compare-gpu; "
+        "fashion-mnist-noisy-cpu is the label-noise benchmark)",
+    )
+    ap.add_argument(
+        "--compare-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="compare: override for every run (repeatable), e.g. model.name=wrn16_4",
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU-sized settings: tests the orchestration only")
     args = ap.parse_args(argv)
     only = {p for p in args.parts.split(",") if p}
     if not only or not only <= set(PARTS):
-        print(f"gpu-suite: --parts {args.parts!r}: expected a comma-separated subset of {','.join(PARTS)}",
-              file=sys.stderr)
+        print(
+            f"gpu-suite: --parts {args.parts!r}: expected a comma-separated subset of {','.join(PARTS)}",
+            file=sys.stderr,
+        )
         return 2
     if not args.budget > REPORT_RESERVE_S or args.seeds < 1:
         print(f"gpu-suite: --budget must exceed {REPORT_RESERVE_S:.0f} s and --seeds be >= 1", file=sys.stderr)
@@ -276,8 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(f"[gpu-suite] {env['device']}, torch {env['torch']}, budget {args.budget:.0f} s", flush=True)
-    parts = plan(work=work, smoke=args.smoke, fmnist=args.fmnist, seeds=args.seeds, methods=args.methods,
-                 recipe=args.compare_recipe, compare_sets=tuple(args.compare_set))
+    parts = plan(
+        work=work,
+        smoke=args.smoke,
+        fmnist=args.fmnist,
+        seeds=args.seeds,
+        methods=args.methods,
+        recipe=args.compare_recipe,
+        compare_sets=tuple(args.compare_set),
+    )
     for part in parts:  # stale results of an earlier suite run must not be reported as this run's
         for f in part.json_files:
             if part.name != "compare":

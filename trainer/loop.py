@@ -52,10 +52,24 @@ class StepPolicy:
 
     def apply(self, opt: torch.optim.Optimizer, step: int, epoch: int) -> bool:
         """Write lr, r and alpha for `step` into every param group; return whether it is a GNP step."""
-        lr = learning_rate(step, base_lr=self.base_lr, kind=self.lr_kind, warmup_steps=self.lr_warmup_steps,
-                           total_steps=self.total_steps, milestones=self.lr_milestones, gamma=self.lr_gamma)
-        r, alpha = gr_warmup(step, epoch, r=self.r, alpha=self.alpha, strategy=self.gr_strategy,
-                             warmup_steps=self.gr_warmup_steps, warmup_epochs=self.gr_warmup_epochs)
+        lr = learning_rate(
+            step,
+            base_lr=self.base_lr,
+            kind=self.lr_kind,
+            warmup_steps=self.lr_warmup_steps,
+            total_steps=self.total_steps,
+            milestones=self.lr_milestones,
+            gamma=self.lr_gamma,
+        )
+        r, alpha = gr_warmup(
+            step,
+            epoch,
+            r=self.r,
+            alpha=self.alpha,
+            strategy=self.gr_strategy,
+            warmup_steps=self.gr_warmup_steps,
+            warmup_epochs=self.gr_warmup_epochs,
+        )
         for group in opt.param_groups:
             group["lr"], group["r"], group["alpha"] = lr, r, alpha
         return r > 0 and alpha > 0 and is_gnp_step(step, seed=self.seed, p=self.hybrid_p, every=self.gnp_every)
@@ -104,10 +118,23 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, policy: StepPolicy, state: LoopState,
-                loss_spec: LossSpec, amp_dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None,
-                clip_norm: float, max_steps: int, log_every: int, sink: Sink,
-                after_step: Callable[[], None] | None = None) -> bool:
+def train_epoch(
+    *,
+    model: torch.nn.Module,
+    opt: GNP,
+    loader,
+    env: DistEnv,
+    policy: StepPolicy,
+    state: LoopState,
+    loss_spec: LossSpec,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    clip_norm: float,
+    max_steps: int,
+    log_every: int,
+    sink: Sink,
+    after_step: Callable[[], None] | None = None,
+) -> bool:
     """Run the rest of the current epoch (from batch `state.batch`) or until `max_steps`.
 
     Returns False when max_steps stopped it early. `after_step` runs after every step (mid-epoch
@@ -134,8 +161,9 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
 
         ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
 
-        def loss_fn(images: torch.Tensor = images, labels: torch.Tensor = labels,
-                    targets: torch.Tensor | None = targets) -> torch.Tensor:
+        def loss_fn(
+            images: torch.Tensor = images, labels: torch.Tensor = labels, targets: torch.Tensor | None = targets
+        ) -> torch.Tensor:
             with autocast_for(env.device, amp_dtype):
                 logits = model(images)
             if targets is None:
@@ -162,9 +190,14 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
             # logging below (and any checkpoint after the step) is counted in the next window.
             now = time.perf_counter()
             elapsed = now - window_start
-            record.update(images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
-                          window_s=elapsed, data_wait_s=window_data_s, window_steps=len(step_times),
-                          window_images=window_images, step_times_s=step_times)
+            record.update(
+                images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
+                window_s=elapsed,
+                data_wait_s=window_data_s,
+                window_steps=len(step_times),
+                window_images=window_images,
+                step_times_s=step_times,
+            )
             sink.log("train", record)
             window_start, window_images, window_data_s, step_times = now, 0, 0.0, []
         sink.progress(i + 1, total, epoch)
@@ -174,14 +207,24 @@ def train_epoch(*, model: torch.nn.Module, opt: GNP, loader, env: DistEnv, polic
     return True
 
 
-def _train_record(info: StepInfo, ce_seen: list[torch.Tensor], opt: GNP, state: LoopState, epoch: int, batch: int,
-                  total: int) -> dict:
+def _train_record(
+    info: StepInfo, ce_seen: list[torch.Tensor], opt: GNP, state: LoopState, epoch: int, batch: int, total: int
+) -> dict:
     """One log record. `loss` is the pass-1 cross-entropy at theta (the reference logs the perturbed one);
     `objective` adds the L2 term; `loss_perturbed` is the cross-entropy at theta + eps."""
     group = opt.param_groups[0]
-    rec = {"step": state.step, "epoch": epoch + batch / total, "loss": ce_seen[0].item(),
-           "objective": info.loss.item(), "grad_norm": info.grad_norm.item(), "lr": group["lr"], "r": group["r"],
-           "alpha": group["alpha"], "gnp": info.gnp, "gnp_steps": state.gnp_steps}
+    rec = {
+        "step": state.step,
+        "epoch": epoch + batch / total,
+        "loss": ce_seen[0].item(),
+        "objective": info.loss.item(),
+        "grad_norm": info.grad_norm.item(),
+        "lr": group["lr"],
+        "r": group["r"],
+        "alpha": group["alpha"],
+        "gnp": info.gnp,
+        "gnp_steps": state.gnp_steps,
+    }
     if info.loss_perturbed is not None and len(ce_seen) > 1:
         rec["loss_perturbed"] = ce_seen[1].item()
         rec["sharpness"] = rec["loss_perturbed"] - rec["loss"]  # L(theta+eps) - L(theta), cross-entropy only
@@ -218,12 +261,23 @@ def evaluate(module: torch.nn.Module, loader, env: DistEnv, amp_dtype: torch.dty
     module.train(was_training)
     loss_sum, top1, top5, n = sums.tolist()
     n = max(n, 1.0)
-    return {"eval_loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "top1_error": 1 - top1 / n,
-            "top5_error": 1 - top5 / n, "images": int(sums[3].item())}
+    return {
+        "eval_loss": loss_sum / n,
+        "top1": top1 / n,
+        "top5": top5 / n,
+        "top1_error": 1 - top1 / n,
+        "top5_error": 1 - top5 / n,
+        "images": int(sums[3].item()),
+    }
 
 
-def measure_sharpness(module: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, r: float,
-                      amp_dtype: torch.dtype | None = None) -> dict:
+def measure_sharpness(
+    module: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    r: float,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
     """Train loss, gradient norm and sharpness of a trained model, averaged over `batches`.
 
     For each batch b, with g_b = grad L_b(theta) (plain cross-entropy, no label smoothing or L2):
@@ -273,4 +327,3 @@ def measure_sharpness(module: torch.nn.Module, batches: Iterable[tuple[torch.Ten
 def is_finite_record(record: dict) -> bool:
     """True when every float in a log record is finite (tests use it; training diverging shows up here)."""
     return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
-

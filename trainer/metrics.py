@@ -76,8 +76,27 @@ from typing import IO, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 # Step times range from ~10 ms (tiny CPU models) to seconds (ImageNet ResNets with GNP's two passes).
-STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
-                10.0, 30.0)
+STEP_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+)
 LABELS = ("job_name", "rank", "local_rank")
 
 GpuReader = Callable[[], dict]  # -> {"memory_allocated_bytes": float, "utilization_ratio": float (optional)}
@@ -142,8 +161,11 @@ class RunSink:
         self.t0 = time.time()
 
     def log(self, kind: str, record: dict) -> None:
-        rec = {"kind": kind, "time": round(time.time() - self.t0, 3),
-               **{k: v for k, v in record.items() if k not in self.JSONL_DROP}}
+        rec = {
+            "kind": kind,
+            "time": round(time.time() - self.t0, 3),
+            **{k: v for k, v in record.items() if k not in self.JSONL_DROP},
+        }
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(rec) + "\n")
         line = _format(kind, record)
@@ -185,8 +207,10 @@ def _format(kind: str, r: dict) -> str:
         parts += [f"lr {r['lr']:.4g}", f"{r['images_per_s']:.0f} img/s"]
         return "train " + " | ".join(parts)
     if kind == "eval":
-        return (f"eval  epoch {r['epoch']} | loss {r['eval_loss']:.4f} | top1 {100 * r['top1']:.2f}% "
-                f"| top5 {100 * r['top5']:.2f}% | {r['images']} images")
+        return (
+            f"eval  epoch {r['epoch']} | loss {r['eval_loss']:.4f} | top1 {100 * r['top1']:.2f}% "
+            f"| top5 {100 * r['top5']:.2f}% | {r['images']} images"
+        )
     return f"{kind} " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
 
 
@@ -211,8 +235,11 @@ def cuda_reader() -> GpuReader | None:
                 out["utilization_ratio"] = float(torch.cuda.utilization(device)) / 100.0
             except Exception as e:  # ModuleNotFoundError (no pynvml), NVML permission or driver errors
                 use_nvml = False
-                print(f"metrics: GPU utilization unavailable ({type(e).__name__}: {e}); exporting memory only",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"metrics: GPU utilization unavailable ({type(e).__name__}: {e}); exporting memory only",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return out
 
     return read
@@ -225,11 +252,13 @@ class PrometheusSink:
     HTTP server so tests and in-process restarts do not leak the port.
     """
 
-    def __init__(self, *, port: int, addr: str, job: str, rank: int, local_rank: int,
-                 gpu_reader: GpuReader | None | str = "auto") -> None:
+    def __init__(
+        self, *, port: int, addr: str, job: str, rank: int, local_rank: int, gpu_reader: GpuReader | None | str = "auto"
+    ) -> None:
         if not 0 < port < 65536:
-            raise ValueError(f"metrics.port: {port} (base port + LOCAL_RANK {local_rank}) is not a TCP port; "
-                             f"expected 1..65535")
+            raise ValueError(
+                f"metrics.port: {port} (base port + LOCAL_RANK {local_rank}) is not a TCP port; expected 1..65535"
+            )
         # The _created series double every counter for no use on dashboards; the switch is process-wide,
         # which is fine in a training process.
         disable_created_metrics()
@@ -241,8 +270,9 @@ class PrometheusSink:
         self._families: dict[str, Counter | Gauge | Histogram] = {}
         for name, kind, doc in _METRICS:
             self._families[name] = self._make(name, kind, doc)
-        self._info = Gauge("gnp_info", "Run information (value 1)", LABELS + ("model", "device", "world_size"),
-                           registry=self.registry)
+        self._info = Gauge(
+            "gnp_info", "Run information (value 1)", LABELS + ("model", "device", "world_size"), registry=self.registry
+        )
         for name, kind, _ in _METRICS:  # counters and the histogram exist (at 0) from the start
             if kind != "gauge":
                 self._child(name)
@@ -251,8 +281,10 @@ class PrometheusSink:
         try:
             self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            raise ValueError(f"metrics.port: cannot serve Prometheus metrics on {addr}:{port} ({e.strerror or e}); "
-                             f"expected a free base port (rank r of a node uses port + LOCAL_RANK)") from None
+            raise ValueError(
+                f"metrics.port: cannot serve Prometheus metrics on {addr}:{port} ({e.strerror or e}); "
+                f"expected a free base port (rank r of a node uses port + LOCAL_RANK)"
+            ) from None
         self.port = self.server.server_address[1]
 
     def _make(self, name: str, kind: str, doc: str) -> Counter | Gauge | Histogram:
@@ -275,14 +307,19 @@ class PrometheusSink:
 
     def log(self, kind: str, record: dict) -> None:
         """Update the metrics from one loop record (unknown kinds are ignored)."""
-        handler = {"start": self._on_start, "train": self._on_train, "eval": self._on_eval,
-                   "checkpoint": self._on_checkpoint}.get(kind)
+        handler = {
+            "start": self._on_start,
+            "train": self._on_train,
+            "eval": self._on_eval,
+            "checkpoint": self._on_checkpoint,
+        }.get(kind)
         if handler is not None:
             handler(record)
 
     def _on_start(self, r: dict) -> None:
-        self._info.labels(*self.values, str(r.get("model", "")), str(r.get("device", "")),
-                          str(r.get("world_size", ""))).set(1)
+        self._info.labels(
+            *self.values, str(r.get("model", "")), str(r.get("device", "")), str(r.get("world_size", ""))
+        ).set(1)
         if "restart" in r:
             self._set("gnp_restarts", r["restart"])
         if "gnp_steps" in r:  # cumulative count restored from a checkpoint: the baseline for the deltas
@@ -306,10 +343,17 @@ class PrometheusSink:
             if self._gnp_seen is not None:
                 self._inc("gnp_gnp_steps_total", r["gnp_steps"] - self._gnp_seen)
             self._gnp_seen = int(r["gnp_steps"])
-        for key, name in (("loss", "gnp_train_loss"), ("loss_perturbed", "gnp_train_loss_perturbed"),
-                          ("sharpness", "gnp_sharpness"), ("g1_norm", "gnp_grad_norm_g1"),
-                          ("grad_norm", "gnp_grad_norm_combined"), ("alpha", "gnp_alpha"), ("r", "gnp_r"),
-                          ("lr", "gnp_learning_rate"), ("epoch", "gnp_epoch")):
+        for key, name in (
+            ("loss", "gnp_train_loss"),
+            ("loss_perturbed", "gnp_train_loss_perturbed"),
+            ("sharpness", "gnp_sharpness"),
+            ("g1_norm", "gnp_grad_norm_g1"),
+            ("grad_norm", "gnp_grad_norm_combined"),
+            ("alpha", "gnp_alpha"),
+            ("r", "gnp_r"),
+            ("lr", "gnp_learning_rate"),
+            ("epoch", "gnp_epoch"),
+        ):
             self._set(name, r.get(key))
         if "gnp" in r:
             self._set("gnp_step_is_gnp", bool(r["gnp"]))
@@ -322,8 +366,11 @@ class PrometheusSink:
         try:
             values = self.gpu_reader()
         except Exception as e:  # observability must never stop training
-            print(f"metrics: GPU reading failed ({type(e).__name__}: {e}); not reading it again",
-                  file=sys.stderr, flush=True)
+            print(
+                f"metrics: GPU reading failed ({type(e).__name__}: {e}); not reading it again",
+                file=sys.stderr,
+                flush=True,
+            )
             self.gpu_reader = None
             return
         self._set("gnp_gpu_memory_allocated_bytes", values.get("memory_allocated_bytes"))
@@ -393,16 +440,29 @@ def _env_restarts() -> int:
         return 0
 
 
-def build_sink(*, rank: int, local_rank: int, run_dir: Path, jsonl: bool, progress: str, prometheus: bool,
-               port: int, addr: str, job: str) -> NullSink | RunSink | PrometheusSink | TeeSink:
+def build_sink(
+    *,
+    rank: int,
+    local_rank: int,
+    run_dir: Path,
+    jsonl: bool,
+    progress: str,
+    prometheus: bool,
+    port: int,
+    addr: str,
+    job: str,
+) -> NullSink | RunSink | PrometheusSink | TeeSink:
     """The sink for this process (called on every rank).
 
     Rank 0 writes metrics.jsonl and shows progress; with `prometheus` every rank also serves its metrics
     on `addr:port + local_rank`, labelled job_name=`job`, rank, local_rank. Other ranks without Prometheus
     discard their records.
     """
-    prom = PrometheusSink(port=port + local_rank, addr=addr, job=job, rank=rank, local_rank=local_rank) \
-        if prometheus else None
+    prom = (
+        PrometheusSink(port=port + local_rank, addr=addr, job=job, rank=rank, local_rank=local_rank)
+        if prometheus
+        else None
+    )
     if rank == 0:
         run = RunSink(run_dir / "metrics.jsonl" if jsonl else None, progress)
         return TeeSink(run, prom) if prom is not None else run

@@ -23,8 +23,9 @@ def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"plot: {run_dir!r} has no metrics.jsonl; expected a run directory written by "
-                         f"`python -m trainer train`")
+        raise ValueError(
+            f"plot: {run_dir!r} has no metrics.jsonl; expected a run directory written by `python -m trainer train`"
+        )
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
@@ -64,17 +65,20 @@ def plot_runs(run_dirs: list[str], out: str) -> None:
     try:
         from matplotlib.figure import Figure  # lazy: training (and the image) never needs matplotlib
     except ModuleNotFoundError:
-        raise ValueError("plot: matplotlib is not installed; install the dev extras "
-                         "(pip install -e '.[dev]', as `make setup` does)") from None
+        raise ValueError(
+            "plot: matplotlib is not installed; install the dev extras (pip install -e '.[dev]', as `make setup` does)"
+        ) from None
 
     fig = Figure(figsize=(16, 9), layout="constrained")
     axes = fig.subplots(2, 3)
-    panels = [(axes[0, 0], "training loss: L(θ) solid, L(θ+ε) dashed", "cross-entropy"),
-              (axes[0, 1], "validation loss", "cross-entropy"),
-              (axes[0, 2], "validation top-1 error", "error"),
-              (axes[1, 0], "gradient norm: ‖g1‖ solid, combined dashed", "norm"),
-              (axes[1, 1], "sharpness L(θ+ε) − L(θ)", "loss difference"),
-              (axes[1, 2], "learning rate", "lr")]
+    panels = [
+        (axes[0, 0], "training loss: L(θ) solid, L(θ+ε) dashed", "cross-entropy"),
+        (axes[0, 1], "validation loss", "cross-entropy"),
+        (axes[0, 2], "validation top-1 error", "error"),
+        (axes[1, 0], "gradient norm: ‖g1‖ solid, combined dashed", "norm"),
+        (axes[1, 1], "sharpness L(θ+ε) − L(θ)", "loss difference"),
+        (axes[1, 2], "learning rate", "lr"),
+    ]
     for ax, title, ylabel in panels:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")

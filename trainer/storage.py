@@ -36,10 +36,24 @@ MiB = 1 << 20
 _MAX_PARTS, _MIN_PART = 10_000, 5 * MiB
 # Error codes that retrying cannot cure: the configuration (credentials, bucket, permissions) is wrong.
 _PERMANENT_CODES = {
-    "AccessDenied", "AllAccessDisabled", "AccountProblem", "AuthorizationHeaderMalformed", "ExpiredToken",
-    "InvalidAccessKeyId", "InvalidBucketName", "InvalidToken", "NoSuchBucket", "NotSignedUp",
-    "PermanentRedirect", "SignatureDoesNotMatch", "TokenRefreshRequired", "InvalidClientTokenId",
-    "UnrecognizedClientException", "403", "404", "301",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "AuthorizationHeaderMalformed",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "InvalidBucketName",
+    "InvalidToken",
+    "NoSuchBucket",
+    "NotSignedUp",
+    "PermanentRedirect",
+    "SignatureDoesNotMatch",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "403",
+    "404",
+    "301",
 }
 
 
@@ -122,8 +136,9 @@ class LocalStorage:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise StorageError(f"{self.uri}: cannot write {key!r}: {e.strerror or e}", uri=self.uri,
-                               code=type(e).__name__) from None
+            raise StorageError(
+                f"{self.uri}: cannot write {key!r}: {e.strerror or e}", uri=self.uri, code=type(e).__name__
+            ) from None
         if progress is not None:
             progress(len(data))
 
@@ -134,8 +149,9 @@ class LocalStorage:
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.uri}: {key!r} does not exist", uri=self.uri, code="NoSuchKey") from None
         except OSError as e:
-            raise StorageError(f"{self.uri}: cannot read {key!r}: {e.strerror or e}", uri=self.uri,
-                               code=type(e).__name__) from None
+            raise StorageError(
+                f"{self.uri}: cannot read {key!r}: {e.strerror or e}", uri=self.uri, code=type(e).__name__
+            ) from None
 
     def list(self, prefix: str = "") -> list[str]:
         """Files under the root (temporary files excluded) whose key starts with `prefix`."""
@@ -190,10 +206,21 @@ class S3Storage:
     credentials or a missing bucket fail at startup, not at the first checkpoint hours later.
     """
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str = "", region: str = "",
-                 retry_mode: str = "standard", max_attempts: int = 5, multipart_chunksize: int = 64 * MiB,
-                 max_concurrency: int = 4, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 check: bool = True) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str = "",
+        region: str = "",
+        retry_mode: str = "standard",
+        max_attempts: int = 5,
+        multipart_chunksize: int = 64 * MiB,
+        max_concurrency: int = 4,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        check: bool = True,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -204,8 +231,10 @@ class S3Storage:
         if max_attempts < 1:
             raise ValueError(f"s3 max_attempts: invalid value {max_attempts}; expected an integer >= 1")
         if multipart_chunksize < _MIN_PART:
-            raise ValueError(f"multipart_chunksize: invalid value {multipart_chunksize}; expected >= {_MIN_PART} "
-                             f"(the S3 minimum part size)")
+            raise ValueError(
+                f"multipart_chunksize: invalid value {multipart_chunksize}; expected >= {_MIN_PART} "
+                f"(the S3 minimum part size)"
+            )
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self.prefix}"
@@ -216,16 +245,20 @@ class S3Storage:
         config = Config(
             retries={"mode": retry_mode, "max_attempts": max_attempts},
             # botocore >= 1.36 sends CRC checksum headers by default, which many S3-compatible stores reject.
-            request_checksum_calculation="when_required", response_checksum_validation="when_required",
-            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             # S3-compatible endpoints rarely serve virtual-host buckets (bucket.host); AWS itself wants the default.
             s3={"addressing_style": "path"} if self.endpoint_url else None,
         )
-        self._client = session.client("s3", region_name=self.region, endpoint_url=self.endpoint_url or None,
-                                      config=config)
+        self._client = session.client(
+            "s3", region_name=self.region, endpoint_url=self.endpoint_url or None, config=config
+        )
         if check:
-            self._call("access bucket", "", lambda: self._client.list_objects_v2(
-                Bucket=bucket, Prefix=self.prefix, MaxKeys=1))
+            self._call(
+                "access bucket", "", lambda: self._client.list_objects_v2(Bucket=bucket, Prefix=self.prefix, MaxKeys=1)
+            )
 
     def __repr__(self) -> str:
         where = f", endpoint={self.endpoint_url!r}" if self.endpoint_url else ""
@@ -247,22 +280,30 @@ class S3Storage:
             if code in ("NoSuchKey", "404") and key:
                 return ObjectNotFound(msg, uri=self.uri, code="NoSuchKey")
             if code in _PERMANENT_CODES:
-                hint = {"NoSuchBucket": f"create bucket {self.bucket!r} or fix checkpoint.uri",
-                        "404": f"create bucket {self.bucket!r} or fix checkpoint.uri"}.get(
-                    code, "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
-                          f"pod's role) and their permissions on bucket {self.bucket!r}")
+                hint = {
+                    "NoSuchBucket": f"create bucket {self.bucket!r} or fix checkpoint.uri",
+                    "404": f"create bucket {self.bucket!r} or fix checkpoint.uri",
+                }.get(
+                    code,
+                    "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
+                    f"pod's role) and their permissions on bucket {self.bucket!r}",
+                )
                 return StorageConfigError(f"{msg}; {hint}", uri=self.uri, code=code)
             return StorageError(msg, uri=self.uri, code=code)
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             return StorageConfigError(
                 f"{where}: {what} failed: {type(e).__name__}: no usable AWS credentials for bucket {self.bucket!r} "
-                f"(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)", uri=self.uri,
-                code=type(e).__name__)
+                f"(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)",
+                uri=self.uri,
+                code=type(e).__name__,
+            )
         if isinstance(e, BotoCoreError):  # endpoint unreachable, connection reset, timeouts
-            return StorageError(f"{where}: {what} failed{at}: {type(e).__name__} ({e})", uri=self.uri,
-                                code=type(e).__name__)
-        return StorageError(f"{where}: {what} failed{at}: {type(e).__name__} ({e})", uri=self.uri,
-                            code=type(e).__name__)
+            return StorageError(
+                f"{where}: {what} failed{at}: {type(e).__name__} ({e})", uri=self.uri, code=type(e).__name__
+            )
+        return StorageError(
+            f"{where}: {what} failed{at}: {type(e).__name__} ({e})", uri=self.uri, code=type(e).__name__
+        )
 
     def _call(self, what: str, key: str, fn):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -290,12 +331,19 @@ class S3Storage:
         from boto3.s3.transfer import TransferConfig
 
         chunk = self.part_size(len(data))
-        cfg = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
-                             max_concurrency=self.max_concurrency, use_threads=self.max_concurrency > 1,
-                             preferred_transfer_client="classic")
+        cfg = TransferConfig(
+            multipart_threshold=chunk,
+            multipart_chunksize=chunk,
+            max_concurrency=self.max_concurrency,
+            use_threads=self.max_concurrency > 1,
+            preferred_transfer_client="classic",
+        )
         full = self._key(key)
-        self._call("put", key, lambda: self._client.upload_fileobj(io.BytesIO(data), self.bucket, full,
-                                                                   Config=cfg, Callback=progress))
+        self._call(
+            "put",
+            key,
+            lambda: self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, Config=cfg, Callback=progress),
+        )
 
     def get(self, key: str) -> bytes:
         """GET the whole object; `ObjectNotFound` if absent."""
@@ -304,44 +352,54 @@ class S3Storage:
 
     def list(self, prefix: str = "") -> list[str]:
         """All keys under the root starting with `prefix` (paginated), relative to the root."""
+
         def run() -> list[str]:
             out = []
-            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                          Prefix=self.prefix + prefix)
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
             for page in pages:
-                out.extend(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
+                out.extend(o["Key"][len(self.prefix) :] for o in page.get("Contents", []))
             return sorted(out)
+
         return self._call("list", prefix, run)
 
     def delete(self, keys: Iterable[str]) -> None:
         """DeleteObjects in batches of 1,000; per-key errors are raised as one StorageError."""
         keys = [self._key(k) for k in keys]
         for i in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[i:i + 1000]]
-            resp = self._call("delete", "", lambda: self._client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            resp = self._call(
+                "delete",
+                "",
+                lambda: self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}),
+            )
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 e = errors[0]
-                raise StorageError(f"{self.uri}: delete {e.get('Key')!r} failed: {e.get('Code')} "
-                                   f"({e.get('Message')}) and {len(errors) - 1} more", uri=self.uri,
-                                   code=str(e.get("Code")))
+                raise StorageError(
+                    f"{self.uri}: delete {e.get('Key')!r} failed: {e.get('Code')} "
+                    f"({e.get('Message')}) and {len(errors) - 1} more",
+                    uri=self.uri,
+                    code=str(e.get("Code")),
+                )
 
     def abort_incomplete(self, prefix: str = "") -> None:
         """Abort multipart uploads under `prefix` that an interrupted `put` left (they hold storage)."""
         from botocore.exceptions import ClientError
 
         def run() -> None:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
-                                                                                 Prefix=self.prefix + prefix)
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
             for page in pages:
                 for up in page.get("Uploads", []):
                     try:
-                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
-                                                            UploadId=up["UploadId"])
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     except ClientError as e:  # aborted or completed meanwhile
                         if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
                             raise
+
         self._call("abort incomplete uploads", prefix, run)
 
 
@@ -353,9 +411,16 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return m.group(1), (m.group(2) or "").strip("/")
 
 
-def open_storage(uri: str | os.PathLike, *, endpoint_url: str = "", region: str = "",
-                 retry_mode: str = "standard", max_attempts: int = 5, multipart_chunksize: int = 64 * MiB,
-                 check: bool = True) -> Storage:
+def open_storage(
+    uri: str | os.PathLike,
+    *,
+    endpoint_url: str = "",
+    region: str = "",
+    retry_mode: str = "standard",
+    max_attempts: int = 5,
+    multipart_chunksize: int = 64 * MiB,
+    check: bool = True,
+) -> Storage:
     """`S3Storage` for "s3://bucket/prefix", else `LocalStorage` for a folder (created on first write).
 
     The S3 options are ignored for local folders. Raises StorageConfigError/StorageError when `check` finds
@@ -364,8 +429,16 @@ def open_storage(uri: str | os.PathLike, *, endpoint_url: str = "", region: str 
     text = os.fspath(uri)
     if text.startswith("s3://"):
         bucket, prefix = parse_s3_uri(text)
-        return S3Storage(bucket, prefix, endpoint_url=endpoint_url, region=region, retry_mode=retry_mode,
-                         max_attempts=max_attempts, multipart_chunksize=multipart_chunksize, check=check)
+        return S3Storage(
+            bucket,
+            prefix,
+            endpoint_url=endpoint_url,
+            region=region,
+            retry_mode=retry_mode,
+            max_attempts=max_attempts,
+            multipart_chunksize=multipart_chunksize,
+            check=check,
+        )
     if "://" in text:
         raise ValueError(f"checkpoint.uri: invalid value {text!r}; expected s3://bucket/prefix or a local folder")
     return LocalStorage(text)

@@ -35,8 +35,20 @@ from trainer.storage import StorageError
 # how a run is observed or fed, not what it computes.
 FINAL_UPLOAD_TIMEOUT_S = 600
 
-RESUMABLE_CHANGES = ("git_commit", "recipe", "description", "run.fresh", "run.dir", "data.path", "data.num_workers",
-                     "data.os_cache", "loop.max_steps", "loop.log_every", "loop.eval_every", "metrics.")
+RESUMABLE_CHANGES = (
+    "git_commit",
+    "recipe",
+    "description",
+    "run.fresh",
+    "run.dir",
+    "data.path",
+    "data.num_workers",
+    "data.os_cache",
+    "loop.max_steps",
+    "loop.log_every",
+    "loop.eval_every",
+    "metrics.",
+)
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -48,8 +60,9 @@ def git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -95,8 +108,10 @@ def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
         elif saved_file.is_file():
             diffs = config_differences(yaml.safe_load(saved_file.read_text()) or {}, current)
             if diffs:
-                error = (f"run.dir: {str(path)!r} was made by a different config ({'; '.join(diffs[:3])}"
-                         f"{'; ...' if len(diffs) > 3 else ''}); use another run.dir or --set run.fresh=true")
+                error = (
+                    f"run.dir: {str(path)!r} was made by a different config ({'; '.join(diffs[:3])}"
+                    f"{'; ...' if len(diffs) > 3 else ''}); use another run.dir or --set run.fresh=true"
+                )
         if not error:
             path.mkdir(parents=True, exist_ok=True)
             tmp = path / ".config.yaml.tmp"
@@ -112,8 +127,10 @@ def check_data(cfg: RunConfig) -> None:
     """Fail fast (one line, exit 2) on a missing or malformed dataset, without reading the images."""
     d = cfg.data
     if not d.path:
-        raise ConfigError("data.path: missing; expected the folder written by `python -m trainer convert` "
-                          "(or, with data.loader=memory, NAME:PATH or synthetic:HxW:CLASSES:N)")
+        raise ConfigError(
+            "data.path: missing; expected the folder written by `python -m trainer convert` "
+            "(or, with data.loader=memory, NAME:PATH or synthetic:HxW:CLASSES:N)"
+        )
     if d.loader == "memory":
         from trainer.data.memory import parse_source
 
@@ -138,8 +155,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[GNP, tuple[
     params = [p for p in model.parameters() if p.requires_grad]
     if o.no_weight_decay_on_bn:
         decay = [p for p in params if p.ndim > 1]
-        groups = [{"params": decay, "weight_decay": o.weight_decay},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     else:
         decay, groups = params, [{"params": params, "weight_decay": o.weight_decay}]
     groups = [gr for gr in groups if gr["params"]]
@@ -147,8 +166,16 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[GNP, tuple[
         base = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     else:
         base = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps)
-    opt = GNP(base, r=g.r, alpha=g.alpha, norm_perturbations=g.norm_perturbations,
-              sync_perturbations=g.sync_perturbations, eps=g.eps, reuse=g.reuse, reuse_weight=g.reuse_weight)
+    opt = GNP(
+        base,
+        r=g.r,
+        alpha=g.alpha,
+        norm_perturbations=g.norm_perturbations,
+        sync_perturbations=g.sync_perturbations,
+        eps=g.eps,
+        reuse=g.reuse,
+        reuse_weight=g.reuse_weight,
+    )
     return opt, tuple(decay)
 
 
@@ -163,8 +190,10 @@ def _per_rank_batch(cfg: RunConfig, env: dist.DistEnv) -> int:
     if lp.batch_size_mode == "per_rank":
         return lp.batch_size
     if lp.batch_size % env.world_size:
-        raise ConfigError(f"loop.batch_size: invalid value {lp.batch_size}; expected a multiple of the world size "
-                          f"({env.world_size}) with loop.batch_size_mode=global")
+        raise ConfigError(
+            f"loop.batch_size: invalid value {lp.batch_size}; expected a multiple of the world size "
+            f"({env.world_size}) with loop.batch_size_mode=global"
+        )
     return lp.batch_size // env.world_size
 
 
@@ -187,32 +216,61 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
     if d.loader == "memory":
         from trainer.data import build_memory_loaders
 
-        loaders = build_memory_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
-                                       seed=lp.seed, rank=env.rank, world_size=env.world_size, device=env.device,
-                                       augment=d.augment, cutout=d.cutout, channels_last=channels_last,
-                                       limit=d.limit or None, label_noise=d.label_noise)
+        loaders = build_memory_loaders(
+            d.path,
+            batch_size=per_rank,
+            eval_batch_size=lp.eval_batch_size or per_rank,
+            seed=lp.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+            augment=d.augment,
+            cutout=d.cutout,
+            channels_last=channels_last,
+            limit=d.limit or None,
+            label_noise=d.label_noise,
+        )
     else:
-        loaders = build_loaders(d.path, batch_size=per_rank, eval_batch_size=lp.eval_batch_size or per_rank,
-                                num_workers=d.num_workers, seed=lp.seed, rank=env.rank, world_size=env.world_size,
-                                device=env.device, augment=d.augment, cutout=d.cutout,
-                                image_size=d.image_size or None, channels_last=channels_last, os_cache=d.os_cache)
+        loaders = build_loaders(
+            d.path,
+            batch_size=per_rank,
+            eval_batch_size=lp.eval_batch_size or per_rank,
+            num_workers=d.num_workers,
+            seed=lp.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+            augment=d.augment,
+            cutout=d.cutout,
+            image_size=d.image_size or None,
+            channels_last=channels_last,
+            os_cache=d.os_cache,
+        )
     meta = loaders.meta
     seed_everything(lp.init_seed if lp.init_seed >= 0 else lp.seed)
     image_size = d.image_size or (meta.get("image_size") or [224])[0]
-    module = create_model(cfg.model.name, num_classes=meta["num_classes"], in_channels=3, image_size=image_size,
-                          **cfg.model.kwargs).to(env.device)
+    module = create_model(
+        cfg.model.name, num_classes=meta["num_classes"], in_channels=3, image_size=image_size, **cfg.model.kwargs
+    ).to(env.device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     held.module = module
     model = torch.compile(module) if lp.compile else module
     if env.distributed and train:
         # gradient_as_bucket_view: GNP scales .grad in place between the passes, which keeps the views valid.
-        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+        model = DDP(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
     held.model = model
     ck = cfg.checkpoint
-    ckpt = Checkpointer(ck.uri or run_dir_of(cfg) / "checkpoints", keep=ck.keep, s3_endpoint=ck.s3_endpoint,
-                        s3_region=ck.s3_region, s3_retry_mode=ck.s3_retry_mode, s3_max_attempts=ck.s3_max_attempts)
+    ckpt = Checkpointer(
+        ck.uri or run_dir_of(cfg) / "checkpoints",
+        keep=ck.keep,
+        s3_endpoint=ck.s3_endpoint,
+        s3_region=ck.s3_region,
+        s3_retry_mode=ck.s3_retry_mode,
+        s3_max_attempts=ck.s3_max_attempts,
+    )
     return loaders, module, model, ckpt
 
 
@@ -267,24 +325,58 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
 
     resumed = _resume(ckpt, env, restore)
     m = cfg.metrics
-    sink = build_sink(rank=env.rank, local_rank=env.local_rank, run_dir=run_dir, jsonl=m.jsonl, progress=m.progress,
-                      prometheus=m.prometheus, port=m.port, addr=m.addr,
-                      job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run")
+    sink = build_sink(
+        rank=env.rank,
+        local_rank=env.local_rank,
+        run_dir=run_dir,
+        jsonl=m.jsonl,
+        progress=m.progress,
+        prometheus=m.prometheus,
+        port=m.port,
+        addr=m.addr,
+        job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run",
+    )
     held.sink = sink
     spe = len(loaders.train)
     lp, sch, g, ck = cfg.loop, cfg.schedule, cfg.gnp, cfg.checkpoint
-    policy = StepPolicy(base_lr=cfg.optim.lr, lr_kind=sch.name, lr_warmup_steps=round(sch.warmup_epochs * spe),
-                        total_steps=lp.epochs * spe, lr_milestones=tuple(round(m * spe) for m in sch.milestones),
-                        lr_gamma=sch.gamma, r=g.r, alpha=g.alpha, gr_strategy=g.warmup,
-                        gr_warmup_steps=round(g.warmup_epochs * spe), gr_warmup_epochs=g.warmup_epochs,
-                        hybrid_p=g.hybrid_p, gnp_every=g.every, seed=lp.seed)
-    loss_spec = LossSpec(label_smoothing=cfg.data.label_smoothing, l2=cfg.optim.l2, l2_params=l2_params,
-                         batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env))
-    sink.log("start", {"run_dir": str(run_dir), "world_size": env.world_size, "device": str(env.device),
-                       "model": cfg.model.name, "params": sum(p.numel() for p in module.parameters()),
-                       "train_images": loaders.meta["train_size"], "steps_per_epoch": spe,
-                       "resumed_from_step": resumed, "gnp_steps": state.gnp_steps, "step": state.step,
-                       "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)})
+    policy = StepPolicy(
+        base_lr=cfg.optim.lr,
+        lr_kind=sch.name,
+        lr_warmup_steps=round(sch.warmup_epochs * spe),
+        total_steps=lp.epochs * spe,
+        lr_milestones=tuple(round(m * spe) for m in sch.milestones),
+        lr_gamma=sch.gamma,
+        r=g.r,
+        alpha=g.alpha,
+        gr_strategy=g.warmup,
+        gr_warmup_steps=round(g.warmup_epochs * spe),
+        gr_warmup_epochs=g.warmup_epochs,
+        hybrid_p=g.hybrid_p,
+        gnp_every=g.every,
+        seed=lp.seed,
+    )
+    loss_spec = LossSpec(
+        label_smoothing=cfg.data.label_smoothing,
+        l2=cfg.optim.l2,
+        l2_params=l2_params,
+        batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env),
+    )
+    sink.log(
+        "start",
+        {
+            "run_dir": str(run_dir),
+            "world_size": env.world_size,
+            "device": str(env.device),
+            "model": cfg.model.name,
+            "params": sum(p.numel() for p in module.parameters()),
+            "train_images": loaders.meta["train_size"],
+            "steps_per_epoch": spe,
+            "resumed_from_step": resumed,
+            "gnp_steps": state.gnp_steps,
+            "step": state.step,
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+        },
+    )
 
     def save() -> None:
         """Checkpoint at the current step: every rank contributes its RNG state, rank 0 writes."""
@@ -306,10 +398,22 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             torch.manual_seed(epoch_seed(lp.seed, state.epoch, env.rank))
         rng_restored = False
         loaders.train.set_epoch(state.epoch)
-        finished = train_epoch(model=model, opt=opt, loader=loaders.train, env=env, policy=policy, state=state,
-                               loss_spec=loss_spec, amp_dtype=amp_dtype, scaler=scaler,
-                               clip_norm=cfg.optim.clip_norm, max_steps=lp.max_steps, log_every=lp.log_every,
-                               sink=sink, after_step=after_step)
+        finished = train_epoch(
+            model=model,
+            opt=opt,
+            loader=loaders.train,
+            env=env,
+            policy=policy,
+            state=state,
+            loss_spec=loss_spec,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            clip_norm=cfg.optim.clip_norm,
+            max_steps=lp.max_steps,
+            log_every=lp.log_every,
+            sink=sink,
+            after_step=after_step,
+        )
         if not finished:
             break
         state.epoch, state.batch = state.epoch + 1, 0
@@ -317,12 +421,19 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
             last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
             sink.log("eval", last_eval)
-        if last or (ck.every_epochs and state.epoch % ck.every_epochs == 0) or (
-                ck.every_steps and state.step % ck.every_steps == 0):
+        if (
+            last
+            or (ck.every_epochs and state.epoch % ck.every_epochs == 0)
+            or (ck.every_steps and state.step % ck.every_steps == 0)
+        ):
             save()
     if not last_eval:  # stopped by loop.max_steps: evaluate where it stopped, marked as not an epoch's end
-        last_eval = {"epoch": state.epoch, "partial": True, "step": state.step,
-                     **evaluate(module, loaders.val, env, amp_dtype)}
+        last_eval = {
+            "epoch": state.epoch,
+            "partial": True,
+            "step": state.step,
+            **evaluate(module, loaders.val, env, amp_dtype),
+        }
         sink.log("eval", last_eval)
     if env.is_primary:
         # The final upload must land before the process reports success; if storage stays down, exit
@@ -330,12 +441,21 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         landed = ckpt.wait(timeout=FINAL_UPLOAD_TIMEOUT_S)
         sink.log("checkpoint", {"step": state.step, "final": True, **ckpt_stats(ckpt)})
         if not landed:
-            raise StorageError(f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
-                               f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}")
+            raise StorageError(
+                f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
+                f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}"
+            )
     dist.barrier(env)
-    summary = {"run_dir": str(run_dir), "epochs": state.epoch, "steps": state.step, "gnp_steps": state.gnp_steps,
-               "top1": last_eval["top1"], "top5": last_eval["top5"], "eval_loss": last_eval["eval_loss"],
-               "wall_s": round(time.time() - t_start, 1)}
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "gnp_steps": state.gnp_steps,
+        "top1": last_eval["top1"],
+        "top5": last_eval["top5"],
+        "eval_loss": last_eval["eval_loss"],
+        "wall_s": round(time.time() - t_start, 1),
+    }
     sink.log("done", summary)
     sink.close()
     return summary
@@ -353,8 +473,15 @@ def build_batch_augment(cfg: RunConfig, num_classes: int, env: dist.DistEnv):
         return None
     from trainer.data.augment import BatchAugment
 
-    return BatchAugment(d.batch_augment, num_classes=num_classes, cutout=d.batch_cutout, alpha=d.mixup_alpha,
-                        label_smoothing=d.label_smoothing, seed=cfg.loop.seed, rank=env.rank)
+    return BatchAugment(
+        d.batch_augment,
+        num_classes=num_classes,
+        cutout=d.batch_cutout,
+        alpha=d.mixup_alpha,
+        label_smoothing=d.label_smoothing,
+        seed=cfg.loop.seed,
+        rank=env.rank,
+    )
 
 
 def gather_rng_states(env: dist.DistEnv) -> list[dict]:
@@ -390,9 +517,15 @@ def _as_tuple(x):
 def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: RunConfig, rng: list[dict]) -> dict:
     """Everything a resumed run needs; tensors and plain values only (loadable with weights_only=True).
     Credentials never enter it: the config holds none (they come from the environment)."""
-    return {"model": module.state_dict(), "optimizer": opt.state_dict(), "loop": state.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng,
-            "config": to_dict(cfg), "git_commit": git_commit()}
+    return {
+        "model": module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "loop": state.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng,
+        "config": to_dict(cfg),
+        "git_commit": git_commit(),
+    }
 
 
 def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
@@ -425,8 +558,11 @@ def evaluate_run(run_dir: str, overrides: dict | None = None) -> dict:
     held = _Held()
     try:
         loaders, module, step = _load_latest(cfg, env, held, run_dir, "evaluate")
-        result = {"run_dir": str(run_dir), "step": step,
-                  **evaluate(module, loaders.val, env, amp_dtype_of(cfg.loop.precision, env.device))}
+        result = {
+            "run_dir": str(run_dir),
+            "step": step,
+            **evaluate(module, loaders.val, env, amp_dtype_of(cfg.loop.precision, env.device)),
+        }
         if env.is_primary:
             print(json.dumps(result), flush=True)
         return result
@@ -441,8 +577,10 @@ def measure_run(run_dir: str, *, batches: int, r: float | None = None, overrides
     One process. The batches are the first `batches` of the training set in the order of seed 0, without
     augmentation, so every run of a comparison is measured on the same images; r defaults to the run's gnp.r.
     """
-    cfg = saved_config(run_dir, {"data.augment": "none", "data.batch_augment": "none", "data.cutout": 0,
-                                 "loop.seed": 0, **(overrides or {})})
+    cfg = saved_config(
+        run_dir,
+        {"data.augment": "none", "data.batch_augment": "none", "data.cutout": 0, "loop.seed": 0, **(overrides or {})},
+    )
     env = dist.init()
     if env.distributed:
         dist.shutdown(env)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .registry import register_model
 from .layers import BN_EPS, BN_MOMENTUM, batch_norm, init_reference_
+from .registry import register_model
 
 __all__ = ["DemoCNN"]
 

@@ -216,58 +216,89 @@ class PyramidNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _build(depth: int, alpha: int, shakedrop: bool, num_classes: int, in_channels: int, rounding: str,
-           final_drop: float = 0.5) -> PyramidNet:
+def _build(
+    depth: int, alpha: int, shakedrop: bool, num_classes: int, in_channels: int, rounding: str, final_drop: float = 0.5
+) -> PyramidNet:
     """Shared body of the registered builders (``image_size`` is irrelevant: global pooling)."""
-    return PyramidNet(depth, alpha, num_classes=num_classes, in_channels=in_channels, shakedrop=shakedrop,
-                      final_drop=final_drop, rounding=rounding)
+    return PyramidNet(
+        depth,
+        alpha,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        shakedrop=shakedrop,
+        final_drop=final_drop,
+        rounding=rounding,
+    )
 
 
 @register_model("pyramidnet164_48")
-def pyramidnet164_48(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                     rounding: Rounding = "floor") -> PyramidNet:
+def pyramidnet164_48(
+    *, num_classes: int, in_channels: int = 3, image_size: int = 32, rounding: Rounding = "floor"
+) -> PyramidNet:
     """PyramidNet-164 (bottleneck), α = 48: 18 blocks per group, widths 16 → 64."""
     return _build(164, 48, False, num_classes, in_channels, rounding)
 
 
 @register_model("pyramidnet164_270")
-def pyramidnet164_270(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                      rounding: Rounding = "floor") -> PyramidNet:
+def pyramidnet164_270(
+    *, num_classes: int, in_channels: int = 3, image_size: int = 32, rounding: Rounding = "floor"
+) -> PyramidNet:
     """PyramidNet-164 (bottleneck), α = 270: 18 blocks per group, widths 21 → 286."""
     return _build(164, 270, False, num_classes, in_channels, rounding)
 
 
 @register_model("pyramidnet200_240")
-def pyramidnet200_240(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                      rounding: Rounding = "floor") -> PyramidNet:
+def pyramidnet200_240(
+    *, num_classes: int, in_channels: int = 3, image_size: int = 32, rounding: Rounding = "floor"
+) -> PyramidNet:
     """PyramidNet-200 (bottleneck), α = 240: 22 blocks per group, widths 19 → 256."""
     return _build(200, 240, False, num_classes, in_channels, rounding)
 
 
 @register_model("pyramidnet272_200")
-def pyramidnet272_200(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                      rounding: Rounding = "floor") -> PyramidNet:
+def pyramidnet272_200(
+    *, num_classes: int, in_channels: int = 3, image_size: int = 32, rounding: Rounding = "floor"
+) -> PyramidNet:
     """PyramidNet-272 (bottleneck), α = 200: 30 blocks per group, widths 18 → 216."""
     return _build(272, 200, False, num_classes, in_channels, rounding)
 
 
 @register_model("pyramidnet164_48_shakedrop")
-def pyramidnet164_48_shakedrop(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                               rounding: Rounding = "floor", final_drop: float = 0.5) -> PyramidNet:
+def pyramidnet164_48_shakedrop(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    rounding: Rounding = "floor",
+    final_drop: float = 0.5,
+) -> PyramidNet:
     """PyramidNet-164 α = 48 with ShakeDrop and stem BN."""
     return _build(164, 48, True, num_classes, in_channels, rounding, final_drop)
 
 
 @register_model("pyramidnet272_200_shakedrop")
-def pyramidnet272_200_shakedrop(*, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                                rounding: Rounding = "floor", final_drop: float = 0.5) -> PyramidNet:
+def pyramidnet272_200_shakedrop(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    rounding: Rounding = "floor",
+    final_drop: float = 0.5,
+) -> PyramidNet:
     """PyramidNet-272 α = 200 with ShakeDrop and stem BN (the pyramidnet-sd-cifar recipe)."""
     return _build(272, 200, True, num_classes, in_channels, rounding, final_drop)
 
 
 @register_model("pyramidnet_debug")
-def pyramidnet_debug(*, num_classes: int, in_channels: int = 3, image_size: int = 32, shakedrop: bool = True,
-                     rounding: Rounding = "floor", final_drop: float = 0.5) -> PyramidNet:
+def pyramidnet_debug(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    shakedrop: bool = True,
+    rounding: Rounding = "floor",
+    final_drop: float = 0.5,
+) -> PyramidNet:
     """Tiny PyramidNet-11 α = 12 for CPU tests: one block per group, widths 20/24/28 (outputs
     80/96/112). ShakeDrop on by default, like the pyramidnet-sd-cifar recipe's model."""
     return _build(11, 12, shakedrop, num_classes, in_channels, rounding, final_drop)

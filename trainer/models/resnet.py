@@ -210,67 +210,137 @@ def _build(
 
 @register_model("resnet18")
 def resnet18(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-18: basic blocks [2, 2, 2, 2], conv bias on (reference)."""
-    return _build(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        BasicBlock,
+        [2, 2, 2, 2],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet34")
 def resnet34(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-34: basic blocks [3, 4, 6, 3], conv bias on (reference)."""
-    return _build(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        BasicBlock,
+        [3, 4, 6, 3],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet50")
 def resnet50(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-50: bottleneck blocks [3, 4, 6, 3], no conv bias."""
-    return _build(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        Bottleneck,
+        [3, 4, 6, 3],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet101")
 def resnet101(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-101: bottleneck blocks [3, 4, 23, 3], no conv bias."""
-    return _build(Bottleneck, [3, 4, 23, 3], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        Bottleneck,
+        [3, 4, 23, 3],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet152")
 def resnet152(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-152: bottleneck blocks [3, 8, 36, 3], no conv bias."""
-    return _build(Bottleneck, [3, 8, 36, 3], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        Bottleneck,
+        [3, 8, 36, 3],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet200")
 def resnet200(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     conv_bias: bool | None = None,
 ) -> ResNet:
     """ResNet-200: bottleneck blocks [3, 24, 36, 3], no conv bias."""
-    return _build(Bottleneck, [3, 24, 36, 3], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=conv_bias)
+    return _build(
+        Bottleneck,
+        [3, 24, 36, 3],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=conv_bias,
+    )
 
 
 @register_model("resnet_debug")
 def resnet_debug(
-    *, num_classes: int, in_channels: int = 3, image_size: int = 32, stem: str | None = None,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    stem: str | None = None,
     block: Literal["basic", "bottleneck"] = "bottleneck",
 ) -> ResNet:
     """Tiny ResNet for CPU tests: one block per stage, stage widths 8/16/32/64.
@@ -281,5 +351,13 @@ def resnet_debug(
     blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
     if block not in blocks:
         raise ValueError(f"model: block must be one of basic, bottleneck, got {block!r}")
-    return _build(blocks[block], [1, 1, 1, 1], num_classes=num_classes, in_channels=in_channels,
-                  image_size=image_size, stem=stem, conv_bias=None, base_width=8)
+    return _build(
+        blocks[block],
+        [1, 1, 1, 1],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        stem=stem,
+        conv_bias=None,
+        base_width=8,
+    )

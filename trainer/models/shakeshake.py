@@ -124,8 +124,9 @@ class WideResNetShakeShake(nn.Module):
             raise ValueError(f"model: Shake-Shake WRN depth must be 6n+2 with n >= 1, got {depth}")
         blocks_per_group = (depth - 2) // 6
         stem_channels = 16
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False),
-                                  batch_norm(stem_channels))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False), batch_norm(stem_channels)
+        )
         groups: list[nn.Module] = []
         channels = stem_channels
         for group_width, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):

@@ -111,11 +111,18 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _build(blocks: tuple[int, ...], batch_norm: bool, num_classes: int, in_channels: int, image_size: int,
-           dropout: float) -> VGG:
+def _build(
+    blocks: tuple[int, ...], batch_norm: bool, num_classes: int, in_channels: int, image_size: int, dropout: float
+) -> VGG:
     """Shared body of the registered paper variants."""
-    return VGG(blocks, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-               batch_norm=batch_norm, dropout=dropout)
+    return VGG(
+        blocks,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        batch_norm=batch_norm,
+        dropout=dropout,
+    )
 
 
 @register_model("vgg16")
@@ -148,5 +155,14 @@ def vgg_debug(
 ) -> VGG:
     """Tiny VGG for CPU tests: one conv per block, widths 8/16/32/64/64, hidden width 32; same
     pooling, head structure (flatten, two hidden layers with dropout) and initialisation."""
-    return VGG((1, 1, 1, 1, 1), num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-               batch_norm=batch_norm, base_width=8, max_width=64, hidden=32, dropout=dropout)
+    return VGG(
+        (1, 1, 1, 1, 1),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        batch_norm=batch_norm,
+        base_width=8,
+        max_width=64,
+        hidden=32,
+        dropout=dropout,
+    )

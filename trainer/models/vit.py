@@ -215,46 +215,97 @@ _VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def _build(name: str, num_classes: int, in_channels: int, image_size: int, patch: int | None, dropout: float,
-           attention_dropout: float) -> VisionTransformer:
+def _build(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    patch: int | None,
+    dropout: float,
+    attention_dropout: float,
+) -> VisionTransformer:
     """Shared body of the registered builders."""
     hidden, mlp, heads, layers = _VARIANTS[name]
-    return VisionTransformer(hidden=hidden, mlp=mlp, heads=heads, layers=layers, num_classes=num_classes,
-                             in_channels=in_channels, image_size=image_size, patch=patch, dropout=dropout,
-                             attention_dropout=attention_dropout)
+    return VisionTransformer(
+        hidden=hidden,
+        mlp=mlp,
+        heads=heads,
+        layers=layers,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        patch=patch,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+    )
 
 
 @register_model("vit_ti")
-def vit_ti(*, num_classes: int, in_channels: int = 3, image_size: int = 32, patch: int | None = None,
-           dropout: float = 0.1, attention_dropout: float = 0.1) -> VisionTransformer:
+def vit_ti(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch: int | None = None,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+) -> VisionTransformer:
     """ViT-Ti: hidden 192, MLP 768, 3 heads, 12 layers (reference ``ViT_TI16``)."""
     return _build("vit_ti", num_classes, in_channels, image_size, patch, dropout, attention_dropout)
 
 
 @register_model("vit_s")
-def vit_s(*, num_classes: int, in_channels: int = 3, image_size: int = 32, patch: int | None = None,
-          dropout: float = 0.1, attention_dropout: float = 0.1) -> VisionTransformer:
+def vit_s(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch: int | None = None,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+) -> VisionTransformer:
     """ViT-S: hidden 384, MLP 1536, 6 heads, 12 layers (reference ``ViT_S16``, the ViT recipes)."""
     return _build("vit_s", num_classes, in_channels, image_size, patch, dropout, attention_dropout)
 
 
 @register_model("vit_b")
-def vit_b(*, num_classes: int, in_channels: int = 3, image_size: int = 32, patch: int | None = None,
-          dropout: float = 0.1, attention_dropout: float = 0.1) -> VisionTransformer:
+def vit_b(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch: int | None = None,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+) -> VisionTransformer:
     """ViT-B: hidden 768, MLP 3072, 12 heads, 12 layers (reference ``ViT_B16``)."""
     return _build("vit_b", num_classes, in_channels, image_size, patch, dropout, attention_dropout)
 
 
 @register_model("vit_l")
-def vit_l(*, num_classes: int, in_channels: int = 3, image_size: int = 32, patch: int | None = None,
-          dropout: float = 0.1, attention_dropout: float = 0.1) -> VisionTransformer:
+def vit_l(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch: int | None = None,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+) -> VisionTransformer:
     """ViT-L: hidden 1024, MLP 4096, 16 heads, 24 layers (reference ``ViT_L16``)."""
     return _build("vit_l", num_classes, in_channels, image_size, patch, dropout, attention_dropout)
 
 
 @register_model("vit_debug")
-def vit_debug(*, num_classes: int, in_channels: int = 3, image_size: int = 32, patch: int | None = None,
-              dropout: float = 0.1, attention_dropout: float = 0.1) -> VisionTransformer:
+def vit_debug(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    patch: int | None = None,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+) -> VisionTransformer:
     """Tiny ViT for CPU tests: hidden 32, MLP 64, 2 heads, 2 layers; same patching, tokens,
     dropout and initialisation as the paper variants."""
     return _build("vit_debug", num_classes, in_channels, image_size, patch, dropout, attention_dropout)

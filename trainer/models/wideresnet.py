@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import register_model
 from .layers import batch_norm, init_reference_
+from .registry import register_model
 
 __all__ = ["WideResNet", "WideBlock", "pool_pad_shortcut"]
 
@@ -96,9 +96,7 @@ class WideResNet(nn.Module):
         dropout: dropout probability between the two convs of every block.
     """
 
-    def __init__(
-        self, depth: int, widen: int, *, num_classes: int, in_channels: int = 3, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, depth: int, widen: int, *, num_classes: int, in_channels: int = 3, dropout: float = 0.0) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"model: WideResNet depth must be 6n+4 with n >= 1, got {depth}")

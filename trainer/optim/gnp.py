@@ -281,8 +281,13 @@ class _ReuseBuffers:
         """Keep v when the parameters and dtype are unchanged (a skipped fp16 step keeps the old v);
         otherwise start a fresh layout whose v is 0 (adds nothing to a plain step)."""
         v = self.v
-        if (v is not None and v.dtype == dtype and v.device == device and len(params) == len(self.params)
-                and all(a is b for a, b in zip(params, self.params))):
+        if (
+            v is not None
+            and v.dtype == dtype
+            and v.device == device
+            and len(params) == len(self.params)
+            and all(a is b for a, b in zip(params, self.params))
+        ):
             return
         self.set_layout(params, torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device))
 
@@ -668,7 +673,7 @@ class GNP(torch.optim.Optimizer):
         u: Tensor | None = None
         if process_group is not None:
             if self.norm_perturbations:
-                u = buf.scratch[n:2 * n]
+                u = buf.scratch[n : 2 * n]
                 torch.mul(g1, inv, out=u)  # this rank's g1/(‖g1_k‖+eps), averaged with g1 below
             # One collective for g1 (and u): plain steps never get here.
             dist.all_reduce(buf.scratch, group=process_group)
@@ -712,8 +717,9 @@ class GNP(torch.optim.Optimizer):
             a = float(group["alpha"])
             if a == 0:
                 continue
-            pairs = [(p.grad, buf.v_views[buf.index[p]]) for p in group["params"]
-                     if p.grad is not None and p in buf.index]
+            pairs = [
+                (p.grad, buf.v_views[buf.index[p]]) for p in group["params"] if p.grad is not None and p in buf.index
+            ]
             if pairs:
                 gs, vs = (list(t) for t in zip(*pairs))
                 torch._foreach_add_(gs, torch._foreach_mul(vs, g_norm * (a * self.reuse_weight)))
@@ -783,8 +789,9 @@ class GNP(torch.optim.Optimizer):
             raise RuntimeError("GNP: the closure did not call loss.backward() in pass 2")
         self._postmix(post, collected)
         if reuse:
-            self._reuse_store(collected, g1_norm=norm, scale_inv=None, process_group=reuse_group,
-                              keep_on_overflow=False)
+            self._reuse_store(
+                collected, g1_norm=norm, scale_inv=None, process_group=reuse_group, keep_on_overflow=False
+            )
         self.base_optimizer.step()
         return loss
 
@@ -891,8 +898,13 @@ class GNP(torch.optim.Optimizer):
                 scaler.unscale_(self.base_optimizer)
             if reuse and active:
                 assert g1_norm is not None
-                self._reuse_store(collected, g1_norm=g1_norm, scale_inv=scale_inv, process_group=reuse_group,
-                                  keep_on_overflow=use_scaler)
+                self._reuse_store(
+                    collected,
+                    g1_norm=g1_norm,
+                    scale_inv=scale_inv,
+                    process_group=reuse_group,
+                    keep_on_overflow=use_scaler,
+                )
             elif reuse and gnp_on:
                 self._reuse_apply(grads)  # unscaled and synchronised, before clipping
             grad_norm = _global_norm(grads)

@@ -10,8 +10,16 @@ import math
 import random
 
 
-def learning_rate(step: int, *, base_lr: float, kind: str, warmup_steps: int, total_steps: int,
-                  milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+def learning_rate(
+    step: int,
+    *,
+    base_lr: float,
+    kind: str,
+    warmup_steps: int,
+    total_steps: int,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
     """LR for optimizer step `step` (0-based; the first update uses lr(0)).
 
     Linear warmup lr = base_lr*step/W for step < W, then
@@ -33,8 +41,9 @@ def learning_rate(step: int, *, base_lr: float, kind: str, warmup_steps: int, to
     raise ValueError(f"schedule.name: invalid value {kind!r}; expected one of 'cosine', 'constant', 'step'")
 
 
-def gr_warmup(step: int, epoch: int, *, r: float, alpha: float, strategy: str, warmup_steps: int,
-              warmup_epochs: float) -> tuple[float, float]:
+def gr_warmup(
+    step: int, epoch: int, *, r: float, alpha: float, strategy: str, warmup_steps: int, warmup_epochs: float
+) -> tuple[float, float]:
     """(r, alpha) at this step under the gradient-regularization warmup.
 
     r:      r ramps linearly from 0 over warmup_steps (alpha fixed, so lambda = alpha*r ramps too)

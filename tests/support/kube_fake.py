@@ -38,8 +38,15 @@ def _now() -> str:
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class FakeKube:
@@ -76,10 +83,14 @@ class FakeKube:
         ctx = {"cluster": "fake", "user": "tester"}
         if namespace:
             ctx["namespace"] = namespace
-        cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-               "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-               "users": [{"name": "tester", "user": {"token": "fake-token"}}],
-               "contexts": [{"name": "fake", "context": ctx}]}
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": "fake", "context": ctx}],
+        }
         path.write_text(json.dumps(cfg))
         return path
 
@@ -90,30 +101,65 @@ class FakeKube:
         for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items():
             for i in range(rs.get("replicas", 1)):
                 pod_name = f"{name}-{rtype.lower()}-{i}"
-                labels = {**rs["template"].get("metadata", {}).get("labels", {}),
-                          "training.kubeflow.org/job-name": name,
-                          "training.kubeflow.org/replica-type": rtype.lower(),
-                          "training.kubeflow.org/replica-index": str(i)}
+                labels = {
+                    **rs["template"].get("metadata", {}).get("labels", {}),
+                    "training.kubeflow.org/job-name": name,
+                    "training.kubeflow.org/replica-type": rtype.lower(),
+                    "training.kubeflow.org/replica-index": str(i),
+                }
                 containers = rs["template"]["spec"]["containers"]
                 self.pods[(ns, pod_name)] = {
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod_name, "namespace": ns, "labels": labels, "uid": str(uuid.uuid4()),
-                                 "creationTimestamp": _now()},
-                    "spec": {"nodeName": f"node-{i}", "containers": [
-                        {"name": c["name"], "image": c["image"]} for c in containers]},
-                    "status": {"phase": "Running", "containerStatuses": [
-                        {"name": c["name"], "image": c["image"], "imageID": "", "ready": True, "restartCount": 0,
-                         "state": {"running": {"startedAt": _now()}}} for c in containers]}}
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": pod_name,
+                        "namespace": ns,
+                        "labels": labels,
+                        "uid": str(uuid.uuid4()),
+                        "creationTimestamp": _now(),
+                    },
+                    "spec": {
+                        "nodeName": f"node-{i}",
+                        "containers": [{"name": c["name"], "image": c["image"]} for c in containers],
+                    },
+                    "status": {
+                        "phase": "Running",
+                        "containerStatuses": [
+                            {
+                                "name": c["name"],
+                                "image": c["image"],
+                                "imageID": "",
+                                "ready": True,
+                                "restartCount": 0,
+                                "state": {"running": {"startedAt": _now()}},
+                            }
+                            for c in containers
+                        ],
+                    },
+                }
                 self.logs[(ns, pod_name)] = f"log of {pod_name}\nstep 1 loss 2.30\n"
         job["status"] = {
             "conditions": [
-                {"type": "Created", "status": "True", "reason": "PyTorchJobCreated",
-                 "message": f"PyTorchJob {name} is created.", "lastTransitionTime": _now()},
-                {"type": "Running", "status": "True", "reason": "PyTorchJobRunning",
-                 "message": f"PyTorchJob {ns}/{name} is running.", "lastTransitionTime": _now()}],
-            "replicaStatuses": {rtype: {"active": rs.get("replicas", 1)}
-                                for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items()},
-            "startTime": _now()}
+                {
+                    "type": "Created",
+                    "status": "True",
+                    "reason": "PyTorchJobCreated",
+                    "message": f"PyTorchJob {name} is created.",
+                    "lastTransitionTime": _now(),
+                },
+                {
+                    "type": "Running",
+                    "status": "True",
+                    "reason": "PyTorchJobRunning",
+                    "message": f"PyTorchJob {ns}/{name} is running.",
+                    "lastTransitionTime": _now(),
+                },
+            ],
+            "replicaStatuses": {
+                rtype: {"active": rs.get("replicas", 1)} for rtype, rs in job["spec"]["pytorchReplicaSpecs"].items()
+            },
+            "startTime": _now(),
+        }
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -163,13 +209,27 @@ class FakeKube:
         if path.startswith(GROUP_PATH) and not self.crd_installed:
             return 404, _status(404, "NotFound", "the server could not find the requested resource")
         if path == GROUP_PATH and method == "GET":
-            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "kubeflow.org/v1",
-                         "resources": [
-                             {"name": "pytorchjobs", "singularName": "pytorchjob", "namespaced": True,
-                              "kind": "PyTorchJob", "verbs": ["create", "delete", "get", "list", "patch",
-                                                              "update", "watch"]},
-                             {"name": "pytorchjobs/status", "singularName": "", "namespaced": True,
-                              "kind": "PyTorchJob", "verbs": ["get", "patch", "update"]}]}
+            return 200, {
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": "kubeflow.org/v1",
+                "resources": [
+                    {
+                        "name": "pytorchjobs",
+                        "singularName": "pytorchjob",
+                        "namespaced": True,
+                        "kind": "PyTorchJob",
+                        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                    },
+                    {
+                        "name": "pytorchjobs/status",
+                        "singularName": "",
+                        "namespaced": True,
+                        "kind": "PyTorchJob",
+                        "verbs": ["get", "patch", "update"],
+                    },
+                ],
+            }
         m = JOBS.match(path)
         if m:
             return self._jobs(method, m.group(1), m.group(2), body)
@@ -189,8 +249,9 @@ class FakeKube:
             if (ns, jname) in self.jobs:
                 return 409, _status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{jname}" already exists')
             job = json.loads(json.dumps(body))
-            job["metadata"].update({"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(),
-                                    "resourceVersion": "1"})
+            job["metadata"].update(
+                {"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(), "resourceVersion": "1"}
+            )
             self.jobs[(ns, jname)] = job
             self._spawn_pods(ns, job)
             return 201, job
@@ -200,11 +261,19 @@ class FakeKube:
             return 200, self.jobs[(ns, name)]
         if method == "DELETE":
             del self.jobs[(ns, name)]
-            for key in [k for k, p in self.pods.items()
-                        if k[0] == ns and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name]:
+            for key in [
+                k
+                for k, p in self.pods.items()
+                if k[0] == ns and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name
+            ]:
                 del self.pods[key]
-            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                         "details": {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"}}
+            return 200, {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Success",
+                "details": {"name": name, "group": "kubeflow.org", "kind": "pytorchjobs"},
+            }
         return 405, _status(405, "MethodNotAllowed", f"{method} is not supported here")
 
     def _pods(self, ns: str, name: str | None, log: bool, query: dict) -> tuple[int, dict | str]:
@@ -214,8 +283,11 @@ class FakeKube:
                 if term:
                     k, _, v = term.partition("=")
                     wanted[k] = v
-            items = [p for (n, _), p in sorted(self.pods.items())
-                     if n == ns and all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
+            items = [
+                p
+                for (n, _), p in sorted(self.pods.items())
+                if n == ns and all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
+            ]
             return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
         if (ns, name) not in self.pods:
             return 404, _status(404, "NotFound", f'pods "{name}" not found')

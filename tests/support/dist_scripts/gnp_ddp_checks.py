@@ -69,7 +69,7 @@ def batch(kind: str, step: int, rank: int | None, n: int = 8) -> tuple[Tensor, T
     x, y = torch.randn(shape, generator=g), torch.randint(0, 5, (world * n,), generator=g)
     if rank is None:
         return x, y
-    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
 
 
 def reference_gnp(model: nn.Module, x: Tensor, y: Tensor, normalized: bool, rng: Tensor | None) -> list[Tensor]:
@@ -78,7 +78,7 @@ def reference_gnp(model: nn.Module, x: Tensor, y: Tensor, normalized: bool, rng:
     if rng is not None:
         torch.set_rng_state(rng)
     g1 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-    n = torch.sqrt(sum((g ** 2).sum() for g in g1))
+    n = torch.sqrt(sum((g**2).sum() for g in g1))
     with torch.no_grad():
         for p, g in zip(params, g1):
             p.add_(g * (R / (n + EPS)))
@@ -118,10 +118,12 @@ def check_per_rank(rank: int) -> dict:
                 if entry == "train_step":
                     opt.train_step(loss_fn, model=model)
                 else:
+
                     def closure() -> Tensor:
                         loss = loss_fn()
                         loss.backward()
                         return loss
+
                     opt.step(closure)
                 after = torch.get_rng_state()
                 expected = reference_gnp(ref, x, y, normalized, rng)
@@ -193,6 +195,7 @@ def check_comm(rank: int) -> dict:
             loss = loss_fn(step)
             loss.backward()
             return loss
+
         opt.step(closure)
 
     def sync_step(step: int) -> None:
@@ -228,8 +231,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_default_dtype(torch.float64)  # tight comparisons
-    result = {"world_size": dist.get_world_size(), "per_rank": check_per_rank(rank), "sync": check_sync(rank),
-              "comm": check_comm(rank)}
+    result = {
+        "world_size": dist.get_world_size(),
+        "per_rank": check_per_rank(rank),
+        "sync": check_sync(rank),
+        "comm": check_comm(rank),
+    }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f, indent=1)
     gc.collect()
