@@ -90,8 +90,7 @@ def shutdown(env: DistEnv) -> None:
 
     Callers must drop their references to the DDP model and optimizer first: with gloo, DDP objects alive
     at interpreter exit make a rank abort about one run in eight (measured on 2-core CPU runs, torch 2.14 +
-    gloo). gc.collect() here
-    frees what the caller released before the group goes away.
+    gloo). gc.collect() here frees what the caller released before the group goes away.
     """
     gc.collect()
     if dist.is_initialized():
