@@ -31,19 +31,19 @@ test-fast: setup
 bench: bench-gnp bench-e2e bench-data
 
 bench-gnp: setup
-	$(PY) -m trainer.bench_gnp
+	$(PY) -m trainer.bench.gnp
 
 bench-e2e: setup
-	$(PY) -m trainer.bench_e2e
+	$(PY) -m trainer.bench.e2e
 
 bench-data: setup
-	$(PY) -m trainer.bench_data
+	$(PY) -m trainer.bench.data
 
 # On a GPU host: correctness checks, every GPU benchmark and the GPU comparison in one budgeted run
 # (README "On a lent GPU"). BUDGET in seconds; the report lands in runs/gpu-suite/report.
 BUDGET ?= 540
 gpu-suite: setup
-	$(PY) -m trainer.gpu_suite --out runs/gpu-suite/report --budget $(BUDGET) --fmnist $(FMNIST)
+	$(PY) -m trainer.bench.gpu_suite --out runs/gpu-suite/report --budget $(BUDGET) --fmnist $(FMNIST)
 
 # Method comparisons (table + plot; rerun to resume). CPU: < 20 min on 2 cores. GPU: one ~15-minute session.
 COMPARE_METHODS ?= sgd,sam,gnp
@@ -60,6 +60,10 @@ compare-noisy-cpu: setup
 compare-gpu: setup
 	$(PY) -m trainer compare --recipe fashion-mnist-compare-gpu --methods $(COMPARE_METHODS) --seeds 3 \
 	    --out runs/compare-gpu
+
+# The README's training-curve figure, from the seed-0 runs of `make compare-cpu`.
+plot: setup
+	$(PY) -m trainer plot runs/compare-cpu/{sgd,sam,gnp}/seed0 --out tests/data/results/compare-cpu/curves-seed0.png
 
 recipes: setup
 	@$(PY) -m trainer recipes

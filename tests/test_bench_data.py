@@ -1,4 +1,4 @@
-"""`python -m trainer.bench_data`: a tiny real run (64 Fashion-MNIST images, 32 px crops, 1 repeat).
+"""`python -m trainer.bench.data`: a tiny real run (64 Fashion-MNIST images, 32 px crops, 1 repeat).
 
 Checks the JPEG folder against the IDX files read here independently, that both pipelines yield
 every image of an epoch once with the folder's labels and batches of the same shape, dtype, layout
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import FMNIST, ROOT, cli_env
-from trainer import bench_data
+from trainer.bench import data as bench_data
 
 N, SOURCE_PX, SIZE, BATCH = 64, 48, 32, 16
 
@@ -201,7 +201,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
     # The command line turns the ValueError into one line and exit status 2, like `python -m trainer`.
     p = subprocess.run(
-        [sys.executable, "-m", "trainer.bench_data", "--images", "0"],
+        [sys.executable, "-m", "trainer.bench.data", "--images", "0"],
         cwd=ROOT,
         env=cli_env(),
         capture_output=True,

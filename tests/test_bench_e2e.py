@@ -16,7 +16,7 @@ from tests.conftest import ROOT, cli_env
 def test_bench_e2e_cpu_table(tmp_path):
     out = tmp_path / "rows.json"
     res = subprocess.run(
-        [sys.executable, "-m", "trainer.bench_e2e", "--steps", "24", "--json", str(out)],
+        [sys.executable, "-m", "trainer.bench.e2e", "--steps", "24", "--json", str(out)],
         cwd=ROOT,
         env=cli_env(),
         capture_output=True,

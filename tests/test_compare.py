@@ -16,9 +16,9 @@ from torch import nn
 from torch.func import functional_call
 
 from tests.conftest import run_cli
-from trainer.compare import METHODS, aggregate, markdown_table, resolve_methods
 from trainer.config import ConfigError
 from trainer.loop import measure_sharpness
+from trainer.study.compare import METHODS, aggregate, markdown_table, resolve_methods
 
 
 def test_measure_sharpness_matches_a_functional_computation():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import gpu_checks
-from trainer.gpu_suite import Part, execute
+from trainer.bench import gpu_checks
+from trainer.bench.gpu_suite import Part, execute
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -130,14 +130,14 @@ def test_bad_arguments_exit_2(tmp_path: Path) -> None:
         ["--compare-set", "loop.epochs=-1"],
     ):
         res = subprocess.run(
-            [sys.executable, "-m", "trainer.gpu_suite", "--out", str(tmp_path), *args],
+            [sys.executable, "-m", "trainer.bench.gpu_suite", "--out", str(tmp_path), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
         )
         assert res.returncode == 2, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "gpu-suite:" in res.stderr
-    for module in ("trainer.bench_gnp", "trainer.bench_e2e"):
+    for module in ("trainer.bench.gnp", "trainer.bench.e2e"):
         res = subprocess.run(
             [sys.executable, "-m", module, "--modes", "fast"], cwd=ROOT, capture_output=True, text=True
         )
@@ -152,7 +152,7 @@ def test_smoke_suite_writes_the_full_report(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "trainer.gpu_suite",
+            "trainer.bench.gpu_suite",
             "--smoke",
             "--out",
             str(out),

@@ -321,7 +321,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_plot_two_runs(tmp_path):
-    from trainer.plot import add_arguments, run
+    from trainer.study.plot import add_arguments, run
 
     write_run(tmp_path / "sgd", 0.3)
     write_run(tmp_path / "gnp", 0.0)
@@ -337,7 +337,7 @@ def test_plot_two_runs(tmp_path):
 
 
 def test_plot_bad_run_dirs(tmp_path):
-    from trainer.plot import plot_runs
+    from trainer.study.plot import plot_runs
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "blank").mkdir()

@@ -50,12 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="dataset folder, if it moved since training")
 
     pl = sub.add_parser("plot", help="overlay the curves of run directories into one PNG")
-    from trainer.plot import add_arguments as plot_arguments
+    from trainer.study.plot import add_arguments as plot_arguments
 
     plot_arguments(pl)
 
     cmp = sub.add_parser("compare", help="train methods x seeds on one recipe, then a table and a plot")
-    from trainer.compare import add_arguments as compare_arguments
+    from trainer.study.compare import add_arguments as compare_arguments
 
     compare_arguments(cmp)
 
@@ -106,11 +106,11 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     if args.command == "plot":
-        from trainer.plot import run as plot_run
+        from trainer.study.plot import run as plot_run
 
         return plot_run(args)
     if args.command == "compare":
-        from trainer.compare import run as compare_run
+        from trainer.study.compare import run as compare_run
 
         return compare_run(args)
     if args.command == "convert":

@@ -116,7 +116,7 @@ def is_done(run_dir: Path, epochs: int) -> bool:
 
 def run_summary(run_dir: Path) -> dict:
     """Final test error, its curve, and training wall time (eval and startup excluded) of a finished run."""
-    from trainer.plot import load_run
+    from trainer.study.plot import load_run
 
     train, evals = load_run(str(run_dir))
     done = [r for r in _records(run_dir) if r.get("kind") == "done"][-1]  # the finishing one

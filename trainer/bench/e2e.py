@@ -2,7 +2,7 @@
 
 For each model, two numbers per method (SGD = alpha 0, GNP = r 0.1, alpha 0.8):
 
-* step:  ``GNP.train_step`` alone on one synthetic batch already on the device (``trainer.bench_gnp``);
+* step:  ``GNP.train_step`` alone on one synthetic batch already on the device (``trainer.bench.gnp``);
 * e2e:   ``python -m trainer train`` (under torchrun when --nproc > 1) on a device-resident synthetic
          dataset (``data.loader=memory``, ``synthetic:HxW:CLASSES:N``) with the per-batch work of a real run:
          indexing, flip + reflect-pad crop and normalization on the device, the loop's logging, Prometheus
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.bench_gnp import bench_one, parse_modes
+from trainer.bench.gnp import bench_one, parse_modes
 
 CUDA_MODELS = {"wrn28_10": (32, 10, 256), "resnet50": (224, 1000, 256)}  # px, classes, batch
 CPU_MODELS = {"demo_cnn": (28, 10, 128)}
@@ -116,7 +116,7 @@ def e2e(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m trainer.bench.e2e", description=__doc__.split("\n")[0])
     ap.add_argument(
         "--models", default=None, help="comma-separated (default: WRN-28-10 and ResNet-50 on CUDA, demo_cnn on the CPU)"
     )

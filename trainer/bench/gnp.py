@@ -1,4 +1,4 @@
-"""Benchmark: time of a GNP step vs an SGD step (``python -m trainer.bench_gnp``; ``make bench-gnp``).
+"""Benchmark: time of a GNP step vs an SGD step (``python -m trainer.bench.gnp``; ``make bench-gnp``).
 
 Both columns run ``GNP.train_step`` on the same model, data and base optimizer (SGD, momentum 0.9,
 Nesterov) with the reference's clip of 5.0: "SGD" is the plain one-pass step (``gnp=False``), "GNP"
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.optim.gnp import GNP
+from trainer.optim import GNP
 
 
 class SmallCNN(nn.Module):
@@ -225,7 +225,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the CPU row and (on CUDA) the GPU rows, print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m trainer.bench.gnp", description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-steps", type=int, default=3)
     ap.add_argument("--gpu-steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)

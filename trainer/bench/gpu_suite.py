@@ -1,14 +1,14 @@
-"""Everything a lent GPU should measure, in one budgeted command (``python -m trainer.gpu_suite --out DIR``).
+"""Everything a lent GPU should measure, in one budgeted command: ``python -m trainer.bench.gpu_suite --out DIR``.
 
 GPU time comes in short leases (about 15 minutes, including the machine's start), so the suite runs its
 parts in priority order, each as a subprocess with a share of a wall-clock budget, skips what no longer
 fits, and always writes its report. Parts:
 
-1. ``checks``       trainer.gpu_checks: GNP on the device equals the CPU fp64 steps; bf16/fp16 sanity; DDP
+1. ``checks``       trainer.bench.gpu_checks: GNP on the device equals the CPU fp64 steps; bf16/fp16 sanity; DDP
                     on a one-rank NCCL group.
-2. ``gnp-eager``    trainer.bench_gnp, eager: SGD vs GNP step (WRN-28-10, ResNet-50; bf16, channels_last)
+2. ``gnp-eager``    trainer.bench.gnp, eager: SGD vs GNP step (WRN-28-10, ResNet-50; bf16, channels_last)
                     and the efficient variants' cost (every-4, reuse-4).
-3. ``e2e-eager``    trainer.bench_e2e, eager: the real loop (device-resident data, metrics, checkpoint)
+3. ``e2e-eager``    trainer.bench.e2e, eager: the real loop (device-resident data, metrics, checkpoint)
                     as a fraction of that step.
 4. ``gnp-compile``  as 2 with torch.compile.
 5. ``e2e-compile``  as 3 with torch.compile.
@@ -71,14 +71,17 @@ def plan(
 ) -> list[Part]:
     """The parts, in priority order, with their commands (CPU-sized when ``smoke``)."""
     gnp_cmd = (
-        ["-m", "trainer.bench_gnp", "--no-cpu"]
+        ["-m", "trainer.bench.gnp", "--no-cpu"]
         if not smoke
-        else ["-m", "trainer.bench_gnp", "--cpu-steps", "1", "--rounds", "1"]
+        else ["-m", "trainer.bench.gnp", "--cpu-steps", "1", "--rounds", "1"]
     )
-    e2e_cmd = ["-m", "trainer.bench_e2e"] + (["--steps", "8"] if smoke else [])
+    e2e_cmd = ["-m", "trainer.bench.e2e"] + (["--steps", "8"] if smoke else [])
     parts = [
         Part(
-            "checks", [_py("-m", "trainer.gpu_checks", "--json", str(work / "checks.json"))], 20, [work / "checks.json"]
+            "checks",
+            [_py("-m", "trainer.bench.gpu_checks", "--json", str(work / "checks.json"))],
+            20,
+            [work / "checks.json"],
         )
     ]
     for mode in ("eager", "compile"):
@@ -267,7 +270,7 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
     if step:
         lines += [
             "",
-            "## Step time on synthetic data (trainer.bench_gnp; target GNP/SGD ≤ 2.02)",
+            "## Step time on synthetic data (trainer.bench.gnp; target GNP/SGD ≤ 2.02)",
             "",
             "| model | batch | px | precision | mode | SGD ms | GNP ms | GNP/SGD | SGD img/s | GNP img/s | "
             "reuse ms | every-4 × SGD | reuse-4 × SGD |",
@@ -288,7 +291,7 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
     if e2e:
         lines += [
             "",
-            "## The real loop end to end vs the step (trainer.bench_e2e; target GNP ≥ 95 %)",
+            "## The real loop end to end vs the step (trainer.bench.e2e; target GNP ≥ 95 %)",
             "",
             "| model | mode | method | batch | px | step img/s | e2e img/s | e2e / step | median window img/s |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -336,7 +339,7 @@ def report(parts: list[Part], env: dict, out: Path, work: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m trainer.bench.gpu_suite", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="report folder (suite.md, suite.json, suite.log, test_error.png)")
     ap.add_argument("--work", default="runs/gpu-suite", help="working folder of the parts (default runs/gpu-suite)")
     ap.add_argument("--budget", type=float, default=540.0, help="wall-clock seconds for everything (default 540)")

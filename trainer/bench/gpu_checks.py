@@ -1,4 +1,4 @@
-"""Correctness of GNP on the accelerator (``python -m trainer.gpu_checks [--json FILE]``).
+"""Correctness of GNP on the accelerator (``python -m trainer.bench.gpu_checks [--json FILE]``).
 
 CI has no GPU: the CPU tests check GNP against the exact math in fp64 (tests/test_gnp*.py). These
 checks carry that result to the device by comparing with a CPU fp64 run of the same steps, and cover
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.data.loaders import Normalizer
-from trainer.optim.gnp import GNP
+from trainer.optim import GNP
 
 FULL3 = (True, True, True)
 REUSE_PATTERN = (True, False, False, True)
@@ -259,7 +259,7 @@ def checks(device: torch.device) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m trainer.bench.gpu_checks", description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     # An indexed device: DDP's device_ids and init_process_group's device_id want one.

@@ -1,4 +1,4 @@
-"""Benchmark: data loading alone on the CPU, FFCV vs torchvision (``python -m trainer.bench_data``).
+"""Benchmark: data loading alone on the CPU, FFCV vs torchvision (``python -m trainer.bench.data``).
 
 Both sides read the same real images and produce the same batches: ``(images, labels)`` with images
 float32 N x 3 x S x S normalized with the dataset's mean/std, in ``--layout`` (default channels_last,
@@ -203,7 +203,7 @@ def prepare(work: str | os.PathLike, params: FolderParams, write_mode: str = "jp
     elif work.is_dir() and any(work.iterdir()):
         raise ValueError(
             f"--work {work}: not empty and has no {PARAMS_NAME}; expected a folder made by "
-            f"trainer.bench_data (or a new one)"
+            f"trainer.bench.data (or a new one)"
         )
     jpeg_dir, ffcv_dir = work / "jpeg", work / f"ffcv-{write_mode}"
     reused = old == wanted and (jpeg_dir / "train").is_dir()
@@ -641,7 +641,7 @@ def parser() -> argparse.ArgumentParser:
     """The command-line options."""
     from trainer.data.sources import FASHION_MNIST_DEFAULT_SOURCE
 
-    ap = argparse.ArgumentParser(prog="python -m trainer.bench_data", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m trainer.bench.data", description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="data/bench-jpeg", help="work folder for the JPEG and FFCV datasets")
     ap.add_argument("--images", type=int, default=6000, help="training images (first N of Fashion-MNIST)")
     ap.add_argument("--source-px", type=int, default=160, help="image sides are uniform in 0.75-1.25 x this")
