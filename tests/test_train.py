@@ -147,6 +147,28 @@ def test_import_direction():
                     and order.index(dep) < order.index(top)
                     and not (top in ("checkpoint", "metrics") and dep in ("checkpoint", "metrics"))
                 ), f"{path.relative_to(pkg)} imports {m}: against the data-flow order"
+    # Tools (trainer/bench, trainer/study) stand on the core: they import it and their own package, never the
+    # other tool; no core module imports a tool (only the CLI, __main__.py, mounts `plot` and `compare`).
+    tools = ("bench", "study")
+    assert all((pkg / t / "__init__.py").is_file() for t in tools)
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).parts
+        top = rel[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                # absolute name of `from X import a, b` (relative X resolved against the file's package);
+                # `from trainer import bench` names the module in its imported names
+                base = ["trainer", *rel[:-1]][: len(rel) - node.level + 1] if node.level else []
+                full = ".".join(base + (node.module.split(".") if node.module else []))
+                mods = [f"{full}.{a.name}" for a in node.names] if full.count(".") == 0 else [full]
+            else:
+                continue
+            for m in mods:
+                dep = m.split(".")[1] if m.startswith("trainer.") else None
+                if dep in tools and dep != top:
+                    assert top == "__main__", f"{path.relative_to(pkg)} imports the tool {m}"
     # the GNP optimizer and the models are plain PyTorch
     for sub in ("optim/gnp.py",):
         src = (pkg / sub).read_text()
