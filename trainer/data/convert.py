@@ -25,13 +25,20 @@ Crash safety: an existing ``meta.json`` is removed first, the .beton files are w
 temporary names and renamed, and ``meta.json`` is written (temp + rename) last. A directory is a
 complete dataset exactly when ``meta.json`` exists.
 """
+
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import multiprocessing
 import multiprocessing.sharedctypes
 import os
+import signal
+import sys
+import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -109,8 +116,7 @@ class _WriterDataset:
     1x1 placeholder here and reported by the parent as a ValueError afterwards.
     """
 
-    def __init__(self, split: ArraySplit | FileSplit, max_resolution: int | None,
-                 stats: Any | None, failed: Any):
+    def __init__(self, split: ArraySplit | FileSplit, max_resolution: int | None, stats: Any | None, failed: Any):
         self.split = split
         self.max_resolution = max_resolution
         self.stats = stats
@@ -135,6 +141,128 @@ class _WriterDataset:
         return img, self.split.label(i)
 
 
+class _WriterWorkerDied(Exception):
+    """Raised into the converting thread when one of FFCV's writer processes has died."""
+
+
+class _WorkerStderr:
+    """sys.stderr stand-in inherited by forked writer processes: the parent's writes pass through (tqdm's
+    progress bar), a child's go to a file of its own, so the parent can report a dead worker's error in one line
+    instead of the child's traceback."""
+
+    def __init__(self, real: Any, folder: str) -> None:
+        self.real, self.folder, self.parent = real, folder, os.getpid()
+        self.muted = False  # after a failure: FFCV's abandoned progress bar must not print after the error line
+
+    def write(self, text: str) -> int:
+        if os.getpid() == self.parent:
+            return len(text) if self.muted else self.real.write(text)
+        with open(os.path.join(self.folder, f"worker-{os.getpid()}.log"), "a") as f:
+            return f.write(text)
+
+    def flush(self) -> None:
+        if os.getpid() == self.parent:
+            self.real.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def _last_error_line(folder: str) -> str:
+    """The last line of the first worker log that has one, e.g. 'OSError: [Errno 28] No space left on device'."""
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), errors="replace") as f:
+            lines = [x.strip() for x in f if x.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+@contextmanager
+def _watch_writer_workers(writer: Any) -> Iterator[None]:
+    """Turn a dead FFCV writer process into an error instead of a hang.
+
+    FFCV's ``DatasetWriter`` polls a shared counter until every sample is written, then reads each worker's
+    allocation table from a queue; a worker that dies (ENOSPC when the disk fills, EIO, the OOM killer) never
+    advances the counter or never sends its table, so the parent would wait forever. A watchdog thread reads the
+    exit status of the writer's processes: one that exited non-zero raises ``_WriterWorkerDied`` in the writing
+    thread (a signal in the main thread, which also breaks a blocking read; an asynchronous exception in any
+    other thread). The survivors are terminated and FFCV's shared metadata block is freed.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    target = threading.get_ident()
+    stop = threading.Event()
+    died: list[str] = []
+    logs = tempfile.mkdtemp(prefix="gnp-convert-")
+    real_stderr = sys.stderr
+    sys.stderr = wrapper = _WorkerStderr(real_stderr, logs)
+
+    def raise_died(*_: Any) -> None:
+        raise _WriterWorkerDied()
+
+    if in_main:  # a signal also interrupts a blocking read (FFCV's final queue get), an async exception cannot
+        old_handler = signal.signal(signal.SIGUSR1, raise_died)
+
+    import ffcv.writer
+
+    started: list[Any] = []
+    ffcv_process = ffcv.writer.Process
+
+    class Recorded(ffcv_process):  # the writer's processes, so their exit status can be read
+        def start(self) -> None:
+            super().start()
+            started.append(self)
+
+    ffcv.writer.Process = Recorded
+
+    def watch() -> None:
+        while not stop.wait(0.2):
+            bad = [p.exitcode for p in list(started) if p.exitcode not in (None, 0)]
+            if bad:
+                code = bad[0]
+                died.append(f"exit status {code}" if code > 0 else f"signal {-code}")
+                if in_main:
+                    signal.pthread_kill(target, signal.SIGUSR1)
+                else:
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(target), ctypes.py_object(_WriterWorkerDied)
+                    )
+                return
+
+    watcher = threading.Thread(target=watch, name="convert-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except _WriterWorkerDied:
+        wrapper.muted = True
+        real_stderr.write("\n")  # end FFCV's progress bar line (it ends in a carriage return) before the error
+        reason = _last_error_line(logs) or f"a writer process died ({died[0] if died else 'unknown'})"
+        for p in started:
+            p.terminate()
+            p.join(5)
+        try:
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        except (AttributeError, OSError):
+            pass
+        code = errno.ENOSPC if "[Errno 28]" in reason else errno.EIO
+        raise _WriterFailure(code, f"a writer process failed: {reason}") from None
+    finally:
+        stop.set()
+        watcher.join()
+        ffcv.writer.Process = ffcv_process
+        sys.stderr = real_stderr
+        if in_main:
+            signal.signal(signal.SIGUSR1, old_handler)
+        for name in os.listdir(logs):
+            os.remove(os.path.join(logs, name))
+        os.rmdir(logs)
+
+
+class _WriterFailure(OSError):
+    """A writer process died; ``str()`` is its last error line (the caller names the output path)."""
+
+
 def _page_size(split_max_bytes: int, write_mode: str) -> int:
     """Smallest power-of-two FFCV page holding the largest sample (a sample may not span pages)."""
     need = split_max_bytes * (2 if write_mode == "jpg" else 1)  # JPEG can exceed raw on noise
@@ -143,8 +271,10 @@ def _page_size(split_max_bytes: int, write_mode: str) -> int:
     while page < need:
         page *= 2
     if page >= _MAX_PAGE:
-        raise ValueError(f"--max-resolution: an image needs {need} bytes, more than FFCV's page limit; "
-                         f"set --max-resolution (e.g. 512)")
+        raise ValueError(
+            f"--max-resolution: an image needs {need} bytes, more than FFCV's page limit; "
+            f"set --max-resolution (e.g. 512)"
+        )
     return page
 
 
@@ -170,9 +300,17 @@ def _max_sample_bytes(split: ArraySplit | FileSplit, max_resolution: int | None)
     return biggest
 
 
-def _write_split(path: str, split: ArraySplit | FileSplit, *, write_mode: str, jpeg_quality: int,
-                 max_resolution: int | None, num_workers: int, page_size: int,
-                 with_stats: bool) -> np.ndarray | None:
+def _write_split(
+    path: str,
+    split: ArraySplit | FileSplit,
+    *,
+    write_mode: str,
+    jpeg_quality: int,
+    max_resolution: int | None,
+    num_workers: int,
+    page_size: int,
+    with_stats: bool,
+) -> np.ndarray | None:
     """Write one split to ``path``; returns the (N, 7) per-sample [sum x3, sum of squares x3, pixels] table."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -189,7 +327,8 @@ def _write_split(path: str, split: ArraySplit | FileSplit, *, write_mode: str, j
         "label": IntField(),
     }
     writer = DatasetWriter(path, fields, page_size=page_size, num_workers=num_workers)
-    writer.from_indexed_dataset(dataset)
+    with _watch_writer_workers(writer):
+        writer.from_indexed_dataset(dataset)
     if failed.value >= 0:
         i = int(failed.value)
         try:
@@ -236,16 +375,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _check_args(dataset: str, write_mode: str, jpeg_quality: int, max_resolution: int | None,
-                num_workers: int, limit: int | None) -> None:
+def _check_args(
+    dataset: str, write_mode: str, jpeg_quality: int, max_resolution: int | None, num_workers: int, limit: int | None
+) -> None:
     if dataset not in DATASETS:
         raise ValueError(f"--dataset: unknown '{dataset}'; allowed: {', '.join(DATASETS)}")
     if write_mode not in WRITE_MODES:
         raise ValueError(f"--write-mode: unknown '{write_mode}'; allowed: {', '.join(WRITE_MODES)}")
     if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
         raise ValueError(f"--jpeg-quality: {jpeg_quality!r}; expected an integer in 1..100")
-    if max_resolution is not None and (isinstance(max_resolution, bool) or not isinstance(max_resolution, int)
-                                       or max_resolution < 8):
+    if max_resolution is not None and (
+        isinstance(max_resolution, bool) or not isinstance(max_resolution, int) or max_resolution < 8
+    ):
         raise ValueError(f"--max-resolution: {max_resolution!r}; expected an integer >= 8 or none")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"--num-workers: {num_workers!r}; expected an integer >= 1")
@@ -253,9 +394,17 @@ def _check_args(dataset: str, write_mode: str, jpeg_quality: int, max_resolution
         raise ValueError(f"--limit: {limit!r}; expected an integer >= 1 or none")
 
 
-def convert(dataset: str, source: str | None, out: str, *, max_resolution: int | None = None,
-            jpeg_quality: int = 90, write_mode: str = "raw", num_workers: int = 2,
-            limit: int | None = None) -> dict:
+def convert(
+    dataset: str,
+    source: str | None,
+    out: str,
+    *,
+    max_resolution: int | None = None,
+    jpeg_quality: int = 90,
+    write_mode: str = "raw",
+    num_workers: int = 2,
+    limit: int | None = None,
+) -> dict:
     """Convert ``dataset`` read from ``source`` into FFCV files in ``out``; returns the meta dict.
 
     ``source`` None means the default location (Fashion-MNIST only). ``limit`` keeps the first
@@ -271,8 +420,47 @@ def convert(dataset: str, source: str | None, out: str, *, max_resolution: int |
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
-    page_size = _page_size(max(_max_sample_bytes(train, max_resolution),
-                               _max_sample_bytes(val, max_resolution)), write_mode)
+    page_size = _page_size(
+        max(_max_sample_bytes(train, max_resolution), _max_sample_bytes(val, max_resolution)), write_mode
+    )
+    try:
+        return _write_dataset(
+            dataset,
+            source,
+            out,
+            data,
+            train,
+            val,
+            page_size,
+            write_mode=write_mode,
+            jpeg_quality=jpeg_quality,
+            max_resolution=max_resolution,
+            num_workers=num_workers,
+        )
+    except OSError as e:  # the output side only: sources are read (and their errors named) before this
+        raise ValueError(output_error(f"--out {out}", e)) from None
+
+
+def output_error(what: str, e: OSError) -> str:
+    """One line for a failed write: disk full, read-only or unwritable folder, path that is a file."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    reason = e.strerror or str(e)
+    hint = {
+        errno.ENOSPC: "free some space or choose a folder on a larger disk",
+        errno.EDQUOT: "free some space or raise the quota",
+        errno.EROFS: "the file system is read-only; choose a writable folder",
+        errno.EACCES: "choose a folder this user may write to",
+        errno.EPERM: "choose a folder this user may write to",
+        errno.ENOTDIR: "a parent of the path is a file; choose a folder path",
+        errno.EEXIST: "the path exists and is not a folder",
+    }.get(e.errno or 0, "expected a writable folder with free space")
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{what}: cannot write{where}: {reason}{' [' + code + ']' if code else ''}; {hint}"
+
+
+def _write_dataset(
+    dataset, source, out, data, train, val, page_size, *, write_mode, jpeg_quality, max_resolution, num_workers
+) -> dict:
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, META_NAME)
     # The old dataset must stop looking complete before any of its files is replaced.
@@ -283,12 +471,26 @@ def convert(dataset: str, source: str | None, out: str, *, max_resolution: int |
     temps = {s: os.path.join(out, "." + f + tag) for s, f in SPLIT_FILES.items()}
     meta_tmp = meta_path + tag
     try:
-        table = _write_split(temps["train"], train, write_mode=write_mode, jpeg_quality=jpeg_quality,
-                             max_resolution=max_resolution, num_workers=num_workers,
-                             page_size=page_size, with_stats=True)
-        _write_split(temps["val"], val, write_mode=write_mode, jpeg_quality=jpeg_quality,
-                     max_resolution=max_resolution, num_workers=num_workers, page_size=page_size,
-                     with_stats=False)
+        table = _write_split(
+            temps["train"],
+            train,
+            write_mode=write_mode,
+            jpeg_quality=jpeg_quality,
+            max_resolution=max_resolution,
+            num_workers=num_workers,
+            page_size=page_size,
+            with_stats=True,
+        )
+        _write_split(
+            temps["val"],
+            val,
+            write_mode=write_mode,
+            jpeg_quality=jpeg_quality,
+            max_resolution=max_resolution,
+            num_workers=num_workers,
+            page_size=page_size,
+            with_stats=False,
+        )
         for tmp in temps.values():
             _fsync_file(tmp)
 
@@ -321,6 +523,7 @@ def convert(dataset: str, source: str | None, out: str, *, max_resolution: int |
         }
         if dataset == "fashion-mnist" and meta["source"] is None:
             from .sources import FASHION_MNIST_DEFAULT_SOURCE
+
             meta["source"] = FASHION_MNIST_DEFAULT_SOURCE
         for s, f in SPLIT_FILES.items():
             os.replace(temps[s], os.path.join(out, f))
@@ -341,29 +544,49 @@ def convert(dataset: str, source: str | None, out: str, *, max_resolution: int |
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the `convert` subcommand's options on ``parser``."""
-    parser.add_argument("--dataset", required=True, choices=list(DATASETS),
-                        help="which reader to use")
-    parser.add_argument("--source", default=None,
-                        help="input: Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist), "
-                             "cifar-10/100-python.tar.gz or its extracted folder, or an ImageNet-layout "
-                             "folder with train/ and val/")
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS), help="which reader to use")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="input: Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist), "
+        "cifar-10/100-python.tar.gz or its extracted folder, or an ImageNet-layout "
+        "folder with train/ and val/",
+    )
     parser.add_argument("--out", required=True, help="output folder for train.beton, val.beton, meta.json")
-    parser.add_argument("--max-resolution", type=int, default=None,
-                        help="downscale so the longest side is at most N pixels (recommended for imagefolder)")
+    parser.add_argument(
+        "--max-resolution",
+        type=int,
+        default=None,
+        help="downscale so the longest side is at most N pixels (recommended for imagefolder)",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --write-mode jpg")
-    parser.add_argument("--write-mode", default="raw", choices=list(WRITE_MODES),
-                        help="raw: uint8 pixels (fast decode, big files); jpg: JPEG (small, slower decode)")
+    parser.add_argument(
+        "--write-mode",
+        default="raw",
+        choices=list(WRITE_MODES),
+        help="raw: uint8 pixels (fast decode, big files); jpg: JPEG (small, slower decode)",
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="writer processes")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="keep only the first N images of each split (quick runs)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="keep only the first N images of each split (quick runs)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `convert` from parsed CLI arguments; returns the exit status (ValueError propagates)."""
-    meta = convert(args.dataset, args.source, args.out, max_resolution=args.max_resolution,
-                   jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                   num_workers=args.num_workers, limit=args.limit)
-    print(f"convert: {meta['dataset']} -> {args.out}: train.beton {meta['train_size']} images, "
-          f"val.beton {meta['val_size']} images, {meta['num_classes']} classes, "
-          f"mean {[round(m, 2) for m in meta['mean']]}, std {[round(s, 2) for s in meta['std']]}")
+    meta = convert(
+        args.dataset,
+        args.source,
+        args.out,
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        write_mode=args.write_mode,
+        num_workers=args.num_workers,
+        limit=args.limit,
+    )
+    print(
+        f"convert: {meta['dataset']} -> {args.out}: train.beton {meta['train_size']} images, "
+        f"val.beton {meta['val_size']} images, {meta['num_classes']} classes, "
+        f"mean {[round(m, 2) for m in meta['mean']]}, std {[round(s, 2) for s in meta['std']]}"
+    )
     return 0
