@@ -294,9 +294,8 @@ def _builtin_docs() -> list[tuple[str, dict]]:
             docs.append((f"{name} convert Job", cj))
     for path in sorted((ROOT / "k8s" / "examples").glob("*.yaml")):
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
-    dash = ROOT / "k8s" / "monitoring" / "dashboard-configmap.yaml"
-    if dash.is_file():
-        docs.append((dash.name, yaml.safe_load(dash.read_text())))
+    monitoring = render.render(render.build_job("fashion-mnist-demo"), "monitoring")
+    docs += [("--part monitoring", d) for d in yaml.safe_load_all(monitoring) if d and d["kind"] == "ConfigMap"]
     return docs
 
 
@@ -307,7 +306,7 @@ def test_builtin_objects_pass_kubernetes_validate_strict():
     )
     docs = _builtin_docs()
     kinds = {d["kind"] for _, d in docs}
-    assert {"Job", "Secret", "Role", "RoleBinding", "ServiceAccount", "PersistentVolumeClaim"} <= kinds
+    assert {"Job", "Secret", "Role", "RoleBinding", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap"} <= kinds
     for _where, doc in docs:
         kv.validate(doc, "1.37", strict=True)  # raises ValidationError naming the field
     bad = copy.deepcopy(next(d for w, d in docs if d["kind"] == "Job"))

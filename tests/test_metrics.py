@@ -6,16 +6,56 @@ Every Prometheus check scrapes the real HTTP endpoint and compares with values c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import socket
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
-from tests.support.prom import documented_metrics, free_ports, parse_exposition, scrape
-from trainer.metrics import NullSink, PrometheusSink, RunSink, TeeSink, build_sink
+from tests.support.prom import documented_metrics, free_ports, parse_exposition, parse_help, scrape
+from trainer.metrics import METRICS, Metric, NullSink, PrometheusSink, RunSink, TeeSink, build_sink, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What dashboards, alerts and users query: family -> (type, labels beyond job_name/rank/local_rank). Written
+# out here, not read from trainer.metrics.METRICS, so that renaming or retyping a row of the table fails.
+EXPORTED = {
+    "gnp_steps_total": ("counter", ()),
+    "gnp_gnp_steps_total": ("counter", ()),
+    "gnp_images_total": ("counter", ()),
+    "gnp_step_duration_seconds": ("histogram", ()),
+    "gnp_data_wait_seconds_total": ("counter", ()),
+    "gnp_train_loss": ("gauge", ()),
+    "gnp_train_loss_perturbed": ("gauge", ()),
+    "gnp_sharpness": ("gauge", ()),
+    "gnp_grad_norm_g1": ("gauge", ()),
+    "gnp_grad_norm_combined": ("gauge", ()),
+    "gnp_alpha": ("gauge", ()),
+    "gnp_r": ("gauge", ()),
+    "gnp_step_is_gnp": ("gauge", ()),
+    "gnp_learning_rate": ("gauge", ()),
+    "gnp_epoch": ("gauge", ()),
+    "gnp_eval_loss": ("gauge", ()),
+    "gnp_eval_top1_accuracy": ("gauge", ()),
+    "gnp_eval_top5_accuracy": ("gauge", ()),
+    "gnp_checkpoint_duration_seconds": ("gauge", ()),
+    "gnp_checkpoint_upload_duration_seconds": ("gauge", ()),
+    "gnp_checkpoint_failures_total": ("counter", ()),
+    "gnp_checkpoint_last_success_timestamp_seconds": ("gauge", ()),
+    "gnp_restarts": ("gauge", ()),
+    "gnp_process_start_time_seconds": ("gauge", ()),
+    "gnp_gpu_memory_allocated_bytes": ("gauge", ()),
+    "gnp_gpu_utilization_ratio": ("gauge", ()),
+    "gnp_info": ("gauge", ("model", "device", "world_size")),
+}
+BASE_LABELS = {"job_name", "rank", "local_rank"}
 
 TRAIN_1 = {
     "step": 3,
@@ -77,10 +117,94 @@ def sink(monkeypatch):
 
 
 def test_endpoint_exports_exactly_the_documented_families(sink):
-    documented = documented_metrics()
-    assert len(documented) >= 25  # the table in trainer/metrics.py was parsed, not an empty docstring
-    types, _ = parse_exposition(scrape(sink.port))
-    assert types == documented
+    assert {m.name: (m.type, m.labels) for m in METRICS} == EXPORTED
+    sink.log("start", {"world_size": 8, "device": "cpu", "model": "resnet18"})
+    text = scrape(sink.port)
+    types, samples = parse_exposition(text)
+    assert types == documented_metrics() == {name: kind for name, (kind, _) in EXPORTED.items()}
+    assert parse_help(text) == {m.name: m.help for m in METRICS}
+    for name, labels, _ in samples:  # the labels of every sample present: the base ones plus the row's own
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in EXPORTED else name
+        extra = set(labels) - BASE_LABELS - ({"le"} if name.endswith("_bucket") else set())
+        assert extra == set(EXPORTED[family][1]) and BASE_LABELS <= set(labels), name
+
+
+def test_table_drives_the_exporter():
+    """Rows added to a copy of the table are exported and fed with no other code: one per type, one with
+    labels, one fed by two record kinds; the values are worked out by hand from the records below."""
+    extra = (
+        Metric("gnp_test_gauge", "gauge", "A gauge from eval.top1_error", "eval", "top1_error"),
+        Metric("gnp_test_images_total", "counter", "Counts eval.images", "eval", "images"),
+        Metric("gnp_test_seconds", "histogram", "Observes train.laps", "train", "laps", buckets=(0.5, 2.0)),
+        Metric("gnp_test_build", "gauge", "Info \\ with a backslash", "start", None, labels=("commit",)),
+        Metric("gnp_test_either", "gauge", "Fed by eval and checkpoint", ("eval", "checkpoint"), "step"),
+    )
+    s = PrometheusSink(
+        port=free_ports(1), addr="127.0.0.1", job="j", rank=0, local_rank=0, gpu_reader=None, metrics=METRICS + extra
+    )
+    try:
+        before = scrape(s.port)
+        types, samples = parse_exposition(before)
+        assert {n: types[n] for n in ("gnp_test_gauge", "gnp_test_images_total", "gnp_test_seconds")} == {
+            "gnp_test_gauge": "gauge",
+            "gnp_test_images_total": "counter",
+            "gnp_test_seconds": "histogram",
+        }
+        assert parse_help(before)["gnp_test_build"] == "Info \\ with a backslash"
+        assert one(samples, "gnp_test_images_total") == 0  # counters exist from the start
+        assert "gnp_test_gauge" not in {n for n, _, _ in samples}  # gauges once set
+        s.log("start", {"commit": "abc123"})
+        s.log("eval", {**EVAL, "step": 7})
+        s.log("eval", {**EVAL, "top1_error": 0.25, "images": 200})
+        s.log("train", {**TRAIN_1, "laps": [0.1, 1.0, 3.0]})
+        s.log("checkpoint", {"step": 9, "blocking_s": 0.5})
+        _, samples = parse_exposition(scrape(s.port))
+        assert one(samples, "gnp_test_gauge") == 0.25  # the last eval's
+        assert one(samples, "gnp_test_images_total") == 1000  # 800 + 200
+        assert [one(samples, "gnp_test_seconds_bucket", le=le) for le in ("0.5", "2.0", "+Inf")] == [1, 2, 3]
+        assert one(samples, "gnp_test_seconds_sum") == pytest.approx(4.1)
+        assert one(samples, "gnp_test_build", commit="abc123") == 1
+        assert one(samples, "gnp_test_either") == 9  # the second eval had no step; the checkpoint record had 9
+        assert one(samples, "gnp_steps_total") == 3  # the table's own rows unaffected
+    finally:
+        s.close()
+
+
+def test_metric_rows_are_checked():
+    good = dict(name="gnp_x", type="gauge", help="h", record="train", key="k")
+    Metric(**good)
+    for change, message in (
+        ({"name": "x-y"}, "name must match"),
+        ({"type": "summary"}, "type 'summary' is not one of counter, gauge, histogram"),
+        ({"record": ("train", "trian")}, r"record kind\(s\) \['trian'\]"),
+        ({"type": "histogram"}, "a histogram needs buckets"),
+        ({"buckets": (1.0,)}, "other types take none"),
+        ({"type": "counter", "key": None}, "only a gauge can go without a key"),
+        ({"type": "counter", "labels": ("a",)}, "extra labels are supported on gauges only"),
+    ):
+        with pytest.raises(ValueError, match=r"^metric (gnp_x|x-y): ") as e:
+            Metric(**{**good, **change})
+        assert re.search(message, str(e.value)), (change, str(e.value))
+    row = METRICS[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.name = "gnp_other"  # type: ignore[misc]
+
+
+def test_readme_table_is_the_rendered_table():
+    text = (ROOT / "README.md").read_text()
+    start, end = "<!-- metrics table: `python -m trainer.metrics` prints it -->\n", "<!-- end of metrics table -->"
+    assert start in text and end in text, "README.md lost the markers around its metrics table"
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    assert block == markdown_table(), "README.md's metrics table is stale: paste `.venv/bin/python -m trainer.metrics`"
+    # read back independently: one row per exported family, with its type and labels
+    rows = [line.split("|")[1:-1] for line in block.splitlines()[2:]]
+    parsed = {
+        r[0].strip().strip("`"): (r[1].strip(), tuple(x.strip().strip("`") for x in r[2].split(",") if x.strip()))
+        for r in rows
+    }
+    assert parsed == EXPORTED
+    cli = subprocess.run([sys.executable, "-m", "trainer.metrics"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and cli.stdout == block, cli.stderr
 
 
 def test_values_follow_the_records(sink):

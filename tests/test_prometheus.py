@@ -24,7 +24,6 @@ import yaml
 
 from tests.conftest import ROOT, cli_env
 from tests.support.prom import (
-    CONFIGMAP,
     DASHBOARD,
     DASHBOARD_KEY,
     PODMONITOR,
@@ -39,7 +38,7 @@ from tests.support.prom import (
     free_ports,
     load_dashboard,
     podmonitor_scrape_configs,
-    render_configmap,
+    render_monitoring,
     series_names,
     substitute,
     template_queries,
@@ -67,15 +66,66 @@ def test_podmonitor_matches_crd_and_selects_training_pods():
     assert [ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]] == [f"metrics-{r}" for r in range(8)]
 
 
-def test_configmap_carries_exactly_the_dashboard():
-    text = DASHBOARD.read_text()
-    assert CONFIGMAP.read_text() == render_configmap(text), (
-        "dashboard-configmap.yaml is stale: run `.venv/bin/python -m tests.support.prom`"
-    )
-    cm = yaml.safe_load(CONFIGMAP.read_text())
-    assert cm["kind"] == "ConfigMap" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert cm["data"] == {DASHBOARD_KEY: text}  # byte for byte, as the sidecar writes the file
-    assert len(CONFIGMAP.read_bytes()) < 256 * 1024  # kubectl apply's last-applied annotation limit
+def test_rendered_configmap_carries_exactly_the_dashboard():
+    assert not (DASHBOARD.parent / "dashboard-configmap.yaml").exists(), "the ConfigMap is rendered, not kept in git"
+    out, docs = render_monitoring()
+    assert [d["kind"] for d in docs][:2] == ["PodMonitor", "ConfigMap"]
+    assert docs[0] == yaml.safe_load(PODMONITOR.read_text())
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert cm["apiVersion"] == "v1" and cm["metadata"]["name"] == "gnp-training-dashboard"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # what the Grafana sidecar selects on
+    assert cm["data"] == {DASHBOARD_KEY: DASHBOARD.read_text()}  # byte for byte, as the sidecar writes the file
+    assert json.loads(cm["data"][DASHBOARD_KEY])["uid"] == "gnp-training"
+    text = out.split("kind: ConfigMap", 1)[1]
+    assert len(text.encode()) < 256 * 1024  # kubectl apply's last-applied annotation limit
+    assert out == render_monitoring("resnet-imagenet")[0]  # the same for every job spec
+
+
+def _render_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gnp_k8s_render_monitoring", ROOT / "k8s" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"panels": [],\n "title": "a"}',  # no final newline
+        '{"panels": [],\n\n "title": "  b  "}\n',  # an empty line inside, spaces
+        '{"panels": []}\n\n\n',  # trailing empty lines
+        '{\n    "panels": [], "x": "#: --- |"\n}\n',  # YAML-significant characters
+    ],
+)
+def test_configmap_keeps_any_dashboard_text(tmp_path, text):
+    render = _render_module()
+    path = tmp_path / "dashboard.json"
+    path.write_text(text)
+    cm = yaml.safe_load(render.dashboard_configmap(path))
+    assert cm["data"] == {DASHBOARD_KEY: text}
+
+
+def test_bad_dashboard_is_a_user_error(tmp_path, monkeypatch, capsys):
+    render = _render_module()
+    bad = tmp_path / "dashboard.json"
+    for content, message in (
+        (None, r"dashboard\.json is missing$"),
+        ('{"panels": [', r"dashboard\.json: not valid JSON \(.*\); expected a Grafana dashboard model$"),
+        ("[1, 2]", r"dashboard\.json: expected a Grafana dashboard model \(a JSON object with `panels`\)$"),
+    ):
+        if content is not None:
+            bad.write_text(content)
+        monkeypatch.setattr(render, "DASHBOARD_FILE", bad)
+        assert render.main(["render", "fashion-mnist-demo", "--part", "monitoring"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert re.search(message, err.strip()), err
+    # the job part does not need the dashboard
+    assert render.main(["render", "fashion-mnist-demo", "--part", "job"]) == 0
+    assert "kind: PyTorchJob" in capsys.readouterr().out
 
 
 def test_dashboard_model():

@@ -17,44 +17,37 @@ exactly what shows a straggler. Every sample carries the labels `job_name`, `ran
 Values change only at log steps (`loop.log_every`): the loop syncs with the device only there, so counters
 grow by the window's deltas and the step-time histogram observes each step of the window at once.
 
-Exported metrics (name, type, meaning; the tests compare what the endpoint exports with this table):
+Exported metrics: the table `METRICS` below is the only list. PrometheusSink creates one family per row and
+updates it from the records; the README's metrics table is `python -m trainer.metrics` (a test compares the
+two). A row names the record kind(s) and the key it is fed from; its type says how the value is used:
 
-  gnp_steps_total                                 counter    optimizer steps taken by this process
-  gnp_gnp_steps_total                             counter    of those, two-pass GNP steps (hybrid runs mix both)
-  gnp_images_total                                counter    training images this rank processed
-  gnp_step_duration_seconds                       histogram  host wall time of each step (after its batch arrived)
-  gnp_data_wait_seconds_total                     counter    time spent waiting for the data loader
-  gnp_train_loss                                  gauge      cross-entropy at theta, this rank's batch, last log step
-  gnp_train_loss_perturbed                        gauge      cross-entropy at theta + eps (last GNP step)
-  gnp_sharpness                                   gauge      loss_perturbed - loss (last GNP step)
-  gnp_grad_norm_g1                                gauge      ||g1||, the penalized gradient norm (last GNP step)
-  gnp_grad_norm_combined                          gauge      norm of the combined gradient the base optimizer used
-  gnp_alpha                                       gauge      alpha (penalty mixing weight) of the last step
-  gnp_r                                           gauge      r (finite-difference radius) of the last step
-  gnp_step_is_gnp                                 gauge      1 when the last step was a GNP step, 0 when plain
-  gnp_learning_rate                               gauge      learning rate of the last step
-  gnp_epoch                                       gauge      fractional epoch (2.5 = half way through the 3rd)
-  gnp_eval_loss                                   gauge      validation cross-entropy, last evaluation
-  gnp_eval_top1_accuracy                          gauge      validation top-1 accuracy, ratio 0-1
-  gnp_eval_top5_accuracy                          gauge      validation top-5 accuracy, ratio 0-1
-  gnp_checkpoint_duration_seconds                 gauge      blocking time of the last checkpoint save
-  gnp_checkpoint_upload_duration_seconds          gauge      duration of the last successful upload (async)
-  gnp_checkpoint_failures_total                   counter    failed checkpoint saves/upload attempts
-  gnp_checkpoint_last_success_timestamp_seconds   gauge      unix time of the last successful checkpoint
-  gnp_restarts                                    gauge      torchrun worker-group restarts so far
-  gnp_process_start_time_seconds                  gauge      unix time this training process started
-  gnp_gpu_memory_allocated_bytes                  gauge      torch.cuda.memory_allocated() at the last log step (CUDA)
-  gnp_gpu_utilization_ratio                       gauge      torch.cuda.utilization() / 100 (CUDA with NVML)
-  gnp_info                                        gauge      1, with labels model, device, world_size
+  gauge      set to the value when the key is present and not None (a row without key: set to 1)
+  counter    increased by the value, a delta, when it is positive (a counter never goes down)
+  histogram  observes every element of the value, a list
+
+Record kinds: `start`, `train`, `eval`, `checkpoint` are the loop's and train.py's records; `process` is the
+sink's own at its start (`start_time`, `restart` from $TORCHELASTIC_RESTART_COUNT); `gpu` is the GPU reader's
+reading, taken at every train record. A few keys are derived by the sink from the record and what it saw
+before (`PrometheusSink._derive`):
+
+  train.window_steps        the record's, else the number of step times
+  train.window_gnp_steps    the record's, else the delta of the cumulative `gnp_steps` since the last record
+                            (the start record gives the baseline: its `gnp_steps` after a resume, else 0)
+  train.gnp                 the record's, as 0/1
+  checkpoint.duration_s     `duration_s`, else `blocking_s`
+  checkpoint.failures_new   failures since the last record: the rise of the cumulative `failures_total`
+                            (or `failures`), else 1 for a failed synchronous save
+  checkpoint.last_success_unix    the record's when nonzero, else now for a synchronous save that succeeded
+  checkpoint.upload_duration_s    `last_duration_s`, when the record reports a successful upload
 
 Restarts are a gauge, not a counter: a counter lives in the process and restarts at 0 with it, whereas
 torchrun hands each new worker generation the count in $TORCHELASTIC_RESTART_COUNT. Container or pod restarts
 by Kubernetes (restartPolicy OnFailure/ExitCode) reset that count; they show as `gnp_process_start_time_seconds`
 jumping (the dashboard plots process uptime) and in kube-state-metrics' restart counters.
 
-Gauges appear at their first value (no misleading 0 top-1 before the first evaluation); counters and the
-histogram start at 0 when the endpoint starts, so rate() is defined from the first scrape. The GNP-only gauges
-keep the value of the last GNP step during plain steps of a hybrid run.
+Gauges appear at their first value (no misleading 0 top-1 before the first evaluation); counters and
+histograms start at 0 when the endpoint starts, so rate() is defined from the first scrape. The GNP-only
+gauges keep the value of the last GNP step during plain steps of a hybrid run.
 
 Checkpoint records (`sink.log("checkpoint", {...})`, rank 0). A synchronous save reports `ok` (bool; absent =
 success unless `error` is set), `duration_s` or `blocking_s` and `error`. The asynchronous Checkpointer's
@@ -68,8 +61,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
@@ -98,39 +93,172 @@ STEP_BUCKETS = (
     30.0,
 )
 LABELS = ("job_name", "rank", "local_rank")
+TYPES = ("counter", "gauge", "histogram")
+RECORD_KINDS = ("process", "start", "train", "gpu", "eval", "checkpoint")
 
 GpuReader = Callable[[], dict]  # -> {"memory_allocated_bytes": float, "utilization_ratio": float (optional)}
 
-# (name, type, help): the exporter's definitions; the docstring's table documents them for readers and the
-# tests check the two against each other.
-_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("gnp_steps_total", "counter", "Optimizer steps taken by this process"),
-    ("gnp_gnp_steps_total", "counter", "Two-pass GNP steps taken by this process"),
-    ("gnp_images_total", "counter", "Training images processed by this rank"),
-    ("gnp_step_duration_seconds", "histogram", "Host wall time of each training step, data wait excluded"),
-    ("gnp_data_wait_seconds_total", "counter", "Time spent waiting for the data loader"),
-    ("gnp_train_loss", "gauge", "Cross-entropy at theta on this rank's batch (last log step)"),
-    ("gnp_train_loss_perturbed", "gauge", "Cross-entropy at theta + eps (last GNP step)"),
-    ("gnp_sharpness", "gauge", "Loss at theta + eps minus loss at theta (last GNP step)"),
-    ("gnp_grad_norm_g1", "gauge", "Norm of g1, the penalized gradient (last GNP step)"),
-    ("gnp_grad_norm_combined", "gauge", "Norm of the combined gradient used by the base optimizer"),
-    ("gnp_alpha", "gauge", "GNP alpha of the last step"),
-    ("gnp_r", "gauge", "GNP r of the last step"),
-    ("gnp_step_is_gnp", "gauge", "1 when the last step was a two-pass GNP step, 0 when plain"),
-    ("gnp_learning_rate", "gauge", "Learning rate of the last step"),
-    ("gnp_epoch", "gauge", "Fractional epoch"),
-    ("gnp_eval_loss", "gauge", "Validation cross-entropy of the last evaluation"),
-    ("gnp_eval_top1_accuracy", "gauge", "Validation top-1 accuracy of the last evaluation (ratio)"),
-    ("gnp_eval_top5_accuracy", "gauge", "Validation top-5 accuracy of the last evaluation (ratio)"),
-    ("gnp_checkpoint_duration_seconds", "gauge", "Blocking time of the last checkpoint save"),
-    ("gnp_checkpoint_upload_duration_seconds", "gauge", "Duration of the last successful checkpoint upload"),
-    ("gnp_checkpoint_failures_total", "counter", "Failed checkpoint saves or upload attempts"),
-    ("gnp_checkpoint_last_success_timestamp_seconds", "gauge", "Unix time of the last successful checkpoint"),
-    ("gnp_restarts", "gauge", "torchrun worker-group restarts ($TORCHELASTIC_RESTART_COUNT)"),
-    ("gnp_process_start_time_seconds", "gauge", "Unix time this training process started"),
-    ("gnp_gpu_memory_allocated_bytes", "gauge", "torch.cuda.memory_allocated() at the last log step"),
-    ("gnp_gpu_utilization_ratio", "gauge", "GPU utilization from NVML at the last log step (ratio)"),
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported metric family: what Prometheus shows (name, type, help, labels) and what feeds it.
+
+    `record`: the record kind, or kinds, that update it; `key`: the record key read (None: the value 1 on
+    every such record, for info-style gauges); `labels`: labels beyond job_name/rank/local_rank, their
+    values read from the record's keys of the same name; `buckets`: a histogram's upper bounds.
+    """
+
+    name: str
+    type: str
+    help: str
+    record: str | tuple[str, ...]
+    key: str | None
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not re.fullmatch(r"gnp_[a-z0-9_]+", self.name):
+            problems.append("name must match gnp_[a-z0-9_]+")
+        if self.type not in TYPES:
+            problems.append(f"type {self.type!r} is not one of {', '.join(TYPES)}")
+        if unknown := [k for k in self.kinds if k not in RECORD_KINDS]:
+            problems.append(f"record kind(s) {unknown} not in {', '.join(RECORD_KINDS)}")
+        if bool(self.buckets) != (self.type == "histogram"):
+            problems.append("a histogram needs buckets, other types take none")
+        if self.key is None and self.type != "gauge":
+            problems.append("only a gauge can go without a key (value 1)")
+        if self.labels and self.type != "gauge":
+            problems.append("extra labels are supported on gauges only")
+        if problems:
+            raise ValueError(f"metric {self.name}: {'; '.join(problems)}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (self.record,) if isinstance(self.record, str) else tuple(self.record)
+
+    @property
+    def source(self) -> str:
+        """Where the value comes from, for the docs: `kind.key`."""
+        where = "/".join(self.kinds)
+        return f"{where} (value 1)" if self.key is None else f"{where}.{self.key}"
+
+
+# The exporter's definitions: PrometheusSink creates and updates exactly these, the README's table is rendered
+# from them (`python -m trainer.metrics`), the tests iterate them. Names, types and labels are what dashboards
+# and alerts query: renaming one breaks them.
+METRICS: tuple[Metric, ...] = (
+    Metric("gnp_steps_total", "counter", "Optimizer steps taken by this process", "train", "window_steps"),
+    Metric("gnp_gnp_steps_total", "counter", "Two-pass GNP steps taken by this process", "train", "window_gnp_steps"),
+    Metric("gnp_images_total", "counter", "Training images processed by this rank", "train", "window_images"),
+    Metric(
+        "gnp_step_duration_seconds",
+        "histogram",
+        "Host wall time of each training step, data wait excluded",
+        "train",
+        "step_times_s",
+        buckets=STEP_BUCKETS,
+    ),
+    Metric("gnp_data_wait_seconds_total", "counter", "Time spent waiting for the data loader", "train", "data_wait_s"),
+    Metric("gnp_train_loss", "gauge", "Cross-entropy at theta on this rank's batch (last log step)", "train", "loss"),
+    Metric(
+        "gnp_train_loss_perturbed",
+        "gauge",
+        "Cross-entropy at theta + eps (last GNP step)",
+        "train",
+        "loss_perturbed",
+    ),
+    Metric("gnp_sharpness", "gauge", "Loss at theta + eps minus loss at theta (last GNP step)", "train", "sharpness"),
+    Metric("gnp_grad_norm_g1", "gauge", "Norm of g1, the penalized gradient (last GNP step)", "train", "g1_norm"),
+    Metric(
+        "gnp_grad_norm_combined",
+        "gauge",
+        "Norm of the combined gradient used by the base optimizer",
+        "train",
+        "grad_norm",
+    ),
+    Metric("gnp_alpha", "gauge", "GNP alpha of the last step", "train", "alpha"),
+    Metric("gnp_r", "gauge", "GNP r of the last step", "train", "r"),
+    Metric("gnp_step_is_gnp", "gauge", "1 when the last step was a two-pass GNP step, 0 when plain", "train", "gnp"),
+    Metric("gnp_learning_rate", "gauge", "Learning rate of the last step", "train", "lr"),
+    Metric("gnp_epoch", "gauge", "Fractional epoch", "train", "epoch"),
+    Metric("gnp_eval_loss", "gauge", "Validation cross-entropy of the last evaluation", "eval", "eval_loss"),
+    Metric(
+        "gnp_eval_top1_accuracy", "gauge", "Validation top-1 accuracy of the last evaluation (ratio)", "eval", "top1"
+    ),
+    Metric(
+        "gnp_eval_top5_accuracy", "gauge", "Validation top-5 accuracy of the last evaluation (ratio)", "eval", "top5"
+    ),
+    Metric(
+        "gnp_checkpoint_duration_seconds",
+        "gauge",
+        "Blocking time of the last checkpoint save",
+        "checkpoint",
+        "duration_s",
+    ),
+    Metric(
+        "gnp_checkpoint_upload_duration_seconds",
+        "gauge",
+        "Duration of the last successful checkpoint upload",
+        "checkpoint",
+        "upload_duration_s",
+    ),
+    Metric(
+        "gnp_checkpoint_failures_total",
+        "counter",
+        "Failed checkpoint saves or upload attempts",
+        "checkpoint",
+        "failures_new",
+    ),
+    Metric(
+        "gnp_checkpoint_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful checkpoint",
+        "checkpoint",
+        "last_success_unix",
+    ),
+    Metric(
+        "gnp_restarts",
+        "gauge",
+        "torchrun worker-group restarts ($TORCHELASTIC_RESTART_COUNT)",
+        ("process", "start"),
+        "restart",
+    ),
+    Metric(
+        "gnp_process_start_time_seconds", "gauge", "Unix time this training process started", "process", "start_time"
+    ),
+    Metric(
+        "gnp_gpu_memory_allocated_bytes",
+        "gauge",
+        "torch.cuda.memory_allocated() at the last log step",
+        "gpu",
+        "memory_allocated_bytes",
+    ),
+    Metric(
+        "gnp_gpu_utilization_ratio",
+        "gauge",
+        "GPU utilization from NVML at the last log step (ratio)",
+        "gpu",
+        "utilization_ratio",
+    ),
+    Metric("gnp_info", "gauge", "Run information (value 1)", "start", None, labels=("model", "device", "world_size")),
 )
+
+
+def markdown_table(metrics: tuple[Metric, ...] = METRICS) -> str:
+    """The metrics as a Markdown table (the README's), one row per family in table order."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| Metric | Type | Extra labels | Fed from | Meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in metrics:
+        labels = ", ".join(f"`{label}`" for label in m.labels)
+        lines.append(f"| `{m.name}` | {m.type} | {labels} | `{m.source}` | {cell(m.help)} |")
+    return "\n".join(lines) + "\n"
 
 
 class NullSink:
@@ -248,12 +376,21 @@ def cuda_reader() -> GpuReader | None:
 class PrometheusSink:
     """Serves this process's metrics on http://addr:port/metrics from a dedicated registry.
 
+    One family per row of `metrics` (default METRICS), updated from the records by the table alone.
     `gpu_reader` (default: `cuda_reader()`, None on CPU) is called at log steps only. `close()` stops the
     HTTP server so tests and in-process restarts do not leak the port.
     """
 
     def __init__(
-        self, *, port: int, addr: str, job: str, rank: int, local_rank: int, gpu_reader: GpuReader | None | str = "auto"
+        self,
+        *,
+        port: int,
+        addr: str,
+        job: str,
+        rank: int,
+        local_rank: int,
+        gpu_reader: GpuReader | None | str = "auto",
+        metrics: tuple[Metric, ...] = METRICS,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(
@@ -266,18 +403,17 @@ class PrometheusSink:
         self.values = (job, str(rank), str(local_rank))
         self.gpu_reader = cuda_reader() if gpu_reader == "auto" else gpu_reader
         self._gnp_seen: int | None = None  # cumulative gnp_steps at the last record (None = unknown)
-        self._ckpt_failures = 0
+        self._ckpt_failures = 0  # cumulative checkpoint failures counted so far
+        self.metrics = tuple(metrics)
         self._families: dict[str, Counter | Gauge | Histogram] = {}
-        for name, kind, doc in _METRICS:
-            self._families[name] = self._make(name, kind, doc)
-        self._info = Gauge(
-            "gnp_info", "Run information (value 1)", LABELS + ("model", "device", "world_size"), registry=self.registry
-        )
-        for name, kind, _ in _METRICS:  # counters and the histogram exist (at 0) from the start
-            if kind != "gauge":
-                self._child(name)
-        self._set("gnp_process_start_time_seconds", time.time())
-        self._set("gnp_restarts", _env_restarts())
+        self._by_kind: dict[str, list[Metric]] = {}
+        for m in self.metrics:
+            self._families[m.name] = self._make(m)
+            for kind in m.kinds:
+                self._by_kind.setdefault(kind, []).append(m)
+            if m.type != "gauge":  # counters and histograms exist (at 0) from the start
+                self._families[m.name].labels(*self.values)
+        self.log("process", {"start_time": time.time(), "restart": _env_restarts()})
         try:
             self.server, self.thread = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
@@ -287,77 +423,84 @@ class PrometheusSink:
             ) from None
         self.port = self.server.server_address[1]
 
-    def _make(self, name: str, kind: str, doc: str) -> Counter | Gauge | Histogram:
-        if kind == "counter":
-            return Counter(name, doc, LABELS, registry=self.registry)
-        if kind == "histogram":
-            return Histogram(name, doc, LABELS, buckets=STEP_BUCKETS, registry=self.registry)
-        return Gauge(name, doc, LABELS, registry=self.registry)
-
-    def _child(self, name: str):
-        return self._families[name].labels(*self.values)
-
-    def _set(self, name: str, value) -> None:
-        if value is not None:
-            self._child(name).set(float(value))
-
-    def _inc(self, name: str, amount) -> None:
-        if amount:
-            self._child(name).inc(max(float(amount), 0.0))
+    def _make(self, m: Metric) -> Counter | Gauge | Histogram:
+        labels = LABELS + m.labels
+        if m.type == "counter":
+            return Counter(m.name, m.help, labels, registry=self.registry)
+        if m.type == "histogram":
+            return Histogram(m.name, m.help, labels, buckets=m.buckets, registry=self.registry)
+        return Gauge(m.name, m.help, labels, registry=self.registry)
 
     def log(self, kind: str, record: dict) -> None:
-        """Update the metrics from one loop record (unknown kinds are ignored)."""
-        handler = {
-            "start": self._on_start,
-            "train": self._on_train,
-            "eval": self._on_eval,
-            "checkpoint": self._on_checkpoint,
-        }.get(kind)
-        if handler is not None:
-            handler(record)
+        """Update the metrics fed by this record kind (kinds no row names are ignored)."""
+        rows = self._by_kind.get(kind)
+        if not rows:
+            return
+        view = self._derive(kind, record)
+        for m in rows:
+            value = 1 if m.key is None else view.get(m.key)
+            if value is None:
+                continue
+            child = self._families[m.name].labels(*self.values, *(str(view.get(k, "")) for k in m.labels))
+            if m.type == "gauge":
+                child.set(float(value))
+            elif m.type == "counter":
+                if value:
+                    child.inc(max(float(value), 0.0))
+            else:
+                for v in value:
+                    child.observe(v)
+        if kind == "train":
+            self.update_gpu()
 
-    def _on_start(self, r: dict) -> None:
-        self._info.labels(
-            *self.values, str(r.get("model", "")), str(r.get("device", "")), str(r.get("world_size", ""))
-        ).set(1)
-        if "restart" in r:
-            self._set("gnp_restarts", r["restart"])
-        if "gnp_steps" in r:  # cumulative count restored from a checkpoint: the baseline for the deltas
-            self._gnp_seen = int(r["gnp_steps"])
-        elif r.get("resumed_from_step") is None:
-            self._gnp_seen = 0
+    def _derive(self, kind: str, r: dict) -> dict:
+        """The record plus the keys computed from it and from earlier records (module docstring's list).
 
-    def _on_train(self, r: dict) -> None:
-        times = r.get("step_times_s") or []
-        self._inc("gnp_steps_total", r.get("window_steps", len(times)))
-        self._inc("gnp_images_total", r.get("window_images", 0))
-        self._inc("gnp_data_wait_seconds_total", r.get("data_wait_s", 0.0))
-        hist = self._child("gnp_step_duration_seconds")
-        for t in times:
-            hist.observe(t)
-        if "window_gnp_steps" in r:
-            self._inc("gnp_gnp_steps_total", r["window_gnp_steps"])
-        elif "gnp_steps" in r:
-            # The delta of the cumulative count; after a resume whose start record lacked the baseline, the
-            # first window only sets it (undercounts at most one window).
-            if self._gnp_seen is not None:
-                self._inc("gnp_gnp_steps_total", r["gnp_steps"] - self._gnp_seen)
-            self._gnp_seen = int(r["gnp_steps"])
-        for key, name in (
-            ("loss", "gnp_train_loss"),
-            ("loss_perturbed", "gnp_train_loss_perturbed"),
-            ("sharpness", "gnp_sharpness"),
-            ("g1_norm", "gnp_grad_norm_g1"),
-            ("grad_norm", "gnp_grad_norm_combined"),
-            ("alpha", "gnp_alpha"),
-            ("r", "gnp_r"),
-            ("lr", "gnp_learning_rate"),
-            ("epoch", "gnp_epoch"),
-        ):
-            self._set(name, r.get(key))
-        if "gnp" in r:
-            self._set("gnp_step_is_gnp", bool(r["gnp"]))
-        self.update_gpu()
+        The record itself is not modified: other sinks receive the same dict.
+        """
+        view = dict(r)
+        if kind == "start":
+            if "gnp_steps" in r:  # cumulative count restored from a checkpoint: the baseline for the deltas
+                self._gnp_seen = int(r["gnp_steps"])
+            elif r.get("resumed_from_step") is None:
+                self._gnp_seen = 0
+        elif kind == "train":
+            times = r.get("step_times_s") or []
+            view["step_times_s"] = times
+            view["window_steps"] = r.get("window_steps", len(times))
+            if "window_gnp_steps" not in r and "gnp_steps" in r:
+                # The delta of the cumulative count; after a resume whose start record lacked the baseline, the
+                # first window only sets it (undercounts at most one window).
+                if self._gnp_seen is not None:
+                    view["window_gnp_steps"] = r["gnp_steps"] - self._gnp_seen
+                self._gnp_seen = int(r["gnp_steps"])
+            if "gnp" in r:
+                view["gnp"] = bool(r["gnp"])
+        elif kind == "checkpoint":
+            view["duration_s"] = r.get("duration_s", r.get("blocking_s"))
+            new_failures = 0
+            cumulative = r.get("failures_total", r.get("failures"))
+            if cumulative is not None:  # the checkpointer's own count (asynchronous uploads): follow it
+                new_failures = int(cumulative) - self._ckpt_failures
+                self._ckpt_failures = max(self._ckpt_failures, int(cumulative))
+            view.pop("last_success_unix", None)
+            view.pop("upload_duration_s", None)
+            if r.get("last_success_unix"):  # 0 = no upload has succeeded yet
+                view["last_success_unix"] = r["last_success_unix"]
+                view["upload_duration_s"] = r.get("last_duration_s")
+            if "ok" in r:
+                ok = bool(r["ok"])
+            elif r.get("final"):
+                ok = None  # a summary record, not a save
+            else:
+                ok = not r.get("error")
+            if ok and "last_success_unix" not in r:  # a synchronous save: it succeeded now
+                view["last_success_unix"] = time.time()
+            if ok is False and cumulative is None:
+                new_failures += 1
+                self._ckpt_failures += 1
+            view["failures_new"] = new_failures
+        return view
 
     def update_gpu(self) -> None:
         """Read the GPU gauges now (called at every train record; a reader that fails is dropped)."""
@@ -373,34 +516,7 @@ class PrometheusSink:
             )
             self.gpu_reader = None
             return
-        self._set("gnp_gpu_memory_allocated_bytes", values.get("memory_allocated_bytes"))
-        self._set("gnp_gpu_utilization_ratio", values.get("utilization_ratio"))
-
-    def _on_eval(self, r: dict) -> None:
-        self._set("gnp_eval_loss", r.get("eval_loss"))
-        self._set("gnp_eval_top1_accuracy", r.get("top1"))
-        self._set("gnp_eval_top5_accuracy", r.get("top5"))
-
-    def _on_checkpoint(self, r: dict) -> None:
-        self._set("gnp_checkpoint_duration_seconds", r.get("duration_s", r.get("blocking_s")))
-        cumulative = r.get("failures_total", r.get("failures"))
-        if cumulative is not None:  # the checkpointer's own count (asynchronous uploads): follow it
-            self._inc("gnp_checkpoint_failures_total", int(cumulative) - self._ckpt_failures)
-            self._ckpt_failures = max(self._ckpt_failures, int(cumulative))
-        if r.get("last_success_unix"):  # 0 = no upload has succeeded yet
-            self._set("gnp_checkpoint_last_success_timestamp_seconds", r["last_success_unix"])
-            self._set("gnp_checkpoint_upload_duration_seconds", r.get("last_duration_s"))
-        if "ok" in r:
-            ok = bool(r["ok"])
-        elif r.get("final"):
-            return  # a summary record, not a save
-        else:
-            ok = not r.get("error")
-        if ok and "last_success_unix" not in r:  # a synchronous save: it succeeded now
-            self._set("gnp_checkpoint_last_success_timestamp_seconds", time.time())
-        if not ok and cumulative is None:
-            self._inc("gnp_checkpoint_failures_total", 1)
-            self._ckpt_failures += 1
+        self.log("gpu", values)
 
     def progress(self, done: int, total: int, epoch: int) -> None:
         pass
@@ -467,3 +583,7 @@ def build_sink(
         run = RunSink(run_dir / "metrics.jsonl" if jsonl else None, progress)
         return TeeSink(run, prom) if prom is not None else run
     return prom if prom is not None else NullSink()
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())

@@ -1,8 +1,6 @@
 """Helpers for the observability tests: a real Prometheus server, exposition parsing, the dashboard's PromQL,
-the PodMonitor turned into the scrape config prometheus-operator would generate, CRD validation.
-
-Also regenerates the dashboard ConfigMap from the dashboard JSON:
-    .venv/bin/python -m tests.support.prom        # rewrites k8s/monitoring/dashboard-configmap.yaml
+the PodMonitor turned into the scrape config prometheus-operator would generate, CRD validation, and the
+monitoring manifests as `k8s/render.py render JOB --part monitoring` prints them.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,30 +22,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"
-CONFIGMAP = MONITORING / "dashboard-configmap.yaml"
 PODMONITOR = MONITORING / "podmonitor.yaml"
 PODMONITOR_CRD = ROOT / "tests" / "data" / "crds" / "monitoring.coreos.com_podmonitors.yaml"
 PROMETHEUS = "/usr/bin/prometheus"
-DASHBOARD_KEY = "gnp-training.json"
+DASHBOARD_KEY = "gnp-training.json"  # the ConfigMap key, deliberately not imported from k8s/render.py
 
 
 # ---------------------------------------------------------------- metric names and the exposition format
 
 
 def documented_metrics() -> dict[str, str]:
-    """{name: type} from the table in trainer.metrics' module docstring (lines `gnp_x  counter  meaning`)."""
-    import trainer.metrics
+    """{name: type} of every row of trainer.metrics.METRICS, the exporter's one table."""
+    from trainer.metrics import METRICS
 
-    out = {}
-    for line in (trainer.metrics.__doc__ or "").splitlines():
-        parts = line.split()
-        if (
-            len(parts) >= 3
-            and re.fullmatch(r"gnp_[a-z0-9_]+", parts[0])
-            and parts[1] in ("counter", "gauge", "histogram")
-        ):
-            out[parts[0]] = parts[1]
-    return out
+    return {m.name: m.type for m in METRICS}
 
 
 def series_names(documented: dict[str, str]) -> set[str]:
@@ -74,6 +63,16 @@ def parse_exposition(text: str) -> tuple[dict[str, str], list[tuple[str, dict[st
             labels = dict(_LABEL.findall(m.group(2) or ""))
             samples.append((m.group(1), labels, float(m.group(3))))
     return types, samples
+
+
+def parse_help(text: str) -> dict[str, str]:
+    """{family: help text} from the HELP lines of a Prometheus text exposition (escapes undone)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            _, _, name, *rest = line.split(" ", 3)
+            out[name] = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), rest[0] if rest else "")
+    return out
 
 
 def scrape(port: int, addr: str = "127.0.0.1") -> str:
@@ -180,26 +179,16 @@ def substitute(expr: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, expr)
 
 
-def render_configmap(dashboard_text: str) -> str:
-    """The sidecar ConfigMap carrying `dashboard_text` verbatim (a YAML literal block)."""
-    body = "".join(f"    {line}\n" if line else "\n" for line in dashboard_text.rstrip("\n").split("\n"))
-    return (
-        "# GENERATED from dashboard.json by `.venv/bin/python -m tests.support.prom`; do not edit by hand\n"
-        "# (tests/test_prometheus.py fails when the two differ).\n"
-        "# Grafana's dashboard sidecar (kube-prometheus-stack grafana.sidecar.dashboards: label\n"
-        '# grafana_dashboard, labelValue "1") imports it. Apply it in Grafana\'s namespace unless the\n'
-        "# sidecar's searchNamespace is ALL.\n"
-        "apiVersion: v1\n"
-        "kind: ConfigMap\n"
-        "metadata:\n"
-        "  name: gnp-training-dashboard\n"
-        "  labels:\n"
-        '    grafana_dashboard: "1"\n'
-        "    app.kubernetes.io/name: gnp-trainer\n"
-        "    app.kubernetes.io/component: monitoring\n"
-        "data:\n"
-        f"  {DASHBOARD_KEY}: |\n" + body
+def render_monitoring(job: str = "fashion-mnist-demo") -> tuple[str, list[dict]]:
+    """`k8s/render.py render JOB --part monitoring` run as a user runs it: (its stdout, the parsed documents)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "k8s" / "render.py"), "render", job, "--part", "monitoring"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert proc.returncode == 0, f"render --part monitoring exited {proc.returncode}: {proc.stderr}"
+    return proc.stdout, [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 # ---------------------------------------------------------------- CRD validation (environment.md §5)
@@ -425,8 +414,3 @@ class Prometheus:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-
-
-if __name__ == "__main__":
-    CONFIGMAP.write_text(render_configmap(DASHBOARD.read_text()))
-    print(f"wrote {CONFIGMAP.relative_to(ROOT)}")
