@@ -11,7 +11,7 @@ import time
 import torch
 
 from trainer.dist import DistEnv
-from trainer.loop import LoopState, LossSpec, StepPolicy, train_epoch
+from trainer.loop import LoopState, LossSpec, StepPolicy, TrainContext, train_epoch
 from trainer.optim.gnp import GNP
 
 LOG_S = 0.2
@@ -54,22 +54,20 @@ def test_windows_cover_logging_and_after_step_time() -> None:
     )
     sink, state = SlowSink(), LoopState()
     start = time.perf_counter()
-    train_epoch(
+    ctx = TrainContext(
         model=model,
         opt=opt,
-        loader=loader,
         env=DistEnv(0, 0, 1, torch.device("cpu")),
         policy=policy,
-        state=state,
         loss_spec=LossSpec(),
+        sink=sink,
         amp_dtype=None,
         scaler=None,
         clip_norm=0.0,
         max_steps=0,
         log_every=2,
-        sink=sink,
-        after_step=lambda: time.sleep(0.05) if state.step == 5 else None,
     )
+    train_epoch(ctx, loader, state, after_step=lambda: time.sleep(0.05) if state.step == 5 else None)
     wall = time.perf_counter() - start
     windows = [r["window_s"] for r in sink.records]
     assert len(windows) == 5 and sum(r["window_images"] for r in sink.records) == 80

@@ -26,6 +26,7 @@ import atexit
 import hashlib
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.config import CheckpointConfig
 from trainer.storage import MiB, ObjectNotFound, Storage, StorageError, open_storage
 
 _STEP_PREFIX = re.compile(r"^step-(\d{9,})/")
@@ -163,6 +165,21 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._stats = _Stats()
         _live.add(self)
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, default_dir: str | os.PathLike, **kwargs) -> Checkpointer:
+        """The checkpointer of a run's `checkpoint` section: at cfg.uri, or `default_dir` when it is empty
+        (<run.dir>/checkpoints). `kwargs` are the constructor's options that are not settings (log, storage,
+        retry timings), for tests and tools."""
+        return cls(
+            cfg.uri or default_dir,
+            keep=cfg.keep,
+            s3_endpoint=cfg.s3_endpoint,
+            s3_region=cfg.s3_region,
+            s3_retry_mode=cfg.s3_retry_mode,
+            s3_max_attempts=cfg.s3_max_attempts,
+            **kwargs,
+        )
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.uri!r}, keep={self.keep})"

@@ -1,7 +1,8 @@
 """The training loop: one epoch of GNP steps, and evaluation over the whole validation set.
 
-Components arrive as plain objects and arguments (no config objects): the DDP-wrapped model, the GNP
-optimizer, the loaders, a `StepPolicy` with every per-step number, and a `Sink` for log records.
+Components arrive as plain objects: the DDP-wrapped model, the GNP optimizer, the loaders, a `StepPolicy`
+with every per-step number (built from its config sections by `StepPolicy.from_config`), and a `Sink` for log
+records, grouped for `train_epoch` in one `TrainContext`.
 Host syncs (`.item()`) happen only on log steps: GNP already pays for two backward passes, and a per-step
 sync would stall the GPU's queue as well.
 """
@@ -17,6 +18,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from trainer.config import GNPConfig, LoopConfig, OptimConfig, ScheduleConfig
 from trainer.data.augment import soft_target_cross_entropy
 from trainer.dist import DistEnv, all_reduce_sum
 from trainer.optim.gnp import GNP, StepInfo
@@ -49,6 +51,34 @@ class StepPolicy:
     hybrid_p: float
     gnp_every: int
     seed: int
+
+    @classmethod
+    def from_config(
+        cls,
+        schedule: ScheduleConfig,
+        gnp: GNPConfig,
+        loop: LoopConfig,
+        optim: OptimConfig,
+        steps_per_epoch: int,
+    ) -> StepPolicy:
+        """The policy of a run: epochs in the config become steps here (rounded to the nearest step)."""
+        spe = steps_per_epoch
+        return cls(
+            base_lr=optim.lr,
+            lr_kind=schedule.name,
+            lr_warmup_steps=round(schedule.warmup_epochs * spe),
+            total_steps=loop.epochs * spe,
+            lr_milestones=tuple(round(m * spe) for m in schedule.milestones),
+            lr_gamma=schedule.gamma,
+            r=gnp.r,
+            alpha=gnp.alpha,
+            gr_strategy=gnp.warmup,
+            gr_warmup_steps=round(gnp.warmup_epochs * spe),
+            gr_warmup_epochs=gnp.warmup_epochs,
+            hybrid_p=gnp.hybrid_p,
+            gnp_every=gnp.every,
+            seed=loop.seed,
+        )
 
     def apply(self, opt: torch.optim.Optimizer, step: int, epoch: int) -> bool:
         """Write lr, r and alpha for `step` into every param group; return whether it is a GNP step."""
@@ -118,29 +148,35 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_epoch(
-    *,
-    model: torch.nn.Module,
-    opt: GNP,
-    loader,
-    env: DistEnv,
-    policy: StepPolicy,
-    state: LoopState,
-    loss_spec: LossSpec,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    clip_norm: float,
-    max_steps: int,
-    log_every: int,
-    sink: Sink,
-    after_step: Callable[[], None] | None = None,
-) -> bool:
-    """Run the rest of the current epoch (from batch `state.batch`) or until `max_steps`.
+@dataclass(frozen=True)
+class TrainContext:
+    """What stays fixed over a run's epochs: the model, optimizer, step policy, loss, precision and limits.
+
+    clip_norm: global-norm clip of the final gradient (<= 0 disables it); max_steps: stop after this many
+    steps in total (0 = no cap); log_every: steps between train records (the only host syncs).
+    """
+
+    model: torch.nn.Module
+    opt: GNP
+    env: DistEnv
+    policy: StepPolicy
+    loss_spec: LossSpec
+    sink: Sink
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    clip_norm: float = 0.0
+    max_steps: int = 0
+    log_every: int = 1
+
+
+def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callable[[], None] | None = None) -> bool:
+    """Run the rest of the current epoch (from batch `state.batch`) or until `ctx.max_steps`.
 
     Returns False when max_steps stopped it early. `after_step` runs after every step (mid-epoch
     checkpoints). Resuming mid-epoch skips the batches already trained on: the loader's order is a function
     of (seed, epoch), so the skipped batches are exactly those.
     """
+    model, opt, env, loss_spec = ctx.model, ctx.opt, ctx.env, ctx.loss_spec
     model.train()
     epoch, total, skip = state.epoch, len(loader), state.batch
     window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
@@ -152,9 +188,9 @@ def train_epoch(
             continue
         step_start = time.perf_counter()
         window_data_s += step_start - fetch_start
-        if max_steps and state.step >= max_steps:
+        if ctx.max_steps and state.step >= ctx.max_steps:
             return False
-        use_gnp = policy.apply(opt, state.step, epoch)
+        use_gnp = ctx.policy.apply(opt, state.step, epoch)
         targets = None
         if loss_spec.batch_augment is not None:
             images, targets = loss_spec.batch_augment(images, labels, state.step)
@@ -164,7 +200,7 @@ def train_epoch(
         def loss_fn(
             images: torch.Tensor = images, labels: torch.Tensor = labels, targets: torch.Tensor | None = targets
         ) -> torch.Tensor:
-            with autocast_for(env.device, amp_dtype):
+            with autocast_for(env.device, ctx.amp_dtype):
                 logits = model(images)
             if targets is None:
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
@@ -177,13 +213,13 @@ def train_epoch(
                 loss = loss + 0.5 * loss_spec.l2 * l2_term(loss_spec.l2_params)
             return loss
 
-        info = opt.train_step(loss_fn, model=model, gnp=use_gnp, scaler=scaler, clip_norm=clip_norm)
+        info = opt.train_step(loss_fn, model=model, gnp=use_gnp, scaler=ctx.scaler, clip_norm=ctx.clip_norm)
         state.step += 1
         state.batch = i + 1
         state.gnp_steps += int(info.gnp)
         window_images += images.shape[0]
         step_times.append(time.perf_counter() - step_start)
-        if state.step % log_every == 0 or i + 1 == total:
+        if state.step % ctx.log_every == 0 or i + 1 == total:
             # The only host sync of the step loop: turn the detached tensors into floats.
             record = _train_record(info, ce_seen, opt, state, epoch, i + 1, total)
             # Windows tile the epoch's wall time: this window ends, and the next begins, here, so the
@@ -198,9 +234,9 @@ def train_epoch(
                 window_images=window_images,
                 step_times_s=step_times,
             )
-            sink.log("train", record)
+            ctx.sink.log("train", record)
             window_start, window_images, window_data_s, step_times = now, 0, 0.0, []
-        sink.progress(i + 1, total, epoch)
+        ctx.sink.progress(i + 1, total, epoch)
         if after_step is not None:
             after_step()
         fetch_start = time.perf_counter()

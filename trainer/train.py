@@ -3,7 +3,9 @@
 Run it on one process or under torchrun, identically:
     python -m trainer train --recipe fashion-mnist-demo
     torchrun --standalone --nproc_per_node=2 -m trainer train --recipe fashion-mnist-demo --set loop.epochs=2
-This is the only module that sees the whole RunConfig; everything it calls takes plain arguments.
+This is the only module that sees the whole RunConfig: each component is built from its own section
+(`Checkpointer.from_config`, `build_data`, `StepPolicy.from_config`, `build_sink`), and what a checkpoint
+holds is one `RunState` (trainer/run_state.py) with `state_dict()` / `load_state_dict()`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import datetime
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,12 +25,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer import dist
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, RunConfig, from_dict, to_dict
-from trainer.data import build_loaders, validate_dataset
-from trainer.loop import LoopState, LossSpec, StepPolicy, evaluate, measure_sharpness, train_epoch
+from trainer.data import LoaderFacts, build_data, validate_dataset
+from trainer.loop import LoopState, LossSpec, StepPolicy, TrainContext, evaluate, measure_sharpness, train_epoch
 from trainer.metrics import build_sink
 from trainer.models import create_model
 from trainer.optim.gnp import GNP
+from trainer.run_state import RunState, gather_rng_states, git_commit, resume, set_rng_state
 from trainer.storage import StorageError
+
+# gather_rng_states, set_rng_state and git_commit moved to trainer.run_state; still importable from here.
+__all__ = [
+    "train",
+    "evaluate_run",
+    "measure_run",
+    "saved_config",
+    "prepare_run_dir",
+    "config_differences",
+    "check_data",
+    "build_optimizer",
+    "build_batch_augment",
+    "gather_rng_states",
+    "set_rng_state",
+    "git_commit",
+]
 
 # Keys that may differ between the config saved in a run directory and the one resuming it: they change
 # how a run is observed or fed, not what it computes.
@@ -53,19 +71,6 @@ RESUMABLE_CHANGES = (
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.run.dir or f"runs/{cfg.recipe or 'run'}")
-
-
-def git_commit() -> str:
-    """The code's commit: $GIT_COMMIT (set in the image) or `git rev-parse HEAD` of the checkout, else ''."""
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -207,52 +212,31 @@ class _Held:
         self.__dict__.clear()
 
 
-def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
-    """Loaders, model (plain and wrapped) and checkpointer for `cfg`."""
+def loader_facts(cfg: RunConfig, env: dist.DistEnv) -> LoaderFacts:
+    """The run facts the data builder needs besides cfg.data: per-rank batch sizes, rank, device, seed."""
     per_rank = _per_rank_batch(cfg, env)
-    d, lp = cfg.data, cfg.loop
-    check_data(cfg)
-    channels_last = lp.channels_last
-    if d.loader == "memory":
-        from trainer.data import build_memory_loaders
+    return LoaderFacts(
+        batch_size=per_rank,
+        eval_batch_size=cfg.loop.eval_batch_size or per_rank,
+        seed=cfg.loop.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        channels_last=cfg.loop.channels_last,
+    )
 
-        loaders = build_memory_loaders(
-            d.path,
-            batch_size=per_rank,
-            eval_batch_size=lp.eval_batch_size or per_rank,
-            seed=lp.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            device=env.device,
-            augment=d.augment,
-            cutout=d.cutout,
-            channels_last=channels_last,
-            limit=d.limit or None,
-            label_noise=d.label_noise,
-        )
-    else:
-        loaders = build_loaders(
-            d.path,
-            batch_size=per_rank,
-            eval_batch_size=lp.eval_batch_size or per_rank,
-            num_workers=d.num_workers,
-            seed=lp.seed,
-            rank=env.rank,
-            world_size=env.world_size,
-            device=env.device,
-            augment=d.augment,
-            cutout=d.cutout,
-            image_size=d.image_size or None,
-            channels_last=channels_last,
-            os_cache=d.os_cache,
-        )
+
+def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
+    """Loaders, model (plain and wrapped) and checkpointer for `cfg` (whose data the caller checked)."""
+    lp = cfg.loop
+    loaders = build_data(cfg.data, loader_facts(cfg, env))
     meta = loaders.meta
     seed_everything(lp.init_seed if lp.init_seed >= 0 else lp.seed)
-    image_size = d.image_size or (meta.get("image_size") or [224])[0]
+    image_size = cfg.data.image_size or (meta.get("image_size") or [224])[0]
     module = create_model(
         cfg.model.name, num_classes=meta["num_classes"], in_channels=3, image_size=image_size, **cfg.model.kwargs
     ).to(env.device)
-    if channels_last:
+    if lp.channels_last:
         module = module.to(memory_format=torch.channels_last)
     held.module = module
     model = torch.compile(module) if lp.compile else module
@@ -262,27 +246,8 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None, gradient_as_bucket_view=True
         )
     held.model = model
-    ck = cfg.checkpoint
-    ckpt = Checkpointer(
-        ck.uri or run_dir_of(cfg) / "checkpoints",
-        keep=ck.keep,
-        s3_endpoint=ck.s3_endpoint,
-        s3_region=ck.s3_region,
-        s3_retry_mode=ck.s3_retry_mode,
-        s3_max_attempts=ck.s3_max_attempts,
-    )
+    ckpt = Checkpointer.from_config(cfg.checkpoint, run_dir_of(cfg) / "checkpoints")
     return loaders, module, model, ckpt
-
-
-def _resume(ckpt: Checkpointer, env: dist.DistEnv, restore) -> int | None:
-    """Rank 0 picks the newest verified checkpoint; every rank loads that one. Returns its step or None."""
-    found = ckpt.latest() if env.is_primary else None
-    step = dist.broadcast_object(found[0] if found else None, env)
-    if step is None:
-        return None
-    state = found[1] if env.is_primary else ckpt.load(step)
-    restore(state)
-    return step
 
 
 def train(cfg: RunConfig) -> dict:
@@ -311,19 +276,11 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     held.opt = opt
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
-    state = LoopState()
-    rng_restored = False
-
-    def restore(sd: dict) -> None:
-        nonlocal rng_restored
-        module.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optimizer"])
-        state.load_state_dict(sd["loop"])
-        if scaler is not None and sd.get("scaler"):
-            scaler.load_state_dict(sd["scaler"])
-        rng_restored = set_rng_state(sd.get("rng"), env)
-
-    resumed = _resume(ckpt, env, restore)
+    run = held.run = RunState(
+        module=module, optimizer=opt, loop=LoopState(), scaler=scaler, env=env, config=to_dict(cfg)
+    )
+    state = run.loop
+    resumed = resume(ckpt, env, run.load_state_dict)
     m = cfg.metrics
     sink = build_sink(
         rank=env.rank,
@@ -338,28 +295,25 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     )
     held.sink = sink
     spe = len(loaders.train)
-    lp, sch, g, ck = cfg.loop, cfg.schedule, cfg.gnp, cfg.checkpoint
-    policy = StepPolicy(
-        base_lr=cfg.optim.lr,
-        lr_kind=sch.name,
-        lr_warmup_steps=round(sch.warmup_epochs * spe),
-        total_steps=lp.epochs * spe,
-        lr_milestones=tuple(round(m * spe) for m in sch.milestones),
-        lr_gamma=sch.gamma,
-        r=g.r,
-        alpha=g.alpha,
-        gr_strategy=g.warmup,
-        gr_warmup_steps=round(g.warmup_epochs * spe),
-        gr_warmup_epochs=g.warmup_epochs,
-        hybrid_p=g.hybrid_p,
-        gnp_every=g.every,
-        seed=lp.seed,
-    )
+    lp, ck = cfg.loop, cfg.checkpoint
     loss_spec = LossSpec(
         label_smoothing=cfg.data.label_smoothing,
         l2=cfg.optim.l2,
         l2_params=l2_params,
         batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env),
+    )
+    ctx = TrainContext(
+        model=model,
+        opt=opt,
+        env=env,
+        policy=StepPolicy.from_config(cfg.schedule, cfg.gnp, lp, cfg.optim, spe),
+        loss_spec=loss_spec,
+        sink=sink,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        clip_norm=cfg.optim.clip_norm,
+        max_steps=lp.max_steps,
+        log_every=lp.log_every,
     )
     sink.log(
         "start",
@@ -380,10 +334,10 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
 
     def save() -> None:
         """Checkpoint at the current step: every rank contributes its RNG state, rank 0 writes."""
-        rng = gather_rng_states(env)
+        snapshot = run.state_dict()  # a collective: called on every rank
         if env.is_primary:
             t0 = time.perf_counter()
-            ckpt.save(state.step, _snapshot(module, opt, state, scaler, cfg, rng))
+            ckpt.save(state.step, snapshot)
             sink.log("checkpoint", {"step": state.step, "blocking_s": time.perf_counter() - t0, **ckpt_stats(ckpt)})
 
     def after_step() -> None:
@@ -392,28 +346,13 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
 
     last_eval: dict = {}
     while state.epoch < lp.epochs:
-        if not rng_restored:
+        if not run.rng_restored:
             # Fresh epoch: model randomness restarts from (seed, epoch, rank), so resuming at an epoch
             # boundary reproduces it even without the saved generator state.
             torch.manual_seed(epoch_seed(lp.seed, state.epoch, env.rank))
-        rng_restored = False
+        run.rng_restored = False
         loaders.train.set_epoch(state.epoch)
-        finished = train_epoch(
-            model=model,
-            opt=opt,
-            loader=loaders.train,
-            env=env,
-            policy=policy,
-            state=state,
-            loss_spec=loss_spec,
-            amp_dtype=amp_dtype,
-            scaler=scaler,
-            clip_norm=cfg.optim.clip_norm,
-            max_steps=lp.max_steps,
-            log_every=lp.log_every,
-            sink=sink,
-            after_step=after_step,
-        )
+        finished = train_epoch(ctx, loaders.train, state, after_step)
         if not finished:
             break
         state.epoch, state.batch = state.epoch + 1, 0
@@ -484,50 +423,6 @@ def build_batch_augment(cfg: RunConfig, num_classes: int, env: dist.DistEnv):
     )
 
 
-def gather_rng_states(env: dist.DistEnv) -> list[dict]:
-    """Every rank's generator states (CPU, CUDA, Python), in rank order; a collective on every rank."""
-    mine = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        mine["cuda"] = torch.cuda.get_rng_state()
-    if not env.distributed:
-        return [mine]
-    out: list = [None] * env.world_size
-    torch.distributed.all_gather_object(out, mine)
-    return out
-
-
-def set_rng_state(states: list[dict] | None, env: dist.DistEnv) -> bool:
-    """Restore this rank's generators from a checkpoint; False when it holds none for this rank (e.g. the
-    world size changed), in which case the epoch seed takes over."""
-    if not states or len(states) != env.world_size:
-        return False
-    mine = states[env.rank]
-    torch.set_rng_state(mine["torch"])
-    random.setstate(_as_tuple(mine["python"]))
-    if "cuda" in mine and torch.cuda.is_available():
-        torch.cuda.set_rng_state(mine["cuda"])
-    return True
-
-
-def _as_tuple(x):
-    """random.setstate needs tuples; a checkpoint round trip may hand back lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _snapshot(module: torch.nn.Module, opt: GNP, state: LoopState, scaler, cfg: RunConfig, rng: list[dict]) -> dict:
-    """Everything a resumed run needs; tensors and plain values only (loadable with weights_only=True).
-    Credentials never enter it: the config holds none (they come from the environment)."""
-    return {
-        "model": module.state_dict(),
-        "optimizer": opt.state_dict(),
-        "loop": state.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng,
-        "config": to_dict(cfg),
-        "git_commit": git_commit(),
-    }
-
-
 def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
     """The config a run directory was trained with (its config.yaml), with `overrides` ({"data.path": ...})."""
     saved = Path(run_dir) / "config.yaml"
@@ -544,8 +439,9 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
 
 def _load_latest(cfg, env, held: _Held, run_dir: str, what: str):
     """Loaders and model of `cfg` with the latest complete checkpoint of `run_dir` loaded: (loaders, model, step)."""
+    check_data(cfg)
     loaders, module, _, ckpt = _build(cfg, env, held, train=False)
-    step = _resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
+    step = resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
     if step is None:
         raise ConfigError(f"--run: {run_dir!r} has no complete checkpoint to {what}")
     return loaders, module, step

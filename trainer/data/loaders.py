@@ -77,6 +77,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from trainer.config import DataConfig
+
 from .augment import build_image_policy
 from .convert import FORMAT_VERSION, META_NAME, SPLIT_FILES, import_ffcv, keep_torch_threads
 
@@ -544,6 +546,21 @@ class Loaders:
     steps_per_epoch: int
 
 
+@dataclass(frozen=True)
+class LoaderFacts:
+    """What a loader builder needs to know about the run besides its ``data`` section: this rank's place in
+    the job, the per-rank batch sizes (``eval_batch_size`` None = ``batch_size``), the training seed, the
+    device the batches go to and their memory format."""
+
+    batch_size: int
+    eval_batch_size: Optional[int]
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+    channels_last: bool = False
+
+
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -692,3 +709,12 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
     train_loader = TrainLoader(train, policy=policy, **common)
     eval_loader = EvalLoader(val_loader, indices, **common)
     return Loaders(train=train_loader, val=eval_loader, meta=meta, steps_per_epoch=len(train_loader))
+
+
+def loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
+    """``build_loaders`` for a run's ``data`` section (loader=ffcv); data.image_size 0 = the stored size."""
+    return build_loaders(cfg.path, batch_size=facts.batch_size, eval_batch_size=facts.eval_batch_size,
+                         num_workers=cfg.num_workers, seed=facts.seed, rank=facts.rank,
+                         world_size=facts.world_size, device=facts.device, augment=cfg.augment,
+                         cutout=cfg.cutout, image_size=cfg.image_size or None,
+                         channels_last=facts.channels_last, os_cache=cfg.os_cache)

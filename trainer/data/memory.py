@@ -75,9 +75,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from trainer.config import DataConfig
+
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, Loaders, Normalizer, _check_common, _check_int
+from .loaders import BASIC_PADDING, LoaderFacts, Loaders, Normalizer, _check_common, _check_int
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -465,3 +467,12 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
         meta.update(label_noise=float(label_noise), noisy_labels=noisy)
     return Loaders(train=train_loader, val=eval_loader, meta=meta,  # type: ignore[arg-type]
                    steps_per_epoch=len(train_loader))
+
+
+def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
+    """``build_memory_loaders`` for a run's ``data`` section (loader=memory); data.limit 0 = all images."""
+    return build_memory_loaders(cfg.path, batch_size=facts.batch_size, eval_batch_size=facts.eval_batch_size,
+                                seed=facts.seed, rank=facts.rank, world_size=facts.world_size,
+                                device=facts.device, augment=cfg.augment, cutout=cfg.cutout,
+                                channels_last=facts.channels_last, limit=cfg.limit or None,
+                                label_noise=cfg.label_noise)
