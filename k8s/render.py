@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from trainer.exits import EXIT_USER  # 2: permanent under the ExitCode restart policy
+
 K8S_DIR = Path(__file__).resolve().parent
 ROOT = K8S_DIR.parent
 JOBS_DIR = K8S_DIR / "jobs"
@@ -60,7 +62,6 @@ METRICS_PORT = 9300  # trainer default metrics.port; rank r listens on port + r
 UID = 1000  # the image's user (docker/setup.sh)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 TEMPLATE_KEYS = ("name", "recipe", "namespace")
-EXIT_USER = 2
 
 SPEC_DOC = """\
 recipe                      trainer recipe (python -m trainer recipes)                       required

@@ -13,10 +13,9 @@ import argparse
 import os
 import sys
 
+from trainer.exits import EXIT_RETRYABLE  # infrastructure fault (storage outage): retryable (>= 128)
+from trainer.exits import EXIT_USER as EXIT_USAGE  # configuration or data error: permanent (1-127)
 from trainer.storage import StorageError
-
-EXIT_USAGE = 2  # configuration or data error: permanent (Kubeflow ExitCode policy: 1-127)
-EXIT_RETRYABLE = 200  # infrastructure fault (storage outage): retryable (>= 128)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -364,6 +364,55 @@ class S3Storage:
 
         return self._call("list", prefix, run)
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} of every object under the root whose key starts with `prefix` (paginated)."""
+
+        def run() -> dict[str, int]:
+            out = {}
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                out.update((o["Key"][len(self.prefix) :], o["Size"]) for o in page.get("Contents", []))
+            return out
+
+        return self._call("list", prefix, run)
+
+    def _transfer_config(self, size: int):
+        from boto3.s3.transfer import TransferConfig
+
+        chunk = self.part_size(size)
+        return TransferConfig(
+            multipart_threshold=chunk,
+            multipart_chunksize=chunk,
+            max_concurrency=self.max_concurrency,
+            use_threads=self.max_concurrency > 1,
+            preferred_transfer_client="classic",
+        )
+
+    def download_file(self, key: str, path: str | os.PathLike) -> None:
+        """Stream object `key` into the local file `path` (parent folders created).
+
+        The bytes go to `path.part` first and are renamed when complete, so an interrupted download never
+        leaves a file of the final name (datasets that are gigabytes would not fit `get`'s memory anyway).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        full = self._key(key)
+        self._call(
+            "download",
+            key,
+            lambda: self._client.download_file(self.bucket, full, str(part), Config=self._transfer_config(0)),
+        )
+        os.replace(part, path)
+
+    def upload_file(self, path: str | os.PathLike, key: str) -> None:
+        """Stream the local file `path` into `key`; like `put`, a multipart object appears only when complete."""
+        full = self._key(key)
+        cfg = self._transfer_config(os.path.getsize(path))
+        self._call("upload", key, lambda: self._client.upload_file(os.fspath(path), self.bucket, full, Config=cfg))
+
     def delete(self, keys: Iterable[str]) -> None:
         """DeleteObjects in batches of 1,000; per-key errors are raised as one StorageError."""
         keys = [self._key(k) for k in keys]
