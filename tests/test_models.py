@@ -3,8 +3,8 @@ gradient for every parameter, and the paper variants have the published paramete
 
 Expected values come from torchvision (ResNet-18/34/50/101/152, VGG-16/19 (BN), ViT-B/L layouts),
 published figures (WRN-28-10 36.48 M with 1×1 shortcuts, Shake-Shake 26 2×96d 26.2 M, the
-PyramidNet paper's counts, timm's ViT-Ti/S), hand arithmetic of the architecture tables in
-gnp-method.md §6 (written out below), and hand computations on small tensors.
+PyramidNet paper's counts, timm's ViT-Ti/S), hand arithmetic of each family's layout as its module
+docstring states it (written out below), and hand computations on small tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +19,17 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.models import create_model, list_models, model_options, register_model, registry
+from trainer.models import (
+    create_model,
+    debug_variant,
+    debug_variants,
+    list_models,
+    model_family,
+    model_options,
+    register_debug_variant,
+    register_model,
+    registry,
+)
 from trainer.models.layers import shake_drop
 from trainer.models.pyramidnet import PyramidBottleneck, ShakeDropBlock, pool_pad, pyramid_widths
 from trainer.models.shakeshake import ShakeShakeBlock, ShiftedProjection
@@ -52,7 +62,8 @@ PAPER_NAMES = {
     "vit_b",
     "vit_l",
 }
-DEBUG_NAMES = {"resnet_debug", "wrn_debug", "vgg_debug", "shakeshake_debug", "pyramidnet_debug", "vit_debug"}
+# Each family's tiny variant, as the registry declares it (checked by test_debug_variant_is_the_smallest_member).
+DEBUG_NAMES = set(debug_variants().values())
 ALL_NAMES = PAPER_NAMES | DEBUG_NAMES | {"demo_cnn"}
 
 
@@ -86,7 +97,7 @@ def tv_count(arch: str) -> int:
 
 # --------------------------------------------------------------------------- arithmetic models
 def resnet_param_count(block: str, layers: list[int], num_classes: int, stem: str, bias: bool) -> int:
-    """Parameters of the §6 ResNet layout, by hand: stem conv (no bias) + BN; per block its convs
+    """Parameters of the ResNet layout (``resnet.py``), by hand: stem conv (no bias) + BN; per block its convs
     (+ bias if ``bias``) and BNs (γ, β); a conv1×1 + BN projection whenever the block changes the
     shape (stride 2, or a channel change — this includes the first block after the 16-channel
     CIFAR stem); classifier weight + bias."""
@@ -132,7 +143,6 @@ def test_expected_names_registered() -> None:
     wrns = list_models("wrn*")
     assert {"wrn16_4", "wrn28_10", "wrn40_10", "wrn_debug"} <= set(wrns)
     assert all(n.startswith("wrn") for n in wrns) and wrns == sorted(wrns)
-    assert DEBUG_NAMES <= set(list_models("*_debug"))
     assert list_models("nothing*") == []
 
 
@@ -189,6 +199,47 @@ def test_register_and_create_custom_model(monkeypatch: pytest.MonkeyPatch) -> No
         register_model("tiny_linear")(tiny_linear)
 
 
+def test_debug_variant_is_the_smallest_member_of_every_family() -> None:
+    families = {model_family(n) for n in list_models()}
+    assert families >= {"demo", "pyramidnet", "resnet", "shakeshake", "vgg", "vit", "wideresnet"}
+    assert set(debug_variants()) == families  # a family added without a debug variant fails here
+    for family, debug in debug_variants().items():
+        members = [n for n in list_models() if model_family(n) == family]
+        assert debug in members
+        assert all(debug_variant(n) == debug for n in members)
+        # what "debug variant" promises, measured: no member of the family is smaller
+        sizes = {n: count(n, num_classes=10) for n in members}
+        assert sizes[debug] == min(sizes.values()), (family, sizes)
+    # the family is the registering module, not a name prefix: the Shake-Shake WRN is not a `wrn`
+    assert model_family("wrn26_2x96_shakeshake") == "shakeshake"
+    assert debug_variant("wrn26_2x96_shakeshake") == "shakeshake_debug"
+    assert debug_variant("wrn28_10") == "wrn_debug"
+    assert debug_variant("pyramidnet272_200_shakedrop") == "pyramidnet_debug"
+
+
+def test_debug_variant_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Private copies, so the global registry is untouched.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_DEBUG", dict(registry._DEBUG))
+    with pytest.raises(ValueError, match="^model: family 'resnet' already has the debug variant 'resnet_debug', not"):
+        register_debug_variant("resnet18")
+    register_debug_variant("resnet_debug")  # the same declaration again changes nothing
+    assert debug_variant("resnet50") == "resnet_debug"
+    with pytest.raises(ValueError, match="^model: unknown 'resnet_dbg'; did you mean 'resnet_debug'"):
+        register_debug_variant("resnet_dbg")
+
+    @register_model("tiny_linear")
+    def tiny_linear(*, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
+
+    assert model_family("tiny_linear") == __name__.rsplit(".", 1)[-1]
+    with pytest.raises(ValueError, match=r"\(of 'tiny_linear'\) declares no debug variant; families with one: demo,"):
+        debug_variant("tiny_linear")
+    register_debug_variant("tiny_linear")
+    assert debug_variant("tiny_linear") == "tiny_linear"
+    assert debug_variants()[model_family("tiny_linear")] == "tiny_linear"
+
+
 # --------------------------------------------------------------------------- every model
 # (batch, side, image_size) for the forward/backward test. The convolutional paper variants run at
 # 8 px and batch 2 (CIFAR stem, built with image_size=32) so that even ResNet-200 takes about a
@@ -197,8 +248,8 @@ def test_register_and_create_custom_model(monkeypatch: pytest.MonkeyPatch) -> No
 # needs 32 px; a ViT is built for one image size, and 8 px with the CIFAR patch 4 gives 4 tokens +
 # cls, which keeps ViT-L (304 M parameters) to a few seconds.
 SMALL_INPUT: dict[str, tuple[int, int, int]] = {
-    "demo_cnn": (4, 28, 32),
     **{name: (4, 32, 32) for name in DEBUG_NAMES},
+    "demo_cnn": (4, 28, 32),
     **{name: (2, 32, 32) for name in ("vgg16", "vgg16_bn", "vgg19", "vgg19_bn")},
     **{name: (2, 8, 8) for name in ("vit_ti", "vit_s", "vit_b", "vit_l")},
 }
@@ -265,7 +316,9 @@ def test_wrn_dropout_option() -> None:
 
 
 def test_bn_settings_everywhere() -> None:
-    for name in ("resnet_debug", "wrn_debug", "demo_cnn", "vgg_debug", "shakeshake_debug", "pyramidnet_debug"):
+    for family, name in debug_variants().items():
+        if family == "vit":  # LayerNorm only
+            continue
         model = create_model(name, num_classes=10)
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns
@@ -474,7 +527,7 @@ def test_demo_cnn_cost_and_shape() -> None:
 
 # --------------------------------------------------------------------------- VGG
 def vgg_param_count(blocks: tuple[int, ...], bn: bool, num_classes: int, image_size: int) -> int:
-    """§6 VGG by hand: 3×3 convs with bias (+ BN γ, β), widths 64·2^i capped at 512; flatten of the
+    """VGG (``vgg.py``) by hand: 3×3 convs with bias (+ BN γ, β), widths 64·2^i capped at 512; flatten of the
     ⌊image_size/32⌋² × 512 map → 4096 → 4096 → K, all Linear with bias."""
     total, channels = 0, 3
     for i, depth in enumerate(blocks):
@@ -552,7 +605,7 @@ def test_vgg_init_and_dropout() -> None:
 
 # --------------------------------------------------------------------------- Shake-Shake
 def shakeshake_param_count(blocks_per_group: int, width: int, num_classes: int) -> int:
-    """§6 WRN Shake-Shake by hand: stem conv 3·16·9 + BN; per block two branches of conv3×3 + BN +
+    """WRN Shake-Shake (``shakeshake.py``) by hand: stem conv 3·16·9 + BN; per block two branches of conv3×3 + BN +
     conv3×3 + BN; when the shape changes, two 1×1 convs to w/2 + BN(w); classifier."""
     total, channels = 3 * 16 * 9 + 2 * 16, 16
     for w, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
@@ -685,7 +738,7 @@ def test_shakeshake_block_gates() -> None:
 def pyramidnet_param_count(
     depth: int, alpha: int, num_classes: int, stem_bn: bool = False, rounding: str = "floor"
 ) -> int:
-    """§6 PyramidNet by hand, in integers: L = 3·(depth − 2)/9 blocks, width of block k
+    """PyramidNet (``pyramidnet.py``) by hand, in integers: L = 3·(depth − 2)/9 blocks, width of block k
     ⌊(16·L + k·α)/L⌋ (or rounded half up); block BN(c_in) + conv1×1 + BN + conv3×3 + BN +
     conv1×1(4w) + BN(4w); stem conv (+ BN); final BN; classifier. Shortcuts have no parameters."""
     blocks = 3 * ((depth - 2) // 9)
@@ -858,7 +911,7 @@ def test_gnp_step_sees_same_gates_and_switches_true_gradient(name: str) -> None:
 
 # --------------------------------------------------------------------------- ViT
 def vit_param_count(hidden: int, mlp: int, layers: int, num_classes: int, image_size: int, patch: int) -> int:
-    """§6 ViT by hand: patch conv (+ bias), cls token, position embedding for tokens + 1; per block
+    """ViT (``vit.py``) by hand: patch conv (+ bias), cls token, position embedding for tokens + 1; per block
     two LayerNorms, qkv (3·hidden outputs) and output projection, two MLP Linears, all with bias;
     final LayerNorm; head."""
     tokens = (image_size // patch) ** 2 + 1

@@ -1,5 +1,6 @@
 """Every recipe trains: two real steps through the whole CLI with the recipe's own optimizer, GNP settings,
-augmentations and schedule, its model swapped for the family's `*_debug` variant, on a small real dataset."""
+augmentations and schedule, its model swapped for its family's debug variant (`trainer.models.debug_variant`), on
+a small real dataset."""
 
 from __future__ import annotations
 
@@ -9,25 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 from trainer import config
-from trainer.models import list_models
-
-# Family of each full-size model -> its tiny registered variant.
-DEBUG_OF = {
-    "resnet": "resnet_debug",
-    "wrn26": "shakeshake_debug",
-    "wrn": "wrn_debug",
-    "pyramidnet": "pyramidnet_debug",
-    "vgg": "vgg_debug",
-    "vit": "vit_debug",
-    "demo_cnn": "demo_cnn",
-}
-
-
-def debug_variant(name: str) -> str:
-    for prefix, debug in DEBUG_OF.items():
-        if name.startswith(prefix):
-            return debug
-    raise AssertionError(f"no debug variant known for model {name!r}: add its family to DEBUG_OF")
+from trainer.models import debug_variant, list_models
 
 
 def test_every_recipe_model_is_registered():

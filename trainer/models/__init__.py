@@ -2,7 +2,8 @@
 
 Importing this package registers every family (one module per family). To add a family, write
 ``trainer/models/<family>.py`` with ``@register_model("<name>")`` builders (including one tiny
-``<family>_debug`` variant for the CPU tests) and import the module below.
+``<family>_debug`` variant for the CPU tests), import the module below and declare its debug variant
+in ``_DEBUG_VARIANTS`` (tests/test_models.py fails for a family without one).
 
 Registered:
 
@@ -24,6 +25,38 @@ optimizer switches per pass. All models are plain ``torch.nn`` and import nothin
 """
 
 from . import demo, pyramidnet, resnet, shakeshake, vgg, vit, wideresnet  # noqa: F401  (registrations)
-from .registry import create_model, list_models, model_options, register_model
+from .registry import (
+    create_model,
+    debug_variant,
+    debug_variants,
+    list_models,
+    model_family,
+    model_options,
+    register_debug_variant,
+    register_model,
+)
 
-__all__ = ["create_model", "list_models", "model_options", "register_model"]
+# Each family's tiny member, which the CPU tests train in place of its full-size models (the demo's CNN is
+# small enough to be its own).
+_DEBUG_VARIANTS = (
+    "demo_cnn",
+    "pyramidnet_debug",
+    "resnet_debug",
+    "shakeshake_debug",
+    "vgg_debug",
+    "vit_debug",
+    "wrn_debug",
+)
+for _name in _DEBUG_VARIANTS:
+    register_debug_variant(_name)
+
+__all__ = [
+    "create_model",
+    "debug_variant",
+    "debug_variants",
+    "list_models",
+    "model_family",
+    "model_options",
+    "register_debug_variant",
+    "register_model",
+]

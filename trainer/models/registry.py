@@ -13,6 +13,12 @@ swallowed by ``**kwargs``), and calls it. ``list_models(pattern)`` is what the t
 over: every registered name must build, run forward and backward, and give every parameter a
 gradient (GNP's global gradient norm and DDP's bucketed all-reduce both rely on that).
 
+A model's family is the module that registered it (``wrn28_10`` -> ``wideresnet``,
+``wrn26_2x96_shakeshake`` -> ``shakeshake``; ``model_family``). Each family declares one debug
+variant (``register_debug_variant``): a tiny member that the CPU tests build in place of the
+family's full-size models; ``debug_variant(name)`` answers it for any member, ``debug_variants()``
+lists them all.
+
 The registry itself is plain Python; the families register themselves when
 ``trainer.models`` is imported.
 """
@@ -26,7 +32,16 @@ from typing import Callable, TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_options"]
+__all__ = [
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_options",
+    "model_family",
+    "register_debug_variant",
+    "debug_variant",
+    "debug_variants",
+]
 
 Builder = Callable[..., nn.Module]
 _B = TypeVar("_B", bound=Builder)
@@ -35,6 +50,8 @@ _B = TypeVar("_B", bound=Builder)
 _COMMON_ARGS = ("num_classes", "in_channels", "image_size")
 
 _REGISTRY: dict[str, Builder] = {}
+# family -> the name of its debug variant
+_DEBUG: dict[str, str] = {}
 
 
 def register_model(name: str) -> Callable[[_B], _B]:
@@ -63,6 +80,40 @@ def register_model(name: str) -> Callable[[_B], _B]:
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching the shell-style ``pattern`` (case-sensitive), sorted."""
     return sorted(name for name in _REGISTRY if fnmatch.fnmatchcase(name, pattern))
+
+
+def model_family(name: str) -> str:
+    """The family of the registered model ``name``: the last part of its builder's module name."""
+    return (getattr(_lookup(name), "__module__", None) or "").rsplit(".", 1)[-1]
+
+
+def register_debug_variant(name: str) -> None:
+    """Declare the registered model ``name`` the debug variant of its family.
+
+    One per family: declaring a second one raises ``ValueError`` (which one the tests build would
+    otherwise depend on import order); declaring the same name again is a no-op.
+    """
+    family = model_family(name)
+    current = _DEBUG.get(family, name)
+    if current != name:
+        raise ValueError(f"model: family {family!r} already has the debug variant {current!r}, not {name!r}")
+    _DEBUG[family] = name
+
+
+def debug_variant(name: str) -> str:
+    """The debug variant of the family of the registered model ``name`` (``wrn28_10`` -> ``wrn_debug``)."""
+    family = model_family(name)
+    if family not in _DEBUG:
+        raise ValueError(
+            f"model: family {family!r} (of {name!r}) declares no debug variant; "
+            f"families with one: {', '.join(sorted(_DEBUG)) or 'none'}"
+        )
+    return _DEBUG[family]
+
+
+def debug_variants() -> dict[str, str]:
+    """Every family's debug variant, ``{family: name}``, sorted by family."""
+    return dict(sorted(_DEBUG.items()))
 
 
 def model_options(name: str) -> dict[str, object]:
