@@ -31,7 +31,8 @@ as the reference's option): a second all-reduce per step.
 
 Pass 2 sees the same randomness as pass 1 (CPU and CUDA RNG state restored), leaves BatchNorm
 running statistics (running_mean/var and num_batches_tracked) untouched, and modules with a
-``true_gradient`` attribute (Shake-Shake/ShakeDrop) get ``True`` in pass 1 and ``False`` otherwise.
+``true_gradient`` attribute (Shake-Shake/ShakeDrop) get ``True`` in pass 1 and ``False`` in pass 2
+and in plain steps (each pass puts back the value it found).
 
 Two entry points:
 
@@ -44,72 +45,27 @@ Two entry points:
   clipping of the final gradient, and returns a ``StepInfo`` of detached device tensors without a
   host synchronisation.
 
-Gradient reuse (``reuse="looksam"``, after LookSAM: Liu et al., CVPR 2022, arXiv 2203.02714). The
-training loop may mix full GNP steps with plain one-pass steps (hybrid / every-k schedules,
-``train_step(..., gnp=False)``). Write the full step's gradient as::
-
-    (1 − α)·g1 + α·g2 = g1 + α·(g2∥ − g1) + α·g2⊥       g2∥ = (<g1,g2>/‖g1‖²)·g1,  g2⊥ = g2 − g2∥
-
-The term α·g2⊥ is the part of the penalty that turns the update away from the plain gradient. A
-full step stores it relative to the gradient's size, ONE global inner product and norm over every
-parameter that has a gradient (the parameters whose gradients enter ‖g1‖)::
-
-    v = (g2 − <g1,g2>/(‖g1‖ + eps)² · g1) / (‖g1‖ + eps)           kept per parameter, fp32 (fp64)
-
-and a later plain step with gradient g (synchronised, unscaled, before clipping) becomes::
-
-    g ← g + α·w·‖g‖·v                α = the group's current alpha, w = reuse_weight
-
-i.e. g2 ≈ g + ‖g‖·v: with w = 1 and an unchanged gradient the plain step reproduces the full step's
-orthogonal part α·g2⊥ exactly and drops the along-g1 part α·(g2∥ − g1), a rescaling of g1 that is
-close to a learning-rate change. LookSAM instead replays g + α_L·(‖g‖/‖g_v‖)·g_v, keeping only the
-direction of its stored g_v (g_v = the SAM gradient's part orthogonal to g, which is what v·‖g1‖ is
-for α = 1) with a tuned α_L (≈ 0.7 there); v keeps the measured ratio ‖g2⊥‖/‖g1‖, so w = 1
-means "replay what was measured" and w scales it. The correction is applied only on plain steps where
-GNP would otherwise run (some group has r > 0 and α > 0, i.e. ``gnp=False`` steps), so α = 0 or
-r = 0 stays bitwise the base optimizer; before the first full step there is no v and plain steps are
-plain. Definitions:
-
-* g1, g2 are the raw gradients at θ and θ + ε, rank-averaged under DDP (ḡ1 = mean_k g1_k, ḡ2 =
-  mean_k g2_k). With ``norm_perturbations=True`` the mix uses g1/(‖g1‖+eps), but v is still built
-  from the raw g1 and g2: v describes how the gradient turns under the perturbation, independent of
-  how the full step mixes, and the plain step it corrects uses the raw gradient. The mix mode only
-  changes how ḡ2 is recovered from the mixed ``.grad``.
-* ḡ2 is recovered from the mixed gradient M (the one DDP all-reduced): ḡ2 = (M − (1 − α)·U)/α with
-  U = ḡ1 (paper mix) or U = mean_k g1_k/(‖g1_k‖+eps) (normalised mix); α > 0 in every group of a
-  full step. Its rounding error is about ulp(M)/α.
-* Cost: buffers v (one per parameter, fp32) and a g1 copy (transient, reused; two copies with
-  ``norm_perturbations=True`` under DDP without ``sync_perturbations``); on full steps one extra
-  all-reduce of that copy under DDP without ``sync_perturbations`` (none in one process or with
-  ``sync_perturbations``, where g1 is already averaged); plain steps: one more global norm and a
-  fused add, no communication, no host synchronisation. All parameters with gradients must sit on
-  one device (v is one flat buffer).
-* fp16 ``GradScaler``: g1 and M are unscaled before use; if either pass overflowed (the scaler skips
-  the step) v keeps its previous value. The plain-step correction is added after ``unscale_``.
-* ``step(closure)`` stores v on its full steps; its plain steps happen only when GNP is off (α = 0 or
-  r = 0), so they are never corrected.
-* v is in ``state_dict()["reuse"]["v"]`` (parameter index → tensor, like the base state), so resumes
-  are bitwise. It is not kept in the shared base-optimizer ``state``: Adam/AdamW initialise a
-  parameter's state only when it is empty.
+Per-pass module settings (no_sync, BatchNorm freeze, RNG, ``true_gradient``) are one context manager,
+``trainer.optim.passes.pass_policy``, used by both entry points. Gradient reuse on the plain steps between
+full steps (``reuse="looksam"``) is a plug-in object, ``trainer.optim.reuse``, which also derives it.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
+
+from .grads import Collected, global_norm
+from .passes import FIRST, PLAIN, SECOND, ModelModules, pass_policy
+from .reuse import REUSE_VARIANTS, GradientReuse
 
 __all__ = ["GNP", "REUSE_MODES", "StepInfo", "exact_gnp_gradient"]
 
-REUSE_MODES = ("none", "looksam")
+REUSE_MODES = ("none", *REUSE_VARIANTS)
 
 
 @dataclass
@@ -156,203 +112,6 @@ def _check_reuse_weight(value: Any, where: str) -> float:
     return float(value)
 
 
-def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """fp32 for fp32/fp16/bf16 gradients, fp64 when any gradient is fp64 (verification runs)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """One L2 norm over all tensors (fused per-tensor norms, then the norm of the norms).
-
-    Returns a 0-dim tensor on the first tensor's device; no host synchronisation.
-    """
-    norms = torch._foreach_norm(list(tensors), 2, dtype=_accumulation_dtype(tensors))
-    device = tensors[0].device
-    if any(n.device != device for n in norms):  # model spread over devices: gather the partials
-        norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-class _RngSnapshot:
-    """CPU RNG state plus the CUDA RNG state of the parameters' device (host-side copies, no sync)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda_index: int | None = None
-        self.cuda: Tensor | None = None
-        if device.type == "cuda":
-            self.cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-            self.cuda = torch.cuda.get_rng_state(self.cuda_index)
-
-    def restore(self) -> None:
-        """Put the generators back, so pass 2 draws the same dropout masks / gates as pass 1."""
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.cuda_index)
-
-
-def _freeze_batchnorm(modules: Iterable[nn.Module]) -> list[_BatchNorm]:
-    """Stop BatchNorm layers from updating running stats; returns exactly the layers changed.
-
-    ``track_running_stats=False`` in train mode normalises with batch statistics and touches neither
-    running_mean/var nor num_batches_tracked (``momentum=0`` would still bump num_batches_tracked and
-    turn a NaN batch mean into NaN running stats). Layers already off are left alone and are not
-    "restored", so nested or repeated use cannot flip a layer the user had turned off.
-    """
-    changed = [m for m in modules if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for m in changed:
-        m.track_running_stats = False
-    return changed
-
-
-def _unfreeze_batchnorm(changed: Iterable[_BatchNorm]) -> None:
-    """Undo ``_freeze_batchnorm``."""
-    for m in changed:
-        m.track_running_stats = True
-
-
-def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    """The DDP wrapper of ``model``: the model itself, or under ``torch.compile``'s ``_orig_mod``."""
-    if isinstance(model, DistributedDataParallel):
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, DistributedDataParallel):
-        return inner
-    return None
-
-
-class _ModelInfo:
-    """Per-model lists the step needs every time (computed once per model object)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.ref = weakref.ref(model)
-        modules = list(model.modules())
-        self.batchnorms = [m for m in modules if isinstance(m, _BatchNorm)]
-        self.true_gradient = [m for m in modules if hasattr(m, "true_gradient")]
-        # weak: an optimizer outliving its DDP model must not keep the reducer alive (gloo aborts
-        # at exit when DDP objects survive destroy_process_group)
-        ddp = _find_ddp(model)
-        self.ddp_ref = weakref.ref(ddp) if ddp is not None else None
-
-    @property
-    def ddp(self) -> DistributedDataParallel | None:
-        return self.ddp_ref() if self.ddp_ref is not None else None
-
-
-class _ReuseBuffers:
-    """Flat buffers of the gradient-reuse mode (module docstring, "Gradient reuse").
-
-    ``v`` is one flat tensor laid out parameter after parameter in param_group order (only the
-    parameters that had a gradient at the full step), so the global inner product and norm are single
-    kernels and the DDP all-reduce of g1 is one collective; ``v_views`` are the per-parameter views.
-    ``scratch`` holds g1 (and, when needed, the rank-averaged normalised g1) during a full step.
-    """
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def clear(self) -> None:
-        self.params: list[Tensor] = []
-        self.index: dict[Tensor, int] = {}
-        self.bounds: list[tuple[int, int]] = []
-        self.v: Tensor | None = None
-        self.v_views: list[Tensor] = []
-        self.scratch: Tensor | None = None
-
-    @property
-    def numel(self) -> int:
-        return self.bounds[-1][1] if self.bounds else 0
-
-    def set_layout(self, params: list[Tensor], v: Tensor) -> None:
-        """Adopt ``params`` (in flat order) and the flat ``v`` that belongs to them."""
-        self.params = list(params)
-        self.index = {p: i for i, p in enumerate(self.params)}
-        self.bounds, start = [], 0
-        for p in self.params:
-            self.bounds.append((start, start + p.numel()))
-            start += p.numel()
-        if v.numel() != start:
-            raise ValueError(f"GNP: reuse v has {v.numel()} elements, the parameters {start}")
-        self.v = v
-        self.v_views = self.views(v)
-        self.scratch = None
-
-    def ensure(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> None:
-        """Keep v when the parameters and dtype are unchanged (a skipped fp16 step keeps the old v);
-        otherwise start a fresh layout whose v is 0 (adds nothing to a plain step)."""
-        v = self.v
-        if (
-            v is not None
-            and v.dtype == dtype
-            and v.device == device
-            and len(params) == len(self.params)
-            and all(a is b for a, b in zip(params, self.params))
-        ):
-            return
-        self.set_layout(params, torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device))
-
-    def views(self, flat: Tensor) -> list[Tensor]:
-        """Per-parameter views of the first ``numel`` elements of ``flat``, in the layout's order."""
-        return [flat[a:b].view(p.shape) for p, (a, b) in zip(self.params, self.bounds)]
-
-    def scratch_of(self, rows: int) -> Tensor:
-        """The g1 scratch with ``rows`` stacked copies (allocated once, reused every full step)."""
-        assert self.v is not None
-        n = rows * self.numel
-        if self.scratch is None or self.scratch.numel() != n:
-            self.scratch = torch.empty(n, dtype=self.v.dtype, device=self.v.device)
-        return self.scratch
-
-
-class _ClosureHooks:
-    """Global forward pre-hook applying per-pass module settings inside ``step(closure)``.
-
-    ``step(closure)`` never sees the model, so it cannot call ``no_sync()`` or find the BatchNorm
-    layers itself. Instead, while the closure runs, the first call of any module applies the pass's
-    settings to that module's whole subtree (before DDP's forward decides about synchronisation):
-    pass 1: ``true_gradient=True``, DDP ``require_backward_grad_sync=False`` (what ``no_sync`` sets)
-    unless ``sync``; pass 2: ``true_gradient=False``, BatchNorm frozen; plain: ``true_gradient=False``.
-    Everything changed is restored on exit.
-    """
-
-    def __init__(self, mode: str, sync: bool) -> None:
-        self.mode, self.sync = mode, sync
-        self.seen: set[int] = set()
-        self.bn_changed: list[_BatchNorm] = []
-        self.ddp_changed: list[DistributedDataParallel] = []
-        self.ddps: list[DistributedDataParallel] = []  # every DDP wrapper the closure ran (reuse's all-reduce)
-        self.handle: Any = None
-
-    def _hook(self, module: nn.Module, args: Any) -> None:
-        if id(module) in self.seen:
-            return None
-        for m in module.modules():
-            if id(m) in self.seen:
-                continue
-            self.seen.add(id(m))
-            if hasattr(m, "true_gradient"):
-                m.true_gradient = self.mode == "pass1"
-            if isinstance(m, DistributedDataParallel):
-                self.ddps.append(m)
-            if self.mode == "pass2":
-                self.bn_changed.extend(_freeze_batchnorm([m]))
-            elif self.mode == "pass1" and not self.sync and isinstance(m, DistributedDataParallel):
-                if m.require_backward_grad_sync:
-                    m.require_backward_grad_sync = False
-                    self.ddp_changed.append(m)
-        return None
-
-    def __enter__(self) -> "_ClosureHooks":
-        self.handle = nn.modules.module.register_module_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
-        _unfreeze_batchnorm(self.bn_changed)
-        for m in self.ddp_changed:
-            m.require_backward_grad_sync = True
-
-
 # ----------------------------------------------------------------------------------------------
 # the optimizer
 
@@ -373,8 +132,8 @@ class GNP(torch.optim.Optimizer):
         eps: added to ‖g1‖ in every division (>= 0).
         reuse: ``"none"`` or ``"looksam"``: full GNP steps store v = (g2 − <g1,g2>/‖g1‖²·g1)/‖g1‖
             (global inner products, rank-averaged g1 and g2; ‖g1‖ + eps in the divisions) and plain
-            steps of ``train_step(..., gnp=False)`` use g + α·reuse_weight·‖g‖·v (module docstring,
-            "Gradient reuse"; works with both mixes, with DDP, fp16 GradScaler and ``step(closure)``).
+            steps of ``train_step(..., gnp=False)`` use g + α·reuse_weight·‖g‖·v (``trainer.optim.reuse``,
+            which derives it; works with both mixes, with DDP, fp16 GradScaler and ``step(closure)``).
         reuse_weight: w >= 0 in that correction (1 = replay the measured orthogonal part; 0 = off).
 
     ``reuse`` and ``reuse_weight`` are attributes, not param_group entries: v is defined by global
@@ -423,10 +182,11 @@ class GNP(torch.optim.Optimizer):
         self.eps = eps
         self.reuse = reuse
         self.reuse_weight = reuse_weight
-        self._reuse = _ReuseBuffers()
+        # the reuse variant's object (its buffers); kept when ``reuse`` is later set to "none", as v is
+        self._reuse: GradientReuse | None = REUSE_VARIANTS[reuse]() if reuse != "none" else None
         # Transient θ copies, one per parameter, reused every step (never part of state_dict).
         self._theta: dict[Tensor, Tensor] = {}
-        self._model_info: _ModelInfo | None = None
+        self._model_info: ModelModules | None = None
 
     # -- param groups and state ---------------------------------------------------------------
 
@@ -448,7 +208,6 @@ class GNP(torch.optim.Optimizer):
         """
         base = self.base_optimizer.state_dict()
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        buf = self._reuse
         return {
             "state": base["state"],
             "param_groups": base["param_groups"],
@@ -459,7 +218,8 @@ class GNP(torch.optim.Optimizer):
                 "reuse": self.reuse,
                 "reuse_weight": self.reuse_weight,
             },
-            "reuse": {"v": {index[p]: view for p, view in zip(buf.params, buf.v_views)}},
+            # the format of a checkpoint without reuse state ({"v": {}}) is kept for reuse="none"
+            "reuse": self._reuse.state_dict(index) if self._reuse is not None else {"v": {}},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -468,7 +228,7 @@ class GNP(torch.optim.Optimizer):
             raise ValueError("GNP.load_state_dict: expected a dict with 'state' and 'param_groups'")
         settings = state_dict.get("gnp", {})
         reuse_state = state_dict.get("reuse", {"v": {}})
-        if not isinstance(reuse_state, dict) or not isinstance(reuse_state.get("v"), dict):
+        if not isinstance(reuse_state, dict):  # the variant checks its own entries below
             raise ValueError("GNP.load_state_dict: 'reuse' must be a dict {'v': {param index: tensor}}")
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k not in ("gnp", "reuse")})
         # torch's load_state_dict builds new group dicts and a new state dict: re-share them.
@@ -487,27 +247,17 @@ class GNP(torch.optim.Optimizer):
             self.reuse = _check_reuse(settings["reuse"], " in the state dict")
         if "reuse_weight" in settings:
             self.reuse_weight = _check_reuse_weight(settings["reuse_weight"], " in the state dict")
-        self._load_reuse(reuse_state["v"])
+        self._load_reuse(reuse_state)
         self._validate_groups()
 
-    def _load_reuse(self, saved: dict[Any, Any]) -> None:
-        """Rebuild the flat v from ``{param index: tensor}`` (empty: no v, plain steps stay plain)."""
-        self._reuse.clear()
-        if not saved:
+    def _load_reuse(self, reuse_state: dict[str, Any]) -> None:
+        """Give the reuse variant of the loaded settings its saved state (a fresh object: nothing of the
+        state before the load survives). With reuse="none" no variant is kept and its state is not read."""
+        if self.reuse == "none":
+            self._reuse = None
             return
-        params = [p for g in self.param_groups for p in g["params"]]
-        items = sorted(saved.items(), key=lambda kv: kv[0] if isinstance(kv[0], int) else -1)
-        for i, v in items:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
-                raise ValueError(f"GNP.load_state_dict: reuse v index must be a parameter index, got {i!r}")
-            if not isinstance(v, Tensor) or v.numel() != params[i].numel():
-                raise ValueError(f"GNP.load_state_dict: reuse v[{i}] must be a tensor shaped like parameter {i}")
-        dtype = items[0][1].dtype
-        if any(v.dtype != dtype for _, v in items):
-            raise ValueError("GNP.load_state_dict: reuse v tensors must share one dtype")
-        device = params[items[0][0]].device
-        flat = torch.cat([v.detach().reshape(-1).to(device=device, dtype=dtype) for _, v in items])
-        self._reuse.set_layout([params[i] for i, _ in items], flat)
+        self._reuse = REUSE_VARIANTS[self.reuse]()
+        self._reuse.load_state_dict(reuse_state, [p for g in self.param_groups for p in g["params"]])
 
     # -- shared pieces of both entry points ---------------------------------------------------
 
@@ -528,7 +278,7 @@ class GNP(torch.optim.Optimizer):
             )
         return active
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    def _collect(self) -> Collected:
         """(group, params with a gradient, their gradients) for every group that has any."""
         out = []
         for group in self.param_groups:
@@ -551,7 +301,7 @@ class GNP(torch.optim.Optimizer):
     @torch.no_grad()
     def _perturb_and_premix(
         self,
-        collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+        collected: Collected,
         *,
         grad_scale_inv: Tensor | None,
         loss_weight_free: bool,
@@ -568,7 +318,7 @@ class GNP(torch.optim.Optimizer):
         """
         all_grads = [g for _, _, gs in collected for g in gs]
         all_params = [p for _, ps, _ in collected for p in ps]
-        norm = _global_norm(all_grads)
+        norm = global_norm(all_grads)
         if grad_scale_inv is not None:
             norm = norm * grad_scale_inv.to(norm.dtype)
         inv = 1.0 / (norm + self.eps)
@@ -611,118 +361,24 @@ class GNP(torch.optim.Optimizer):
     def _postmix(
         self,
         post: list[float | None],
-        collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
+        collected: Collected,
     ) -> None:
         """After pass 2 (θ already restored): multiply groups that were pre-scaled by c/α by α."""
         for (_, params, _), factor in zip(collected, post):
             if factor is not None:
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
 
-    # -- gradient reuse (module docstring, "Gradient reuse") ------------------------------------
+    # -- gradient reuse (trainer.optim.reuse) --------------------------------------------------
 
-    def _reuse_enabled(self) -> bool:
-        """Re-check the (public, assignable) reuse settings; True when full steps store v."""
+    def _reuse_enabled(self) -> GradientReuse | None:
+        """Re-check the (public, assignable) reuse settings; the variant object when full steps store."""
         self.reuse = _check_reuse(self.reuse, "")
         self.reuse_weight = _check_reuse_weight(self.reuse_weight, "")
-        return self.reuse == "looksam"
-
-    @torch.no_grad()
-    def _reuse_capture(
-        self, collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]], averaged_later: bool
-    ) -> None:
-        """After pass 1, before .grad is scaled for the mix: copy g1 into the flat scratch.
-
-        ``averaged_later``: DDP without sync_perturbations (g1 is rank-local and gets all-reduced in
-        ``_reuse_store``); with the normalised mix the scratch then has a second row for g1/(‖g1‖+eps).
-        """
-        params = [p for _, ps, _ in collected for p in ps]
-        grads = [g for _, _, gs in collected for g in gs]
-        device = grads[0].device
-        if any(g.device != device for g in grads):
-            raise ValueError("GNP: gnp.reuse='looksam' needs every parameter with a gradient on one device")
-        self._reuse.ensure(params, _accumulation_dtype(grads), device)
-        rows = 2 if averaged_later and self.norm_perturbations else 1
-        scratch = self._reuse.scratch_of(rows)
-        torch._foreach_copy_(self._reuse.views(scratch), grads)
-
-    @torch.no_grad()
-    def _reuse_store(
-        self,
-        collected: list[tuple[dict[str, Any], list[Tensor], list[Tensor]]],
-        *,
-        g1_norm: Tensor,
-        scale_inv: Tensor | None,
-        process_group: Any,
-        keep_on_overflow: bool,
-    ) -> None:
-        """After the mix M is in .grad (synchronised, unscaled): v from ḡ1 and ḡ2 = (M − (1−α)U)/α.
-
-        ``g1_norm`` is the (unscaled) norm the perturbation used, so 1/(g1_norm+eps) is bitwise the
-        factor of the normalised mix. ``process_group``: all-reduce the rank-local g1 there (DDP
-        without sync_perturbations), else None. ``keep_on_overflow`` (GradScaler): a non-finite g1
-        or M leaves the previous v in place, decided on the device (no host sync).
-        """
-        buf = self._reuse
-        assert buf.v is not None and buf.scratch is not None
-        n, dtype = buf.numel, buf.v.dtype
-        g1 = buf.scratch[:n]
-        if scale_inv is not None:
-            g1.mul_(scale_inv.to(dtype))  # a power of two: exact
-        inv = (1.0 / (g1_norm + self.eps)).to(dtype)
-        # u: the first-pass term of the mix when it is not simply inv·g1 (normalised mix under DDP)
-        u: Tensor | None = None
-        if process_group is not None:
-            if self.norm_perturbations:
-                u = buf.scratch[n : 2 * n]
-                torch.mul(g1, inv, out=u)  # this rank's g1/(‖g1_k‖+eps), averaged with g1 below
-            # One collective for g1 (and u): plain steps never get here.
-            dist.all_reduce(buf.scratch, group=process_group)
-            buf.scratch.div_(dist.get_world_size(process_group))
-        target = torch.empty_like(buf.v) if keep_on_overflow else buf.v
-        # M, flat. Read p.grad afresh: DDP's reducer may re-bind .grad to its buckets in pass 2.
-        torch._foreach_copy_(buf.views(target), [p.grad for _, ps, _ in collected for p in ps])
-        start = 0
-        for group, params, _ in collected:
-            end = start + sum(p.numel() for p in params)
-            a = float(group["alpha"])  # > 0 in every group of a full step (_validate_groups)
-            if a != 1.0:
-                seg = target[start:end]
-                if u is not None:
-                    seg.add_(u[start:end], alpha=-(1.0 - a))
-                elif self.norm_perturbations:
-                    seg.addcmul_(g1[start:end], inv, value=-(1.0 - a))
-                else:
-                    seg.add_(g1[start:end], alpha=-(1.0 - a))
-                seg.div_(a)
-            start = end
-        # target = ḡ2 now; remove its component along ḡ1 and divide by ‖ḡ1‖
-        dot = torch.dot(g1, target)
-        n1 = torch.linalg.vector_norm(g1)
-        inv1 = 1.0 / (n1 + self.eps)
-        target.addcmul_(g1, dot * inv1 * inv1, value=-1.0)
-        target.mul_(inv1)
-        if keep_on_overflow:
-            # any inf/NaN in g1 or ḡ2 makes dot or ‖ḡ1‖ non-finite; full overlap with out= is allowed
-            ok = torch.isfinite(dot) & torch.isfinite(n1)
-            torch.where(ok, target, buf.v, out=buf.v)
-
-    @torch.no_grad()
-    def _reuse_apply(self, grads: list[Tensor]) -> None:
-        """Plain step: .grad ← .grad + α·w·‖g‖·v per group (g = every gradient, synced, unscaled)."""
-        buf = self._reuse
-        if buf.v is None or self.reuse_weight == 0:
-            return
-        g_norm = _global_norm(grads).to(buf.v.dtype)
-        for group in self.param_groups:
-            a = float(group["alpha"])
-            if a == 0:
-                continue
-            pairs = [
-                (p.grad, buf.v_views[buf.index[p]]) for p in group["params"] if p.grad is not None and p in buf.index
-            ]
-            if pairs:
-                gs, vs = (list(t) for t in zip(*pairs))
-                torch._foreach_add_(gs, torch._foreach_mul(vs, g_norm * (a * self.reuse_weight)))
+        if self.reuse == "none":
+            return None
+        if type(self._reuse) is not REUSE_VARIANTS[self.reuse]:  # first use, or reuse was re-assigned
+            self._reuse = REUSE_VARIANTS[self.reuse]()
+        return self._reuse
 
     @staticmethod
     def _check_loss(loss: Any, where: str) -> Tensor:
@@ -735,7 +391,7 @@ class GNP(torch.optim.Optimizer):
             raise RuntimeError(f"GNP: {where} must return a scalar loss, got shape {tuple(loss.shape)}")
         return loss
 
-    def _require_grads(self, where: str) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    def _require_grads(self, where: str) -> Collected:
         collected = self._collect()
         if not collected:
             raise RuntimeError(
@@ -743,6 +399,11 @@ class GNP(torch.optim.Optimizer):
                 "backward() and the loss must depend on the optimizer's parameters"
             )
         return collected
+
+    def _reuse_group(self, pass1: pass_policy) -> Any:
+        """Where reuse all-reduces g1: the DDP process group when pass 1 ran a DDP model unsynchronised
+        (g1 is rank-local then), else None."""
+        return pass1.ddps[0].process_group if pass1.ddps and not self.sync_perturbations else None
 
     # -- entry point 1: the torch-style closure step --------------------------------------------
 
@@ -759,7 +420,7 @@ class GNP(torch.optim.Optimizer):
         active = self._validate_groups()
         self.base_optimizer.zero_grad(set_to_none=True)
         if not active:
-            with _ClosureHooks("plain", self.sync_perturbations), torch.enable_grad():
+            with pass_policy(PLAIN), torch.enable_grad():
                 loss = self._check_loss(closure(), "closure")
             self._require_grads("the closure (did it call loss.backward()?)")
             self.base_optimizer.step()
@@ -767,19 +428,16 @@ class GNP(torch.optim.Optimizer):
 
         reuse = self._reuse_enabled()
         first = next(p for g in self.param_groups for p in g["params"])
-        rng = _RngSnapshot(first.device)
-        with _ClosureHooks("pass1", self.sync_perturbations) as hooks1, torch.enable_grad():
+        with pass_policy(FIRST, sync=self.sync_perturbations, device=first.device) as pass1, torch.enable_grad():
             loss = self._check_loss(closure(), "closure")
         collected = self._require_grads("the closure (did it call loss.backward()?)")
-        # g1 is rank-local when pass 1 ran a DDP model unsynchronised: reuse must average it
-        reuse_group = hooks1.ddps[0].process_group if hooks1.ddps and not self.sync_perturbations else None
-        if reuse:
-            self._reuse_capture(collected, averaged_later=reuse_group is not None)
+        reuse_group = self._reuse_group(pass1)
+        if reuse is not None:
+            reuse.capture(collected, averaged_later=reuse_group is not None, norm_perturbations=self.norm_perturbations)
         norm, params, saved, _, post = self._perturb_and_premix(collected, grad_scale_inv=None, loss_weight_free=False)
         versions = [(g, g._version) for _, _, gs in collected for g in gs]
-        rng.restore()
         try:
-            with _ClosureHooks("pass2", self.sync_perturbations), torch.enable_grad():
+            with pass_policy(SECOND, rng=pass1.rng), torch.enable_grad():
                 self._check_loss(closure(), "closure (pass 2)")
         finally:
             with torch.no_grad():
@@ -788,19 +446,26 @@ class GNP(torch.optim.Optimizer):
         if all(p_grad is g and g._version == v for (g, v), p_grad in zip(versions, (p.grad for p in params))):
             raise RuntimeError("GNP: the closure did not call loss.backward() in pass 2")
         self._postmix(post, collected)
-        if reuse:
-            self._reuse_store(
-                collected, g1_norm=norm, scale_inv=None, process_group=reuse_group, keep_on_overflow=False
+        if reuse is not None:
+            reuse.store(
+                collected,
+                g1_norm=norm,
+                eps=self.eps,
+                norm_perturbations=self.norm_perturbations,
+                scale_inv=None,
+                process_group=reuse_group,
+                keep_on_overflow=False,
             )
         self.base_optimizer.step()
         return loss
 
     # -- entry point 2: what the training loop calls ------------------------------------------
 
-    def _info_for(self, model: nn.Module) -> _ModelInfo:
+    def _modules_of(self, model: nn.Module) -> ModelModules:
+        """The pass policy's module lists for ``model``, found once per model object."""
         info = self._model_info
-        if info is None or info.ref() is not model:
-            info = self._model_info = _ModelInfo(model)
+        if info is None or not info.is_for(model):
+            info = self._model_info = ModelModules(model)
         return info
 
     def train_step(
@@ -840,7 +505,7 @@ class GNP(torch.optim.Optimizer):
         active = gnp_on and bool(gnp)
         reuse = self._reuse_enabled()
         use_scaler = scaler is not None and scaler.is_enabled()
-        minfo = self._info_for(model)
+        modules = self._modules_of(model)
         self.base_optimizer.zero_grad(set_to_none=True)
 
         def backward(loss: Tensor) -> None:
@@ -852,26 +517,22 @@ class GNP(torch.optim.Optimizer):
         reuse_group: Any = None
         with torch.enable_grad():
             if not active:
-                for m in minfo.true_gradient:
-                    m.true_gradient = False
-                loss = self._check_loss(loss_fn(), "loss_fn")
-                backward(loss)
-                collected = self._require_grads("the backward of loss_fn()")
-            else:
-                first = next(p for g in self.param_groups for p in g["params"])
-                rng = _RngSnapshot(first.device)
-                for m in minfo.true_gradient:
-                    m.true_gradient = True
-                ddp = minfo.ddp
-                no_sync = ddp.no_sync() if ddp is not None and not self.sync_perturbations else nullcontext()
-                with no_sync:  # the forward too: DDP decides at forward time whether backward syncs
+                with pass_policy(PLAIN, model=modules):
                     loss = self._check_loss(loss_fn(), "loss_fn")
                     backward(loss)
                 collected = self._require_grads("the backward of loss_fn()")
-                if ddp is not None and not self.sync_perturbations:
-                    reuse_group = ddp.process_group
-                if reuse:
-                    self._reuse_capture(collected, averaged_later=reuse_group is not None)
+            else:
+                first = next(p for g in self.param_groups for p in g["params"])
+                # the forward too: DDP decides at forward time whether the backward synchronises
+                with pass_policy(FIRST, model=modules, sync=self.sync_perturbations, device=first.device) as pass1:
+                    loss = self._check_loss(loss_fn(), "loss_fn")
+                    backward(loss)
+                collected = self._require_grads("the backward of loss_fn()")
+                reuse_group = self._reuse_group(pass1)
+                if reuse is not None:
+                    reuse.capture(
+                        collected, averaged_later=reuse_group is not None, norm_perturbations=self.norm_perturbations
+                    )
                 if use_scaler:
                     scale = scaler._get_scale_async()  # the tensor; get_scale() would sync the host
                     # the scale is a power of two: its fp32 reciprocal is exact
@@ -879,15 +540,11 @@ class GNP(torch.optim.Optimizer):
                 g1_norm, params, saved, weight, post = self._perturb_and_premix(
                     collected, grad_scale_inv=scale_inv, loss_weight_free=True
                 )
-                rng.restore()
-                for m in minfo.true_gradient:
-                    m.true_gradient = False
-                frozen = _freeze_batchnorm(minfo.batchnorms)
                 try:
-                    loss2 = self._check_loss(loss_fn(), "loss_fn (pass 2)")
-                    backward(loss2 * weight if weight != 1.0 else loss2)
+                    with pass_policy(SECOND, model=modules, rng=pass1.rng):
+                        loss2 = self._check_loss(loss_fn(), "loss_fn (pass 2)")
+                        backward(loss2 * weight if weight != 1.0 else loss2)
                 finally:
-                    _unfreeze_batchnorm(frozen)
                     with torch.no_grad():  # θ ← saved θ: bitwise (subtracting ε is not exact, spreads NaN)
                         torch._foreach_copy_(params, saved)
                 self._postmix(post, collected)
@@ -896,18 +553,20 @@ class GNP(torch.optim.Optimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if use_scaler:
                 scaler.unscale_(self.base_optimizer)
-            if reuse and active:
+            if reuse is not None and active:
                 assert g1_norm is not None
-                self._reuse_store(
+                reuse.store(
                     collected,
                     g1_norm=g1_norm,
+                    eps=self.eps,
+                    norm_perturbations=self.norm_perturbations,
                     scale_inv=scale_inv,
                     process_group=reuse_group,
                     keep_on_overflow=use_scaler,
                 )
-            elif reuse and gnp_on:
-                self._reuse_apply(grads)  # unscaled and synchronised, before clipping
-            grad_norm = _global_norm(grads)
+            elif reuse is not None and gnp_on:
+                reuse.apply(self.param_groups, grads, weight=self.reuse_weight)  # unscaled, synchronised, unclipped
+            grad_norm = global_norm(grads)
             if clip_norm > 0:
                 # Same rule as torch.nn.utils.clip_grad_norm_: g·min(1, max/(‖g‖+1e-6)), no sync.
                 coef = torch.clamp(clip_norm / (grad_norm + 1e-6), max=1.0)
