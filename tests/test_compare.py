@@ -264,3 +264,49 @@ def test_sigterm_stops_the_comparison_and_its_training_run(fmnist_small, tmp_pat
         time.sleep(0.1)
     else:
         raise AssertionError("the training child outlived the comparison")
+
+
+def test_readme_tables_and_figures_match_the_result_files():
+    """The README's comparison tables quote tests/data/results/<dir>/results.json: every method, its seed count and
+    its test error mean ± std (2 decimals); the JSON's mean and std are those of its own per-seed runs; every
+    figure and folder the README links there exists, and every result folder is shown."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "tests" / "data" / "results"
+    lines = (root / "README.md").read_text().splitlines()
+    linked = set(re.findall(r"tests/data/results/([\w./-]+)", "\n".join(lines)))
+    assert linked and all((results / link).exists() for link in linked), sorted(linked)
+    folders = {p.parent.name for p in results.glob("*/results.json")}
+    shown = set()
+    i = 0
+    while i < len(lines):
+        if not lines[i].startswith("| method |"):
+            i += 1
+            continue
+        start = i
+        while i < len(lines) and lines[i].startswith("|"):
+            i += 1
+        # the table's folder: named in its caption line above or its figure/caption below
+        near = "\n".join(lines[max(0, start - 3) : i + 3])
+        found = set(re.findall(r"tests/data/results/([\w-]+)/", near))
+        assert len(found) == 1, f"README line {start + 1}: a table names one result folder, not {sorted(found)}"
+        (folder,) = found
+        shown.add(folder)
+        data = json.loads((results / folder / "results.json").read_text())
+        header = [c.strip() for c in lines[start].strip("|").split("|")]
+        col = header.index("test error %")
+        rows = {}
+        for row in lines[start + 2 : i]:
+            cells = [c.strip().replace("**", "") for c in row.strip("|").split("|")]
+            rows[cells[0]] = (int(cells[1]), cells[col])
+        assert set(rows) == set(data["summary"]), folder
+        for method, (seeds, quoted) in rows.items():
+            errors = [r["test_error"] for r in data["runs"][method]]
+            summary = data["summary"][method]["test_error"]
+            assert seeds == len(errors) == len(data["summary"][method]["seeds"]), (folder, method)
+            assert summary["mean"] == pytest.approx(statistics.mean(errors), abs=1e-9), (folder, method)
+            assert summary["std"] == pytest.approx(statistics.stdev(errors), abs=1e-9), (folder, method)
+            assert quoted == f"{summary['mean']:.2f} ± {summary['std']:.2f}", (folder, method)
+    assert shown == folders
