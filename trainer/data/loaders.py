@@ -428,7 +428,7 @@ class Normalizer:
 
     The result is a new tensor on ``device`` in the chosen layout (never a view of the input, whose
     buffers FFCV recycles). One definition for every loader (FFCV, memory, the torchvision side of
-    ``bench_data``), so their floats are identical. How, and why:
+    ``trainer.bench.data``), so their floats are identical. How, and why:
 
     * uint8 crosses to the device first, then converts there: 4x fewer bytes over PCIe, and no
       float conversion on the host thread that feeds the GPU.
