@@ -169,10 +169,15 @@ def test_import_direction():
                 dep = m.split(".")[1] if m.startswith("trainer.") else None
                 if dep in tools and dep != top:
                     assert top == "__main__", f"{path.relative_to(pkg)} imports the tool {m}"
-    # the GNP optimizer and the models are plain PyTorch
-    for sub in ("optim/gnp.py",):
-        src = (pkg / sub).read_text()
-        assert "from trainer" not in src and "import trainer" not in src
+    # the GNP optimizer and the models are plain PyTorch: the optimizer's core and plug-ins import only each
+    # other (relatively, so a copy of these files works outside the package), never the trainer package
+    plain = ("gnp", "passes", "reuse", "grads")
+    for name in plain:
+        src = (pkg / "optim" / f"{name}.py").read_text()
+        assert "from trainer" not in src and "import trainer" not in src, name
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module in plain, f"optim/{name}.py imports .{node.module}"
 
 
 def test_memory_loader_trains_bitwise_like_the_ffcv_loader(fmnist_small, tmp_path):
@@ -210,3 +215,22 @@ def test_memory_loader_bad_source_and_limit_exit_2(tmp_path):
         )
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
         assert not (tmp_path / "r").exists()
+
+
+def test_loader_facts_split_the_global_batch_over_the_ranks():
+    import torch
+
+    from trainer.config import ConfigError, from_dict
+    from trainer.dist import DistEnv
+    from trainer.train import loader_facts
+
+    env = DistEnv(rank=1, local_rank=1, world_size=4, device=torch.device("cpu"))
+    facts = loader_facts(from_dict({"loop": {"batch_size": 128, "seed": 7, "channels_last": False}}), env)
+    assert (facts.batch_size, facts.eval_batch_size, facts.seed, facts.rank, facts.world_size) == (32, 32, 7, 1, 4)
+    assert facts.device == env.device and facts.channels_last is False
+    facts = loader_facts(
+        from_dict({"loop": {"batch_size": 10, "batch_size_mode": "per_rank", "eval_batch_size": 50}}), env
+    )
+    assert (facts.batch_size, facts.eval_batch_size, facts.channels_last) == (10, 50, True)
+    with pytest.raises(ConfigError, match="loop.batch_size: invalid value 130; expected a multiple of the world size"):
+        loader_facts(from_dict({"loop": {"batch_size": 130}}), env)

@@ -29,7 +29,7 @@ from trainer.data import LoaderFacts, build_data, validate_dataset
 from trainer.loop import LoopState, LossSpec, StepPolicy, TrainContext, evaluate, measure_sharpness, train_epoch
 from trainer.metrics import build_sink
 from trainer.models import create_model
-from trainer.optim.gnp import GNP
+from trainer.optim.factory import build_optimizer
 from trainer.run_state import RunState, gather_rng_states, git_commit, resume, set_rng_state
 from trainer.storage import StorageError
 
@@ -154,36 +154,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[GNP, tuple[torch.nn.Parameter, ...]]:
-    """GNP around the configured base optimizer; also returns the parameters under the L2 term."""
-    o, g = cfg.optim, cfg.gnp
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.no_weight_decay_on_bn:
-        decay = [p for p in params if p.ndim > 1]
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    else:
-        decay, groups = params, [{"params": params, "weight_decay": o.weight_decay}]
-    groups = [gr for gr in groups if gr["params"]]
-    if o.name == "sgd":
-        base = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    else:
-        base = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps)
-    opt = GNP(
-        base,
-        r=g.r,
-        alpha=g.alpha,
-        norm_perturbations=g.norm_perturbations,
-        sync_perturbations=g.sync_perturbations,
-        eps=g.eps,
-        reuse=g.reuse,
-        reuse_weight=g.reuse_weight,
-    )
-    return opt, tuple(decay)
-
-
 def amp_dtype_of(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -272,7 +242,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     run_dir = prepare_run_dir(cfg, env)
     loaders, module, model, ckpt = _build(cfg, env, held)
     held.ckpt = ckpt
-    opt, l2_params = build_optimizer(module, cfg)
+    opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
