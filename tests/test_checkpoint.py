@@ -286,3 +286,39 @@ def test_local_storage_contract(tmp_path):
         st.put("../escape", b"")
     with pytest.raises(ValueError, match="checkpoint.uri"):
         open_storage("gs://bucket/x")
+
+
+def test_from_config_uses_the_section_and_the_default_dir(tmp_path, monkeypatch):
+    from trainer import checkpoint
+    from trainer.config import CheckpointConfig
+
+    # Empty uri: the run's default folder; keep comes from the section (3 survive 4 saves).
+    ck = Checkpointer.from_config(CheckpointConfig(keep=3), tmp_path / "run" / "checkpoints")
+    for s in (1, 2, 3, 4):
+        ck.save(s, state(s))
+        assert ck.wait(timeout=30)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-000000002",
+        "step-000000003",
+        "step-000000004",
+    ]
+    ck.close()
+    # A set uri wins over the default; the S3 settings reach the storage (recorded, not dialled).
+    seen = {}
+
+    def fake_open(uri, **kw):
+        seen.update(uri=uri, **kw)
+        return open_storage(tmp_path / "other")
+
+    monkeypatch.setattr(checkpoint, "open_storage", fake_open)
+    cfg = CheckpointConfig(
+        uri="s3://bucket/p", s3_endpoint="http://s3:8333", s3_region="eu-1", s3_retry_mode="adaptive", s3_max_attempts=9
+    )
+    Checkpointer.from_config(cfg, tmp_path / "unused").close()
+    assert seen["uri"] == "s3://bucket/p" and not (tmp_path / "unused").exists()
+    assert (seen["endpoint_url"], seen["region"], seen["retry_mode"], seen["max_attempts"]) == (
+        "http://s3:8333",
+        "eu-1",
+        "adaptive",
+        9,
+    )

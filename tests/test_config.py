@@ -74,6 +74,7 @@ def test_config_is_frozen(tmp_path):
         ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
         ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
         ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
+        ("data.image_size=4", "data.image_size: invalid value 4; expected 0 (the stored size) or an integer >= 8"),
         ("loop", "--set: 'loop' is not of the form section.key=value"),
         ("optim=3", "optim: expected a mapping of"),
     ],
@@ -148,3 +149,17 @@ def test_cli_lists(tmp_path):
     assert res.returncode == 0
     for cmd in ("train", "convert", "eval", "recipes", "models"):
         assert cmd in res.stdout
+
+
+def test_memory_loader_augmentations_are_checked_in_the_config(tmp_path):
+    """The device-resident loader's augmentations are refused at load time, before a run directory exists,
+    with the key named; the config's list is the loader's own."""
+    from trainer.data.memory import MEMORY_AUGMENTS
+
+    assert config.MEMORY_AUGMENTS == MEMORY_AUGMENTS
+    for augment in MEMORY_AUGMENTS:
+        assert config.load(write(tmp_path, ""), ["data.loader=memory", f"data.augment={augment}"])
+    for augment in ("imagenet", "randaugment"):
+        with pytest.raises(ConfigError, match=f"data.augment: invalid value '{augment}'; expected one of 'none'"):
+            config.load(write(tmp_path, ""), ["data.loader=memory", f"data.augment={augment}"])
+        assert config.load(write(tmp_path, ""), [f"data.augment={augment}"]).data.loader == "ffcv"

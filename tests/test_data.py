@@ -852,3 +852,23 @@ def test_distributed_shards_and_eval(fake_fashion, tmp_path: Path) -> None:
         np.testing.assert_array_equal(r["val_labels"], data["val_y"][r["val_idx"]])
     sums = sorted(res[0]["val_sums"] + res[1]["val_sums"])
     assert sums == sorted((3 * data["val_x"].reshape(n_val, -1).astype(np.int64).sum(1)).tolist())
+
+
+def test_build_data_takes_the_data_section_and_the_run_facts(fake_fashion) -> None:
+    """build_data(DataConfig, LoaderFacts) picks the FFCV loader and hands on the settings and run facts."""
+    from trainer.config import DataConfig
+    from trainer.data import LoaderFacts, build_data
+
+    out, meta, data = fake_fashion
+    cfg = DataConfig(loader="ffcv", path=str(out), augment="none", num_workers=1, image_size=0)
+    facts = LoaderFacts(
+        batch_size=16, eval_batch_size=10, seed=0, rank=0, world_size=1, device=torch.device("cpu"), channels_last=True
+    )
+    L = build_data(cfg, facts)
+    assert len(L.train) == L.steps_per_epoch == 203 // 16 and L.meta["num_classes"] == meta["num_classes"]
+    L.train.set_epoch(0)
+    images, _ = next(iter(L.train))
+    assert images.shape == (16, 3, 28, 28) and images.is_contiguous(memory_format=torch.channels_last)
+    val = list(L.val)
+    assert [len(y) for _, y in val] == [10] * 9 + [7]
+    assert torch.cat([y for _, y in val]).tolist() == data["val_y"].tolist()

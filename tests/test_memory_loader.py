@@ -413,3 +413,22 @@ def test_label_noise_is_symmetric_fixed_and_train_only() -> None:
     # The noisy labels are what the training batches carry.
     seen = torch.cat([y for _, y in noisy.train])
     assert torch.equal(seen, y1[torch.from_numpy(noisy.train.epoch_order(0)[: len(seen)])])
+
+
+def test_build_data_takes_the_data_section_and_the_run_facts(raw):
+    """build_data(DataConfig, LoaderFacts) picks the memory loader and hands on every setting: limit, label
+    noise, the rank's shard, both batch sizes and the memory format."""
+    from trainer.config import DataConfig
+    from trainer.data import LoaderFacts, build_data
+
+    cfg = DataConfig(loader="memory", path=SOURCE, limit=300, label_noise=0.2, augment="none")
+    facts = LoaderFacts(batch_size=32, eval_batch_size=50, seed=3, rank=1, world_size=2, device=CPU, channels_last=True)
+    L = build_data(cfg, facts)
+    assert L.meta["loader"] == "memory" and L.meta["train_size"] == 300 and L.meta["label_noise"] == 0.2
+    assert len(L.train) == L.steps_per_epoch == 150 // 32  # rank 1 of 2 holds 150 of the 300; drop_last
+    L.train.set_epoch(0)
+    images, _ = next(iter(L.train))
+    assert images.shape == (32, 3, 28, 28) and images.is_contiguous(memory_format=torch.channels_last)
+    val_labels = torch.cat([y for _, y in L.val])
+    assert [len(y) for _, y in L.val] == [50, 50, 50]
+    assert val_labels.tolist() == raw["val_y"][1:300:2].tolist()  # every second image, from the second

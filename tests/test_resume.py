@@ -5,8 +5,10 @@ when stopped cleanly mid-epoch and when a torchrun worker is SIGKILLed at random
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import ROOT, cli_env, run_torchrun
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli, run_torchrun
 from trainer.checkpoint import Checkpointer
 
 STEPS_PER_EPOCH = 500 // 32  # fmnist_small: 500 train images, global batch 32 over 2 ranks
@@ -143,3 +145,27 @@ def test_sigkill_worker_at_random_point_restarts_and_matches(fmnist_small, tmp_p
     assert len(starts) >= 2 and starts[-1]["restart"] >= 1, starts
     assert starts[-1]["resumed_from_step"] is not None
     assert_bitwise_equal(final_weights(run_dir), reference)
+
+
+def test_resumes_a_checkpoint_written_before_run_state(tmp_path):
+    """The format did not change when saving moved into RunState: a run directory holding a step-16
+    checkpoint written by the earlier code (tests/data/checkpoint_before_run_state, the debug-cpu recipe on
+    the first 512 Fashion-MNIST images) resumes from it and finishes its second epoch."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "data" / "checkpoint_before_run_state", run_dir / "checkpoints")
+    sets = [
+        "data.loader=memory",
+        f"data.path=fashion-mnist:{FMNIST}",
+        "data.limit=512",
+        "data.augment=none",
+        f"run.dir={run_dir}",
+    ]
+    res = run_cli("train", "--recipe", "debug-cpu", *[a for s in sets for a in ("--set", s)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (start,) = [r for r in recs if r["kind"] == "start"]
+    assert start["resumed_from_step"] == 16 and start["step"] == 16 and start["gnp_steps"] == 16
+    train = [r for r in recs if r["kind"] == "train"]
+    assert min(r["step"] for r in train) > 16 and all(math.isfinite(r["loss"]) for r in train)
+    found = Checkpointer(run_dir / "checkpoints").latest()
+    assert found and found[0] == 32 and found[1]["loop"] == {"epoch": 2, "batch": 0, "step": 32, "gnp_steps": 32}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from trainer import config
+from trainer.loop import StepPolicy
 from trainer.optim.schedules import gr_warmup, is_gnp_step, learning_rate
 
 
@@ -57,3 +60,33 @@ def test_hybrid_probability_is_p_and_reproducible():
     assert draws[1000:1100] == [is_gnp_step(s, seed=7, p=0.3, every=1) for s in range(1000, 1100)]
     assert draws != [is_gnp_step(s, seed=8, p=0.3, every=1) for s in range(20000)]
     assert all(is_gnp_step(s, seed=1, p=1.0, every=1) for s in range(100))
+
+
+def _applied(policy, step: int, epoch: int) -> tuple[float, float, float, bool]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    gnp = policy.apply(opt, step, epoch)
+    g = opt.param_groups[0]
+    return g["lr"], g["r"], g["alpha"], gnp
+
+
+def test_step_policy_from_config_turns_epochs_into_steps():
+    """10 steps per epoch: 1 warmup epoch = 10 steps, 4 epochs = 40 steps, milestone 2.5 = step 25."""
+    sch = config.ScheduleConfig(name="cosine", warmup_epochs=1.0)
+    gnp = config.GNPConfig(r=0.2, alpha=0.6, warmup="r", warmup_epochs=2.0, every=3)
+    lp = config.LoopConfig(epochs=4, seed=5)
+    policy = StepPolicy.from_config(sch, gnp, lp, config.OptimConfig(lr=0.4), steps_per_epoch=10)
+    lr, r, alpha, _ = _applied(policy, 5, 0)
+    assert lr == pytest.approx(0.2) and r == pytest.approx(0.2 * 5 / 20) and alpha == 0.6
+    assert _applied(policy, 25, 2)[0] == pytest.approx(0.2 * (1 + math.cos(math.pi / 2)))  # halfway: 0.2
+    assert _applied(policy, 40, 4)[0] == pytest.approx(0.0, abs=1e-12)
+    assert _applied(policy, 30, 3)[1] == 0.2  # the r warmup ended at step 20
+    assert [_applied(policy, s, 3)[3] for s in range(30, 34)] == [True, False, False, True]  # every 3rd step
+
+    step = StepPolicy.from_config(
+        config.ScheduleConfig(name="step", milestones=(2.5,), gamma=0.5),
+        config.GNPConfig(),
+        config.LoopConfig(epochs=4),
+        config.OptimConfig(lr=1.0),
+        steps_per_epoch=10,
+    )
+    assert [_applied(step, s, 0)[0] for s in (0, 24, 25, 39)] == [1.0, 1.0, 0.5, 0.5]

@@ -4,8 +4,10 @@ Precedence: dataclass defaults < recipe YAML (by name from trainer/recipes/ or b
 Every field carries a docstring (the string literal under it); `python -m trainer train --help-config`
 prints them. Loading is strict: an unknown section or key, a wrong type or an invalid value raises
 `ConfigError` with one line naming the key, the bad value and what is allowed (with a did-you-mean for
-typos). Only the entry point (`trainer/train.py`) sees a whole `RunConfig`; components receive plain
-arguments taken from it.
+typos). Every check of a setting lives here, once: components are built from their own section
+(`Checkpointer.from_config`, `trainer.data.build_data`, `StepPolicy.from_config`) and do not re-check what
+`_validate` accepted; the argument checks that remain in them guard their programmatic APIs. Only the entry
+point (`trainer/train.py`) sees a whole `RunConfig`.
 
 This module needs only the standard library and PyYAML (no torch), so it stays cheap to import.
 """
@@ -25,6 +27,9 @@ from typing import Any, Literal
 import yaml
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+# The per-image augmentations the device-resident loader implements (trainer.data.memory.MEMORY_AUGMENTS;
+# a test keeps the two equal): the imagenet ones crop variable-size images, which it does not hold.
+MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
 
 
 class ConfigError(ValueError):
@@ -266,7 +271,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
-    _check(d.image_size >= 0, "data.image_size", d.image_size, "an integer >= 0")
+    _check(
+        d.image_size == 0 or d.image_size >= 8,
+        "data.image_size",
+        d.image_size,
+        "0 (the stored size) or an integer >= 8",
+    )
     _check(
         g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
         "gnp.reuse_weight",
@@ -292,6 +302,12 @@ def _validate(c: RunConfig) -> None:
         "data.image_size",
         d.image_size,
         "0 with data.loader=memory (images keep their stored size)",
+    )
+    _check(
+        d.loader == "ffcv" or d.augment in MEMORY_AUGMENTS,
+        "data.augment",
+        d.augment,
+        f"one of {', '.join(map(repr, MEMORY_AUGMENTS))} with data.loader=memory (the others need data.loader=ffcv)",
     )
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
