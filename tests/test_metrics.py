@@ -170,6 +170,22 @@ def test_table_drives_the_exporter():
         s.close()
 
 
+def test_a_table_without_start_rows_keeps_the_resume_baseline():
+    # The start record feeds no row here, yet its gnp_steps is the baseline of the next window's delta.
+    rows = tuple(m for m in METRICS if m.name == "gnp_gnp_steps_total")
+    s = PrometheusSink(
+        port=free_ports(1), addr="127.0.0.1", job="j", rank=0, local_rank=0, gpu_reader=None, metrics=rows
+    )
+    try:
+        s.log("start", {"resumed_from_step": 100, "gnp_steps": 90})
+        s.log("train", {**TRAIN_1, "gnp_steps": 92})
+        types, samples = parse_exposition(scrape(s.port))
+        assert types == {"gnp_gnp_steps_total": "counter"}
+        assert one(samples, "gnp_gnp_steps_total") == 2
+    finally:
+        s.close()
+
+
 def test_metric_rows_are_checked():
     good = dict(name="gnp_x", type="gauge", help="h", record="train", key="k")
     Metric(**good)

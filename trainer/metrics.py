@@ -432,12 +432,9 @@ class PrometheusSink:
         return Gauge(m.name, m.help, labels, registry=self.registry)
 
     def log(self, kind: str, record: dict) -> None:
-        """Update the metrics fed by this record kind (kinds no row names are ignored)."""
-        rows = self._by_kind.get(kind)
-        if not rows:
-            return
-        view = self._derive(kind, record)
-        for m in rows:
+        """Update the metrics fed by this record kind (kinds no row names update nothing)."""
+        view = self._derive(kind, record)  # also for kinds without rows: it keeps the baselines of later deltas
+        for m in self._by_kind.get(kind, ()):
             value = 1 if m.key is None else view.get(m.key)
             if value is None:
                 continue
