@@ -30,6 +30,7 @@ import argparse
 import copy
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -85,6 +86,7 @@ node_selector / tolerations / priority_class / labels / annotations / env   pod 
 set                         extra trainer overrides (section.key=value)                      []
 convert.dataset/source/source_s3/args/resources   the dataset-conversion Job                 -
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
+alerts.<threshold>          this job's alert thresholds (ALERT_DEFAULTS; README "Alerts")     -
 """
 
 SPEC_KEYS = {
@@ -117,6 +119,7 @@ SPEC_KEYS = {
     "convert",
     "image_pull_policy",
     "image_pull_secrets",
+    "alerts",
 }
 
 
@@ -316,6 +319,7 @@ class Job:
     s3_secret: str
     data_volume: dict
     pull_policy: str
+    alerts: dict | None = None  # alert thresholds when the spec sets `alerts:` (its own PrometheusRule)
 
 
 def _expand(text: str, values: dict) -> str:
@@ -518,6 +522,7 @@ def build_job(
         s3_secret=s3_secret,
         data_volume=data_volume,
         pull_policy=pull_policy,
+        alerts=alert_thresholds(r.sub("alerts")) if r.get("alerts", dict) else None,
     )
 
 
@@ -919,6 +924,7 @@ def render_alert_rule(thresholds: dict[str, Any], job: str | None = None, namesp
         f"> (\n  ({t['stall_factor']} * {gap} > {floor:g})\n  or ({m('gnp_steps_total')} * 0 + {floor:g})\n)"
     )
     ckpt = m("gnp_checkpoint_last_success_timestamp_seconds")
+    start0 = m("gnp_process_start_time_seconds", 'rank="0"')  # rank 0 saves; all ranks restart together
     dcgm = (
         'label_replace(label_replace(DCGM_FI_DEV_GPU_UTIL, "pod", "$1", "exported_pod", "(.+)"), '
         '"namespace", "$1", "exported_namespace", "(.+)")'
@@ -967,15 +973,13 @@ def render_alert_rule(thresholds: dict[str, Any], job: str | None = None, namesp
             f"{m('gnp_train_loss')}[{t['explode_window']}])",
             t["pending"],
             f"{who}: loss is {{{{ $value | humanize }}}}, over {t['explode_factor_loss']}x its recent median",
-            f"The training loss exceeds {t['explode_factor_loss']} x its median over the last "
-            f"{t['explode_window']}.",
+            f"The training loss exceeds {t['explode_factor_loss']} x its median over the last {t['explode_window']}.",
             f"Dashboard 'Loss at θ and θ+ε' and 'Learning rate' (a warmup or schedule error?); `{logs}`.",
         ),
         (
             "GNPTrainingRestarting",
             "warning",
-            f"changes(max by (namespace, job_name, rank) ({m('gnp_process_start_time_seconds', 'rank=\"0\"')})"
-            f"[{t['restarts_window']}:])\n> {t['max_restarts']}",
+            f"changes(max by (namespace, job_name, rank) ({start0})[{t['restarts_window']}:])\n> {t['max_restarts']}",
             "0s",
             f"{who}: restarted {{{{ $value }}}} times in {t['restarts_window']}",
             f"More than {t['max_restarts']} new training processes within {t['restarts_window']} (torchrun "
@@ -987,7 +991,7 @@ def render_alert_rule(thresholds: dict[str, Any], job: str | None = None, namesp
             "GNPCheckpointUploadFailing",
             "critical",
             f"increase({m('gnp_checkpoint_failures_total')}[{t['checkpoint_failing_for']}]) > 0\n"
-            f"and (time() - ({ckpt} or {m('gnp_process_start_time_seconds', 'rank=\"0\"')})) > "
+            f"and (time() - ({ckpt} or {start0})) > "
             f"{_seconds(t['checkpoint_failing_for']):g}",
             "0s",
             f"{who}: checkpoint uploads failing for over {t['checkpoint_failing_for']}",
@@ -1025,8 +1029,7 @@ def render_alert_rule(thresholds: dict[str, Any], job: str | None = None, namesp
             f"* on (namespace, pod) group_left (job_name) group by (namespace, pod, job_name) "
             f"({m('gnp_process_start_time_seconds')})",
             t["gpu_idle_for"],
-            "{{ $labels.namespace }}/{{ $labels.job_name }} pod {{ $labels.pod }}: GPUs "
-            "{{ $value | humanize }}% busy",
+            "{{ $labels.namespace }}/{{ $labels.job_name }} pod {{ $labels.pod }}: GPUs {{ $value | humanize }}% busy",
             f"DCGM utilization of the pod's GPUs averaged below {t['gpu_idle_percent']}% for "
             f"{t['gpu_idle_for']} while the job runs.",
             f"Input-bound or stalled? See those alerts and the dashboard's GPU row; `{logs}`.",
@@ -1086,17 +1089,31 @@ def default_alert_rule_text() -> str:
         "# rule (make render JOB=... PART=monitoring), which this one then skips. The `release:` label is what\n"
         "# kube-prometheus-stack's ruleSelector matches (ruleSelectorNilUsesHelmValues), like the PodMonitor's.\n"
     )
-    return header + dump([render_alert_rule(alert_thresholds(None))])
+    return header + rule_yaml(render_alert_rule(alert_thresholds(None)))
 
 
-def alert_rule_doc(job: Job) -> dict | str:
+class _RuleDumper(yaml.SafeDumper):
+    """Multi-line strings (the PromQL) as literal blocks, readable in the file and in `kubectl get -o yaml`."""
+
+
+_RuleDumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def rule_yaml(doc: dict) -> str:
+    return yaml.dump(doc, Dumper=_RuleDumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+
+
+def alert_rule_doc(job: Job) -> str:
     """The monitoring part's rule: the committed cluster-wide file, or the job's own when it sets `alerts:`."""
     if job.alerts is None:
         path = MONITORING_DIR / ALERT_RULE_FILE
         if not path.is_file():
             raise UserError(f"{path.relative_to(ROOT)} is missing")
         return path.read_text()
-    return render_alert_rule(job.alerts, job.name, job.namespace)
+    return rule_yaml(render_alert_rule(job.alerts, job.name, job.namespace))
 
 
 def dump(docs: Iterable[dict | str]) -> str:
@@ -1128,6 +1145,7 @@ def render(job: Job, part: str = "job") -> str:
             docs.append(cj)
     if part in ("monitoring", "all"):
         docs += monitoring_texts()
+        docs.append(alert_rule_doc(job))
     return dump(docs)
 
 
