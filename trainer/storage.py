@@ -10,6 +10,8 @@ relative to a root (a folder, or `s3://bucket/prefix/`):
     abort_incomplete(prefix)   drop leftovers of interrupted writes (S3 multipart uploads, local temp files)
 
 `put` replaces an existing key; callers that must never overwrite (the checkpointer) pick fresh keys.
+`S3Storage` also streams whole files between disk and the bucket (`download_file`, `upload_file`) and lists
+object sizes (`sizes`): the dataset transfers of trainer/launch.py, whose files do not fit in memory.
 
 S3 goes through boto3 with the standard AWS credential chain (environment, shared config/profile, IRSA,
 instance roles): credentials are never arguments, never stored here and never part of a message.
