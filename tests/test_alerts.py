@@ -532,6 +532,7 @@ def test_promtool_job_thresholds_replace_the_cluster_wide_rule(tmp_path):
 # ---------------------------------------------------------------- a real Prometheus, a real run
 
 JOB = "gnp-alerts"
+STALLED = "GNPTrainingStalled"
 JOB_LABEL = "training.kubeflow.org/job-name"
 
 
@@ -643,20 +644,23 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
         assert set(pids) == {0, 1}, pids
         os.kill(pids[1], signal.SIGSTOP)
         t_stop = time.monotonic()
-        firing = []
-        while time.monotonic() < t_stop + 45 and not firing:
+        firing: list[dict] = []
+        while time.monotonic() < t_stop + 45 and not any(a["labels"]["alertname"] == STALLED for a in firing):
             firing = [a for a in _alerts(prom) if a["state"] == "firing"]
             time.sleep(0.5)
         took = time.monotonic() - t_stop
-        assert firing, f"nothing fired within 45 s; alerts: {_alerts(prom)}; steps {before} -> {steps()}"
-        assert [a["labels"]["alertname"] for a in firing] == ["GNPTrainingStalled"], firing
+        names = sorted(a["labels"]["alertname"] for a in firing)
+        assert STALLED in names, f"not firing within 45 s; alerts: {_alerts(prom)}; steps {before} -> {steps()}"
+        # the other symptom of a stopped job may fire too: no checkpoint at the usual interval (every epoch here)
+        assert set(names) <= {STALLED, "GNPCheckpointStale"} and names.count(STALLED) == 1, firing
+        firing = [a for a in firing if a["labels"]["alertname"] == STALLED]
         alert = firing[0]
         assert alert["labels"]["rank"] == "0" and alert["labels"]["namespace"] == NS
         assert alert["labels"]["severity"] == "critical" and alert["labels"]["pod"] == f"{JOB}-master-0"
         summary = alert["annotations"]["summary"]
         assert re.match(rf"{NS}/{JOB} rank 0: no optimizer step for \d", summary), summary
         assert f"make logs JOB={JOB} NAMESPACE={NS}" in alert["annotations"]["runbook"]
-        print(f"GNPTrainingStalled firing {took:.1f} s after SIGSTOP")
+        print(f"GNPTrainingStalled firing {took:.1f} s after SIGSTOP (also firing: {names})")
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # SIGKILL: a stopped process does not act on SIGTERM
