@@ -384,3 +384,43 @@ def test_fetch_and_push_datasets(s3_env, tmp_path, monkeypatch):
         launch.fetch(bucket, "ds/nothing", tmp_path / "none")
     with pytest.raises(StorageConfigError, match="NoSuchBucket|404"):
         launch.fetch("no-such-bucket-gnp", "x", tmp_path / "none")
+
+
+def test_sigterm_during_a_dataset_download_exits_143(tmp_path):
+    """A pod deleted while the dataset downloads: no child to pass SIGTERM to, so the launcher stops the
+    transfer itself and exits 128+15 at once (not after its S3 retries, and without starting torchrun)."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(60)
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.launch", "train", "--recipe", "x"],
+            env=_launch_env(
+                tmp_path,
+                FAKE_MODE="ok",
+                GNP_DATA_S3="s3://bucket/ds",
+                GNP_DATA_DIR=str(tmp_path / "data"),
+                AWS_ENDPOINT_URL_S3=endpoint,
+                AWS_ACCESS_KEY_ID="k",
+                AWS_SECRET_ACCESS_KEY="s",
+                AWS_EC2_METADATA_DISABLED="true",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = server.accept()  # the launcher's first request: it now waits for an answer that never comes
+            with conn:
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                out, err = proc.communicate(timeout=30)
+                assert proc.returncode == 143, err
+                assert time.monotonic() - t0 < 10 and "Traceback" not in err and "READY" not in out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
