@@ -90,6 +90,7 @@ def test_last_attempt_is_the_highest_restart_number(tmp_path):
     assert launch.last_attempt_statuses(tmp_path) == []
     assert launch.map_status(1, launch.last_attempt_statuses(tmp_path), False)[0] == 200
     write("unrelated.txt", "x")
+    write("exit.11.1", "")  # a rank killed halfway through writing its status
     assert launch.last_attempt_statuses(tmp_path) == []
 
 

@@ -118,7 +118,9 @@ def last_attempt_statuses(status_dir: str | os.PathLike) -> list[int]:
             continue
         codes = attempts.setdefault(int(restart), [])
         if kind == "exit":
-            codes.append(int(Path(entry.path).read_text().strip()))
+            text = Path(entry.path).read_text().strip()
+            if text.isdigit():  # a rank killed while writing leaves an empty file: no status
+                codes.append(int(text))
     return sorted(attempts[max(attempts)]) if attempts else []
 
 
