@@ -56,6 +56,12 @@ ALERTS = [
 ]
 
 
+def _promtool_cmd(*args: str) -> list[str]:
+    if not Path(PROMTOOL).is_file():
+        pytest.fail(f"{PROMTOOL} is missing: `make setup` installs Debian's prometheus package, which ships it")
+    return [PROMTOOL, *args]
+
+
 def _rules(doc: dict) -> list[dict]:
     return [r for g in doc["spec"]["groups"] for r in g["rules"]]
 
@@ -119,7 +125,7 @@ def test_promtool_accepts_the_rules(tmp_path):
     for i, doc in enumerate((default, own)):
         path = tmp_path / f"r{i}.yml"
         path.write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
-        out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+        out = subprocess.run(_promtool_cmd("check", "rules", str(path)), capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr  # also parses the annotation templates
 
 
@@ -444,7 +450,7 @@ def _promtool(tmp_path: Path, rule_docs: list[dict], tests: list[dict], name: st
             {"rule_files": files, "evaluation_interval": "1m", "tests": tests}, sort_keys=False, width=1 << 30
         )
     )
-    return subprocess.run([PROMTOOL, "test", "rules", test.name], cwd=tmp_path, capture_output=True, text=True)
+    return subprocess.run(_promtool_cmd("test", "rules", test.name), cwd=tmp_path, capture_output=True, text=True)
 
 
 def _counts() -> tuple[int, int]:
