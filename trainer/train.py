@@ -49,10 +49,10 @@ __all__ = [
     "git_commit",
 ]
 
-# Keys that may differ between the config saved in a run directory and the one resuming it: they change
-# how a run is observed or fed, not what it computes.
 FINAL_UPLOAD_TIMEOUT_S = 600
 
+# Keys that may differ between the config saved in a run directory and the one resuming it: they change
+# how a run is observed or fed, not what it computes.
 RESUMABLE_CHANGES = (
     "git_commit",
     "recipe",
@@ -173,7 +173,8 @@ def _per_rank_batch(cfg: RunConfig, env: dist.DistEnv) -> int:
 
 
 class _Held:
-    """Holds the DDP model and optimizer so teardown can drop them before destroy_process_group().
+    """Holds the DDP model and optimizer (and the RunState that references them) so teardown can drop them
+    before destroy_process_group(); also the sink and checkpointer that teardown closes.
 
     (An exception's traceback keeps a function's locals alive; attributes of this object can be cleared.)
     """

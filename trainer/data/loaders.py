@@ -558,7 +558,7 @@ class LoaderFacts:
     rank: int
     world_size: int
     device: torch.device
-    channels_last: bool = False
+    channels_last: bool
 
 
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
