@@ -5,12 +5,20 @@ for a run's `data` section.
 FFCV (unmaintained upstream, numba-compiled) is only imported inside the functions that need it,
 so importing this package stays cheap.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["convert", "build_data", "build_loaders", "build_memory_loaders", "validate_dataset", "Loaders",
-           "LoaderFacts"]
+__all__ = [
+    "convert",
+    "build_data",
+    "build_loaders",
+    "build_memory_loaders",
+    "validate_dataset",
+    "Loaders",
+    "LoaderFacts",
+]
 
 if TYPE_CHECKING:
     from trainer.config import DataConfig
@@ -25,8 +33,10 @@ def build_data(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
     loader (cfg.loader), with the run facts (batch sizes, rank, device, seed) in `facts`."""
     if cfg.loader == "memory":
         from .memory import memory_loaders_from_config
+
         return memory_loaders_from_config(cfg, facts)
     from .loaders import loaders_from_config
+
     return loaders_from_config(cfg, facts)
 
 
@@ -34,11 +44,14 @@ def __getattr__(name: str) -> Any:
     # Lazy re-exports: `from trainer.data import build_loaders` without importing ffcv/torch eagerly.
     if name == "convert":
         from .convert import convert
+
         return convert
     if name in ("build_loaders", "validate_dataset", "Loaders", "LoaderFacts"):
         from . import loaders
+
         return getattr(loaders, name)
     if name == "build_memory_loaders":
         from .memory import build_memory_loaders
+
         return build_memory_loaders
     raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")

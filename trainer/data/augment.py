@@ -43,9 +43,9 @@ Per image (uint8 N x C x H x W batches on any device, before normalization; the 
   ops get a random sign. On 32 x 32 images these constants mean that a Translate of level >= 2
   turns the whole image grey (128), the table's Cutouts (levels 3-4, squares of side 60-80) grey
   all or nearly all of it, and Posterize keeps 1-2 bits: that is what the reference trained with,
-  reproduced on purpose (``translate_const``/``cutout_const`` are arguments for other choices). ``policy="paper"`` is the paper's
-  25-sub-policy CIFAR-10 table with torchvision's magnitudes (``transforms.v2.AutoAugment``,
-  ``AutoAugmentPolicy.CIFAR10``), but fill 128 and per-sample randomness.
+  reproduced on purpose (``translate_const``/``cutout_const`` are arguments for other choices).
+  ``policy="paper"`` is the paper's 25-sub-policy CIFAR-10 table with torchvision's magnitudes
+  (``transforms.v2.AutoAugment``, ``AutoAugmentPolicy.CIFAR10``), but fill 128 and per-sample randomness.
 * ``RandAugment(num_ops=2, magnitude=9)``: the reference's ImageNet "autoaugment": per layer one of
   16 ops uniformly (AutoContrast, Equalize, Invert, Rotate, Posterize, Solarize, Color, Contrast,
   Brightness, Sharpness, ShearX, ShearY, TranslateX, TranslateY, Cutout, SolarizeAdd), always
@@ -64,6 +64,7 @@ image, which makes it a darkening op); grey levels, blends and the Sharpness fil
 torchvision/PIL (TF truncates in places: at most 1 grey level apart); the geometric ops take the
 nearest source pixel with ties to even (TF: away from zero).
 """
+
 from __future__ import annotations
 
 import math
@@ -111,6 +112,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
 # Soft targets and the loss
 # --------------------------------------------------------------------------------------------
 
+
 def one_hot(labels: Tensor, num_classes: int) -> Tensor:
     """float32 one-hot targets (N, K) on ``labels.device`` (scatter: no device-side checks, no sync)."""
     out = torch.zeros(labels.shape[0], num_classes, dtype=torch.float32, device=labels.device)
@@ -133,15 +135,16 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 # Batch-level augmentation
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class BatchDraw:
     """The random numbers of one ``BatchAugment`` call (host values; see ``BatchAugment.draw``)."""
 
-    lam: Optional[float] = None                          # mixup / mixcut weight of the image itself
+    lam: Optional[float] = None  # mixup / mixcut weight of the image itself
     cutout_box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1), end exclusive
-    perm: Optional[np.ndarray] = None                    # cutmix partner of each image
-    boxes: Optional[np.ndarray] = None                   # cutmix (N, 4) y0, y1, x0, x1 per image
-    lam_per_sample: Optional[np.ndarray] = None          # cutmix weight of the image itself, after clipping
+    perm: Optional[np.ndarray] = None  # cutmix partner of each image
+    boxes: Optional[np.ndarray] = None  # cutmix (N, 4) y0, y1, x0, x1 per image
+    lam_per_sample: Optional[np.ndarray] = None  # cutmix weight of the image itself, after clipping
 
 
 class BatchAugment:
@@ -154,8 +157,17 @@ class BatchAugment:
     Semantics of each ``kind``: see the module docstring.
     """
 
-    def __init__(self, kind: str, *, num_classes: int, cutout: int = 16, alpha: float = 1.0,
-                 label_smoothing: float = 0.0, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        *,
+        num_classes: int,
+        cutout: int = 16,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         if kind not in BATCH_AUGMENTS:
             raise ValueError(f"batch_augment: unknown '{kind}'; allowed: {', '.join(BATCH_AUGMENTS)}")
         self.kind = kind
@@ -197,12 +209,13 @@ class BatchAugment:
 
     def __call__(self, images: Tensor, labels: Tensor, step: int) -> tuple[Tensor, Tensor]:
         if images.ndim != 4 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"BatchAugment: expected images (N, C, H, W) and labels (N,), got "
-                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"BatchAugment: expected images (N, C, H, W) and labels (N,), got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         n, _, h, w = images.shape
         d = self.draw(step, n, h, w)
-        channels_last = (images.is_contiguous(memory_format=torch.channels_last)
-                         and not images.is_contiguous())
+        channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
         targets = one_hot(labels, self.num_classes)
         if d.lam is not None:
             lam = d.lam
@@ -220,12 +233,12 @@ class BatchAugment:
             weight = _to_device(d.lam_per_sample.astype(np.float32), dev).view(-1, 1)
             rows = torch.arange(h, device=dev).view(1, h)
             cols = torch.arange(w, device=dev).view(1, w)
-            in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])          # (N, H)
-            in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])          # (N, W)
-            mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)     # (N, 1, H, W)
+            in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])  # (N, H)
+            in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])  # (N, W)
+            mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (N, 1, H, W)
             images = torch.where(mask, images.index_select(0, perm), images)
             targets = weight * targets + (1.0 - weight) * targets.index_select(0, perm)
-        if channels_last:   # masked_fill/where may return NCHW; the model expects the loader's layout
+        if channels_last:  # masked_fill/where may return NCHW; the model expects the loader's layout
             images = images.contiguous(memory_format=torch.channels_last)
         return images, smooth_targets(targets, self.label_smoothing)
 
@@ -234,8 +247,24 @@ class BatchAugment:
 # Per-image ops on uint8 batches, vectorized over per-image magnitudes
 # --------------------------------------------------------------------------------------------
 
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
-       "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout")
+OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Cutout",
+)
 _OP_ID = {name: i for i, name in enumerate(OPS)}
 _SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"}
 _BLENDS = {"Color", "Contrast", "Brightness", "Sharpness"}
@@ -287,9 +316,9 @@ def _affine_matrices(name: str, value: Tensor, h: int, w: int) -> Tensor:
         cos, sin = torch.cos(t), torch.sin(t)
         cx, cy = (w - 1) * 0.5, (h - 1) * 0.5
         return torch.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], 1)
-    if name == "ShearX":     # PIL/TF transform (1, s, 0, 0, 1, 0): shear about the top-left pixel
+    if name == "ShearX":  # PIL/TF transform (1, s, 0, 0, 1, 0): shear about the top-left pixel
         return torch.stack([one, value, zero, zero, one, zero], 1)
-    if name == "ShearY":     # (1, 0, 0, s, 1, 0)
+    if name == "ShearY":  # (1, 0, 0, s, 1, 0)
         return torch.stack([one, zero, zero, value, one, zero], 1)
     if name == "TranslateX":  # content moves right by value pixels
         return torch.stack([one, zero, -value, zero, one, zero], 1)
@@ -314,26 +343,26 @@ def _apply_op(name: str, x: Tensor, p: Tensor, fill: int) -> Tensor:
         flat = hi == lo
         inv_scale = torch.where(flat, 1.0, (hi - lo).mul_(1.0 / 255))
         return xf.sub_(torch.where(flat, 0.0, lo)).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
-    if name == "Equalize":       # PIL's LUT per image and channel (torchvision's kernel: batched, sync-free)
+    if name == "Equalize":  # PIL's LUT per image and channel (torchvision's kernel: batched, sync-free)
         return _tvf().equalize(x)
-    if name == "Posterize":      # keep the `value` high bits: x & (0xFF << (8 - bits))
+    if name == "Posterize":  # keep the `value` high bits: x & (0xFF << (8 - bits))
         shift = (8 - value).to(torch.int32).view(n, 1, 1, 1)
         mask = torch.bitwise_left_shift(torch.full_like(shift, 0xFF), shift).bitwise_and_(0xFF)
         return x & mask.to(torch.uint8)
-    if name == "Solarize":       # invert the pixels >= threshold (threshold 256: none)
+    if name == "Solarize":  # invert the pixels >= threshold (threshold 256: none)
         return torch.where(x >= value.view(n, 1, 1, 1), x.bitwise_not(), x)
-    if name == "SolarizeAdd":    # add `value` to the pixels < 128, clipped
+    if name == "SolarizeAdd":  # add `value` to the pixels < 128, clipped
         added = (x.to(torch.int16) + value.to(torch.int16).view(n, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
         return torch.where(x < 128, added, x)
     if name in _BLENDS:
         ratio, one_minus = p[:, 0].view(n, 1, 1, 1), p[:, 1].view(n, 1, 1, 1)
-        if name == "Brightness":   # blend with black
+        if name == "Brightness":  # blend with black
             return x.mul(ratio).clamp_(0, 255).to(torch.uint8)
-        if c != 3:                 # PIL: Color/Contrast need RGB; grey images pass unchanged
+        if c != 3:  # PIL: Color/Contrast need RGB; grey images pass unchanged
             return x.clone()
-        if name == "Color":        # blend with the image's grey version
+        if name == "Color":  # blend with the image's grey version
             return _blend(x, _grayscale(x), ratio, one_minus)
-        if name == "Contrast":     # blend with the mean grey level
+        if name == "Contrast":  # blend with the mean grey level
             return _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), ratio, one_minus)
         # Sharpness: blend with PIL's SMOOTH filter (3x3, centre 5, /13), border pixels unchanged.
         if h <= 2 or w <= 2:
@@ -346,11 +375,11 @@ def _apply_op(name: str, x: Tensor, p: Tensor, fill: int) -> Tensor:
         total = inner * 4.0
         for dy in range(3):
             for dx in range(3):
-                total += out[..., dy:h - 2 + dy, dx:w - 2 + dx]
+                total += out[..., dy : h - 2 + dy, dx : w - 2 + dx]
         blurred = total.div_(13.0).round_()
         inner.addcmul_(blurred - inner, one_minus)
         return out.clamp_(0, 255).to(torch.uint8)
-    if name == "Cutout":         # rows [max(0, cy - v), min(H, cy + v)), same for columns
+    if name == "Cutout":  # rows [max(0, cy - v), min(H, cy + v)), same for columns
         half = value.view(n, 1)
         rows = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h)
         cols = torch.arange(w, device=x.device, dtype=torch.float32).view(1, w)
@@ -361,8 +390,14 @@ def _apply_op(name: str, x: Tensor, p: Tensor, fill: int) -> Tensor:
     return _warp(x, _affine_matrices(name, value, h, w), fill)
 
 
-def apply_op(images: Tensor, name: str, value: Union[float, Sequence[float], Tensor] = 0.0, *,
-             center: Optional[tuple[int, int]] = None, fill: int = FILL) -> Tensor:
+def apply_op(
+    images: Tensor,
+    name: str,
+    value: Union[float, Sequence[float], Tensor] = 0.0,
+    *,
+    center: Optional[tuple[int, int]] = None,
+    fill: int = FILL,
+) -> Tensor:
     """Apply one op to every image of a uint8 (N, C, H, W) batch; returns a new uint8 batch.
 
     ``value`` (one number, or one per image) is the op's argument in its own units: Rotate degrees
@@ -451,8 +486,9 @@ def _parse_table(text: str) -> list[list[tuple[str, float, Optional[int]]]]:
     for line in text.strip().splitlines():
         for sub in line.split("|"):
             f = sub.split()
-            out.append([(f[i], float(f[i + 1]), None if f[i + 2] == "-" else int(f[i + 2]))
-                        for i in range(0, len(f), 3)])
+            out.append(
+                [(f[i], float(f[i + 1]), None if f[i + 2] == "-" else int(f[i + 2])) for i in range(0, len(f), 3)]
+            )
     return out
 
 
@@ -494,7 +530,7 @@ def _paper_level(name: str, level: Optional[int], h: int, w: int) -> tuple[float
         return 0.0, 0.0
     if name in ("ShearX", "ShearY"):
         return 0.0, float(torch.linspace(0.0, 0.3, 10)[level])
-    if name == "TranslateX":        # torchvision truncates the signed value: same magnitude both ways
+    if name == "TranslateX":  # torchvision truncates the signed value: same magnitude both ways
         return 0.0, float(int(torch.linspace(0.0, 150.0 / 331.0 * w, 10)[level]))
     if name == "TranslateY":
         return 0.0, float(int(torch.linspace(0.0, 150.0 / 331.0 * h, 10)[level]))
@@ -513,13 +549,14 @@ class _Tables:
     """Per-(sub-policy, slot) arrays: op id, probability, base value, signed delta."""
 
     def __init__(self, rows: list[list[tuple[int, float, float, float]]]):
-        a = np.asarray(rows, dtype=np.float64)          # (P, slots, 4)
+        a = np.asarray(rows, dtype=np.float64)  # (P, slots, 4)
         self.op = a[..., 0].astype(np.int64)
         self.prob, self.base, self.delta = a[..., 1], a[..., 2], a[..., 3]
 
 
-def _op_params(rng: np.random.Generator, op_id: np.ndarray, base: np.ndarray, delta: np.ndarray,
-               h: int, w: int) -> np.ndarray:
+def _op_params(
+    rng: np.random.Generator, op_id: np.ndarray, base: np.ndarray, delta: np.ndarray, h: int, w: int
+) -> np.ndarray:
     """(N, 4) parameters [value, 1 - value, cutout row, cutout col] with a random sign per image."""
     n = len(op_id)
     sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
@@ -538,8 +575,16 @@ class AutoAugment:
     Randomness: a function of ``(seed, rank, step)``. Returns a new tensor, contiguous NCHW.
     """
 
-    def __init__(self, policy: Union[str, Sequence[SubPolicy]] = "reference", *, seed: int = 0, rank: int = 0,
-                 translate_const: float = 250.0, cutout_const: float = 100.0, fill: int = FILL):
+    def __init__(
+        self,
+        policy: Union[str, Sequence[SubPolicy]] = "reference",
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        translate_const: float = 250.0,
+        cutout_const: float = 100.0,
+        fill: int = FILL,
+    ):
         self.seed = _check_int("seed", seed, 0)
         self.rank = _check_int("rank", rank, 0)
         self.fill = int(fill)
@@ -600,8 +645,17 @@ class RandAugment:
     ``cutout_const=40``), a random sign for the geometric ops. Randomness: ``(seed, rank, step)``.
     """
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 9, *, seed: int = 0, rank: int = 0,
-                 translate_const: float = 100.0, cutout_const: float = 40.0, fill: int = FILL):
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        translate_const: float = 100.0,
+        cutout_const: float = 40.0,
+        fill: int = FILL,
+    ):
         self.num_ops = _check_int("num_ops", num_ops, 0)
         magnitude = float(magnitude)
         if not 0.0 <= magnitude <= 10.0:
@@ -610,8 +664,12 @@ class RandAugment:
         self.seed = _check_int("seed", seed, 0)
         self.rank = _check_int("rank", rank, 0)
         self.fill = int(fill)
-        values = np.array([reference_level(name, magnitude, translate_const=translate_const,
-                                           cutout_const=cutout_const) for name in OPS])
+        values = np.array(
+            [
+                reference_level(name, magnitude, translate_const=translate_const, cutout_const=cutout_const)
+                for name in OPS
+            ]
+        )
         signed = np.array([name in _SIGNED for name in OPS])
         self._base = np.where(signed, 0.0, values)
         self._delta = np.where(signed, values, 0.0)
@@ -635,8 +693,16 @@ class FlipReflectCrop:
     fully inside the image set to ``fill`` (the same semantics as the loader's numba
     ``RandomFlipCropCutout``, but reproducible under ``(seed, rank, step)``)."""
 
-    def __init__(self, padding: int = 4, flip_prob: float = 0.5, cutout: int = 0,
-                 fill: Sequence[int] = (0, 0, 0), *, seed: int = 0, rank: int = 0):
+    def __init__(
+        self,
+        padding: int = 4,
+        flip_prob: float = 0.5,
+        cutout: int = 0,
+        fill: Sequence[int] = (0, 0, 0),
+        *,
+        seed: int = 0,
+        rank: int = 0,
+    ):
         self.padding = _check_int("padding", padding, 0)
         self.flip_prob = float(flip_prob)
         self.cutout = _check_int("cutout", cutout, 0)
@@ -659,8 +725,8 @@ class FlipReflectCrop:
             i = np.abs(i)
             return np.where(i >= size, 2 * size - 2 - i, i)
 
-        rows = reflect(np.arange(h)[None, :] + dy[:, None], h)               # (N, H)
-        cols = reflect(np.arange(w)[None, :] + dx[:, None], w)               # (N, W)
+        rows = reflect(np.arange(h)[None, :] + dy[:, None], h)  # (N, H)
+        cols = reflect(np.arange(w)[None, :] + dx[:, None], w)  # (N, W)
         cols = np.where(flip[:, None], w - 1 - cols, cols)
         index = _to_device((rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w), images.device)
         x = images.contiguous().reshape(n, c, h * w).gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
@@ -692,9 +758,9 @@ def _check_uint8_batch(images: Tensor) -> None:
         raise ValueError(f"expected a uint8 (N, C, H, W) batch, got {images.dtype} {tuple(images.shape)}")
 
 
-def build_image_policy(augment: str, *, seed: int, rank: int, cutout: int = 0,
-                       fill: Sequence[int] = (0, 0, 0), padding: int = 4
-                       ) -> Optional[Callable[[Tensor, int], Tensor]]:
+def build_image_policy(
+    augment: str, *, seed: int, rank: int, cutout: int = 0, fill: Sequence[int] = (0, 0, 0), padding: int = 4
+) -> Optional[Callable[[Tensor, int], Tensor]]:
     """The torch stage of the train pipeline for ``augment`` (None when the FFCV ops do it all).
 
     ``autoaugment``: AutoAugment (reference CIFAR policy), then flip + reflect-pad crop (+ per-image
@@ -702,8 +768,10 @@ def build_image_policy(augment: str, *, seed: int, rank: int, cutout: int = 0,
     (+ per-image cutout last).
     """
     if augment == "autoaugment":
-        return Compose(AutoAugment("reference", seed=seed, rank=rank),
-                       FlipReflectCrop(padding, 0.5, cutout, fill, seed=seed, rank=rank))
+        return Compose(
+            AutoAugment("reference", seed=seed, rank=rank),
+            FlipReflectCrop(padding, 0.5, cutout, fill, seed=seed, rank=rank),
+        )
     if augment == "randaugment":
         ra = RandAugment(2, 9, seed=seed, rank=rank)
         if cutout:

@@ -64,6 +64,7 @@ GPU: call ``torch.cuda.set_device(local_rank)`` before ``build_loaders`` (FFCV p
 streams from the current device). FFCV's ``torch.set_num_threads`` side effects (at import and for
 every loader/epoch) are undone on the calling thread.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,15 @@ IMAGENET_DEFAULT_SIZE = 224
 # --------------------------------------------------------------------------------------------
 
 _META_TYPES: dict[str, Any] = {
-    "dataset": str, "num_classes": int, "classes": list, "train_size": int, "val_size": int,
-    "mean": list, "std": list, "write_mode": str, "format_version": int,
+    "dataset": str,
+    "num_classes": int,
+    "classes": list,
+    "train_size": int,
+    "val_size": int,
+    "mean": list,
+    "std": list,
+    "write_mode": str,
+    "format_version": int,
 }
 
 
@@ -111,30 +119,28 @@ def _bad(path: str, what: str) -> ValueError:
     return ValueError(f"{path}: {what}")
 
 
-def _check_beton(path: str, expected_samples: int, expected_bytes: Optional[int],
-                 num_classes: int) -> _SplitInfo:
+def _check_beton(path: str, expected_samples: int, expected_bytes: Optional[int], num_classes: int) -> _SplitInfo:
     """Check that ``path`` is a complete, sane FFCV file with an image and a label field.
 
     Everything FFCV's reader and its numba decoders would later trust is checked here, so that a
     damaged file gives a one-line ValueError instead of a numba crash or a segfault.
     """
     import_ffcv()
-    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType,
-                            get_handlers, get_metadata_type)
+    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType, get_handlers, get_metadata_type
 
     hint = "re-run `python -m trainer convert`"
     if not os.path.isfile(path):
         raise _bad(path, f"missing; expected an FFCV .beton written by `trainer convert` ({hint})")
     size = os.path.getsize(path)
     if expected_bytes is not None and size != expected_bytes:
-        raise _bad(path, f"{size} bytes but meta.json records {expected_bytes} (truncated or "
-                         f"replaced; {hint})")
+        raise _bad(path, f"{size} bytes but meta.json records {expected_bytes} (truncated or replaced; {hint})")
     if size < HeaderType.itemsize + 2 * FieldDescType.itemsize:
         raise _bad(path, f"{size} bytes is too short for an FFCV header (truncated; {hint})")
     header = np.fromfile(path, dtype=HeaderType, count=1)[0]
     if int(header["version"]) != CURRENT_VERSION:
-        raise _bad(path, f"not an FFCV .beton (format version {int(header['version'])}, expected "
-                         f"{CURRENT_VERSION}; {hint})")
+        raise _bad(
+            path, f"not an FFCV .beton (format version {int(header['version'])}, expected {CURRENT_VERSION}; {hint})"
+        )
     num_fields, num_samples = int(header["num_fields"]), int(header["num_samples"])
     page_size, table_ptr = int(header["page_size"]), int(header["alloc_table_ptr"])
     if num_fields != 2:
@@ -147,19 +153,22 @@ def _check_beton(path: str, expected_samples: int, expected_bytes: Optional[int]
     type_ids = [int(t) for t in descs["type_id"]]
     names = [bytes(d).split(b"\0")[0].decode("ascii", "replace") for d in descs["name"]]
     if type_ids != [2, 1] or names != ["image", "label"]:
-        raise _bad(path, f"fields {list(zip(names, type_ids))}; expected image (RGBImageField) and "
-                         f"label (IntField) ({hint})")
+        raise _bad(
+            path, f"fields {list(zip(names, type_ids))}; expected image (RGBImageField) and label (IntField) ({hint})"
+        )
     meta_type = get_metadata_type(get_handlers(descs))
     meta_start = HeaderType.itemsize + descs.nbytes
     data_start = meta_start + num_samples * meta_type.itemsize
     if not data_start <= table_ptr <= size or (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        raise _bad(path, f"allocation table at byte {table_ptr} does not fit a {size}-byte file "
-                         f"(truncated or corrupt; {hint})")
+        raise _bad(
+            path, f"allocation table at byte {table_ptr} does not fit a {size}-byte file (truncated or corrupt; {hint})"
+        )
     metadata = np.fromfile(path, dtype=meta_type, count=num_samples, offset=meta_start)
     table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table_ptr)
     ptrs, sizes = table["ptr"].astype(np.int64), table["size"].astype(np.int64)
-    if len(table) and (ptrs.min() < data_start or (ptrs + sizes).max() > table_ptr
-                       or table["sample_id"].max() >= num_samples):
+    if len(table) and (
+        ptrs.min() < data_start or (ptrs + sizes).max() > table_ptr or table["sample_id"].max() >= num_samples
+    ):
         raise _bad(path, f"allocation table points outside the data region (corrupt; {hint})")
     image, label = metadata[metadata.dtype.names[0]], metadata[metadata.dtype.names[1]]
     modes, heights, widths = image["mode"], image["height"].astype(np.int64), image["width"].astype(np.int64)
@@ -204,8 +213,10 @@ def _validate(data_dir: str) -> tuple[dict, dict[str, _SplitInfo]]:
         if not isinstance(meta.get(key), typ) or isinstance(meta.get(key), bool):
             raise ValueError(f"{meta_path}: key '{key}' missing or not {typ.__name__}; {convert_hint}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta['format_version']}; this trainer reads "
-                         f"{FORMAT_VERSION} (re-run convert)")
+        raise ValueError(
+            f"{meta_path}: format_version {meta['format_version']}; this trainer reads "
+            f"{FORMAT_VERSION} (re-run convert)"
+        )
     for key in ("mean", "std"):
         vals = meta[key]
         if len(vals) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
@@ -213,15 +224,17 @@ def _validate(data_dir: str) -> tuple[dict, dict[str, _SplitInfo]]:
     if not all(v > 0 for v in meta["std"]):
         raise ValueError(f"{meta_path}: 'std' must be positive")
     if meta["num_classes"] < 1 or len(meta["classes"]) != meta["num_classes"]:
-        raise ValueError(f"{meta_path}: 'classes' has {len(meta['classes'])} names, num_classes is "
-                         f"{meta['num_classes']}")
+        raise ValueError(
+            f"{meta_path}: 'classes' has {len(meta['classes'])} names, num_classes is {meta['num_classes']}"
+        )
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     infos = {}
     for split, fname in SPLIT_FILES.items():
         rec = files.get(fname) if isinstance(files.get(fname), dict) else {}
         expected_bytes = rec.get("bytes") if isinstance(rec.get("bytes"), int) else None
-        infos[split] = _check_beton(os.path.join(data_dir, fname), meta[f"{split}_size"],
-                                    expected_bytes, meta["num_classes"])
+        infos[split] = _check_beton(
+            os.path.join(data_dir, fname), meta[f"{split}_size"], expected_bytes, meta["num_classes"]
+        )
     return meta, infos
 
 
@@ -239,6 +252,7 @@ def validate_dataset(data_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------
 # Random flip + reflect-padded random crop + cutout (one numba FFCV operation)
 # --------------------------------------------------------------------------------------------
+
 
 def _flip_crop_cutout_operation() -> type:
     """Build the ``RandomFlipCropCutout`` class (deferred so that importing this module skips ffcv)."""
@@ -281,8 +295,7 @@ def _flip_crop_cutout_operation() -> type:
         variants draw the same random numbers in the same order, so they give the same images.
         """
 
-        def __init__(self, padding: int = 0, flip_prob: float = 0.5, cutout: int = 0,
-                     fill: Sequence[int] = (0, 0, 0)):
+        def __init__(self, padding: int = 0, flip_prob: float = 0.5, cutout: int = 0, fill: Sequence[int] = (0, 0, 0)):
             super().__init__()
             self.padding = int(padding)
             self.flip_prob = float(flip_prob)
@@ -362,9 +375,8 @@ def _flip_crop_cutout_operation() -> type:
             if len(self.fill) != c:
                 raise ValueError(f"fill: {len(self.fill)} values for {c}-channel images")
             if not self.padding:
-                return replace(previous_state, jit_mode=True), None   # in place
-            return (replace(previous_state, jit_mode=True),
-                    AllocationQuery((h, w, c), previous_state.dtype))
+                return replace(previous_state, jit_mode=True), None  # in place
+            return (replace(previous_state, jit_mode=True), AllocationQuery((h, w, c), previous_state.dtype))
 
     return RandomFlipCropCutout
 
@@ -372,8 +384,12 @@ def _flip_crop_cutout_operation() -> type:
 _OP_CLS: Optional[type] = None
 
 
-def RandomFlipCropCutout(padding: int = 0, flip_prob: float = 0.5, cutout: int = 0,  # noqa: N802
-                         fill: Sequence[int] = (0, 0, 0)) -> Any:
+def RandomFlipCropCutout(
+    padding: int = 0,
+    flip_prob: float = 0.5,
+    cutout: int = 0,  # noqa: N802
+    fill: Sequence[int] = (0, 0, 0),
+) -> Any:
     """A new ``RandomFlipCropCutout`` FFCV operation (see ``_flip_crop_cutout_operation``)."""
     global _OP_CLS
     if _OP_CLS is None:
@@ -384,6 +400,7 @@ def RandomFlipCropCutout(padding: int = 0, flip_prob: float = 0.5, cutout: int =
 # --------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------
+
 
 class _EpochIterator:
     """Iterates one epoch of an FFCV loader, finishing each batch in torch."""
@@ -449,8 +466,9 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != self._mean.numel():
-            raise ValueError(f"images: expected uint8 N x {self._mean.numel()} x H x W, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"images: expected uint8 N x {self._mean.numel()} x H x W, got {images.dtype} {tuple(images.shape)}"
+            )
         x = images.to(self.device, non_blocking=True).to(torch.float32, memory_format=self.memory_format)
         n, c, h, w = x.shape
         if self.memory_format is torch.channels_last:
@@ -466,8 +484,15 @@ class Normalizer:
 class _BatchLoader:
     """Common part of TrainLoader and EvalLoader: an FFCV loader plus torch post-processing."""
 
-    def __init__(self, loader: Any, device: torch.device, mean: Sequence[float], std: Sequence[float],
-                 channels_last: bool, policy: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
+    def __init__(
+        self,
+        loader: Any,
+        device: torch.device,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool,
+        policy: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+    ):
         self._loader = loader
         self._policy = policy
         self.device = device
@@ -586,16 +611,23 @@ def _numba_threads(num_workers: int) -> int:
     limit = int(numba.config.NUMBA_NUM_THREADS)
     if num_workers > limit:
         # numba.set_num_threads refuses more threads than its pool (NUMBA_NUM_THREADS).
-        warnings.warn(f"data.num_workers={num_workers} exceeds NUMBA_NUM_THREADS={limit}; using {limit}")
+        warnings.warn(f"data.num_workers={num_workers} exceeds NUMBA_NUM_THREADS={limit}; using {limit}", stacklevel=2)
         return limit
     return num_workers
 
 
-def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], image_size: Optional[int],
-               cutout: int, mean: Sequence[float], device: torch.device, path: str) -> dict:
+def _pipelines(
+    train: bool,
+    augment: str,
+    native: Optional[Tuple[int, int]],
+    image_size: Optional[int],
+    cutout: int,
+    mean: Sequence[float],
+    device: torch.device,
+    path: str,
+) -> dict:
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
-                                       SimpleRGBImageDecoder)
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
     ops: list = []
@@ -617,8 +649,10 @@ def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], ima
             ops.append(SimpleRGBImageDecoder())
             out_hw = native
         elif image_size is None:
-            raise ValueError(f"image_size: required with augment '{augment}' because the images of "
-                             f"{path} differ in size (or use augment 'imagenet')")
+            raise ValueError(
+                f"image_size: required with augment '{augment}' because the images of "
+                f"{path} differ in size (or use augment 'imagenet')"
+            )
         else:
             # Full center square resized to image_size, identical for train and val.
             ops.append(CenterCropRGBImageDecoder((image_size, image_size), ratio=1.0))
@@ -647,10 +681,22 @@ def _pipelines(train: bool, augment: str, native: Optional[Tuple[int, int]], ima
     return {"image": ops, "label": label_ops}
 
 
-def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_size: Optional[int],
-                  num_workers: int, seed: int, rank: int, world_size: int, device: torch.device,
-                  augment: str = "basic", cutout: int = 0, image_size: Optional[int] = None,
-                  channels_last: bool = False, os_cache: bool = True) -> Loaders:
+def build_loaders(
+    data_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    eval_batch_size: Optional[int],
+    num_workers: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    augment: str = "basic",
+    cutout: int = 0,
+    image_size: Optional[int] = None,
+    channels_last: bool = False,
+    os_cache: bool = True,
+) -> Loaders:
     """Validate ``data_dir`` and build this rank's train and eval loaders.
 
     ``batch_size`` and ``eval_batch_size`` (default: ``batch_size``) are per rank. ``num_workers``
@@ -671,41 +717,64 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("world_size > 1 but torch.distributed is not initialised; "
-                             "call init_process_group before build_loaders")
+            raise ValueError(
+                "world_size > 1 but torch.distributed is not initialised; call init_process_group before build_loaders"
+            )
         if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise ValueError(f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
-                             f"({dist.get_rank()}/{dist.get_world_size()})")
+            raise ValueError(
+                f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
+                f"({dist.get_rank()}/{dist.get_world_size()})"
+            )
     meta, infos = _validate(os.fspath(data_dir))
     threads = _numba_threads(int(num_workers))
     mean, std = meta["mean"], meta["std"]
     common = dict(device=device, mean=mean, std=std, channels_last=channels_last)
 
     train_info, val_info = infos["train"], infos["val"]
-    policy = build_image_policy(augment, seed=int(seed), rank=int(rank), cutout=int(cutout),
-                                fill=tuple(int(round(m)) for m in mean), padding=BASIC_PADDING)
+    policy = build_image_policy(
+        augment,
+        seed=int(seed),
+        rank=int(rank),
+        cutout=int(cutout),
+        fill=tuple(int(round(m)) for m in mean),
+        padding=BASIC_PADDING,
+    )
     with keep_torch_threads():
         train = Loader(
-            train_info.path, batch_size=int(batch_size), num_workers=threads, os_cache=os_cache,
-            order=OrderOption.RANDOM, distributed=world_size > 1, seed=int(seed),
-            pipelines=_pipelines(True, augment, train_info.fixed_size, image_size, cutout, mean,
-                                 device, train_info.path),
-            drop_last=True)
+            train_info.path,
+            batch_size=int(batch_size),
+            num_workers=threads,
+            os_cache=os_cache,
+            order=OrderOption.RANDOM,
+            distributed=world_size > 1,
+            seed=int(seed),
+            pipelines=_pipelines(
+                True, augment, train_info.fixed_size, image_size, cutout, mean, device, train_info.path
+            ),
+            drop_last=True,
+        )
     per_rank = math.ceil(train_info.num_samples / world_size)
     if len(train) == 0:
-        raise ValueError(f"batch_size: {batch_size} per rank is larger than the {per_rank} train images "
-                         f"each of the {world_size} rank(s) gets from {train_info.path}")
+        raise ValueError(
+            f"batch_size: {batch_size} per rank is larger than the {per_rank} train images "
+            f"each of the {world_size} rank(s) gets from {train_info.path}"
+        )
 
     indices = np.arange(rank, val_info.num_samples, world_size, dtype=np.int64)
     val_loader = None
     if len(indices):
         with keep_torch_threads():
             val_loader = Loader(
-                val_info.path, batch_size=int(eval_batch_size or batch_size), num_workers=threads,
-                os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False, indices=indices,
-                pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean,
-                                     device, val_info.path),
-                drop_last=False)
+                val_info.path,
+                batch_size=int(eval_batch_size or batch_size),
+                num_workers=threads,
+                os_cache=os_cache,
+                order=OrderOption.SEQUENTIAL,
+                distributed=False,
+                indices=indices,
+                pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean, device, val_info.path),
+                drop_last=False,
+            )
     train_loader = TrainLoader(train, policy=policy, **common)
     eval_loader = EvalLoader(val_loader, indices, **common)
     return Loaders(train=train_loader, val=eval_loader, meta=meta, steps_per_epoch=len(train_loader))
@@ -713,8 +782,18 @@ def build_loaders(data_dir: str | os.PathLike, *, batch_size: int, eval_batch_si
 
 def loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
     """``build_loaders`` for a run's ``data`` section (loader=ffcv); data.image_size 0 = the stored size."""
-    return build_loaders(cfg.path, batch_size=facts.batch_size, eval_batch_size=facts.eval_batch_size,
-                         num_workers=cfg.num_workers, seed=facts.seed, rank=facts.rank,
-                         world_size=facts.world_size, device=facts.device, augment=cfg.augment,
-                         cutout=cfg.cutout, image_size=cfg.image_size or None,
-                         channels_last=facts.channels_last, os_cache=cfg.os_cache)
+    return build_loaders(
+        cfg.path,
+        batch_size=facts.batch_size,
+        eval_batch_size=facts.eval_batch_size,
+        num_workers=cfg.num_workers,
+        seed=facts.seed,
+        rank=facts.rank,
+        world_size=facts.world_size,
+        device=facts.device,
+        augment=cfg.augment,
+        cutout=cfg.cutout,
+        image_size=cfg.image_size or None,
+        channels_last=facts.channels_last,
+        os_cache=cfg.os_cache,
+    )

@@ -64,6 +64,7 @@ image of an epoch are drawn once per epoch from a CPU ``torch.Generator`` seeded
 replays exactly and CPU and GPU see the same numbers. Per batch there is no host/device sync: the
 order and the draws reach the device once per epoch, batches are device-side slices of them.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,13 +90,15 @@ SYNTHETIC_VAL_FRACTION = 10  # val images = max(1, N // 10)
 _SYNTHETIC = re.compile(r"synthetic:(\d+)x(\d+):(\d+):(\d+)")
 _STREAM_DRAWS = 1  # SeedSequence stream of the per-epoch flip/crop/cutout draws
 
-SOURCE_FORMS = ("fashion-mnist:PATH, cifar10:PATH, cifar100:PATH or synthetic:HxW:CLASSES:N "
-                "(e.g. synthetic:224x224:1000:10000)")
+SOURCE_FORMS = (
+    "fashion-mnist:PATH, cifar10:PATH, cifar100:PATH or synthetic:HxW:CLASSES:N (e.g. synthetic:224x224:1000:10000)"
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Source:
@@ -194,7 +197,7 @@ def _channel_stats(images: torch.Tensor) -> Tuple[list, list]:
     chunk = max(1, (1 << 26) // (h * w))  # bounds the per-channel copy that bincount needs
     hist = torch.zeros(c, 256, dtype=torch.int64, device=images.device)
     for start in range(0, n, chunk):
-        part = images[start:start + chunk]
+        part = images[start : start + chunk]
         for k in range(c):
             hist[k] += torch.bincount(part[..., k].reshape(-1), minlength=256)
     values = np.arange(256, dtype=object)  # Python ints: no overflow
@@ -210,6 +213,7 @@ def _channel_stats(images: torch.Tensor) -> Tuple[list, list]:
 # --------------------------------------------------------------------------------------------
 # Orders and per-epoch draws (host, once per epoch)
 # --------------------------------------------------------------------------------------------
+
 
 def shard_order(num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
     """The dataset indices of rank ``rank`` in ``epoch``, in reading order (see the module docstring).
@@ -246,11 +250,20 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 # Loaders
 # --------------------------------------------------------------------------------------------
 
+
 class _MemoryBatches:
     """Common part of the train and eval loaders: the stored split and the float conversion."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float], channels_last: bool):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool,
+    ):
         self.device = images.device
         self.channels_last = channels_last
         self._images = images  # N x H x W x 3 uint8
@@ -272,9 +285,22 @@ class _MemoryBatches:
 class MemoryTrainLoader(_MemoryBatches):
     """Shuffled, sharded, augmented training batches; ``len()`` is the (rank-independent) batches per epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int, rank: int,
-                 world_size: int, augment: str, cutout: int, drop_last: bool, mean: Sequence[float],
-                 std: Sequence[float], channels_last: bool):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        augment: str,
+        cutout: int,
+        drop_last: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool,
+    ):
         super().__init__(images, labels, batch_size=batch_size, mean=mean, std=std, channels_last=channels_last)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.augment, self.cutout, self.drop_last = augment, int(cutout), bool(drop_last)
@@ -291,8 +317,9 @@ class MemoryTrainLoader(_MemoryBatches):
         self._cols = torch.arange(w, device=self.device)
         self._policy: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
         if augment == "autoaugment":
-            self._policy = build_image_policy(augment, seed=self.seed, rank=self.rank, cutout=self.cutout,
-                                              fill=fill, padding=BASIC_PADDING)
+            self._policy = build_image_policy(
+                augment, seed=self.seed, rank=self.rank, cutout=self.cutout, fill=fill, padding=BASIC_PADDING
+            )
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -313,8 +340,9 @@ class MemoryTrainLoader(_MemoryBatches):
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Dataset indices of this rank in ``epoch``, in reading order (``ceil(N / W)`` entries, padding
         included; with ``drop_last`` the batches are the first ``len(self) * batch_size`` of them)."""
-        return shard_order(int(self._images.shape[0]), seed=self.seed, epoch=int(epoch), rank=self.rank,
-                           world_size=self.world_size)
+        return shard_order(
+            int(self._images.shape[0]), seed=self.seed, epoch=int(epoch), rank=self.rank, world_size=self.world_size
+        )
 
     def epoch_draws(self, epoch: int) -> torch.Tensor:
         """The flip/crop/cutout numbers of ``epoch`` (CPU int64, 5 x ceil(N / W)): rows flip (0/1),
@@ -357,11 +385,11 @@ class MemoryTrainLoader(_MemoryBatches):
         """Flip + reflect-padded crop (+ cutout) of images ``idx`` as one gather; uint8 N x C x H x W view."""
         _, h, w, _ = self._images.shape
         flip, dy, dx, cy, cx = draws
-        rows = (self._rows[None, :] + dy[:, None]).abs()                 # (B, H), reflect at 0 ...
-        rows = torch.where(rows >= h, 2 * h - 2 - rows, rows)           # ... and at H - 1
+        rows = (self._rows[None, :] + dy[:, None]).abs()  # (B, H), reflect at 0 ...
+        rows = torch.where(rows >= h, 2 * h - 2 - rows, rows)  # ... and at H - 1
         cols = (self._cols[None, :] + dx[:, None]).abs()
         cols = torch.where(cols >= w, 2 * w - 2 - cols, cols)
-        cols = torch.where(flip[:, None].bool(), w - 1 - cols, cols)    # flip, then crop
+        cols = torch.where(flip[:, None].bool(), w - 1 - cols, cols)  # flip, then crop
         out = self._images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, 3)
         if self.cutout:
             cut = self.cutout
@@ -396,10 +424,22 @@ class MemoryEvalLoader(_MemoryBatches):
             yield self._finish(self._images[sl].permute(0, 3, 1, 2)), self._labels[sl].clone()
 
 
-def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_batch_size: Optional[int],
-                         seed: int, rank: int, world_size: int, device: torch.device | str,
-                         augment: str = "basic", cutout: int = 0, channels_last: bool = True,
-                         limit: Optional[int] = None, drop_last: bool = True, label_noise: float = 0.0) -> Loaders:
+def build_memory_loaders(
+    source: str | os.PathLike,
+    *,
+    batch_size: int,
+    eval_batch_size: Optional[int],
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    augment: str = "basic",
+    cutout: int = 0,
+    channels_last: bool = True,
+    limit: Optional[int] = None,
+    drop_last: bool = True,
+    label_noise: float = 0.0,
+) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
     ``source`` is a ``data.path`` string of the forms in the module docstring. ``batch_size`` and
@@ -413,14 +453,21 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
         raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
     if augment not in MEMORY_AUGMENTS:
-        raise ValueError(f"augment: '{augment}' is not supported by the memory loader; allowed: "
-                         f"{', '.join(MEMORY_AUGMENTS)}")
+        raise ValueError(
+            f"augment: '{augment}' is not supported by the memory loader; allowed: {', '.join(MEMORY_AUGMENTS)}"
+        )
     import torch.distributed as dist
 
-    if world_size > 1 and dist.is_available() and dist.is_initialized() and (
-            dist.get_world_size() != world_size or dist.get_rank() != rank):
-        raise ValueError(f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
-                         f"({dist.get_rank()}/{dist.get_world_size()})")
+    if (
+        world_size > 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and (dist.get_world_size() != world_size or dist.get_rank() != rank)
+    ):
+        raise ValueError(
+            f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
+            f"({dist.get_rank()}/{dist.get_world_size()})"
+        )
     device = torch.device(device)
 
     if src.name == "synthetic":
@@ -450,29 +497,62 @@ def build_memory_loaders(source: str | os.PathLike, *, batch_size: int, eval_bat
     if cutout > min(h, w):
         raise ValueError(f"cutout: {cutout} is larger than the {h}x{w} images")
     common = dict(mean=mean, std=std, channels_last=bool(channels_last))
-    train_loader = MemoryTrainLoader(train_x, train_y, batch_size=batch_size, seed=seed, rank=rank,
-                                     world_size=world_size, augment=augment, cutout=cutout,
-                                     drop_last=drop_last, **common)
+    train_loader = MemoryTrainLoader(
+        train_x,
+        train_y,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        augment=augment,
+        cutout=cutout,
+        drop_last=drop_last,
+        **common,
+    )
     if len(train_loader) == 0:
-        raise ValueError(f"batch_size: {batch_size} per rank is larger than the {train_loader.num_samples} "
-                         f"train images each of the {world_size} rank(s) gets from {source}")
-    eval_loader = MemoryEvalLoader(val_x, val_y, rank=rank, world_size=world_size,
-                                   batch_size=eval_batch_size or batch_size, **common)
+        raise ValueError(
+            f"batch_size: {batch_size} per rank is larger than the {train_loader.num_samples} "
+            f"train images each of the {world_size} rank(s) gets from {source}"
+        )
+    eval_loader = MemoryEvalLoader(
+        val_x, val_y, rank=rank, world_size=world_size, batch_size=eval_batch_size or batch_size, **common
+    )
     meta = {
-        "dataset": src.name, "num_classes": len(classes), "classes": classes, "train_size": int(n),
-        "val_size": int(val_x.shape[0]), "image_size": [int(h), int(w)], "channels": channels,
-        "mean": mean, "std": std, "source": where, "loader": "memory",
+        "dataset": src.name,
+        "num_classes": len(classes),
+        "classes": classes,
+        "train_size": int(n),
+        "val_size": int(val_x.shape[0]),
+        "image_size": [int(h), int(w)],
+        "channels": channels,
+        "mean": mean,
+        "std": std,
+        "source": where,
+        "loader": "memory",
     }
     if noisy:
         meta.update(label_noise=float(label_noise), noisy_labels=noisy)
-    return Loaders(train=train_loader, val=eval_loader, meta=meta,  # type: ignore[arg-type]
-                   steps_per_epoch=len(train_loader))
+    return Loaders(
+        train=train_loader,
+        val=eval_loader,
+        meta=meta,  # type: ignore[arg-type]
+        steps_per_epoch=len(train_loader),
+    )
 
 
 def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
     """``build_memory_loaders`` for a run's ``data`` section (loader=memory); data.limit 0 = all images."""
-    return build_memory_loaders(cfg.path, batch_size=facts.batch_size, eval_batch_size=facts.eval_batch_size,
-                                seed=facts.seed, rank=facts.rank, world_size=facts.world_size,
-                                device=facts.device, augment=cfg.augment, cutout=cfg.cutout,
-                                channels_last=facts.channels_last, limit=cfg.limit or None,
-                                label_noise=cfg.label_noise)
+    return build_memory_loaders(
+        cfg.path,
+        batch_size=facts.batch_size,
+        eval_batch_size=facts.eval_batch_size,
+        seed=facts.seed,
+        rank=facts.rank,
+        world_size=facts.world_size,
+        device=facts.device,
+        augment=cfg.augment,
+        cutout=cfg.cutout,
+        channels_last=facts.channels_last,
+        limit=cfg.limit or None,
+        label_noise=cfg.label_noise,
+    )

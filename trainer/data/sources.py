@@ -15,6 +15,7 @@ an indexable ``(H x W x 3 uint8 array, int label)`` source, which is what FFCV's
 
 All input problems raise ``ValueError`` with one line naming the file or key and what was expected.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,16 @@ import numpy as np
 FASHION_MNIST_DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 # File extensions accepted in an image folder (compared lower-case). PIL decodes all of them.
@@ -120,6 +129,7 @@ def one_line(e: BaseException) -> str:
 # Fashion-MNIST (IDX)
 # --------------------------------------------------------------------------------------------
 
+
 def _open_maybe_gz(path: str) -> bytes:
     """Read ``path`` (gzip-compressed when it ends in .gz)."""
     try:
@@ -142,11 +152,13 @@ def read_idx(path: str, expected_ndim: int) -> np.ndarray:
     header_len = 4 + 4 * expected_ndim
     magic = raw[:4]
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08 or magic[3] != expected_ndim:
-        raise ValueError(f"{path}: bad IDX magic {magic.hex() or '(empty file)'}; expected "
-                         f"000008{expected_ndim:02x} (uint8, {expected_ndim} dims)")
+        raise ValueError(
+            f"{path}: bad IDX magic {magic.hex() or '(empty file)'}; expected "
+            f"000008{expected_ndim:02x} (uint8, {expected_ndim} dims)"
+        )
     if len(raw) < header_len:
         raise ValueError(f"{path}: {len(raw)} bytes is shorter than the {header_len}-byte IDX header")
-    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(expected_ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(expected_ndim)]
     expected = header_len + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
         raise ValueError(f"{path}: {len(raw)} bytes but the IDX header {dims} implies {expected}")
@@ -159,16 +171,20 @@ def _find_idx(source: str, stem: str) -> str:
         p = os.path.join(source, name)
         if os.path.isfile(p):
             return p
-    raise ValueError(f"{os.path.join(source, stem + '.gz')}: missing; expected the Fashion-MNIST "
-                     f"IDX files (train-images-idx3-ubyte.gz, ...) in {source}")
+    raise ValueError(
+        f"{os.path.join(source, stem + '.gz')}: missing; expected the Fashion-MNIST "
+        f"IDX files (train-images-idx3-ubyte.gz, ...) in {source}"
+    )
 
 
 def read_fashion_mnist(source: str | None) -> SourceData:
     """Read Fashion-MNIST from the gzip IDX files in ``source`` (default: the Debian package)."""
     source = source or FASHION_MNIST_DEFAULT_SOURCE
     if not os.path.isdir(source):
-        raise ValueError(f"{source}: not a directory; expected the Fashion-MNIST IDX files "
-                         f"(apt-get install dataset-fashion-mnist provides {FASHION_MNIST_DEFAULT_SOURCE})")
+        raise ValueError(
+            f"{source}: not a directory; expected the Fashion-MNIST IDX files "
+            f"(apt-get install dataset-fashion-mnist provides {FASHION_MNIST_DEFAULT_SOURCE})"
+        )
     splits = []
     for prefix in ("train", "t10k"):
         img_path = _find_idx(source, f"{prefix}-images-idx3-ubyte")
@@ -176,8 +192,7 @@ def read_fashion_mnist(source: str | None) -> SourceData:
         images = read_idx(img_path, 3)
         labels = read_idx(lab_path, 1).astype(np.int64)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{lab_path}: {labels.shape[0]} labels but {img_path} has "
-                             f"{images.shape[0]} images")
+            raise ValueError(f"{lab_path}: {labels.shape[0]} labels but {img_path} has {images.shape[0]} images")
         if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
             raise ValueError(f"{lab_path}: label {int(labels.max())} out of range; expected 0..9")
         splits.append(ArraySplit(images, labels))
@@ -187,6 +202,7 @@ def read_fashion_mnist(source: str | None) -> SourceData:
 # --------------------------------------------------------------------------------------------
 # CIFAR (python-version pickles)
 # --------------------------------------------------------------------------------------------
+
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickler that admits only what the CIFAR batches contain: numpy arrays, dtypes and bytes."""
@@ -203,13 +219,15 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         # Pickles written by numpy 1.x name numpy.core.*, which numpy 2 moved to numpy._core.
         if module.startswith("numpy.core"):
-            module = "numpy._core" + module[len("numpy.core"):]
+            module = "numpy._core" + module[len("numpy.core") :]
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
         if module == "_codecs":
             import codecs
+
             return codecs.encode
         import importlib
+
         try:
             mod = importlib.import_module(module)
         except ImportError:  # numpy 1.x: numpy._core does not exist
@@ -248,8 +266,9 @@ class _MemberReader:
             else:
                 self._dir = source
         else:
-            raise ValueError(f"{source}: no such file or directory; expected {archive_name} "
-                             f"or its extracted folder {folder_name}/")
+            raise ValueError(
+                f"{source}: no such file or directory; expected {archive_name} or its extracted folder {folder_name}/"
+            )
 
     def _open_tar(self, path: str) -> None:
         try:
@@ -287,8 +306,7 @@ class _MemberReader:
             self._tar.close()
 
 
-def _cifar_batch(reader: _MemberReader, name: str, label_key: str, expected: str
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(reader: _MemberReader, name: str, label_key: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
     blob, where = reader.read(name, expected)
     d = _unpickle(blob, where)
     for key in ("data", label_key):
@@ -338,23 +356,26 @@ def read_cifar(source: str | None, num_classes: int) -> SourceData:
     for labels, name in ((train_labels, "train"), (test_labels, test_name)):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"{reader.source}: '{label_key}' of {name} outside 0..{num_classes - 1}")
-    return SourceData(ArraySplit(train_images, train_labels),
-                      ArraySplit(test_images, test_labels), classes)
+    return SourceData(ArraySplit(train_images, train_labels), ArraySplit(test_images, test_labels), classes)
 
 
 # --------------------------------------------------------------------------------------------
 # Image folders (ImageNet layout)
 # --------------------------------------------------------------------------------------------
 
+
 def _list_class_dirs(split_dir: str) -> list[str]:
-    return sorted(d for d in os.listdir(split_dir)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+    return sorted(
+        d for d in os.listdir(split_dir) if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
+    )
 
 
 def _list_images(class_dir: str) -> list[str]:
-    return sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-                  and os.path.isfile(os.path.join(class_dir, f)))
+    return sorted(
+        os.path.join(class_dir, f)
+        for f in os.listdir(class_dir)
+        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))
+    )
 
 
 def read_image_folder(source: str | None) -> SourceData:
@@ -377,16 +398,20 @@ def read_image_folder(source: str | None) -> SourceData:
         else:
             unknown = sorted(set(dirs) - set(classes))
             if unknown:
-                raise ValueError(f"{os.path.join(split_dir, unknown[0])}: class not present in "
-                                 f"{os.path.join(source, 'train')}; val classes must be a subset of train's")
+                raise ValueError(
+                    f"{os.path.join(split_dir, unknown[0])}: class not present in "
+                    f"{os.path.join(source, 'train')}; val classes must be a subset of train's"
+                )
         index = {c: i for i, c in enumerate(classes)}
         paths: list[str] = []
         labels: list[int] = []
         for d in dirs:
             files = _list_images(os.path.join(split_dir, d))
             if not files:
-                raise ValueError(f"{os.path.join(split_dir, d)}: empty class folder; expected image "
-                                 f"files ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(
+                    f"{os.path.join(split_dir, d)}: empty class folder; expected image "
+                    f"files ({', '.join(IMAGE_EXTENSIONS)})"
+                )
             paths.extend(files)
             labels.extend([index[d]] * len(files))
         splits.append(FileSplit(paths, np.asarray(labels, dtype=np.int64)))
