@@ -825,7 +825,7 @@ ALERT_DEFAULTS: dict[str, tuple[Any, str, str]] = {
     "pending": ("2m", "duration", "`for:` of the stall, loss, scaler, explosion and checkpoint-age alerts"),
     "stall_factor": (5, "number", "stalled: no step for stall_factor x the job's usual gap between steps"),
     "stall_floor": ("10m", "duration", "stalled: but never less than this (evaluation, checkpoints, startup)"),
-    "scaler_skip_fraction": (0.5, "ratio", "GradScaler: share of log steps whose last step was skipped"),
+    "scaler_skip_fraction": (0.5, "ratio", "GradScaler: share of the steps in scaler_window it skipped"),
     "scaler_window": ("30m", "duration", "GradScaler: over this window"),
     "explode_factor_g1": (10, "number", "exploding: ||g1|| above this x its median over explode_window"),
     "explode_factor_loss": (4, "number", "exploding: the loss above this x its median over explode_window"),
@@ -954,6 +954,20 @@ def render_alert_rule(thresholds: dict[str, Any], job: str | None = None, namesp
             "wastes the GPUs.",
             f"Check lr, r/alpha and AMP in the recipe; `{logs}`; resume from the last good checkpoint with a "
             f"lower learning rate.",
+        ),
+        (
+            "GNPScalerSkippingSteps",
+            "critical",
+            # fp16's GradScaler skips a step whose gradients overflowed; a few are normal while the scale adapts,
+            # most of them means the weights no longer move
+            f"increase({m('gnp_scaler_skipped_steps_total')}[{t['scaler_window']}])\n"
+            f"> {t['scaler_skip_fraction']} * increase({m('gnp_steps_total')}[{t['scaler_window']}])\n"
+            f"and increase({m('gnp_steps_total')}[{t['scaler_window']}]) > 0",
+            t["pending"],
+            f"{who}: the fp16 GradScaler skipped {{{{ $value | humanize }}}} steps in {t['scaler_window']}",
+            f"More than {t['scaler_skip_fraction']} of the steps of the last {t['scaler_window']} were skipped "
+            "for inf/NaN gradients: the weights barely move while the GPUs stay busy.",
+            f"Dashboard 'Loss at θ and θ+ε'; try loop.precision=bf16 (no scaler) or a lower lr; `{logs}`.",
         ),
         (
             "GNPGradNormExploding",

@@ -46,6 +46,7 @@ render = _load_render()
 ALERTS = [
     "GNPTrainingStalled",
     "GNPLossNotFinite",
+    "GNPScalerSkippingSteps",
     "GNPGradNormExploding",
     "GNPLossExploding",
     "GNPTrainingRestarting",
@@ -222,6 +223,8 @@ def synthetic_run(
     restarts: tuple[float, ...] = (),
     loss_nan_at: float | None = None,
     loss_inf_at: float | None = None,
+    skip_from: float | None = None,
+    skip_share: float = 0.0,
     loss_jump: tuple[float, float] | None = None,
     g1_jump: tuple[float, float] | None = None,
     ckpt_every: float = 1200,
@@ -252,13 +255,16 @@ def synthetic_run(
         process_start = start
         # stepping time since the process started: minus startup, evaluation pauses and a stall
         te = t if stall_at is None else min(t, stall_at)
-        active = te - start - startup_s
-        for p0, dur in pauses:
-            if p0 >= start:
-                active -= min(max(te - p0, 0.0), dur)
-        active = max(active, 0.0)
-        windows = math.floor(active / (log_every * (step_s + wait_s)))
-        steps = windows * log_every
+
+        def steps_by(te: float, start: float = start) -> int:
+            """Steps counted (at log steps) by time te of the process started at `start`."""
+            active = te - start - startup_s
+            for p0, dur in pauses:
+                if p0 >= start:
+                    active -= min(max(te - p0, 0.0), dur)
+            return math.floor(max(active, 0.0) / (log_every * (step_s + wait_s))) * log_every
+
+        steps = steps_by(te)
         k = i // 4  # a new loss value at every log step: alternate +-5 % noise
         loss = (2.0 * math.exp(-t / 3600) + 0.2) * (1.05 if k % 2 else 0.95)
         g1 = 0.5 * (1.02 if k % 2 else 0.98)
@@ -273,6 +279,11 @@ def synthetic_run(
         for rank in (0, 1):
             lab = {"namespace": NS, "pod": f"{job}-master-0", "job_name": job, "rank": rank, "local_rank": rank}
             put("gnp_steps_total", lab, i, steps)
+            # fp16: one step in 2,000 skipped while the scale adapts (normal); skip_share of them from skip_from
+            skipped = steps // 2000
+            if skip_from is not None and te > skip_from:
+                skipped += math.floor((steps - steps_by(max(skip_from, start))) * skip_share)
+            put("gnp_scaler_skipped_steps_total", lab, i, max(skipped, 0))
             put("gnp_step_duration_seconds_sum", lab, i, steps * step_s)
             put("gnp_step_duration_seconds_count", lab, i, steps)
             put("gnp_data_wait_seconds_total", lab, i, steps * wait_s)
@@ -311,7 +322,7 @@ def _rank_labels(job: str, rank: int) -> dict:
 
 def fires(alert: str, job: str = "demo", ranks=(0, 1)) -> list[dict]:
     """The alerts promtool must list as firing: their labels (the expression's plus severity)."""
-    severity = {"GNPTrainingStalled", "GNPLossNotFinite", "GNPCheckpointUploadFailing"}
+    severity = {"GNPTrainingStalled", "GNPLossNotFinite", "GNPScalerSkippingSteps", "GNPCheckpointUploadFailing"}
     sev = "critical" if alert in severity else "warning"
     if alert == "GNPTrainingRestarting":
         return [{"exp_labels": {"namespace": NS, "job_name": job, "rank": "0", "severity": sev}}]
@@ -366,6 +377,21 @@ SCENARIOS: list[tuple[str, dict, list[tuple[float, str, bool, tuple]]]] = [
         [(2 * H + 60, "GNPLossNotFinite", False, ()), (2 * H + 4 * 60, "GNPLossNotFinite", True, (0, 1))],
     ),
     ("loss-inf", {"loss_inf_at": 2 * H}, [(2 * H + 4 * 60, "GNPLossNotFinite", True, (0, 1))]),
+    # 90 % of the steps skipped from 2h: more than half of the last 30 min's steps after ~17 min, + for 2m
+    (
+        "scaler-skipping",
+        {"skip_from": 2 * H, "skip_share": 0.9},
+        [
+            (2 * H + 10 * 60, "GNPScalerSkippingSteps", False, ()),
+            (2 * H + 25 * 60, "GNPScalerSkippingSteps", True, (0, 1)),
+        ],
+    ),
+    # 30 % skipped stays below the 50 % threshold
+    (
+        "scaler-some-skips",
+        {"skip_from": 2 * H, "skip_share": 0.3},
+        [(2 * H + 50 * 60, "GNPScalerSkippingSteps", False, ())],
+    ),
     (
         "g1-explodes",
         {"g1_jump": (2 * H, 30)},

@@ -30,6 +30,7 @@ EXPORTED = {
     "gnp_steps_total": ("counter", ()),
     "gnp_gnp_steps_total": ("counter", ()),
     "gnp_images_total": ("counter", ()),
+    "gnp_scaler_skipped_steps_total": ("counter", ()),
     "gnp_step_duration_seconds": ("histogram", ()),
     "gnp_data_wait_seconds_total": ("counter", ()),
     "gnp_train_loss": ("gauge", ()),

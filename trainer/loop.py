@@ -181,6 +181,7 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
     epoch, total, skip = state.epoch, len(loader), state.batch
     window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
     step_times: list[float] = []  # host wall time per step (paced by the device queue in steady state)
+    skipped = None  # fp16 GradScaler: steps skipped in this window, summed on the device (no host sync per step)
     fetch_start = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
         if i < skip:  # decoded and dropped: only on the first epoch after a mid-epoch resume
@@ -217,6 +218,8 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
         state.step += 1
         state.batch = i + 1
         state.gnp_steps += int(info.gnp)
+        if info.skipped is not None:
+            skipped = info.skipped.int() if skipped is None else skipped + info.skipped.int()
         window_images += images.shape[0]
         step_times.append(time.perf_counter() - step_start)
         if state.step % ctx.log_every == 0 or i + 1 == total:
@@ -234,6 +237,9 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
                 window_images=window_images,
                 step_times_s=step_times,
             )
+            if skipped is not None:
+                record["window_skipped_steps"] = int(skipped.item())
+                skipped = None
             ctx.sink.log("train", record)
             window_start, window_images, window_data_s, step_times = now, 0, 0.0, []
         ctx.sink.progress(i + 1, total, epoch)

@@ -152,6 +152,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("gnp_gnp_steps_total", "counter", "Two-pass GNP steps taken by this process", "train", "window_gnp_steps"),
     Metric("gnp_images_total", "counter", "Training images processed by this rank", "train", "window_images"),
     Metric(
+        "gnp_scaler_skipped_steps_total",
+        "counter",
+        "Steps the fp16 GradScaler skipped (inf/NaN gradients); stays 0 without fp16",
+        "train",
+        "window_skipped_steps",
+    ),
+    Metric(
         "gnp_step_duration_seconds",
         "histogram",
         "Host wall time of each training step, data wait excluded",
