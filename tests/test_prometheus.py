@@ -191,10 +191,10 @@ FAKE_GPU = {"memory_allocated_bytes": 1.5e9, "utilization_ratio": 0.75}
 
 
 def dcgm_text() -> str:
-    """What NVIDIA's dcgm-exporter would serve on a node running the job (platform.md §4.3): GPU 0 with the
-    pod/namespace labels of DCGM_EXPORTER_KUBERNETES=true, GPU 1 as it looks when the exporter is scraped
-    without honorLabels (the exporter's own pod in `pod`, the workload's in exported_pod), GPU 2 of another
-    job's pod (the panels must leave it out)."""
+    """What NVIDIA's dcgm-exporter would serve on a node running the job (NVIDIA/dcgm-exporter,
+    etc/default-counters.csv): GPU 0 with the pod/namespace labels of DCGM_EXPORTER_KUBERNETES=true, GPU 1 as
+    it looks when the exporter is scraped without honorLabels (the exporter's own pod in `pod`, the workload's
+    in exported_pod), GPU 2 of another job's pod (the panels must leave it out)."""
     gpus = [
         (0, 'pod="gnp-obs-master-0",namespace="gnp-test"', 87, 40000),
         (
