@@ -67,6 +67,7 @@ every loader/epoch) are undone on the calling thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -585,6 +586,10 @@ class LoaderFacts:
     device: torch.device
     channels_last: bool
 
+    def kwargs(self) -> dict[str, Any]:
+        """The facts as the keyword arguments both builders take."""
+        return dataclasses.asdict(self) | {"device": self.device}
+
 
 def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -784,16 +789,10 @@ def loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
     """``build_loaders`` for a run's ``data`` section (loader=ffcv); data.image_size 0 = the stored size."""
     return build_loaders(
         cfg.path,
-        batch_size=facts.batch_size,
-        eval_batch_size=facts.eval_batch_size,
         num_workers=cfg.num_workers,
-        seed=facts.seed,
-        rank=facts.rank,
-        world_size=facts.world_size,
-        device=facts.device,
         augment=cfg.augment,
         cutout=cfg.cutout,
         image_size=cfg.image_size or None,
-        channels_last=facts.channels_last,
         os_cache=cfg.os_cache,
+        **facts.kwargs(),
     )

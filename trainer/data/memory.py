@@ -544,15 +544,9 @@ def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
     """``build_memory_loaders`` for a run's ``data`` section (loader=memory); data.limit 0 = all images."""
     return build_memory_loaders(
         cfg.path,
-        batch_size=facts.batch_size,
-        eval_batch_size=facts.eval_batch_size,
-        seed=facts.seed,
-        rank=facts.rank,
-        world_size=facts.world_size,
-        device=facts.device,
         augment=cfg.augment,
         cutout=cfg.cutout,
-        channels_last=facts.channels_last,
         limit=cfg.limit or None,
         label_noise=cfg.label_noise,
+        **facts.kwargs(),
     )
