@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from trainer.config import GNPConfig, OptimConfig
-from trainer.optim.factory import build_optimizer
+from trainer.optim.factory import SGDW, build_optimizer
 from trainer.optim.gnp import GNP
 
 
@@ -41,7 +41,7 @@ def test_sgd_with_bn_and_biases_exempt_from_decay() -> None:
     opt, l2 = build_optimizer(model, cfg, GNP_CFG)
     check_gnp_settings(opt)
     base = opt.base_optimizer
-    assert type(base) is torch.optim.SGD
+    assert type(base) is SGDW  # torch's SGD with its weight_decay decoupled (tests/test_weight_decay.py)
     decay, exempt = opt.param_groups
     # ndim > 1: the conv and linear weights; ndim <= 1: the conv bias and BN scale/shift; the frozen bias nowhere
     assert ids(decay["params"]) == ids([conv.weight, lin.weight]) and decay["weight_decay"] == 5e-4

@@ -98,8 +98,9 @@ class OptimConfig:
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.0
-    """Decoupled weight decay applied by the base optimizer only (AdamW style; the reference's Adam uses 0.3).
-    It does not enter g1, the perturbation or g2; use `l2` for that."""
+    """Decoupled weight decay, theta <- theta - lr*weight_decay*theta at the base step, for sgd and adamw alike
+    (AdamW style; the reference's Adam uses 0.3). It enters neither the momentum nor g1, the perturbation or g2;
+    use `l2` for a term inside the loss."""
     l2: float = 0.0
     """L2 term 0.5*l2*sum(w^2) added to the loss, as the reference does (1e-3 CIFAR, 1e-4 ImageNet):
     it is part of g1, ||g1||, g2 and the clipped gradient."""
@@ -140,6 +141,10 @@ class GNPConfig:
     full step under DDP, nothing extra on plain steps)."""
     reuse_weight: float = 1.0
     """w >= 0 in g + alpha*w*||g||*v (1 replays the measured orthogonal part at the current gradient norm)."""
+    m: int = 0
+    """m-sharpness: examples per perturbation. Each rank's batch is cut into sub-batches of m examples, each with
+    its own g1, perturbation and g2, and their mixed gradients are averaged, so the objective does not depend on
+    the number of GPUs. 0 = the per-rank batch (one perturbation per rank). Must divide the per-rank batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +175,14 @@ class LoopConfig:
     """Evaluate on the full validation set every N epochs (and always after the last epoch); 0 = only at the end."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (smoke tests); 0 = no cap."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast precision: auto = bf16 on CUDA and fp32 on CPU; fp16 uses a GradScaler."""
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
+    """Autocast precision: auto = bf16 on CUDA and fp32 on CPU; fp16 uses a GradScaler; fp32 = PyTorch's defaults
+    (fp32 matmuls, TF32 cuDNN convolutions on Ampere+); tf32 = fp32 tensors with TF32 matmuls and convolutions,
+    what JAX's default precision runs on NVIDIA GPUs (the reference recipes use it; the same as fp32 on a CPU)."""
+    sync_bn_buffers: bool = True
+    """Under DDP, average every BatchNorm running_mean/running_var over the ranks (in place) before each
+    evaluation and each checkpoint, as the reference does; False = each rank evaluates with its own buffers and
+    checkpoints hold rank 0's."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     channels_last: bool = True
@@ -328,6 +339,13 @@ def _validate(c: RunConfig) -> None:
     _check(g.alpha >= 0, "gnp.alpha", g.alpha, "a number >= 0 (1 = SAM; > 1 is allowed)")
     _check(g.eps > 0, "gnp.eps", g.eps, "a number > 0")
     _check(g.warmup_epochs >= 0, "gnp.warmup_epochs", g.warmup_epochs, "a number >= 0")
+    _check(g.m >= 0, "gnp.m", g.m, "an integer >= 0 (0 = the per-rank batch)")
+    _check(
+        g.m == 0 or g.reuse == "none",
+        "gnp.m",
+        g.m,
+        "0 with gnp.reuse=looksam (reuse stores one g1 per step, sub-batches have several)",
+    )
     _check(
         not (g.warmup != "none" and g.warmup_epochs == 0),
         "gnp.warmup_epochs",

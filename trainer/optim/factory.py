@@ -7,7 +7,38 @@ import torch
 from trainer.config import GNPConfig, OptimConfig
 from trainer.optim.gnp import GNP
 
-__all__ = ["build_optimizer"]
+__all__ = ["SGDW", "build_optimizer"]
+
+
+class SGDW(torch.optim.SGD):
+    """``torch.optim.SGD`` whose ``weight_decay`` is decoupled: θ ← θ − lr·wd·θ, then the plain SGD step.
+
+    torch's own SGD adds wd·θ to the gradient, so the decay would run through the momentum buffer; here it is
+    applied to the weights directly, outside the momentum, as AdamW does (Loshchilov & Hutter, "Decoupled
+    Weight Decay Regularization", ICLR 2019). Under GNP the decay therefore never enters g1, the perturbation
+    or g2 either: those are gradients of the loss, and the decay is not part of it. The param_group keys are
+    SGD's own (``weight_decay`` included), so state dicts keep their format.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        decays = [g["weight_decay"] for g in self.param_groups]
+        for group, wd in zip(self.param_groups, decays):
+            params = [p for p in group["params"] if p.grad is not None]
+            if wd != 0 and params:
+                # θ_t·(1 − lr·wd): the decay uses the weights before this step's gradient update, like AdamW
+                torch._foreach_mul_(params, 1.0 - group["lr"] * wd)
+            group["weight_decay"] = 0.0  # SGD's coupled decay off for the gradient step below
+        try:
+            super().step()
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
+        return loss
 
 
 def build_optimizer(
@@ -31,7 +62,7 @@ def build_optimizer(
         decay, groups = params, [{"params": params, "weight_decay": o.weight_decay}]
     groups = [gr for gr in groups if gr["params"]]
     if o.name == "sgd":
-        base = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        base = SGDW(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     else:
         base = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.adam_eps)
     opt = GNP(
