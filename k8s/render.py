@@ -137,8 +137,10 @@ def list_jobs() -> list[str]:
 
 
 def _read_yaml(path: Path) -> Any:
+    from trainer.config import strict_yaml_load  # refuses duplicate keys, like the trainer's recipes
+
     try:
-        return yaml.safe_load(path.read_text())
+        return strict_yaml_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

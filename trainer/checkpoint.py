@@ -7,12 +7,21 @@ Layout under the checkpoint URI (a folder or s3://bucket/prefix):
                                    written LAST: a step counts only once its manifest exists
 A checkpoint is used only when its manifest exists and every object matches its size and sha256, so a crash
 or an S3 outage mid-upload, a truncated or a corrupted object is never resumed from: `latest()` falls back to
-the previous complete one with a warning. Keys are never overwritten (some S3 stores are consistent only
-for new keys): if a step prefix already holds an object of the same name (an interrupted attempt), the new
-one gets a fresh name (`state.1.pt`) that the manifest records. A step whose manifest already exists is not
-written again. After a new manifest exists, complete checkpoints beyond the newest `keep` are deleted
-(manifest first, so a half-deleted one is just incomplete), and so are incomplete step prefixes older than
-the newest complete one.
+the previous complete one with a warning. Object keys are never overwritten (some S3 stores are consistent
+only for new keys): if a step prefix already holds an object of the same name (an interrupted attempt), the
+new one gets a fresh name (`state.1.pt`) that the manifest records. A step whose manifest already exists is
+kept only if it verifies; one that does not (a truncated or corrupted object, a damaged manifest) is written
+again: its manifest is deleted first (the step is then merely incomplete), the objects go to fresh keys and a
+new manifest commits them, so a rerun replaces a damaged final checkpoint instead of keeping the older one
+forever. After a new manifest exists, complete checkpoints beyond the newest `keep` at or below that step are
+deleted (manifest first, so a half-deleted one is just incomplete), and so are incomplete step prefixes older
+than it; steps above it (left by an earlier attempt, and not verified: resuming starts from the newest that
+verifies) are left for the run to replace when it gets there. The step just written verifies, so retention
+never deletes the last verified checkpoint.
+
+A local folder that cannot be written for a reason retrying cannot cure (disk full, read-only, no
+permission: `storage.LocalWriteError`) stops the uploader at once: `save()` and `wait()` then raise that
+error (the CLI exits 2), instead of minutes of retries ending as a retryable outage.
 
 `save()` serializes in the caller's thread (the caller passes CPU copies) and uploads in one background
 thread, retrying failed uploads with capped exponential backoff; training waits only for serialization and
@@ -38,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import CheckpointConfig
-from trainer.storage import MiB, ObjectNotFound, Storage, StorageError, open_storage
+from trainer.storage import LocalWriteError, MiB, ObjectNotFound, Storage, StorageError, open_storage
 
 _STEP_PREFIX = re.compile(r"^step-(\d{9,})/")
 STATE_FILE, MANIFEST = "state.pt", "manifest.json"
@@ -161,6 +170,7 @@ class Checkpointer:
         self._save_lock = threading.Lock()  # one save() at a time
         self._job: _Job | None = None
         self._last_ok = True  # did the last job end with its manifest written?
+        self._fatal: LocalWriteError | None = None  # a permanent write error: no more uploads
         self._closing = False
         self._thread: threading.Thread | None = None
         self._stats = _Stats()
@@ -208,6 +218,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint extra file {bad[0]!r}: expected a plain file name other than {MANIFEST}")
         with self._save_lock:
             self._await_idle(supersede=True)
+            self.raise_fatal()
             buf = io.BytesIO()
             torch.save(state, buf)
             data = buf.getvalue()
@@ -239,11 +250,20 @@ class Checkpointer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no upload is pending (at most `timeout` s). True iff every checkpoint saved so far
-        ended uploaded, i.e. the last one's manifest exists."""
+        ended uploaded, i.e. the last one's manifest exists. Raises the LocalWriteError that stopped uploads."""
         if not self._await_idle(supersede=False, timeout=timeout):
             return False
+        self.raise_fatal()
         with self._cv:
             return self._last_ok
+
+    def raise_fatal(self) -> None:
+        """Raise the permanent write error (disk full, read-only, no permission) that stopped the uploader,
+        if any."""
+        with self._cv:
+            fatal = self._fatal
+        if fatal is not None:
+            raise fatal
 
     def close(self, timeout: float | None = 0) -> None:
         """Stop the upload thread after waiting up to `timeout` s (None = forever) for a pending upload; a
@@ -286,7 +306,7 @@ class Checkpointer:
         while True:
             job.attempts += 1
             try:
-                self._upload(job)
+                written = self._upload(job)
             except Exception as e:  # noqa: BLE001 -- any failure is retried; the previous checkpoint stays
                 err = " ".join(str(e).split()) if isinstance(e, StorageError) else f"{type(e).__name__}: {e}"
                 with self._cv:
@@ -294,6 +314,11 @@ class Checkpointer:
                     s.failures_total += 1
                     s.consecutive_failures += 1
                     s.last_error = err[:500]
+                    if isinstance(e, LocalWriteError):
+                        self._fatal = e
+                if isinstance(e, LocalWriteError):  # a restart would hit it again: no retries
+                    self.log(f"error: checkpoint step {job.step} not written: {err}")
+                    return False
                 if self.max_upload_tries and job.attempts >= self.max_upload_tries:
                     self.log(
                         f"warning: checkpoint step {job.step} upload failed (attempt {job.attempts}): {err}; "
@@ -321,7 +346,7 @@ class Checkpointer:
             with self._cv:
                 s = self._stats
                 recovered = s.consecutive_failures
-                s.uploads_total += 1
+                s.uploads_total += written  # a verified step found in place was not uploaded by this run
                 s.consecutive_failures = 0
                 s.last_success_unix, s.last_success_step = time.time(), job.step
                 s.last_duration_s = time.monotonic() - t0
@@ -336,13 +361,22 @@ class Checkpointer:
         with self._cv:
             self._stats.pending_bytes_done += n
 
-    def _upload(self, job: _Job) -> None:
-        """One attempt: objects under fresh keys, then the manifest (the commit point), then retention."""
+    def _upload(self, job: _Job) -> bool:
+        """One attempt: objects under fresh keys, then the manifest (the commit point), then retention.
+        False when the step already exists and verifies (kept as it is, nothing uploaded)."""
         pre = step_prefix(job.step)
         existing = set(self.storage.list(pre))
         if pre + MANIFEST in existing:
-            self.log(f"warning: checkpoint step {job.step} already exists in {self.uri}; not overwritten")
-            return
+            try:
+                self.verify(job.step)
+            except CheckpointError as e:
+                self.log(f"warning: {e}; writing checkpoint step {job.step} again")
+                # The damaged manifest goes first: until the new one exists the step is merely incomplete.
+                self.storage.delete([pre + MANIFEST])
+                existing.discard(pre + MANIFEST)
+            else:
+                self.log(f"checkpoint step {job.step} already exists in {self.uri} and verifies; kept")
+                return False
         self.storage.abort_incomplete(pre)
         with self._cv:
             self._stats.pending_bytes_done = 0
@@ -359,16 +393,20 @@ class Checkpointer:
             self._prune(job.step, {pre + f["object"] for f in files.values()} | {pre + MANIFEST})
         except StorageError as e:  # the checkpoint is safe; stale objects are retried at the next save
             self.log(f"warning: checkpoint retention in {self.uri} failed: {e}")
+        return True
 
     def _prune(self, step: int, referenced: set[str]) -> None:
         by_step: dict[int, list[str]] = {}
         for key in self.storage.list(""):
             if m := _STEP_PREFIX.match(key):
                 by_step.setdefault(int(m.group(1)), []).append(key)
-        complete = sorted((s for s, keys in by_step.items() if step_prefix(s) + MANIFEST in keys), reverse=True)
-        newest = complete[0] if complete else step
+        # Only steps up to the one just written count: a newer one is an earlier attempt's that did not verify
+        # when this run resumed (or it would have resumed from it), so it must not push a verified one out.
+        complete = sorted(
+            (s for s, keys in by_step.items() if s <= step and step_prefix(s) + MANIFEST in keys), reverse=True
+        )
         drop_complete = [s for s in complete[self.keep :] if s != step]
-        drop_partial = [s for s in by_step if s < newest and s not in complete]
+        drop_partial = [s for s in by_step if s < step and s not in complete]
         for s in drop_complete:  # manifest first: an interrupted delete leaves an incomplete step, never a lie
             self.storage.delete([step_prefix(s) + MANIFEST])
         self.storage.delete([k for s in drop_complete + drop_partial for k in by_step[s]])
@@ -426,6 +464,12 @@ class Checkpointer:
                 f"({len(data)} bytes, expected {entry['size']}: truncated or corrupted)"
             )
         return data
+
+    def verify(self, step: int) -> None:
+        """Check that checkpoint `step` is complete: its manifest reads and every object it lists matches its
+        size and sha256. CheckpointError if not; StorageError (an outage) propagates."""
+        for name in self._manifest(step)["files"]:
+            self.load_file(step, name)
 
     def load(self, step: int, map_location: str | torch.device = "cpu") -> dict:
         """Load checkpoint `step` after verifying size and sha256 (CheckpointError if it does not verify)."""

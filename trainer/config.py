@@ -36,6 +36,42 @@ class ConfigError(ValueError):
     """A user error in the configuration; the CLI prints it as one line and exits with status 2."""
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping names the same key twice (plain YAML loaders silently keep the last value)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys in a mapping (merge keys `<<` may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(
+                            "while constructing a mapping",
+                            node.start_mark,
+                            f"duplicate key {key!r} (first at line {first[key] + 1}); each key may appear once",
+                            key_node.start_mark,
+                        )
+                    first[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """yaml.safe_load that raises DuplicateKeyError (a yaml.YAMLError with problem_mark) for a key given twice.
+
+    The one YAML reader of recipes, `--set` values, saved run configs and k8s/render.py's job specs: the
+    last of two values silently winning is how a typo'd recipe trains something nobody wrote down."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str = ""
@@ -506,7 +542,7 @@ def list_recipes() -> dict[str, str]:
     """Recipe name -> its one-line description, for every YAML file in trainer/recipes/."""
     out = {}
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+        data = strict_yaml_load(path.read_text()) or {}
         out[path.stem] = str(data.get("description", ""))
     return out
 
@@ -525,7 +561,7 @@ def read_recipe(name_or_path: str) -> tuple[str, dict]:
     if not path.is_file():
         raise ConfigError(f"--recipe: file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = strict_yaml_load(path.read_text())
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
@@ -546,7 +582,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set: {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"--set: {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw  # treat unparsable YAML as a plain string; type checking will complain if needed
     return parts, value

@@ -25,6 +25,7 @@ so the CLI reports them as configuration errors (exit 2) while outages stay retr
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -73,6 +74,35 @@ class StorageConfigError(StorageError, ValueError):
 
 class ObjectNotFound(StorageError):
     """The key does not exist."""
+
+
+class LocalWriteError(StorageConfigError):
+    """A local write that retrying cannot cure: disk full, quota, read-only file system, no permission, a path
+    component that is a file. Permanent (CLI exit 2): a full local disk is not a storage outage."""
+
+
+# errno values of a local write that a restart would hit again; other OSErrors (EIO, ...) stay retryable.
+_PERMANENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
+
+
+def local_write_error(where: str, key: str, e: OSError) -> StorageError:
+    """One line for a failed local write of `key` under `where`: LocalWriteError when permanent (naming the
+    path, the cause and what to do), else a retryable StorageError."""
+    if e.errno in _PERMANENT_ERRNOS:
+        from trainer.data.convert import output_error  # the same wording as `convert --out`
+
+        return LocalWriteError(output_error(f"checkpoint folder {where}", e), uri=where, code=type(e).__name__)
+    return StorageError(f"{where}: cannot write {key!r}: {e.strerror or e}", uri=where, code=type(e).__name__)
 
 
 @runtime_checkable
@@ -124,9 +154,9 @@ class LocalStorage:
     def put(self, key: str, data: bytes, progress: Callable[[int], None] | None = None) -> None:
         """Write via temp file + fsync + rename (+ fsync of the folder, so the rename survives a power cut)."""
         path = self._path(key)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{id(data)}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{id(data)}")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -138,9 +168,11 @@ class LocalStorage:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise StorageError(
-                f"{self.uri}: cannot write {key!r}: {e.strerror or e}", uri=self.uri, code=type(e).__name__
-            ) from None
+            try:  # a half-written temp file must not keep filling the disk
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise local_write_error(self.uri, key, e) from None
         if progress is not None:
             progress(len(data))
 
@@ -173,7 +205,12 @@ class LocalStorage:
         """Unlink the files, then prune folders left empty (never the root itself)."""
         for key in keys:
             path = self._path(key)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise StorageError(
+                    f"{self.uri}: cannot delete {key!r}: {e.strerror or e}", uri=self.uri, code=type(e).__name__
+                ) from None
             parent = path.parent
             while parent != self.root and self.root in parent.parents:
                 try:

@@ -23,8 +23,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import dist
-from trainer.checkpoint import Checkpointer
-from trainer.config import ConfigError, RunConfig, from_dict, to_dict
+from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.config import ConfigError, RunConfig, from_dict, strict_yaml_load, to_dict
 from trainer.data import LoaderFacts, build_data, validate_dataset
 from trainer.loop import LoopState, LossSpec, StepPolicy, TrainContext, evaluate, measure_sharpness, train_epoch
 from trainer.metrics import build_sink
@@ -95,6 +95,146 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+def _run_dir_refusal(cfg: RunConfig) -> str:
+    """Why the run directory cannot be used for `cfg` (a different config made it), or ''. Reads only."""
+    path = run_dir_of(cfg)
+    saved_file = path / "config.yaml"
+    if cfg.run.fresh or not saved_file.is_file():
+        return ""
+    try:
+        saved = strict_yaml_load(saved_file.read_text()) or {}
+        if not isinstance(saved, dict):
+            raise yaml.YAMLError(f"a {type(saved).__name__}, not a mapping")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        why = " ".join(str(getattr(e, "problem", None) or getattr(e, "strerror", None) or e).split())
+        return (
+            f"run.dir: {str(saved_file)!r} is unreadable ({why}); expected the config.yaml a run wrote "
+            f"(use another run.dir or --set run.fresh=true)"
+        )
+    diffs = config_differences(saved, to_dict(cfg))
+    if diffs:
+        return (
+            f"run.dir: {str(path)!r} was made by a different config ({'; '.join(diffs[:3])}"
+            f"{'; ...' if len(diffs) > 3 else ''}); use another run.dir or --set run.fresh=true"
+        )
+    return ""
+
+
+def folder_problem(path: str | os.PathLike) -> str:
+    """What keeps this process from writing into folder `path` (creating it and its missing parents), or ''.
+
+    Reads only: a path that is a file, a parent that is a file, a folder without write permission or on a
+    read-only file system (os.access reports EROFS as not writable)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"{str(p)!r} exists and is not a folder"
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent if str(anc.parent) != "" else Path(".")
+    if not anc.is_dir():
+        return f"{str(anc)!r} (a parent of {str(p)!r}) is a file, not a folder"
+    if not os.access(anc, os.W_OK | os.X_OK):
+        return f"{str(anc)!r} is not writable by this user (read-only file system or no permission)"
+    return ""
+
+
+def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
+    """Every check that needs no process group, before anything is written (run before dist.init()).
+
+    The dataset (and, for FFCV, its meta.json: the batch must fit the training set), the model name and
+    options, the batch against the world size, the run directory (a folder this user can write; made by the
+    same config), a local checkpoint folder or the S3 bucket, the metrics port. A failing rank exits before
+    the rendezvous, so rank 0 never reaches the first write. Raises ConfigError (or StorageConfigError /
+    StorageError for the bucket) with one line; returns the FFCV meta.json dict (None for the memory loader).
+    """
+    environ = os.environ if environ is None else environ
+    world, rank, local_rank = (_env_int(environ, n, d) for n, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    meta = check_data(cfg)
+    from trainer.models import model_options
+
+    try:
+        options = model_options(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {' '.join(str(e).split()).removeprefix('model: ')}") from None
+    unknown = sorted(set(cfg.model.kwargs) - set(options))
+    if unknown and not _takes_any_option(cfg.model.name):
+        raise ConfigError(
+            f"model.kwargs: unknown option(s) {', '.join(map(repr, unknown))} for {cfg.model.name!r}; "
+            f"allowed: {', '.join(sorted(options)) or 'none'}"
+        )
+    per_rank = _per_rank_batch(cfg, _World(world))
+    train_size = (meta or {}).get("train_size")
+    if isinstance(train_size, int) and per_rank > -(-train_size // world):
+        most = train_size if cfg.loop.batch_size_mode == "global" else -(-train_size // world)
+        raise ConfigError(
+            f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most {most} ({train_size} "
+            f"training images in {cfg.data.path} over {world} rank(s)): a larger batch leaves an epoch without one"
+        )
+    if rank == 0:
+        if problem := folder_problem(run_dir_of(cfg)):
+            raise ConfigError(f"run.dir: {problem}; expected a folder this user can write")
+        if refusal := _run_dir_refusal(cfg):
+            raise ConfigError(refusal)
+        if not cfg.checkpoint.uri.startswith("s3://"):
+            where = cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints"
+            if problem := folder_problem(where):
+                raise ConfigError(f"checkpoint.uri: {problem}; expected a folder this user can write")
+    if cfg.checkpoint.uri.startswith("s3://"):
+        from trainer.storage import open_storage
+
+        ck = cfg.checkpoint
+        open_storage(  # lists the prefix once: wrong credentials or a missing bucket fail here
+            ck.uri,
+            endpoint_url=ck.s3_endpoint,
+            region=ck.s3_region,
+            retry_mode=ck.s3_retry_mode,
+            max_attempts=ck.s3_max_attempts,
+        )
+    if cfg.metrics.prometheus:
+        _check_port(cfg.metrics.addr, cfg.metrics.port + local_rank)
+    return meta
+
+
+def _env_int(environ, name: str, default: int) -> int:
+    value = environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or (name == "WORLD_SIZE" and int(value) < 1):
+        raise ConfigError(f"environment variable {name}={value!r}: expected a non-negative integer (set by torchrun)")
+    return int(value)
+
+
+class _World:
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+
+
+def _takes_any_option(name: str) -> bool:
+    import inspect
+
+    from trainer.models.registry import _lookup
+
+    params = inspect.signature(_lookup(name)).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _check_port(addr: str, port: int) -> None:
+    """ConfigError when `addr:port` cannot be bound now (in use, or an address of no interface here)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # The metrics server sets SO_REUSEADDR too: a port in TIME_WAIT is free for it, one in LISTEN is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError as e:
+            raise ConfigError(
+                f"metrics.port: cannot listen on {addr}:{port} ({e.strerror or e}); expected a free port "
+                f"(rank r of a node uses metrics.port + r) on an address of this host (metrics.addr)"
+            ) from None
+
+
 def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
     """Create the run directory (rank 0), refusing one made by a different config unless run.fresh.
 
@@ -110,13 +250,8 @@ def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
             aside = path.with_name(f"{path.name}.old-{datetime.datetime.now():%Y%m%d-%H%M%S}")
             path.rename(aside)
             print(f"run.fresh: moved the old run directory to {aside}", file=sys.stderr)
-        elif saved_file.is_file():
-            diffs = config_differences(yaml.safe_load(saved_file.read_text()) or {}, current)
-            if diffs:
-                error = (
-                    f"run.dir: {str(path)!r} was made by a different config ({'; '.join(diffs[:3])}"
-                    f"{'; ...' if len(diffs) > 3 else ''}); use another run.dir or --set run.fresh=true"
-                )
+        else:
+            error = _run_dir_refusal(cfg)
         if not error:
             path.mkdir(parents=True, exist_ok=True)
             tmp = path / ".config.yaml.tmp"
@@ -128,8 +263,9 @@ def prepare_run_dir(cfg: RunConfig, env: dist.DistEnv) -> Path:
     return path
 
 
-def check_data(cfg: RunConfig) -> None:
-    """Fail fast (one line, exit 2) on a missing or malformed dataset, without reading the images."""
+def check_data(cfg: RunConfig) -> dict | None:
+    """Fail fast (one line, exit 2) on a missing or malformed dataset, without reading the images; returns
+    the FFCV dataset's meta.json (None for the memory loader)."""
     d = cfg.data
     if not d.path:
         raise ConfigError(
@@ -140,8 +276,8 @@ def check_data(cfg: RunConfig) -> None:
         from trainer.data.memory import parse_source
 
         parse_source(d.path)
-    else:
-        validate_dataset(d.path)
+        return None
+    return validate_dataset(d.path)
 
 
 def seed_everything(seed: int) -> None:
@@ -223,6 +359,7 @@ def _build(cfg: RunConfig, env: dist.DistEnv, held: _Held, train: bool = True):
 
 def train(cfg: RunConfig) -> dict:
     """Train according to `cfg` (resuming from the run directory's latest checkpoint); returns the summary."""
+    preflight(cfg)  # before the rendezvous: a rank that fails here keeps rank 0 from writing anything
     env = dist.init()
     held = _Held()
     try:
@@ -237,12 +374,18 @@ def train(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     t_start = time.time()
-    check_data(cfg)  # before touching the run directory: a typo must not create or refuse one
     if cfg.loop.deterministic:
         torch.use_deterministic_algorithms(True)
-    run_dir = prepare_run_dir(cfg, env)
+    # Built before the run directory is touched: what only the built data or model can tell (an epoch
+    # without a batch, a bad model option) must neither create nor refuse the directory.
     loaders, module, model, ckpt = _build(cfg, env, held)
     held.ckpt = ckpt
+    if len(loaders.train) == 0:
+        raise ConfigError(
+            f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most each rank's share of the "
+            f"{loaders.meta['train_size']} training images of {cfg.data.path} (an epoch has no batch)"
+        )
+    run_dir = prepare_run_dir(cfg, env)
     opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
@@ -355,6 +498,13 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
                 f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
                 f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}"
             )
+        if state.epoch == lp.epochs:  # a finished run: its final step must be the newest verified checkpoint
+            try:
+                ckpt.verify(state.step)
+            except CheckpointError as e:
+                raise StorageError(
+                    f"checkpoint.uri: the final checkpoint does not verify after its upload: {e}"
+                ) from None
     dist.barrier(env)
     summary = {
         "run_dir": str(run_dir),
@@ -399,7 +549,12 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"--run: {run_dir!r} has no config.yaml; expected a run directory made by `trainer train`")
-    data = yaml.safe_load(saved.read_text()) or {}
+    try:
+        data = strict_yaml_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--run: {str(saved)!r} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--run: {str(saved)!r} must hold a mapping of sections, got {type(data).__name__}")
     data.pop("git_commit", None)
     data.setdefault("run", {})["dir"] = str(run_dir)
     for key, value in (overrides or {}).items():
