@@ -1,0 +1,391 @@
+"""Bad input, as a table: every case must end with exit status 2, exactly one line `error: ...` on stderr that
+names the key or file and says what is allowed, no traceback, and NO file created, changed or removed.
+
+Each case runs the real command line (`trainer.__main__.main`, or k8s/render.py in a child process) with its
+working directory in a fresh workspace; the workspace and the dataset it reads are snapshotted (every path, its
+type, size, mode, mtime and content hash) before and after. The cases cover configs, recipes, `--set`,
+datasets, world sizes, run directories, local and S3 checkpoint locations, metrics ports, `eval` and job specs.
+Every check must run before the run directory is touched: a failed start leaves it as it was, so the corrected
+command then runs (tested at the end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli
+from trainer.config import load, to_dict
+
+
+@dataclass
+class Ctx:
+    ws: Path  # the workspace: the working directory, run directories live here
+    ds: Path  # a converted 500-image Fashion-MNIST (read-only for the cases)
+    request: pytest.FixtureRequest
+    env: dict = field(default_factory=dict)
+
+    def train(self, *sets: str, recipe: str = "debug-cpu", run_dir: str | None = None) -> list[str]:
+        base = [f"data.path={self.ds}", f"run.dir={run_dir or self.ws / 'run'}", *sets]
+        return ["train", "--recipe", recipe, *[a for s in base for a in ("--set", s)]]
+
+    def memory(self, *sets: str) -> list[str]:
+        return self.train("data.loader=memory", f"data.path=fashion-mnist:{FMNIST}", "data.augment=none", *sets)
+
+    def recipe(self, text: str) -> str:
+        path = self.ws / "recipe.yaml"
+        path.write_text(text)
+        return str(path)
+
+    def dataset_copy(self) -> Path:
+        out = self.ws / "ds"
+        shutil.copytree(self.ds, out)
+        return out
+
+    def saved_config(self, text: str | None = None, **changes) -> Path:
+        """ws/run/config.yaml as a run of debug-cpu (with `changes`) would have written it, or `text`."""
+        run = self.ws / "run"
+        run.mkdir(exist_ok=True)
+        if text is None:
+            data = to_dict(load("debug-cpu", [f"data.path={self.ds}", f"run.dir={run}"]))
+            for key, value in changes.items():
+                section, name = key.split("__")
+                data[section][name] = value
+            text = yaml.safe_dump(data, sort_keys=False)
+        (run / "config.yaml").write_text(text)
+        return run
+
+    def s3(self):
+        server = self.request.getfixturevalue("s3_env")
+        return server
+
+
+def _busy_port(ctx: Ctx) -> list[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    ctx.request.addfinalizer(sock.close)
+    port = sock.getsockname()[1]
+    return ctx.train("metrics.prometheus=true", "metrics.addr=127.0.0.1", f"metrics.port={port}")
+
+
+def _s3_missing_bucket(ctx: Ctx) -> list[str]:
+    ctx.s3()
+    return ctx.train(f"checkpoint.uri=s3://missing-{uuid.uuid4().hex[:8]}/run")
+
+
+def _s3_wrong_key(ctx: Ctx) -> list[str]:
+    server = ctx.s3()
+    bucket = server.create_bucket()
+    ctx.env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    return ctx.train(f"checkpoint.uri=s3://{bucket}/run")
+
+
+def _truncated_beton(ctx: Ctx) -> list[str]:
+    ds = ctx.dataset_copy()
+    beton = ds / "train.beton"
+    beton.write_bytes(beton.read_bytes()[: beton.stat().st_size // 2])
+    return ctx.train(f"data.path={ds}")
+
+
+def _bad_meta(ctx: Ctx) -> list[str]:
+    ds = ctx.dataset_copy()
+    (ds / "meta.json").write_text("{not json")
+    return ctx.train(f"data.path={ds}")
+
+
+def _file(ctx: Ctx, name: str) -> Path:
+    path = ctx.ws / name
+    path.write_text("a file, not a folder")
+    return path
+
+
+def _job_spec(ctx: Ctx, text: str) -> list[str]:
+    spec = ctx.ws / "job.yaml"
+    spec.write_text(text)
+    return ["render", "render", str(spec)]
+
+
+# (id, build argv from the context, extra environment, fragments the one line must contain)
+Case = tuple[str, Callable[[Ctx], list[str]], dict, tuple[str, ...]]
+CASES: list[Case] = [
+    # recipes and --set
+    ("recipe-unknown", lambda c: ["train", "--recipe", "debug-cpux"], {}, ("--recipe", "did you mean 'debug-cpu'")),
+    ("recipe-file-missing", lambda c: ["train", "--recipe", str(c.ws / "none.yaml")], {}, ("--recipe", "none.yaml")),
+    ("recipe-invalid-yaml", lambda c: c.train(recipe=c.recipe("loop: [1,\n")), {}, ("recipe.yaml", "not valid YAML")),
+    (
+        "recipe-duplicate-section",
+        lambda c: c.train(recipe=c.recipe("loop:\n  epochs: 1\nloop:\n  epochs: 2\n")),
+        {},
+        ("recipe.yaml", "line 3", "duplicate key 'loop'", "once"),
+    ),
+    (
+        "recipe-duplicate-key",
+        lambda c: c.train(recipe=c.recipe("model:\n  name: resnet_debug\nloop:\n  epochs: 1\n  epochs: 2\n")),
+        {},
+        ("recipe.yaml", "line 5", "duplicate key 'epochs'", "first at line 4"),
+    ),
+    (
+        "recipe-duplicate-flow",
+        lambda c: c.train(recipe=c.recipe("model: {name: resnet_debug, name: vgg_debug}\n")),
+        {},
+        ("recipe.yaml", "duplicate key 'name'"),
+    ),
+    ("recipe-not-mapping", lambda c: c.train(recipe=c.recipe("- a\n- b\n")), {}, ("recipe.yaml", "mapping")),
+    (
+        "recipe-unknown-section",
+        lambda c: c.train(recipe=c.recipe("loops:\n  epochs: 1\n")),
+        {},
+        ("loops", "did you mean 'loop'", "allowed"),
+    ),
+    ("set-unknown-key", lambda c: c.train("loop.epoch=1"), {}, ("loop.epoch", "did you mean 'epochs'")),
+    ("set-no-equals", lambda c: c.train("loop.epochs"), {}, ("--set", "section.key=value")),
+    ("set-empty-part", lambda c: c.train("loop..epochs=1"), {}, ("--set", "empty key part")),
+    ("set-wrong-type", lambda c: c.train("loop.epochs=abc"), {}, ("loop.epochs", "expected an integer")),
+    ("set-not-bool", lambda c: c.train("loop.compile=3"), {}, ("loop.compile", "true or false")),
+    ("set-duplicate-key", lambda c: c.train("model.kwargs={a: 1, a: 2}"), {}, ("--set", "duplicate key 'a'")),
+    # values
+    ("epochs-zero", lambda c: c.train("loop.epochs=0"), {}, ("loop.epochs", "integer >= 1")),
+    ("lr-negative", lambda c: c.train("optim.lr=-1"), {}, ("optim.lr", ">= 0")),
+    ("hybrid-p-zero", lambda c: c.train("gnp.hybrid_p=0"), {}, ("gnp.hybrid_p", "(0, 1]")),
+    ("keep-one", lambda c: c.train("checkpoint.keep=1"), {}, ("checkpoint.keep", ">= 2")),
+    ("uri-scheme", lambda c: c.train("checkpoint.uri=ftp://host/x"), {}, ("checkpoint.uri", "s3://bucket/prefix")),
+    ("port-range", lambda c: c.train("metrics.port=70000"), {}, ("metrics.port", "1..65471")),
+    ("loader-typo", lambda c: c.train("data.loader=memroy"), {}, ("data.loader", "did you mean 'memory'")),
+    ("augment-memory", lambda c: c.memory("data.augment=imagenet"), {}, ("data.augment", "data.loader=memory")),
+    ("label-noise-ffcv", lambda c: c.train("data.label_noise=0.1"), {}, ("data.label_noise", "data.loader=ffcv")),
+    # model
+    ("model-typo", lambda c: c.train("model.name=resnet_debgu"), {}, ("model.name", "did you mean 'resnet_debug'")),
+    ("model-option", lambda c: c.train("model.kwargs={foo: 1}"), {}, ("model.kwargs", "'foo'", "allowed")),
+    # datasets
+    ("data-path-empty", lambda c: c.train("data.path="), {}, ("data.path", "missing", "convert")),
+    ("data-path-missing", lambda c: c.train(f"data.path={c.ws / 'nope'}"), {}, ("nope",)),
+    ("memory-source", lambda c: c.memory("data.path=fashion-mnist"), {}, ("data.path", "expected")),
+    ("meta-json-damaged", _bad_meta, {}, ("meta.json",)),
+    ("beton-truncated", _truncated_beton, {}, ("train.beton",)),
+    ("batch-over-dataset", lambda c: c.train("loop.batch_size=4096"), {}, ("loop.batch_size", "at most 500")),
+    ("batch-over-memory-dataset", lambda c: c.memory("data.limit=512", "loop.batch_size=4096"), {}, ("512",)),
+    # world sizes (the checks run before the rendezvous, so one process stands for rank 0 of W)
+    (
+        "world-odd-batch",
+        lambda c: c.train("loop.batch_size=33"),
+        {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+        ("loop.batch_size", "multiple of the world size (2)"),
+    ),
+    (
+        "world-three",
+        lambda c: c.train("loop.batch_size=32"),
+        {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"},
+        ("loop.batch_size", "multiple of the world size (3)"),
+    ),
+    (
+        "world-per-rank-share",
+        lambda c: c.train("loop.batch_size_mode=per_rank", "loop.batch_size=300"),
+        {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+        ("loop.batch_size", "at most 250"),
+    ),
+    ("world-garbage", lambda c: c.train(), {"WORLD_SIZE": "two"}, ("WORLD_SIZE", "integer")),
+    # run directories
+    ("run-dir-is-file", lambda c: c.train(run_dir=str(_file(c, "f"))), {}, ("run.dir", "not a folder")),
+    ("run-dir-under-file", lambda c: c.train(run_dir=str(_file(c, "f") / "run")), {}, ("run.dir", "is a file")),
+    (
+        "run-dir-other-config",
+        lambda c: (c.saved_config(loop__epochs=5), c.train())[1],
+        {},
+        ("run.dir", "different config", "loop.epochs: 5 -> 2", "run.fresh=true"),
+    ),
+    (
+        "run-dir-config-damaged",
+        lambda c: (c.saved_config("loop: [\n"), c.train())[1],
+        {},
+        ("run.dir", "config.yaml", "unreadable", "run.fresh=true"),
+    ),
+    (
+        "run-dir-config-duplicate",
+        lambda c: (c.saved_config("loop: {}\nloop: {}\n"), c.train())[1],
+        {},
+        ("run.dir", "duplicate key 'loop'"),
+    ),
+    # checkpoint locations
+    (
+        "checkpoint-dir-is-file",
+        lambda c: c.train(f"checkpoint.uri={_file(c, 'ck')}"),
+        {},
+        ("checkpoint.uri", "not a folder"),
+    ),
+    (
+        "default-checkpoint-dir-is-file",
+        lambda c: ((c.ws / "run").mkdir(), _file(c, "run/checkpoints"), c.train())[2],
+        {},
+        ("checkpoint.uri", "checkpoints", "not a folder"),
+    ),
+    ("s3-no-bucket-name", lambda c: c.train("checkpoint.uri=s3:///prefix"), {}, ("checkpoint.uri", "s3://bucket")),
+    ("s3-missing-bucket", _s3_missing_bucket, {}, ("NoSuchBucket", "create bucket", "checkpoint.uri")),
+    ("s3-wrong-credentials", _s3_wrong_key, {}, ("s3://", "check the credentials")),
+    # metrics port
+    ("port-busy", _busy_port, {}, ("metrics.port", "in use", "free port")),
+    (
+        "port-foreign-address",
+        lambda c: c.train("metrics.prometheus=true", "metrics.addr=203.0.113.7"),
+        {},
+        ("metrics.port", "203.0.113.7", "metrics.addr"),
+    ),
+    # eval
+    ("eval-no-run", lambda c: ["eval"], {}, ("eval", "--run DIR")),
+    ("eval-run-missing", lambda c: ["eval", "--run", str(c.ws / "none")], {}, ("--run", "no config.yaml")),
+    (
+        "eval-config-duplicate",
+        lambda c: ["eval", "--run", str(c.saved_config("loop: {}\nloop: {}\n"))],
+        {},
+        ("--run", "config.yaml", "duplicate key 'loop'"),
+    ),
+    (
+        "eval-no-checkpoint",
+        lambda c: ["eval", "--run", str(c.saved_config())],
+        {},
+        ("--run", "no complete checkpoint"),
+    ),
+    # job specs (k8s/render.py reads them with the same strict loader)
+    (
+        "job-spec-duplicate",
+        lambda c: _job_spec(c, "recipe: debug-cpu\nnodes: 1\nnodes: 2\n"),
+        {},
+        ("job.yaml", "line 3", "duplicate key 'nodes'"),
+    ),
+    ("job-spec-invalid", lambda c: _job_spec(c, "recipe: [\n"), {}, ("job.yaml", "not valid YAML")),
+]
+
+
+def snapshot(*roots: Path) -> dict:
+    """{path: (kind, size, mode, mtime_ns, sha256)} of everything under `roots` (the roots included)."""
+    out = {}
+    for root in roots:
+        for path in [root, *sorted(root.rglob("*"))]:
+            st = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+            kind = "dir" if path.is_dir() else "file" if path.is_file() else "other"
+            out[str(path)] = (kind, st.st_size if kind == "file" else 0, st.st_mode, st.st_mtime_ns, digest)
+    return out
+
+
+def run_case(argv: list[str], ctx: Ctx, monkeypatch, capfd) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of the command line `argv` run in the workspace."""
+    monkeypatch.chdir(ctx.ws)
+    monkeypatch.delenv("GNP_TRACEBACK", raising=False)
+    for key, value in ctx.env.items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    if argv[0] == "render":  # k8s/render.py is a script: run it as one
+        res = subprocess.run(
+            [sys.executable, str(ROOT / "k8s" / "render.py"), *argv[1:]],
+            cwd=ctx.ws,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return res.returncode, res.stdout, res.stderr
+    from trainer.__main__ import main
+
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse
+        status = e.code
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def ctx(fmnist_small, tmp_path, request) -> Ctx:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return Ctx(ws=ws, ds=fmnist_small, request=request)
+
+
+def test_the_table_has_at_least_40_distinct_cases():
+    ids = [c[0] for c in CASES]
+    assert len(ids) >= 40 and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case: Case, ctx: Ctx, monkeypatch, capfd):
+    name, build, env, fragments = case
+    ctx.env.update(env)
+    argv = build(ctx)
+    before = snapshot(ctx.ws, ctx.ds)
+    status, out, err = run_case(argv, ctx, monkeypatch, capfd)
+    after = snapshot(ctx.ws, ctx.ds)
+    lines = err.strip().splitlines()
+    assert status == 2, (status, err[-3000:])
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert after == before, {
+        k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)
+    }
+
+
+def test_the_corrected_command_then_runs(ctx: Ctx):
+    """A start refused for a too-large batch leaves no config.yaml behind, so fixing the batch is enough
+    (before, the refused start wrote config.yaml and the corrected one was refused as a different config)."""
+    res = run_cli(*ctx.train("loop.batch_size=4096"), cwd=ctx.ws)
+    assert res.returncode == 2 and not (ctx.ws / "run").exists(), res.stderr[-3000:]
+    res = run_cli(*ctx.train("loop.max_steps=2", "loop.epochs=1"), cwd=ctx.ws)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (ctx.ws / "run" / "config.yaml").is_file()
+
+
+def test_a_failing_rank_keeps_rank_0_from_writing(ctx: Ctx):
+    """Under torchrun, rank 1 alone finding its metrics port busy stops the start before anything is written:
+    the checks run before the rendezvous, which rank 0 cannot pass without it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1] - 1  # rank 0 gets port (free), rank 1 port + 1 (busy)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "trainer",
+                *ctx.train("metrics.prometheus=true", "metrics.addr=127.0.0.1", f"metrics.port={port}"),
+            ],
+            cwd=ctx.ws,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert res.returncode != 0
+    assert f"error: metrics.port: cannot listen on 127.0.0.1:{port + 1}" in res.stderr, res.stderr[-3000:]
+    assert not (ctx.ws / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not shutil.which("unshare"), reason="needs unshare")
+def test_read_only_run_dir_is_one_line(ctx: Ctx, fmnist_small):
+    """run.dir on a read-only file system (a real read-only tmpfs in a private mount namespace)."""
+    assert shutil.which("unshare"), "util-linux unshare is needed for the file-system fault tests"
+    argv = " ".join(ctx.train(run_dir="/mnt/run"))
+    script = f"mount -t tmpfs -o ro,size=1m tmpfs /mnt && {sys.executable} -m trainer {argv}; echo status=$?"
+    res = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    lines = res.stderr.strip().splitlines()
+    assert "status=2" in res.stdout, (res.stdout, res.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: run.dir: '/mnt'"), res.stderr[-3000:]
+    assert "read-only" in lines[0]
