@@ -50,3 +50,48 @@ def test_recipe_runs_two_steps(recipe, fmnist_small, tmp_path):
     expect_gnp = cfg.gnp.r > 0 and cfg.gnp.warmup != "zero"
     assert any(r["gnp"] for r in train) == expect_gnp
     assert train[0]["alpha"] == pytest.approx(cfg.gnp.alpha)
+
+
+REFERENCE_RECIPES = (
+    "pyramidnet-sd-cifar",
+    "resnet-cifar",
+    "resnet-imagenet",
+    "vggbn-imagenet",
+    "vit-cifar-basic",
+    "vit-cifar-basic-grwarmup",
+    "vit-cifar-heavy",
+    "wideresnet-cifar",
+    "wideresnet-ss-cifar",
+)
+
+
+def test_vit_recipes_clip_like_the_paper_era_code():
+    """07895f1's Adam clipped at its grad_norm_clip 2.0 after the outer 5.0 clip: the effective clip was 2.0.
+    The grwarmup recipe exists only in the later code (no clip inside Adam), so it keeps 5.0."""
+    assert config.load("vit-cifar-basic").optim.clip_norm == 2.0
+    assert config.load("vit-cifar-heavy").optim.clip_norm == 2.0
+    assert config.load("vit-cifar-basic-grwarmup").optim.clip_norm == 5.0
+
+
+@pytest.mark.parametrize("recipe", REFERENCE_RECIPES)
+def test_reference_recipes_run_at_jax_default_precision(recipe):
+    """fp32 tensors with TF32 matmuls/convolutions (JAX's default on NVIDIA GPUs), not bf16 autocast."""
+    assert config.load(recipe).loop.precision == "tf32"
+    assert config.load(recipe, ["loop.precision=bf16"]).loop.precision == "bf16"  # one override away
+
+
+def test_tf32_precision_sets_the_backend_flags():
+    import torch
+
+    from trainer.loop import set_float32_math
+    from trainer.train import amp_dtype_of
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert amp_dtype_of("tf32", torch.device("cuda")) is None  # no autocast: fp32 tensors
+        set_float32_math("tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_float32_math("fp32")  # PyTorch's defaults: fp32 matmuls, TF32 cuDNN convolutions
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

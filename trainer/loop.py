@@ -141,6 +141,47 @@ def l2_term(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.float().pow(2).sum() for p in params]).sum()
 
 
+def set_float32_math(precision: str) -> None:
+    """Process-wide fp32 math for `precision` (loop.precision): tf32 lets cuBLAS matmuls and cuDNN convolutions
+    round their fp32 inputs to TF32 on Ampere and newer GPUs, as JAX does by default there (its DEFAULT
+    precision: https://docs.jax.dev/en/latest/_autosummary/jax.default_matmul_precision.html); every other value
+    keeps PyTorch's defaults (fp32 matmuls, TF32 cuDNN convolutions). Older GPUs and CPUs ignore both flags."""
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def bn_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    """running_mean and running_var of every BatchNorm/InstanceNorm layer that tracks running statistics."""
+    out = []
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+            out += [b for b in (mod.running_mean, mod.running_var) if b is not None]
+    return out
+
+
+@torch.no_grad()
+def average_bn_buffers(module: torch.nn.Module, env: DistEnv) -> int:
+    """Replace every rank's BatchNorm running_mean/running_var by their mean over the ranks, in place.
+
+    A COLLECTIVE under DDP (every rank calls it; a no-op on one process). DDP trains with each rank's batch
+    statistics, so the ranks' running buffers drift apart; the reference averages them across devices before
+    evaluating and before saving (zhaoyang-0204/gnp@e803362 training/training_core.py:255 and
+    training/utli.py:79). One all-reduce of a flat fp64 copy; num_batches_tracked is equal on every rank and is
+    left alone. Returns the number of buffers averaged.
+    """
+    bufs = bn_buffers(module)
+    if not env.distributed or not bufs:
+        return 0
+    flat = torch.cat([b.detach().reshape(-1).double() for b in bufs])
+    all_reduce_sum(flat, env)
+    flat /= env.world_size
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    return len(bufs)
+
+
 def autocast_for(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """An autocast context for `dtype`, or a no-op for full precision."""
     if dtype is None:

@@ -26,7 +26,17 @@ from trainer import dist
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import ConfigError, RunConfig, from_dict, strict_yaml_load, to_dict
 from trainer.data import LoaderFacts, build_data, validate_dataset
-from trainer.loop import LoopState, LossSpec, StepPolicy, TrainContext, evaluate, measure_sharpness, train_epoch
+from trainer.loop import (
+    LoopState,
+    LossSpec,
+    StepPolicy,
+    TrainContext,
+    average_bn_buffers,
+    evaluate,
+    measure_sharpness,
+    set_float32_math,
+    train_epoch,
+)
 from trainer.metrics import build_sink
 from trainer.models import create_model
 from trainer.optim.factory import build_optimizer
@@ -293,7 +303,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def amp_dtype_of(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _per_rank_batch(cfg: RunConfig, env: dist.DistEnv) -> int:
@@ -389,6 +399,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
+    set_float32_math(cfg.loop.precision)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
     run = held.run = RunState(
         module=module, optimizer=opt, loop=LoopState(), scaler=scaler, env=env, config=to_dict(cfg)
@@ -446,8 +457,18 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         },
     )
 
+    def sync_bn() -> None:
+        """Average the ranks' BatchNorm running buffers (loop.sync_bn_buffers): a collective, every rank calls it."""
+        if lp.sync_bn_buffers:
+            average_bn_buffers(module, env)
+
+    def evaluate_now() -> dict:
+        sync_bn()  # evaluate with the ranks' mean buffers, as the reference does
+        return evaluate(module, loaders.val, env, amp_dtype)
+
     def save() -> None:
         """Checkpoint at the current step: every rank contributes its RNG state, rank 0 writes."""
+        sync_bn()  # the checkpoint holds the ranks' mean buffers, not rank 0's
         snapshot = run.state_dict()  # a collective: called on every rank
         if env.is_primary:
             t0 = time.perf_counter()
@@ -472,7 +493,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         state.epoch, state.batch = state.epoch + 1, 0
         last = state.epoch == lp.epochs
         if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
-            last_eval = {"epoch": state.epoch, **evaluate(module, loaders.val, env, amp_dtype)}
+            last_eval = {"epoch": state.epoch, **evaluate_now()}
             sink.log("eval", last_eval)
         if (
             last
@@ -485,7 +506,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             "epoch": state.epoch,
             "partial": True,
             "step": state.step,
-            **evaluate(module, loaders.val, env, amp_dtype),
+            **evaluate_now(),
         }
         sink.log("eval", last_eval)
     if env.is_primary:
