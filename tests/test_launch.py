@@ -287,7 +287,7 @@ spec = importlib.util.spec_from_file_location("probe_render", sys.argv[1])
 render = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = render
 spec.loader.exec_module(render)
-job = render.render_convert_job(render.build_job("fashion-mnist-demo"))
+job = render.render_convert_job(render.build_job("fashion-mnist-demo", image="registry.test/gnp:1"))
 print(json.dumps({
     "cli_bad_recipe": cli.main(["train", "--recipe", "no-such-recipe"]),
     "cli_retryable": cli.EXIT_RETRYABLE,

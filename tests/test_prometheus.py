@@ -118,13 +118,13 @@ def test_bad_dashboard_is_a_user_error(tmp_path, monkeypatch, capsys):
     ):
         if content is not None:
             bad.write_text(content)
-        monkeypatch.setattr(render, "DASHBOARD_FILE", bad)
+        monkeypatch.setattr(sys.modules[render.dashboard_configmap.__module__], "DASHBOARD_FILE", bad)
         assert render.main(["render", "fashion-mnist-demo", "--part", "monitoring"]) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), err
         assert re.search(message, err.strip()), err
     # the job part does not need the dashboard
-    assert render.main(["render", "fashion-mnist-demo", "--part", "job"]) == 0
+    assert render.main(["render", "fashion-mnist-demo", "--part", "job", "--image", "registry.test/gnp:1"]) == 0
     assert "kind: PyTorchJob" in capsys.readouterr().out
 
 

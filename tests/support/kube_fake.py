@@ -1,7 +1,7 @@
 """A small in-process fake of the Kubernetes API subset that k8s/render.py's submit/status/logs/delete use.
 
-No real kube-apiserver can be installed on the development machines (nothing installable ships one; kind,
-minikube and k3s need docker or downloads; see environment.md §5), so the client code path is exercised
+No real kube-apiserver can be installed on the development machines (no Debian or PyPI package ships one;
+kind, minikube and k3s need docker or downloads), so the client code path is exercised
 against this HTTP server on 127.0.0.1 instead. It speaks the real wire format the kubernetes Python client
 expects (JSON bodies, `Status` objects for errors) for:
 
@@ -11,6 +11,7 @@ expects (JSON bodies, `Status` objects for errors) for:
   DELETE /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME          delete (and the job's pods)
   GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
   GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
+  GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
 
 Like the training operator, a created job gets a `Created` condition and one Running pod per replica
 (`<job>-master-0`, `<job>-worker-<i>`) labelled training.kubeflow.org/job-name; `Running` is then set.
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs, urlparse
 
 GROUP_PATH = "/apis/kubeflow.org/v1"
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
+SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?$")
 
 
@@ -52,9 +54,15 @@ def _status(code: int, reason: str, message: str) -> dict:
 class FakeKube:
     """The fake API server; use as a context manager. `url` is its base URL."""
 
-    def __init__(self, crd_installed: bool = True, namespaces: tuple[str, ...] = ("default", "gnp")) -> None:
+    def __init__(
+        self,
+        crd_installed: bool = True,
+        namespaces: tuple[str, ...] = ("default", "gnp"),
+        secrets: tuple[str, ...] = ("gnp-s3",),
+    ) -> None:
         self.crd_installed = crd_installed
         self.namespaces = set(namespaces)
+        self.secrets = {(ns, s) for ns in self.namespaces for s in secrets}  # (namespace, name) that exist
         self.jobs: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.logs: dict[tuple[str, str], str] = {}
@@ -233,6 +241,12 @@ class FakeKube:
         m = JOBS.match(path)
         if m:
             return self._jobs(method, m.group(1), m.group(2), body)
+        m = SECRETS.match(path)
+        if m and method == "GET":
+            if (m.group(1), m.group(2)) not in self.secrets:
+                return 404, _status(404, "NotFound", f'secrets "{m.group(2)}" not found')
+            meta = {"name": m.group(2), "namespace": m.group(1)}
+            return 200, {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": {}}
         m = PODS.match(path)
         if m and method == "GET":
             return self._pods(m.group(1), m.group(2), bool(m.group(3)), query)

@@ -191,7 +191,7 @@ def render_monitoring(job: str = "fashion-mnist-demo") -> tuple[str, list[dict]]
     return proc.stdout, [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
-# ---------------------------------------------------------------- CRD validation (environment.md §5)
+# ------------------------------------------ CRD validation (the CRDs in tests/data/crds; no API server here)
 
 
 def crd_schema(crd_path: Path, api_version: str, strict: bool = True) -> dict:

@@ -1,0 +1,152 @@
+"""The command line behind `python k8s/render.py` (and make jobs/render/submit/status/logs/delete).
+
+    python k8s/render.py jobs                          list the job specs in k8s/jobs/
+    python k8s/render.py render JOB [options]          print the manifest (no cluster needed)
+    python k8s/render.py submit JOB [options]          render, then create it with the kubernetes client
+    python k8s/render.py status NAME [-n NS]           job conditions, replica counts and pods
+    python k8s/render.py logs NAME [-n NS]             follow the rank-0 pod's `pytorch` container
+    python k8s/render.py delete NAME [-n NS]           delete the PyTorchJob (its pods go with it)
+
+JOB is a spec name (k8s/jobs/JOB.yaml) or a path to a spec file; NAME is a submitted PyTorchJob's name (the
+spec name unless `--name` chose another). Options of render/submit: `--set k=v` (trainer override, repeatable),
+`--spec key=value` (job spec override, e.g. nodes=4), `--image` (else the spec's `image`, else $GNP_IMAGE;
+one of them is required), `--namespace/-n`, `--name`, and for render `--part job|convert|monitoring|all`.
+
+A job spec is small YAML (keys below) merged over k8s/jobs/_defaults.yaml. It renders to a `kubeflow.org/v1`
+PyTorchJob for the training operator v1.9: Workers only, with an elasticPolicy (c10d rendezvous on
+worker-0; min = max pods unless the spec is elastic) and `restartPolicy: ExitCode`, so the operator injects
+no init container and every pod meets the `restricted` Pod Security Standard. The container runs the
+image's entrypoint (docker/entrypoint.sh: torchrun reads the operator's PET_* variables; exit 2 = permanent
+user error, >= 128 = retried).
+
+What a lost pod does: losing any Worker but worker-0 leaves the other pods training (an elastic job goes on
+with fewer pods, down to min_nodes; a fixed-size job waits for the recreated pod) and the lost pod rejoins;
+every rank restarts from the last checkpoint. Losing worker-0, which hosts the c10d rendezvous, ends every
+other agent (exit 200, retried): the whole job restarts from its last checkpoint.
+
+User errors (unknown spec, bad spec value, no image, invalid name, no kubeconfig, unreachable cluster, CRD
+missing, S3 Secret missing, job exists, forbidden) print one line `error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import cluster as kube
+from .errors import EXIT_USER, UserError
+from .manifests import PARTS, render
+from .spec import SPEC_DOC, check_name, list_jobs, load_job, load_spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python k8s/render.py",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="job spec keys:\n" + SPEC_DOC,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    sub.add_parser("jobs", help="list the job specs")
+
+    def job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("job", metavar="JOB", help="spec name in k8s/jobs/ or path to a spec file")
+        sp.add_argument(
+            "--set",
+            dest="sets",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="trainer override added to the pod's arguments (repeatable)",
+        )
+        sp.add_argument(
+            "--spec",
+            dest="spec",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="job spec override, e.g. nodes=4 or resources.memory=64Gi (repeatable)",
+        )
+        sp.add_argument("--image", help="container image (default: the spec's `image`, then $GNP_IMAGE)")
+        sp.add_argument("--name", help="PyTorchJob name (default: the spec name)")
+        sp.add_argument("-n", "--namespace", help="namespace (default: spec, then kubeconfig context, then default)")
+
+    r = sub.add_parser("render", help="print the manifests (no cluster needed)")
+    job_args(r)
+    r.add_argument(
+        "--part",
+        choices=list(PARTS),
+        default="job",
+        help="job: the PyTorchJob; convert: the dataset-conversion Job; monitoring: PodMonitor + "
+        "dashboard ConfigMap (rendered from k8s/monitoring/dashboard.json); all: every one of them",
+    )
+    s = sub.add_parser("submit", help="render and create the PyTorchJob")
+    job_args(s)
+    s.add_argument("--context", help="kubeconfig context")
+    for cmd, text in (
+        ("status", "job conditions and pods"),
+        ("logs", "follow the rank-0 log"),
+        ("delete", "delete the PyTorchJob"),
+    ):
+        c = sub.add_parser(cmd, help=text)
+        c.add_argument("name", metavar="NAME", help="PyTorchJob name")
+        c.add_argument("-n", "--namespace")
+        c.add_argument("--context", help="kubeconfig context")
+        if cmd == "logs":
+            c.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
+            c.add_argument("--wait", type=float, default=300, help="seconds to wait for the pod to start")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "jobs":
+        for name in list_jobs():
+            _, data = load_spec(name)
+            print(f"{name:28s} {data.get('description', '')}")
+        return 0
+    if args.command in ("render", "submit"):
+        job = load_job(
+            args.job,
+            sets=args.sets,
+            spec_overrides=args.spec,
+            image=args.image,
+            namespace=args.namespace,
+            name=args.name,
+        )
+        if args.command == "render":
+            sys.stdout.write(render(job, args.part))
+            return 0
+        cluster = kube.connect(job.namespace, args.context)
+        kube.submit(job, cluster)
+        shape = (
+            f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
+        )
+        print(
+            f"submitted pytorchjob {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
+            f"process(es), image {job.image}"
+        )
+        print("follow it with:\n" + kube.follow_up(job.name, job.namespace))
+        return 0
+    check_name(args.name)
+    cluster = kube.connect(args.namespace, args.context)
+    if args.command == "status":
+        print(kube.status_text(cluster, args.name))
+    elif args.command == "logs":
+        kube.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait)
+    elif args.command == "delete":
+        kube.delete(cluster, args.name)
+        print(f"deleted pytorchjob {cluster.namespace}/{args.name} (its pods and services are garbage-collected)")
+    return 0
