@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from trainer.checkpoint import Checkpointer, LocalCheckpointer
+from trainer.checkpoint import Checkpointer, CheckpointError, LocalCheckpointer
 from trainer.storage import LocalStorage, StorageError, open_storage
 
 
@@ -253,7 +253,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     assert ck.wait(30)
     ck.save(5, state(99))
     assert ck.wait(30)
-    assert ck.load(5)["step"] == 5 and "already exists" in logs[-1]
+    assert ck.load(5)["step"] == 5 and "already exists" in logs[-1] and "verifies" in logs[-1]
 
 
 def test_partial_prefixes_older_than_newest_complete_are_collected(tmp_path):
@@ -322,3 +322,142 @@ def test_from_config_uses_the_section_and_the_default_dir(tmp_path, monkeypatch)
         "adaptive",
         9,
     )
+
+
+def _damage(folder, how: str) -> None:
+    blob = folder / "state.pt"
+    if how == "truncate":
+        blob.write_bytes(blob.read_bytes()[:-100])
+    elif how == "flip":
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    elif how == "bad-manifest":
+        (folder / "manifest.json").write_text("{not json")
+    else:
+        blob.unlink()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "bad-manifest", "missing-object"])
+def test_a_step_that_does_not_verify_is_written_again(tmp_path, damage):
+    """A rerun that reaches a damaged step replaces it (before, the damaged manifest kept the step 'done'
+    forever and the newest loadable checkpoint stayed an older one)."""
+    logs = Logs()
+    ck = Checkpointer(tmp_path, keep=3, log=logs)
+    ck.save(1, state(1))
+    ck.save(2, state(2))
+    assert ck.wait(30)
+    _damage(tmp_path / "step-000000002", damage)
+    assert ck.latest()[0] == 1
+    ck.save(2, state(2.5))
+    assert ck.wait(30)
+    assert any("writing checkpoint step 2 again" in m and "step-000000002" in m for m in logs), logs
+    step, sd = ck.latest()
+    assert step == 2 and torch.equal(sd["w"], torch.full((4, 4), 2.5))
+    assert ck.stats["uploads_total"] == 3
+    # Only the new objects and manifest remain: the damaged objects were collected.
+    names = sorted(p.name for p in (tmp_path / "step-000000002").iterdir())
+    manifest = json.loads((tmp_path / "step-000000002" / "manifest.json").read_text())
+    assert names == sorted(["manifest.json", manifest["files"]["state.pt"]["object"]])
+
+
+def test_a_verified_step_is_kept_and_not_counted_as_uploaded(tmp_path):
+    logs = Logs()
+    ck = Checkpointer(tmp_path, log=logs)
+    ck.save(5, state(5))
+    assert ck.wait(30)
+    ck.save(5, state(99))
+    assert ck.wait(30)
+    assert ck.load(5)["step"] == 5 and "verifies; kept" in logs[-1]
+    assert ck.stats["uploads_total"] == 1 and ck.stats["last_success_step"] == 5
+
+
+def test_verify_checks_every_object_of_the_manifest(tmp_path):
+    ck = Checkpointer(tmp_path)
+    ck.save(3, state(3), extra={"config.yaml": b"a: 1\n"})
+    assert ck.wait(30)
+    ck.verify(3)
+    (tmp_path / "step-000000003" / "config.yaml").write_bytes(b"a: 2\n")
+    with pytest.raises(CheckpointError, match="config.yaml: size/sha256 mismatch"):
+        ck.verify(3)
+    with pytest.raises(CheckpointError, match="no manifest"):
+        ck.verify(4)
+
+
+def test_retention_keeps_the_verified_steps_below_a_newer_damaged_one(tmp_path):
+    """Steps above the one just written are an earlier attempt's, not verified (the run resumed below them):
+    they must not push verified checkpoints out of `keep`."""
+    ck = Checkpointer(tmp_path, keep=2)
+    for s in (2, 4, 6):
+        ck.save(s, state(s))
+    assert ck.wait(30) and ck.steps() == [6, 4]
+    _damage(tmp_path / "step-000000006", "truncate")
+    assert ck.latest()[0] == 4  # the run resumes from 4 ...
+    ck.save(5, state(5))  # ... and saves 5: the old rule (keep the 2 newest manifests: 6, 5) deleted 4
+    assert ck.wait(30)
+    assert ck.steps() == [6, 5, 4]
+    ck.save(6, state(6))  # reaching 6 replaces the damaged one; now 4 is beyond keep
+    assert ck.wait(30)
+    assert ck.steps() == [6, 5] and ck.latest()[0] == 6
+
+
+def test_local_disk_errors_are_permanent_and_leave_no_temp_file(tmp_path, monkeypatch):
+    """ENOSPC at fsync: one LocalWriteError (a ValueError: exit 2), no retry, the temp file removed, and
+    every later save and wait raises it."""
+    import errno
+    import os
+
+    from trainer.storage import LocalWriteError
+
+    logs = Logs()
+    ck = Checkpointer(tmp_path / "ck", log=logs, retry_base_s=0.01)
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.path.isfile(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    ck.save(1, state(1))
+    with pytest.raises(LocalWriteError) as info:
+        ck.wait(30)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    ck_dir = tmp_path / "ck"
+    assert msg.startswith(f"checkpoint folder {ck_dir}: cannot write ({ck_dir}/step-000000001/state.pt): ")
+    assert "[ENOSPC]" in msg
+    assert "free some space" in msg
+    assert ck.stats["failures_total"] == 1 and not any("retrying" in m for m in logs), logs
+    assert [p.name for p in (tmp_path / "ck").rglob("*") if p.is_file()] == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    with pytest.raises(LocalWriteError):
+        ck.save(2, state(2))
+
+
+def test_a_checkpoint_folder_under_a_file_is_a_permanent_error(tmp_path):
+    from trainer.storage import LocalWriteError
+
+    (tmp_path / "f").write_text("a file")
+    ck = Checkpointer(tmp_path / "f" / "ck", log=Logs())
+    ck.save(1, state(1))
+    with pytest.raises(LocalWriteError, match=r"\[(ENOTDIR|EEXIST)\]"):
+        ck.wait(30)
+
+
+def test_transient_local_errors_are_still_retried(tmp_path, monkeypatch):
+    """EIO is not in the permanent set: it stays a retryable StorageError."""
+    import errno
+
+    from trainer.storage import LocalWriteError, local_write_error
+
+    e = local_write_error("/x", "k", OSError(errno.EIO, "Input/output error"))
+    assert isinstance(e, StorageError) and not isinstance(e, LocalWriteError)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.ENOTDIR):
+        assert isinstance(local_write_error("/x", "k", OSError(code, os_strerror(code))), LocalWriteError)
+
+
+def os_strerror(code: int) -> str:
+    import os
+
+    return os.strerror(code)

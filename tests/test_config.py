@@ -163,3 +163,44 @@ def test_memory_loader_augmentations_are_checked_in_the_config(tmp_path):
         with pytest.raises(ConfigError, match=f"data.augment: invalid value '{augment}'; expected one of 'none'"):
             config.load(write(tmp_path, ""), ["data.loader=memory", f"data.augment={augment}"])
         assert config.load(write(tmp_path, ""), [f"data.augment={augment}"]).data.loader == "ffcv"
+
+
+def test_strict_yaml_load_refuses_a_key_given_twice():
+    from trainer.config import DuplicateKeyError, strict_yaml_load
+
+    assert strict_yaml_load("a: 1\nb: {c: 2}\n") == yaml.safe_load("a: 1\nb: {c: 2}\n")
+    for text, key, line in [
+        ("a: 1\na: 2\n", "a", 2),
+        ("s:\n  x: 1\n  y: 2\n  x: 3\n", "x", 4),
+        ("s: {x: 1, x: 2}\n", "x", 1),
+        ("- {k: 1}\n- {k: 1, k: 2}\n", "k", 2),
+        ("1: a\n1: b\n", 1, 2),
+    ]:
+        with pytest.raises(DuplicateKeyError) as info:
+            strict_yaml_load(text)
+        assert info.value.problem.startswith(f"duplicate key {key!r}"), info.value.problem
+        assert info.value.problem_mark.line + 1 == line
+        assert isinstance(info.value, yaml.YAMLError)  # callers that report invalid YAML report this too
+    # Merge keys are YAML's way to override on purpose: still allowed.
+    assert strict_yaml_load("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")["d"] == {"x": 3, "y": 2}
+    # Still a safe loader: no Python objects.
+    with pytest.raises(yaml.YAMLError):
+        strict_yaml_load("!!python/object/apply:os.system ['true']\n")
+
+
+def test_a_recipe_with_a_duplicate_key_is_one_config_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("loop:\n  epochs: 1\n  batch_size: 8\n  epochs: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"r.yaml' line 4 is not valid YAML: duplicate key 'epochs' \(first at line 2\)"
+    ):
+        config.load(str(path))
+    with pytest.raises(ConfigError, match=r"--set: 'model.kwargs=\{a: 1, a: 2\}': duplicate key 'a'"):
+        config.load("debug-cpu", ["model.kwargs={a: 1, a: 2}"])
+
+
+def test_every_builtin_recipe_reads_strictly():
+    from trainer.config import RECIPES_DIR, strict_yaml_load
+
+    for path in RECIPES_DIR.glob("*.yaml"):
+        assert isinstance(strict_yaml_load(path.read_text()), dict), path

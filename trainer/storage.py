@@ -95,10 +95,12 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def local_write_error(where: str, key: str, e: OSError) -> StorageError:
-    """One line for a failed local write of `key` under `where`: LocalWriteError when permanent (naming the
-    path, the cause and what to do), else a retryable StorageError."""
+def local_write_error(where: str, key: str, e: OSError, path: str | os.PathLike | None = None) -> StorageError:
+    """One line for a failed local write of `key` under `where` (the file `path`): LocalWriteError when
+    permanent (naming the path, the cause and what to do), else a retryable StorageError."""
     if e.errno in _PERMANENT_ERRNOS:
+        if e.filename is None and path is not None:  # write()/fsync() errors carry no file name
+            e = OSError(e.errno, e.strerror, os.fspath(path))
         from trainer.data.convert import output_error  # the same wording as `convert --out`
 
         return LocalWriteError(output_error(f"checkpoint folder {where}", e), uri=where, code=type(e).__name__)
@@ -172,7 +174,7 @@ class LocalStorage:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass
-            raise local_write_error(self.uri, key, e) from None
+            raise local_write_error(self.uri, key, e, path) from None
         if progress is not None:
             progress(len(data))
 
