@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
-from trainer.config import GNPConfig, LoopConfig, OptimConfig, ScheduleConfig
+from trainer.config import ConfigError, GNPConfig, LoopConfig, OptimConfig, ScheduleConfig
 from trainer.data.augment import soft_target_cross_entropy
 from trainer.dist import DistEnv, all_reduce_sum
 from trainer.optim.gnp import GNP, StepInfo
@@ -141,6 +141,18 @@ def l2_term(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.float().pow(2).sum() for p in params]).sum()
 
 
+def gnp_sub_batches(m: int, per_rank_batch: int) -> int:
+    """How many perturbations a rank makes per GNP step for gnp.m = m (0 = the per-rank batch: one)."""
+    if m == 0 or m == per_rank_batch:
+        return 1
+    if m < 0 or per_rank_batch % m:
+        raise ConfigError(
+            f"gnp.m: invalid value {m}; expected 0 (the per-rank batch) or a divisor of the per-rank batch "
+            f"({per_rank_batch})"
+        )
+    return per_rank_batch // m
+
+
 def set_float32_math(precision: str) -> None:
     """Process-wide fp32 math for `precision` (loop.precision): tf32 lets cuBLAS matmuls and cuDNN convolutions
     round their fp32 inputs to TF32 on Ampere and newer GPUs, as JAX does by default there (its DEFAULT
@@ -194,7 +206,8 @@ class TrainContext:
     """What stays fixed over a run's epochs: the model, optimizer, step policy, loss, precision and limits.
 
     clip_norm: global-norm clip of the final gradient (<= 0 disables it); max_steps: stop after this many
-    steps in total (0 = no cap); log_every: steps between train records (the only host syncs).
+    steps in total (0 = no cap); log_every: steps between train records (the only host syncs); sub_batches:
+    GNP steps cut the rank's batch into this many equal sub-batches, each perturbed on its own (gnp.m).
     """
 
     model: torch.nn.Module
@@ -208,6 +221,7 @@ class TrainContext:
     clip_norm: float = 0.0
     max_steps: int = 0
     log_every: int = 1
+    sub_batches: int = 1  # gnp.m: perturbations per rank per GNP step (per-rank batch / m); 1 = one per rank
 
 
 def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callable[[], None] | None = None) -> bool:
@@ -240,8 +254,15 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
         ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
 
         def loss_fn(
-            images: torch.Tensor = images, labels: torch.Tensor = labels, targets: torch.Tensor | None = targets
+            part: int | None = None,
+            images: torch.Tensor = images,
+            labels: torch.Tensor = labels,
+            targets: torch.Tensor | None = targets,
         ) -> torch.Tensor:
+            if part is not None:  # sub-batch `part` of ctx.sub_batches equal ones (GNP.train_step(sub_batches=...))
+                m = images.shape[0] // ctx.sub_batches
+                images, labels = images[part * m : (part + 1) * m], labels[part * m : (part + 1) * m]
+                targets = None if targets is None else targets[part * m : (part + 1) * m]
             with autocast_for(env.device, ctx.amp_dtype):
                 logits = model(images)
             if targets is None:
@@ -255,7 +276,9 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
                 loss = loss + 0.5 * loss_spec.l2 * l2_term(loss_spec.l2_params)
             return loss
 
-        info = opt.train_step(loss_fn, model=model, gnp=use_gnp, scaler=ctx.scaler, clip_norm=ctx.clip_norm)
+        info = opt.train_step(
+            loss_fn, model=model, gnp=use_gnp, scaler=ctx.scaler, clip_norm=ctx.clip_norm, sub_batches=ctx.sub_batches
+        )
         state.step += 1
         state.batch = i + 1
         state.gnp_steps += int(info.gnp)
@@ -296,10 +319,12 @@ def _train_record(
     """One log record. `loss` is the pass-1 cross-entropy at theta (the reference logs the perturbed one);
     `objective` adds the L2 term; `loss_perturbed` is the cross-entropy at theta + eps."""
     group = opt.param_groups[0]
+    # ce_seen holds pass 1, pass 2 of each sub-batch in turn (gnp.m); one entry per pass without sub-batches
+    ce1 = ce_seen[0] if len(ce_seen) <= 2 else torch.stack(ce_seen[0::2]).mean()
     rec = {
         "step": state.step,
         "epoch": epoch + batch / total,
-        "loss": ce_seen[0].item(),
+        "loss": ce1.item(),
         "objective": info.loss.item(),
         "grad_norm": info.grad_norm.item(),
         "lr": group["lr"],
@@ -309,7 +334,7 @@ def _train_record(
         "gnp_steps": state.gnp_steps,
     }
     if info.loss_perturbed is not None and len(ce_seen) > 1:
-        rec["loss_perturbed"] = ce_seen[1].item()
+        rec["loss_perturbed"] = (ce_seen[1] if len(ce_seen) == 2 else torch.stack(ce_seen[1::2]).mean()).item()
         rec["sharpness"] = rec["loss_perturbed"] - rec["loss"]  # L(theta+eps) - L(theta), cross-entropy only
     if info.g1_norm is not None:
         rec["g1_norm"] = info.g1_norm.item()

@@ -33,6 +33,7 @@ from trainer.loop import (
     TrainContext,
     average_bn_buffers,
     evaluate,
+    gnp_sub_batches,
     measure_sharpness,
     set_float32_math,
     train_epoch,
@@ -173,6 +174,7 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             f"allowed: {', '.join(sorted(options)) or 'none'}"
         )
     per_rank = _per_rank_batch(cfg, _World(world))
+    gnp_sub_batches(cfg.gnp.m, per_rank)  # gnp.m must divide the per-rank batch
     train_size = (meta or {}).get("train_size")
     if isinstance(train_size, int) and per_rank > -(-train_size // world):
         most = train_size if cfg.loop.batch_size_mode == "global" else -(-train_size // world)
@@ -398,6 +400,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     run_dir = prepare_run_dir(cfg, env)
     opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
+    sub_batches = gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env))
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     set_float32_math(cfg.loop.precision)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
@@ -439,6 +442,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         clip_norm=cfg.optim.clip_norm,
         max_steps=lp.max_steps,
         log_every=lp.log_every,
+        sub_batches=sub_batches,
     )
     sink.log(
         "start",

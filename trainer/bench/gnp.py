@@ -11,6 +11,10 @@ time per step relative to SGD of gnp-every4 (one full GNP step in 4: (3·SGD + G
 ((3·reuse + full reuse step)/4; a full step of the reuse mode also stores v). A hybrid probability p
 costs (1 − p)·SGD + p·GNP on average.
 
+m-sharpness (``gnp.m``): "GNP m" times the GNP step with the batch cut into ``--m-splits`` sub-batches (default
+4: m = batch/4), each perturbed on its own (``train_step(sub_batches=k)``: 2k smaller passes, one all-reduce);
+"m/GNP" is its time relative to the one-perturbation GNP step (small batches use the device less well).
+
 * CPU (always): a small CNN, 32 px, batch 32, fp32 (a smoke number; CPU ratios are not the target).
 * CUDA (when available): WRN-28-10 (32 px, batch 256, 10 classes) and ResNet-50 (224 px, batch 256,
   1000 classes), bf16 autocast + channels_last, eager and ``torch.compile``.
@@ -114,6 +118,7 @@ def bench_one(
     rounds: int,
     warmup: int,
     with_reuse: bool = False,
+    m_splits: int = 4,
 ) -> dict:
     """Time plain and GNP train_steps of one configuration (and the reuse mode's steps if
     ``with_reuse``); returns a table row."""
@@ -135,10 +140,14 @@ def bench_one(
     opt = make_gnp("none")
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
 
-    def loss_fn() -> torch.Tensor:
+    def loss_fn(part: int | None = None) -> torch.Tensor:
+        xs, ys = x, y
+        if part is not None:  # sub-batch `part` of m_splits (gnp.m)
+            m = batch // m_splits
+            xs, ys = x[part * m : (part + 1) * m], y[part * m : (part + 1) * m]
         with autocast():
-            logits = run_model(x)
-        return F.cross_entropy(logits.float(), y)
+            logits = run_model(xs)
+        return F.cross_entropy(logits.float(), ys)
 
     def sgd() -> object:
         return opt.train_step(loss_fn, model=run_model, gnp=False, clip_norm=5.0)
@@ -147,6 +156,9 @@ def bench_one(
         return opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0)
 
     fns: dict[str, Callable[[], object]] = {"sgd": sgd, "gnp": gnp}
+    if m_splits > 1:
+        m_opt = make_gnp("none")
+        fns["gnp_m"] = lambda: m_opt.train_step(loss_fn, model=run_model, gnp=True, clip_norm=5.0, sub_batches=m_splits)
     if with_reuse:
         reuse_opt = make_gnp("looksam")
         # reuse_full before reuse: v is stored before the first plain step (warm-up keeps this order).
@@ -168,6 +180,8 @@ def bench_one(
             "every4_x_sgd": (3 * t_sgd + t_gnp) / 4 / t_sgd,
             "reuse4_x_sgd": (3 * best["reuse"] + best["reuse_full"]) / 4 / t_sgd,
         }
+    if m_splits > 1:
+        extra.update({"m_splits": m_splits, "gnp_m_ms": best["gnp_m"] * 1e3, "m_x_gnp": best["gnp_m"] / t_gnp})
     params = sum(p.numel() for p in model.parameters())
     return {
         "model": name,
@@ -200,7 +214,8 @@ def parse_modes(text: str, prog: str) -> list[str] | None:
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'model':<12} {'params':>7} {'batch':>5} {'px':>4} {'prec':>5} {'mode':>8} "
-        f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8} {'reuse ms':>9} {'every4':>7} {'reuse4':>7}"
+        f"{'SGD ms':>9} {'GNP ms':>9} {'GNP/SGD':>8} {'reuse ms':>9} {'every4':>7} {'reuse4':>7} "
+        f"{'GNP m ms':>9} {'m/GNP':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -210,13 +225,14 @@ def print_table(rows: list[dict]) -> None:
             if "reuse_ms" in r
             else f"{'-':>9} {'-':>7} {'-':>7}"
         )
+        msharp = f"{r['gnp_m_ms']:>9.2f} {r['m_x_gnp']:>6.2f}" if "gnp_m_ms" in r else f"{'-':>9} {'-':>6}"
         print(
             f"{r['model']:<12} {r['params_M']:>6.1f}M {r['batch']:>5} {r['px']:>4} {r['precision']:>5} "
-            f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f} {reuse}"
+            f"{r['mode']:>8} {r['sgd_ms']:>9.2f} {r['gnp_ms']:>9.2f} {r['ratio']:>8.3f} {reuse} {msharp}"
         )
     print(
         "every4, reuse4: time per step relative to SGD of one full GNP step in 4 (plain / reuse-corrected "
-        "steps between)"
+        "steps between); GNP m: the GNP step with m = batch/m_splits (gnp.m), m/GNP its cost relative to GNP"
     )
     for r in rows:
         if r["source"] not in ("trainer.models", "bench SmallCNN"):
@@ -234,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU row")
     ap.add_argument("--modes", default="eager,compile", help="CUDA: eager, compile or both (comma separated)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--m-splits", type=int, default=4, help="sub-batches of the gnp.m column (1 = skip it)")
     args = ap.parse_args(argv)
     modes = parse_modes(args.modes, "bench-gnp")
     if modes is None:
+        return 2
+    if args.m_splits < 1 or 32 % args.m_splits:
+        print(f"bench-gnp: --m-splits {args.m_splits}: expected a divisor of the CPU batch 32", file=sys.stderr)
         return 2
     if args.no_compile:
         modes = [m for m in modes if m != "compile"]
@@ -258,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds=args.rounds,
                 warmup=2,
                 with_reuse=True,
+                m_splits=args.m_splits,
             )
         )
         rows[-1]["model"] = "small_cnn"
@@ -283,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                         rounds=args.rounds,
                         warmup=3,
                         with_reuse=True,
+                        m_splits=args.m_splits,
                     )
                 )
                 print(f"  {name} {mode}: GNP/SGD {rows[-1]['ratio']:.3f}", flush=True)

@@ -52,6 +52,7 @@ full steps (``reuse="looksam"``) is a plug-in object, ``trainer.optim.reuse``, w
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -368,6 +369,83 @@ class GNP(torch.optim.Optimizer):
             if factor is not None:
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
 
+    def _sub_batch_passes(
+        self,
+        loss_fn: Callable[[int], Tensor],
+        k: int,
+        modules: ModelModules,
+        backward: Callable[[Tensor], None],
+        scaler: torch.amp.GradScaler | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The 2k passes of an m-sharpness step (``train_step(sub_batches=k)``); leaves the mean mixed gradient
+        in ``.grad`` (synchronised by the last pass 2) and returns (mean loss, mean perturbed loss, mean ‖g1‖,
+        the GradScaler's inverse scale or None).
+
+        Sub-batch j: pass 1 (unsynchronised unless ``sync_perturbations``) gives g1_j alone in ``.grad``, which
+        is perturbed and pre-mixed exactly as in the one-perturbation step; pass 2 adds α·g2_j. The finished
+        c_j·g1_j + α·g2_j is added to a running sum kept outside ``.grad`` (so the next g1 starts from zero);
+        before the LAST pass 2 the sum goes back into ``.grad``, so DDP's one all-reduce averages all of it.
+        """
+        first = next(p for g in self.param_groups for p in g["params"])
+        ddps = modules.ddps
+        acc: dict[Tensor, Tensor] = {}
+        losses, losses2, norms = [], [], []
+        scale_inv: Tensor | None = None
+        for j in range(k):
+            last = j == k - 1
+            self.base_optimizer.zero_grad(set_to_none=True)
+            with pass_policy(FIRST, model=modules, sync=self.sync_perturbations, device=first.device) as pass1:
+                loss = self._check_loss(loss_fn(j), "loss_fn(j)")
+                backward(loss)
+            collected = self._require_grads("the backward of loss_fn(j)")
+            if scaler is not None:
+                scale = scaler._get_scale_async()
+                scale_inv = scale.float().reciprocal() if scale is not None else None
+            norm, params, saved, weight, post = self._perturb_and_premix(
+                collected, grad_scale_inv=scale_inv, loss_weight_free=True
+            )
+            if last:
+                with torch.no_grad():
+                    # back into .grad before the synchronised backward; a group pre-scaled by c/α is multiplied
+                    # by α after pass 2 (_postmix), so its share of the sum is divided by α here
+                    for (_, ps, gs), factor in zip(collected, post):
+                        for p, g in zip(ps, gs):
+                            if p in acc:
+                                g.add_(acc.pop(p) if factor is None else acc.pop(p) / factor)
+                    for p, s in acc.items():  # a parameter without a gradient in this sub-batch
+                        p.grad = s.clone()
+            try:
+                with contextlib.ExitStack() as stack:
+                    if not last:  # only the last backward of the step all-reduces
+                        for d in ddps:
+                            stack.enter_context(d.no_sync())
+                    stack.enter_context(pass_policy(SECOND, model=modules, rng=pass1.rng))
+                    loss2 = self._check_loss(loss_fn(j), "loss_fn(j) (pass 2)")
+                    backward(loss2 * weight if weight != 1.0 else loss2)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
+            self._postmix(post, collected)
+            if not last:
+                with torch.no_grad():
+                    for p in params:
+                        if p in acc:
+                            acc[p].add_(p.grad)
+                        else:
+                            acc[p] = p.grad.detach().clone()
+            losses.append(loss.detach())
+            losses2.append(loss2.detach())
+            norms.append(norm)
+        with torch.no_grad():
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / k)
+        return (
+            torch.stack(losses).mean(),
+            torch.stack(losses2).mean(),
+            torch.stack(norms).mean(),
+            scale_inv,
+        )
+
     # -- gradient reuse (trainer.optim.reuse) --------------------------------------------------
 
     def _reuse_enabled(self) -> GradientReuse | None:
@@ -476,6 +554,7 @@ class GNP(torch.optim.Optimizer):
         gnp: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         clip_norm: float = 0.0,
+        sub_batches: int = 1,
     ) -> StepInfo:
         """One full training step: passes, mix, clip, base step, zero grads. No host sync.
 
@@ -494,6 +573,13 @@ class GNP(torch.optim.Optimizer):
                 pass) and ``update`` run once per step.
             clip_norm: > 0 clips the final combined gradient to this global norm (after the DDP
                 all-reduce, before the base step); <= 0 disables clipping.
+            sub_batches: k >= 1. k > 1 (m-sharpness with m = batch/k) makes a GNP step call
+                ``loss_fn(j)`` for j = 0..k-1, which must return the mean loss over sub-batch j of the
+                batch: each sub-batch gets its own g1, ε and g2, and the step uses the mean over the
+                sub-batches of (1 − α)·c_j·g1_j + α·g2_j (then DDP's average over ranks). 2k passes, one
+                all-reduce (the last sub-batch's pass 2); the loss, g1 norm and perturbed loss reported
+                are means over the sub-batches. Plain steps still call ``loss_fn()`` once on the whole
+                batch. k = 1 (default) is the one-perturbation step, unchanged. Not with ``reuse``.
 
         Gradients are set to None at the start and the end of the step (PyTorch's default; with
         DDP ``gradient_as_bucket_view=True`` the reducer re-binds the bucket views on the next
@@ -501,9 +587,13 @@ class GNP(torch.optim.Optimizer):
         """
         if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or math.isnan(clip_norm):
             raise ValueError(f"GNP.train_step: clip_norm must be a number (<= 0 disables), got {clip_norm!r}")
+        if isinstance(sub_batches, bool) or not isinstance(sub_batches, int) or sub_batches < 1:
+            raise ValueError(f"GNP.train_step: sub_batches must be an integer >= 1, got {sub_batches!r}")
         gnp_on = self._validate_groups()  # GNP would run: the condition for the reuse correction
         active = gnp_on and bool(gnp)
         reuse = self._reuse_enabled()
+        if sub_batches > 1 and reuse is not None:
+            raise ValueError("GNP.train_step: sub_batches > 1 needs reuse='none' (reuse stores one g1 per step)")
         use_scaler = scaler is not None and scaler.is_enabled()
         modules = self._modules_of(model)
         self.base_optimizer.zero_grad(set_to_none=True)
@@ -521,6 +611,10 @@ class GNP(torch.optim.Optimizer):
                     loss = self._check_loss(loss_fn(), "loss_fn")
                     backward(loss)
                 collected = self._require_grads("the backward of loss_fn()")
+            elif sub_batches > 1:
+                loss, loss2, g1_norm, scale_inv = self._sub_batch_passes(
+                    loss_fn, sub_batches, modules, backward, scaler if use_scaler else None
+                )
             else:
                 first = next(p for g in self.param_groups for p in g["params"])
                 # the forward too: DDP decides at forward time whether the backward synchronises
