@@ -72,20 +72,25 @@ clean:
 	rm -rf runs data .pytest_cache
 
 # --- Container image and Kubernetes (docker/, k8s/; see "Run on Kubernetes" in README.md) ---
-# make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" PART=job|convert|monitoring|all]
+# make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
+#                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+# The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
+# none of them render/submit/image stop with one line saying so (exit 2): no registry name is made up.
 JOB ?=
-IMAGE ?=
+IMAGE ?= $(GNP_IMAGE)
 NAMESPACE ?=
 NAME ?=
 SET ?=
+SPEC ?=
 PART ?= job
 BASE_IMAGE ?=
 K8S = $(PY) k8s/render.py
 K8S_NS = $(if $(NAMESPACE),--namespace $(NAMESPACE))
-K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s))
+K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s)) \
+    $(foreach s,$(SPEC),--spec $(s))
 NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
-IMAGE_TAG = $(or $(IMAGE),gnp-trainer:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml))
+NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<registry>/gnp-trainer:<tag> (or export GNP_IMAGE=... once)" >&2; exit 2; }
 
 .PHONY: jobs render submit status logs delete image lint format
 
@@ -114,10 +119,11 @@ delete: setup
 
 # docker when its daemon answers, else podman (rootless/daemonless), else fail with a clear message.
 image:
+	$(NEED_IMAGE)
 	@if docker info >/dev/null 2>&1; then tool="docker build"; \
 	elif command -v podman >/dev/null; then tool="podman build --ignorefile docker/Dockerfile.dockerignore"; \
 	else echo "make image: no docker daemon and no podman" >&2; exit 2; fi; \
-	set -x; $$tool -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE_TAG) .
+	set -x; $$tool -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 
 # hadolint fails on error-level findings (docker/.hadolint.yaml); tests/test_k8s.py wants no finding at all.
 # ruff: lint rules and formatting (pyproject.toml [tool.ruff]); `make format` rewrites in place.

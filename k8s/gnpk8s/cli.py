@@ -22,7 +22,7 @@ user error, >= 128 = retried).
 What a lost pod does: losing any Worker but worker-0 leaves the other pods training (an elastic job goes on
 with fewer pods, down to min_nodes; a fixed-size job waits for the recreated pod) and the lost pod rejoins;
 every rank restarts from the last checkpoint. Losing worker-0, which hosts the c10d rendezvous, ends every
-other agent (exit 200, retried): the whole job restarts from its last checkpoint.
+other agent (exit 200 or 201, both retried): the whole job restarts from its last checkpoint.
 
 User errors (unknown spec, bad spec value, no image, invalid name, no kubeconfig, unreachable cluster, CRD
 missing, S3 Secret missing, job exists, forbidden) print one line `error: ...` and exit 2.

@@ -131,6 +131,15 @@ def volumes_and_mounts(spec: JobSpec) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+# A pod that comes back after a loss must be able to join the next rendezvous round. With torchrun's default
+# shared TCPStore, each agent builds the bootstrap store info (MASTER_ADDR/PORT) only in the first round it
+# took part in and caches it (pytorch v2.14 torch/distributed/elastic/rendezvous/dynamic_rendezvous.py,
+# DynamicRendezvousHandler.next_rendezvous), so a recreated worker-1 waits for keys of the new round that
+# worker-0 never writes and its agent fails after 60 s (tests/test_elastic_drill.py ran into exactly this).
+# This documented opt-out makes every round publish them again.
+REJOIN_ENV = {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"}
+
+
 def train_env(spec: JobSpec) -> list[dict]:
     env: list[dict] = [{"name": "GNP_JOB_NAME", "value": spec.name}]
     if spec.dataset.s3:
@@ -138,6 +147,7 @@ def train_env(spec: JobSpec) -> list[dict]:
     if spec.uses_s3:
         env += s3_env(spec)
     env.append({"name": "GNP_RETRY_CRASHES", "value": "1" if spec.retry_crashes else "0"})
+    env.append(REJOIN_ENV)
     env += [{"name": k, "value": v} for k, v in spec.env.items()]
     return env
 

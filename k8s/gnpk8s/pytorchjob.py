@@ -12,7 +12,8 @@ What a loss does (c10d keeps its store inside worker-0's agent):
   - a Worker other than worker-0 lost: the other agents re-form the group (elastic jobs go on with fewer
     pods down to min_nodes; fixed-size jobs wait for the recreated pod), every rank restarts from the last
     checkpoint, and the recreated pod joins at the next rendezvous;
-  - worker-0 lost: the store is gone, every other agent exits 200 (RendezvousConnectionError; retried under
+  - worker-0 lost: the store is gone, every other agent exits within seconds with a retried status (200 for
+    the RendezvousConnectionError, or 201 when its rank's collective failed first; both retried under
     `restartPolicy: ExitCode`), the operator recreates the pods and the job resumes from its last
     checkpoint. tests/test_elastic_drill.py runs both with two real agents.
 """
