@@ -133,6 +133,36 @@ def test_damaged_newest_falls_back_to_previous(s3_env, damage):
         assert len(logs) == 1 and "step-000000002/state.pt" in logs[0] and "sha256 mismatch" in logs[0], logs
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_step_is_written_again_under_fresh_keys(s3_env, damage):
+    """Saving a step whose manifest exists but does not verify replaces it: the damaged object is never
+    overwritten (a fresh key, recorded by a new manifest), then collected; a verified step is kept as it is."""
+    bucket = s3_env.create_bucket()
+    logs = Logs()
+    ck = Checkpointer(f"s3://{bucket}/w", keep=3, log=logs)
+    ck.save(1, state(1))
+    ck.save(2, state(2))
+    assert ck.wait(30)
+    client, key = s3_env.client(), "w/step-000000002/state.pt"
+    blob = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    bad = blob[: len(blob) // 2] if damage == "truncate" else blob[:-1] + bytes([blob[-1] ^ 0x01])
+    client.put_object(Bucket=bucket, Key=key, Body=bad)
+    ck.save(2, state(2.5))
+    assert ck.wait(30)
+    assert any("writing checkpoint step 2 again" in m for m in logs), logs
+    assert keys(s3_env, bucket, "w/step-000000002/") == [
+        "w/step-000000002/manifest.json",
+        "w/step-000000002/state.1.pt",
+    ]
+    step, sd = ck.latest()
+    assert step == 2 and torch.equal(sd["w"], torch.full((16,), 2.5))
+    assert ck.stats["uploads_total"] == 3
+    ck.save(2, state(7))  # verifies now: kept, not uploaded again
+    assert ck.wait(30)
+    assert "verifies; kept" in logs[-1] and ck.stats["uploads_total"] == 3
+    assert torch.equal(ck.load(2)["w"], torch.full((16,), 2.5))
+
+
 def test_server_killed_mid_upload(s3_env, capfd):
     """kill -9 of the S3 server while a 64 MB checkpoint uploads: save() returns at once, failures are
     logged and counted, the previous checkpoint stays intact and is never replaced by a partial one, and
