@@ -140,8 +140,8 @@ def folder_problem(path: str | os.PathLike) -> str:
     if p.exists() and not p.is_dir():
         return f"{str(p)!r} exists and is not a folder"
     anc = p
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent if str(anc.parent) != "" else Path(".")
+    while not anc.exists() and anc != anc.parent:  # "runs/x" ends at ".", "/a/b" at "/"
+        anc = anc.parent
     if not anc.is_dir():
         return f"{str(anc)!r} (a parent of {str(p)!r}) is a file, not a folder"
     if not os.access(anc, os.W_OK | os.X_OK):
@@ -173,7 +173,9 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             f"model.kwargs: unknown option(s) {', '.join(map(repr, unknown))} for {cfg.model.name!r}; "
             f"allowed: {', '.join(sorted(options)) or 'none'}"
         )
-    per_rank = _per_rank_batch(cfg, _World(world))
+    # This process as torchrun describes it (the device does not matter to the checks).
+    here = dist.DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=torch.device("cpu"))
+    per_rank = _per_rank_batch(cfg, here)
     gnp_sub_batches(cfg.gnp.m, per_rank)  # gnp.m must divide the per-rank batch
     train_size = (meta or {}).get("train_size")
     if isinstance(train_size, int) and per_rank > -(-train_size // world):
@@ -216,11 +218,6 @@ def _env_int(environ, name: str, default: int) -> int:
     return int(value)
 
 
-class _World:
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-
-
 def _takes_any_option(name: str) -> bool:
     import inspect
 
@@ -236,7 +233,8 @@ def _check_port(addr: str, port: int) -> None:
 
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # The metrics server sets SO_REUSEADDR too: a port in TIME_WAIT is free for it, one in LISTEN is not.
+        # prometheus_client's server (an http.server.HTTPServer) sets SO_REUSEADDR too: a port in TIME_WAIT is
+        # free for it, one that a process listens on is not.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((addr, port))
