@@ -38,7 +38,8 @@ image                       container image built from docker/Dockerfile and pus
 nodes                       pods; the initial count when elastic                             1
 gpus_per_node               nvidia.com/gpu per pod (0: CPU only)                             0
 nproc_per_node              torchrun processes per pod                                       gpus_per_node
-elastic.min_nodes/max_nodes elastic range (min < max): the job goes on with fewer pods        -
+elastic.min_nodes/max_nodes elastic range (min < max): fewer pods go on when a Worker        -
+                            other than worker-0 (the rendezvous host) is lost
 max_restarts                torchrun group restarts inside a pod (elasticPolicy.maxRestarts) 3
 resources.cpu/memory        per-pod requests (memory is also the limit; it covers /dev/shm)  required
 resources.guaranteed        CPU limit = request too: the pod's QoS class is Guaranteed        false
