@@ -310,3 +310,74 @@ def test_readme_tables_and_figures_match_the_result_files():
             assert summary["std"] == pytest.approx(statistics.stdev(errors), abs=1e-9), (folder, method)
             assert quoted == f"{summary['mean']:.2f} ± {summary['std']:.2f}", (folder, method)
     assert shown == folders
+
+
+def _t_cdf(x: float, df: int) -> float:
+    """P(T <= x) for Student's t, by Simpson's rule on the density (independent of compare's table)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    n = 20000
+    h = x / n
+    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 29, 30, 31, 60, 200])
+def test_t_quantile_975(df):
+    from trainer.study.compare import t_quantile_975
+
+    assert _t_cdf(t_quantile_975(df), df) == pytest.approx(0.975, abs=2e-5)
+
+
+def test_paired_differences_by_hand():
+    from trainer.study.compare import paired_differences, paired_table, t_quantile_975
+
+    def runs(errors):
+        return [{"seed": s, "test_error": e} for s, e in enumerate(errors)]
+
+    data = {"sgd": runs([10.0, 11.0, 12.0, 13.0]), "gnp": runs([9.0, 10.2, 11.0, 12.2]), "sam": runs([10.5, 10.0])}
+    got = paired_differences(data, "sgd")
+    d = [-1.0, -0.8, -1.0, -0.8]
+    se = statistics.stdev(d) / 2
+    g = got["gnp"]
+    assert g["n"] == 4 and g["seeds"] == [0, 1, 2, 3]
+    assert g["mean"] == pytest.approx(statistics.mean(d)) and g["se"] == pytest.approx(se)
+    assert g["t"] == pytest.approx(statistics.mean(d) / se)
+    half = t_quantile_975(3) * se
+    assert g["ci95"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
+    assert g["contains_zero"] is False  # [-1.08, -0.72]: fewer errors than sgd
+    s = got["sam"]  # paired on the seeds both ran (0, 1): d = +0.5, -1.0
+    assert s["n"] == 2 and s["mean"] == pytest.approx(-0.25) and s["contains_zero"] is True
+    table = paired_table(got, "sgd")
+    assert "| gnp | 4 | -0.90 |" in table and "lower error than sgd" in table
+    assert "| sam | 2 |" in table and "no difference shown (interval contains 0)" in table
+    with pytest.raises(ConfigError, match="--baseline"):
+        paired_differences(data, "adam")
+
+
+def test_readme_uses_no_win_word_where_the_interval_contains_zero():
+    """Every paired table in the README equals the one computed from its folder's per-seed results, and the
+    prose next to a table says "beats"/"wins" only of a method whose interval excludes 0."""
+    import re
+    from pathlib import Path
+
+    from trainer.study.compare import paired_report
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "README.md").read_text().splitlines()
+    seen = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"\| vs (\S+) \|", line)
+        if not m:
+            continue
+        end = i
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        above = "\n".join(lines[:i])  # the table's folder: the nearest one named above it
+        folder = re.findall(r"tests/data/results/([\w-]+)/", above)[-1]
+        expected = paired_report(str(root / "tests" / "data" / "results" / folder / "results.json"), m.group(1))
+        assert "\n".join(lines[i:end]) + "\n" == expected, folder
+        seen += 1
+    assert seen >= 4
+    assert not re.search(
+        r"\b(beats?|outperforms?)\b", (root / "README.md").read_text().split("## Comparing")[1].split("\n## ")[0]
+    )

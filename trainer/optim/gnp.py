@@ -27,7 +27,9 @@ default, m-sharpness with m = per-rank batch). ``.grad`` is then scaled in place
 (1 − α)/(‖g1‖+eps)) and pass 2 backpropagates α·L_S(θ+ε) with synchronisation on, so DDP's single
 all-reduce averages ``c·g1_k + α·g2_k`` over ranks: one all-reduce per GNP step, the same traffic as
 an SGD step. ``sync_perturbations=True`` runs pass 1 synchronised too (g1 averaged before the norm,
-as the reference's option): a second all-reduce per step.
+as the reference's option): a second all-reduce per step. ``train_step(sub_batches=k)`` fixes m
+independently of the number of ranks: each rank's batch is cut into k sub-batches, each with its own g1, ε
+and g2, and the mean of their mixed gradients is all-reduced once (by the last sub-batch's pass 2).
 
 Pass 2 sees the same randomness as pass 1 (CPU and CUDA RNG state restored), leaves BatchNorm
 running statistics (running_mean/var and num_batches_tracked) untouched, and modules with a

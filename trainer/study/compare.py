@@ -164,6 +164,82 @@ def gnp_gain_is_real(sgd: dict, gnp: dict) -> bool:
     return gap > max(2 * se, 1e-9)
 
 
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (standard tables; e.g. NIST/SEMATECH
+# e-Handbook of Statistical Methods, section 1.3.6.7.2). Above 30 the Cornish-Fisher expansion below is within
+# 1e-4 of the exact value.
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` >= 1 degrees of freedom (half-width factor of a 95 % interval)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_differences(runs: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
+    """Per method other than `baseline`: the test-error difference method − baseline (percentage points) over
+    the seeds both ran (a seed fixes initialization and data order for every method, so seeds pair the runs).
+
+    mean d̄, its standard error s_d/√n, the paired t = d̄/SE and the 95 % interval d̄ ± t_{0.975, n−1}·SE; with
+    one pair only the difference itself (no SE, t or interval). `contains_zero` says whether the interval
+    contains 0: then the data do not show a difference either way."""
+    if baseline not in runs:
+        raise ConfigError(f"--baseline: {baseline!r} is not one of the compared methods ({', '.join(runs)})")
+    base = {r["seed"]: float(r["test_error"]) for r in runs[baseline]}
+    out: dict[str, dict] = {}
+    for method, rs in runs.items():
+        if method == baseline:
+            continue
+        pairs = [(r["seed"], float(r["test_error"]) - base[r["seed"]]) for r in rs if r["seed"] in base]
+        if not pairs:
+            continue
+        d = [x for _, x in pairs]
+        n = len(d)
+        mean, std = _mean_std(d)
+        row: dict = {"seeds": [s for s, _ in pairs], "n": n, "mean": mean}
+        if n > 1:
+            se = std / math.sqrt(n)
+            half = t_quantile_975(n - 1) * se
+            row.update(
+                se=se,
+                t=mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0,
+                ci95=[mean - half, mean + half],
+                contains_zero=mean - half <= 0 <= mean + half,
+            )
+        out[method] = row
+    return out
+
+
+def paired_table(paired: dict[str, dict], baseline: str) -> str:
+    """Markdown: one row per method, its paired difference to `baseline` in test error (negative = fewer errors)."""
+    lines = [
+        f"| vs {baseline} | pairs | Δ test error (points) | SE | paired t | 95 % interval | reading |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, row in paired.items():
+        if "ci95" not in row:
+            lines.append(f"| {method} | {row['n']} | {row['mean']:+.2f} | – | – | – | one pair: no interval |")
+            continue
+        lo, hi = row["ci95"]
+        if row["contains_zero"]:
+            reading = "no difference shown (interval contains 0)"
+        else:
+            reading = f"{'lower' if row['mean'] < 0 else 'higher'} error than {baseline}"
+        lines.append(
+            f"| {method} | {row['n']} | {row['mean']:+.2f} | {row['se']:.2f} | {row['t']:+.1f} | "
+            f"[{lo:+.2f}, {hi:+.2f}] | {reading} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per method: mean and sample std over seeds of every reported quantity."""
     out: dict[str, dict] = {}
@@ -294,10 +370,18 @@ def compare(
     sets: list[str],
     nproc: int = 1,
     measure_batches: int = 8,
+    baseline: str = "",
     log=print,
 ) -> dict:
-    """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json."""
+    """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json.
+
+    `baseline` (default: sgd when compared, else the first method) is the method the paired differences are
+    taken against."""
     from trainer import config
+
+    baseline = baseline or ("sgd" if "sgd" in methods else next(iter(methods)))
+    if baseline not in methods:
+        raise ConfigError(f"--baseline: {baseline!r} is not one of --methods ({', '.join(methods)})")
 
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds}; expected an integer >= 1")
@@ -357,10 +441,11 @@ def compare(
         "model": base.model.name,
         "nproc": nproc,
         "summary": agg,
+        "paired": {"baseline": baseline, "differences": paired_differences(runs, baseline)},
         "runs": runs,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(agg, title)
+    table = markdown_table(agg, title) + "\n" + paired_table(results["paired"]["differences"], baseline)
     (out / "results.md").write_text(table)
     plot(runs, out / "test_error.png", title)
     log(table)
@@ -416,6 +501,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="define (or extend) a method NAME by one override, e.g. gnp-r0.2:gnp.r=0.2 (repeatable)",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: the recipe's loop.seed + 0..N-1")
+    p.add_argument(
+        "--baseline",
+        default="",
+        help="method the paired differences (mean, SE, paired t, 95 %% interval over seeds) are taken against "
+        "(default sgd if compared, else the first method)",
+    )
     p.add_argument("--out", default=None, help="comparison folder (default runs/compare-<recipe>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument(
@@ -453,9 +544,27 @@ def run(args: argparse.Namespace) -> int:
             sets=args.overrides,
             nproc=args.nproc,
             measure_batches=args.measure_batches,
+            baseline=args.baseline,
             log=lambda m: print(m, flush=True),
         )
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.code if 0 < e.code < 256 else 1
     return 0
+
+
+def paired_report(results_json: str, baseline: str) -> str:
+    """The paired-difference table of an existing results.json (its per-seed runs), against `baseline`."""
+    data = json.loads(Path(results_json).read_text())
+    return paired_table(paired_differences(data["runs"], baseline), baseline)
+
+
+if __name__ == "__main__":  # python -m trainer.study.compare RESULTS.json BASELINE: the paired table of old results
+    if len(sys.argv) != 3:
+        print("usage: python -m trainer.study.compare RESULTS.json BASELINE", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(paired_report(sys.argv[1], sys.argv[2]), end="")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {sys.argv[1]}: {e}", file=sys.stderr)
+        sys.exit(2)
