@@ -381,3 +381,27 @@ def test_readme_uses_no_win_word_where_the_interval_contains_zero():
     assert not re.search(
         r"\b(beats?|outperforms?)\b", (root / "README.md").read_text().split("## Comparing")[1].split("\n## ")[0]
     )
+
+
+def test_grid_expands_into_methods():
+    got = resolve_methods(
+        "sgd,gnp,sam",
+        ["mine:gnp.alpha=0.5"],
+        ["gnp:gnp.r=0.05,0.1", "gnp:gnp.alpha=0.5,1.0", "sam:gnp.r=0.02,0.2", "mine:gnp.r=0.3"],
+    )
+    assert list(got) == [
+        "sgd",
+        "gnp-r0.05-alpha0.5",
+        "gnp-r0.05-alpha1.0",
+        "gnp-r0.1-alpha0.5",
+        "gnp-r0.1-alpha1.0",
+        "sam-r0.02",
+        "sam-r0.2",
+        "mine-r0.3",
+    ]
+    assert got["gnp-r0.1-alpha1.0"] == (("gnp.r", 0.1), ("gnp.alpha", 1.0))
+    assert got["sam-r0.2"] == (("gnp.alpha", 1.0), ("gnp.r", 0.2))  # SAM's own override first
+    assert got["mine-r0.3"] == (("gnp.alpha", 0.5), ("gnp.r", 0.3))
+    for bad in (["gnp:gnp.r="], ["gnp:r=0.1"], ["nope:gnp.r=0.1"], ["gnp-r0.1"]):
+        with pytest.raises(ConfigError, match="--grid"):
+            resolve_methods("sgd", [], bad)

@@ -63,9 +63,14 @@ def list_methods() -> dict[str, str]:
     return {name: m.description for name, m in METHODS.items()}
 
 
-def resolve_methods(names: str, defines: list[str]) -> dict[str, tuple[tuple[str, object], ...]]:
-    """Method name -> overrides, from `--methods a,b` (built-in names or names given by --define) and the
-    `--define NAME:section.key=value` options (repeatable; several for one NAME accumulate)."""
+def resolve_methods(
+    names: str, defines: list[str], grids: list[str] | tuple[str, ...] = ()
+) -> dict[str, tuple[tuple[str, object], ...]]:
+    """Method name -> overrides, from `--methods a,b` (built-in names or names given by --define), the
+    `--define NAME:section.key=value` options (repeatable; several for one NAME accumulate) and the
+    `--grid NAME:section.key=v1,v2,...` options (repeatable; several keys for one NAME span their product): each
+    grid point is a method of its own, NAME's overrides plus the point's, named NAME-<key>v1[-<key2>w1...]
+    (the key's last part), and replaces NAME in --methods (or is added after them when NAME is not listed)."""
     custom: dict[str, list[tuple[str, object]]] = {}
     for d in defines:
         name, sep, assignment = d.partition(":")
@@ -84,11 +89,45 @@ def resolve_methods(names: str, defines: list[str]) -> dict[str, tuple[tuple[str
                 f"--methods: unknown method {name!r}; expected one of {', '.join(METHODS)} or a "
                 f"name given with --define NAME:section.key=value"
             )
+    for name, points in _grid_points(grids).items():
+        if name in custom:
+            base = tuple(custom[name])
+        elif name in METHODS:
+            base = METHODS[name].overrides
+        else:
+            raise ConfigError(
+                f"--grid: unknown method {name!r}; expected one of {', '.join(METHODS)} or a --define name"
+            )
+        expanded = {label: base + point for label, point in points}
+        if name in out:  # the grid points take NAME's place in the order of --methods
+            out = {k2: v2 for k, v in out.items() for k2, v2 in (expanded.items() if k == name else [(k, v)])}
+        else:
+            out.update(expanded)
     if not out:
         raise ConfigError("--methods: empty; expected a comma-separated list such as sgd,sam,gnp")
     for name in out:
         if "/" in name or name.startswith("."):
             raise ConfigError(f"--methods: {name!r} cannot name a folder; use letters, digits, '-', '_', '.'")
+    return out
+
+
+def _grid_points(grids: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str, tuple[tuple[str, object], ...]]]]:
+    """NAME -> [(method name, overrides of the point)] for every point of NAME's grid (the product of its keys)."""
+    axes: dict[str, list[tuple[str, list[object]]]] = {}
+    for g in grids:
+        name, sep, assignment = g.partition(":")
+        key, eq, values = assignment.partition("=")
+        parsed = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+        if not sep or not eq or not name.strip() or "." not in key or not parsed:
+            raise ConfigError(f"--grid: {g!r}; expected NAME:section.key=v1,v2,...")
+        axes.setdefault(name.strip(), []).append((key.strip(), parsed))
+    out: dict[str, list[tuple[str, tuple[tuple[str, object], ...]]]] = {}
+    for name, keys in axes.items():
+        points: list[tuple[str, tuple[tuple[str, object], ...]]] = [(name, ())]
+        for key, values in keys:
+            short = key.rsplit(".", 1)[-1]
+            points = [(f"{label}-{short}{v}", over + ((key, v),)) for label, over in points for v in values]
+        out[name] = points
     return out
 
 
@@ -500,6 +539,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME:SECTION.KEY=VALUE",
         help="define (or extend) a method NAME by one override, e.g. gnp-r0.2:gnp.r=0.2 (repeatable)",
     )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME:SECTION.KEY=V1,V2,...",
+        help="replace method NAME by one method per value, e.g. sam:gnp.r=0.05,0.1,0.2 (repeatable; several keys "
+        "of one NAME span their product)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: the recipe's loop.seed + 0..N-1")
     p.add_argument(
         "--baseline",
@@ -533,7 +580,7 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    methods = resolve_methods(args.methods, args.define)
+    methods = resolve_methods(args.methods, args.define, args.grid)
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
     try:
         compare(
