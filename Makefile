@@ -75,6 +75,7 @@ clean:
 # make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
 #                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+# API=trainjob (render/submit/status/logs/delete): a Kubeflow Trainer v2 TrainJob instead of a PyTorchJob
 # The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
 # none of them render/submit/image stop with one line saying so (exit 2): no registry name is made up.
 JOB ?=
@@ -83,12 +84,14 @@ NAMESPACE ?=
 NAME ?=
 SET ?=
 SPEC ?=
+API ?=
 PART ?= job
 BASE_IMAGE ?=
 K8S = $(PY) k8s/render.py
 K8S_NS = $(if $(NAMESPACE),--namespace $(NAMESPACE))
 K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s)) \
-    $(foreach s,$(SPEC),--spec $(s))
+    $(foreach s,$(SPEC),--spec $(s)) $(if $(API),--spec api=$(API))
+K8S_API = $(if $(API),--api $(API))
 NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
 NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<registry>/gnp-trainer:<tag> (or export GNP_IMAGE=... once)" >&2; exit 2; }
 
@@ -107,15 +110,15 @@ submit: setup
 
 status: setup
 	$(NEED_JOB)
-	@$(K8S) status $(JOB) $(K8S_NS)
+	@$(K8S) status $(JOB) $(K8S_NS) $(K8S_API)
 
 logs: setup
 	$(NEED_JOB)
-	@$(K8S) logs $(JOB) $(K8S_NS)
+	@$(K8S) logs $(JOB) $(K8S_NS) $(K8S_API)
 
 delete: setup
 	$(NEED_JOB)
-	@$(K8S) delete $(JOB) $(K8S_NS)
+	@$(K8S) delete $(JOB) $(K8S_NS) $(K8S_API)
 
 # docker when its daemon answers, else podman (rootless/daemonless), else fail with a clear message.
 image:

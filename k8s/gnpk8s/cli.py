@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("name", metavar="NAME", help="PyTorchJob name")
         c.add_argument("-n", "--namespace")
         c.add_argument("--context", help="kubeconfig context")
+        c.add_argument("--api", choices=("pytorchjob", "trainjob"), default="pytorchjob", help="the job's kind")
         if cmd == "logs":
             c.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
             c.add_argument("--wait", type=float, default=300, help="seconds to wait for the pod to start")
@@ -135,18 +136,18 @@ def _run(args: argparse.Namespace) -> int:
             f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
         )
         print(
-            f"submitted pytorchjob {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
+            f"submitted {job.api} {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
             f"process(es), image {job.image}"
         )
-        print("follow it with:\n" + kube.follow_up(job.name, job.namespace))
+        print("follow it with:\n" + kube.follow_up(job.name, job.namespace, job.api))
         return 0
     check_name(args.name)
     cluster = kube.connect(args.namespace, args.context)
     if args.command == "status":
-        print(kube.status_text(cluster, args.name))
+        print(kube.status_text(cluster, args.name, api=args.api))
     elif args.command == "logs":
-        kube.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait)
+        kube.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait, api=args.api)
     elif args.command == "delete":
-        kube.delete(cluster, args.name)
-        print(f"deleted pytorchjob {cluster.namespace}/{args.name} (its pods and services are garbage-collected)")
+        kube.delete(cluster, args.name, api=args.api)
+        print(f"deleted {args.api} {cluster.namespace}/{args.name} (its pods and services are garbage-collected)")
     return 0

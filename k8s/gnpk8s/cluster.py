@@ -165,8 +165,12 @@ def _free_name(cluster: Cluster, name: str) -> str:
     return f"{name}-{i}"
 
 
-def follow_up(name: str, namespace: str) -> str:
+def follow_up(name: str, namespace: str, api: str = "pytorchjob") -> str:
     """The commands to watch a submitted job."""
+    if api == "trainjob":
+        from . import trainjob
+
+        return trainjob.follow_up(name, namespace)
     pod = f"{name}-worker-0"
     nsarg = f" NAMESPACE={namespace}"
     return "\n".join(
@@ -187,6 +191,10 @@ def submit(job: JobSpec, cluster: Cluster) -> dict:
 
     job.namespace = job.namespace or cluster.namespace
     cluster.namespace = job.namespace
+    if job.api == "trainjob":
+        from . import trainjob
+
+        return trainjob.submit(job, cluster)
     require_crd(cluster)
     require_s3_secret(job, cluster)
     body = build(job)
@@ -261,8 +269,12 @@ def _age(ts: Any) -> str:
     return f"{max(secs, 0)}s"
 
 
-def status_text(cluster: Cluster, name: str) -> str:
+def status_text(cluster: Cluster, name: str, api: str = "pytorchjob") -> str:
     """Conditions, replica statuses and pods of a PyTorchJob, as a small report."""
+    if api == "trainjob":
+        from . import trainjob
+
+        return trainjob.status_text(cluster, name)
     obj = _get_job(cluster, name)
     st = obj.get("status") or {}
     conds = st.get("conditions") or []
@@ -317,9 +329,16 @@ def status_text(cluster: Cluster, name: str) -> str:
     return "\n".join(lines)
 
 
-def logs(cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
+def logs(
+    cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None, api: str = "pytorchjob"
+) -> None:
     """Stream the rank-0 pod's `pytorch` container log, waiting up to wait_s for it to start."""
     from kubernetes.client.exceptions import ApiException
+
+    if api == "trainjob":
+        from . import trainjob
+
+        return trainjob.logs(cluster, name, follow, wait_s, out)
 
     out = out or sys.stdout
 
@@ -355,9 +374,14 @@ def logs(cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, 
         resp.release_conn()
 
 
-def delete(cluster: Cluster, name: str) -> None:
+def delete(cluster: Cluster, name: str, api: str = "pytorchjob") -> None:
     """Delete the PyTorchJob; the operator's pods and Services are garbage-collected with it."""
     from kubernetes.client.exceptions import ApiException
+
+    if api == "trainjob":
+        from . import trainjob
+
+        return trainjob.delete(cluster, name)
 
     require_crd(cluster)
     try:

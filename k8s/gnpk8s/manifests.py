@@ -12,12 +12,12 @@ from typing import Iterable
 
 import yaml
 
-from . import convert, monitoring, pytorchjob
+from . import convert, monitoring, pytorchjob, trainjob
 from .errors import UserError
 from .spec import JobSpec
 
-KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob}
-PARTS = ("job", "convert", "monitoring", "all")
+KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob}
+PARTS = ("job", "runtime", "convert", "monitoring", "all")  # runtime: the TrainJob's ClusterTrainingRuntime
 
 
 def dump(docs: Iterable[dict | str]) -> str:
@@ -29,13 +29,14 @@ def dump(docs: Iterable[dict | str]) -> str:
     return "---\n".join(parts)
 
 
-def job_object(spec: JobSpec, kind: str = "pytorchjob") -> dict:
+def job_object(spec: JobSpec, kind: str | None = None) -> dict:
+    kind = kind or spec.api
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
     return KINDS[kind].build(spec)
 
 
-def render(spec: JobSpec, part: str = "job", kind: str = "pytorchjob") -> str:
+def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
     """Manifest text for one part: job, convert, monitoring or all."""
     if part not in PARTS:
         raise UserError(f"unknown part {part!r}; allowed: {', '.join(PARTS)}")
@@ -46,7 +47,14 @@ def render(spec: JobSpec, part: str = "job", kind: str = "pytorchjob") -> str:
             f"only {len(ports)} ports ({ports[0]}..{ports[-1]})",
             file=sys.stderr,
         )
+    kind = kind or spec.api
     docs: list[dict | str] = []
+    if part == "runtime" and kind != "trainjob":
+        raise UserError(
+            "--part runtime is the TrainJob's ClusterTrainingRuntime: add --spec api=trainjob (API=trainjob)"
+        )
+    if kind == "trainjob" and part in ("runtime", "all"):
+        docs.append(trainjob.runtime(spec))
     if part in ("job", "all"):
         docs.append(job_object(spec, kind))
     if part in ("convert", "all"):

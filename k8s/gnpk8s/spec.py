@@ -68,6 +68,7 @@ set                         extra trainer overrides (section.key=value)         
 convert.dataset/source/source_s3/args/resources   the dataset-conversion Job                 -
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
 alerts.<threshold>          this job's alert thresholds (ALERT_DEFAULTS; README "Alerts")     -
+api                         pytorchjob (training operator v1.9) or trainjob (Trainer v2.3)    pytorchjob
 """
 
 SPEC_KEYS = {
@@ -108,6 +109,7 @@ SPEC_KEYS = {
     "image_pull_policy",
     "image_pull_secrets",
     "alerts",
+    "api",
 }
 
 
@@ -404,6 +406,7 @@ class JobSpec:
     convert: Convert | None
     alerts: dict | None = None  # alert thresholds when the spec sets `alerts:` (its own PrometheusRule)
     description: str = ""
+    api: str = "pytorchjob"  # the job kind: pytorchjob (kubeflow.org/v1) or trainjob (trainer.kubeflow.org)
 
     @property
     def args(self) -> list[str]:
@@ -489,6 +492,7 @@ def load_job(
         convert=_convert(r, values, dataset),
         alerts=_alerts(r),
         description=r.get("description", str, ""),
+        api=r.choice("api", ("pytorchjob", "trainjob"), "pytorchjob"),
     )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 GROUP_PATH = "/apis/kubeflow.org/v1"
+TRAINER_PATH = "/apis/trainer.kubeflow.org/"  # Kubeflow Trainer v2: served by tests/support/kube_fake_trainer.py
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
 SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?$")
@@ -197,7 +198,9 @@ class FakeKube:
                 query = parse_qs(url.query)
                 with fake._lock:
                     fake.requests.append((method, self.path))
-                    code, body = fake._dispatch(method, url.path, query, self._body() if method == "POST" else {})
+                    code, body = fake._dispatch(
+                        method, url.path, query, self._body() if method in ("POST", "PUT") else {}
+                    )
                 self._send(code, body)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
@@ -205,6 +208,9 @@ class FakeKube:
 
             def do_POST(self) -> None:  # noqa: N802
                 self._route("POST")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._route("PUT")
 
             def do_DELETE(self) -> None:  # noqa: N802
                 n = int(self.headers.get("Content-Length") or 0)
@@ -214,6 +220,10 @@ class FakeKube:
         return Handler
 
     def _dispatch(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict | str]:
+        if path.startswith(TRAINER_PATH):
+            from tests.support.kube_fake_trainer import dispatch
+
+            return dispatch(self, method, path, body)
         if path.startswith(GROUP_PATH) and not self.crd_installed:
             return 404, _status(404, "NotFound", "the server could not find the requested resource")
         if path == GROUP_PATH and method == "GET":

@@ -1,0 +1,563 @@
+"""The trainer.kubeflow.org/v1alpha1 TrainJob of a JobSpec, for Kubeflow Trainer v2 (CRDs of v2.3.0).
+
+Trainer v2 builds a JobSet from a ClusterTrainingRuntime (the Job and pod layout) and a TrainJob (what one run
+changes: image, args, env, nodes, processes, resources, and `runtimePatches` on the pod template). The stock
+`torch-distributed` runtime cannot carry this project's jobs, because a TrainJob can only patch a few pod
+fields (labels, annotations, nodeSelector, tolerations, affinity, serviceAccountName, imagePullSecrets,
+securityContext, volumes, and per container volumeMounts + securityContext) and none of these:
+  - the container's named metrics ports `metrics-<r>` (the PodMonitor scrapes named ports only),
+  - the Job's podFailurePolicy and restartPolicy Never, which map the entrypoint's exit statuses (below),
+  - the JobSet's failurePolicy and ttlSecondsAfterFinished,
+  - automountServiceAccountToken, priorityClassName, schedulerName, imagePullPolicy, gang scheduling.
+So each job gets a ClusterTrainingRuntime of its own, `gnp-<namespace>-<name>` (`--part runtime`; submit
+creates or replaces it, delete removes it), and the TrainJob references it. What a user sets per run stays in
+the TrainJob (trainer.* and runtimePatches), where the v2 API puts it.
+
+Exit statuses (docker/entrypoint.sh: 2 = permanent, >= 128 retried). v2 has no `restartPolicy: ExitCode`;
+the runtime maps it with the two policies Kubernetes and JobSet offer:
+  - the Job: restartPolicy Never, backoffLimit 0, podFailurePolicy: a pod disruption (eviction, preemption,
+    node drain: condition DisruptionTarget) is Ignored (the pod is recreated, nothing counted); an exit 1-127
+    of the `node` container is FailJob (reason PodFailurePolicy); anything else (>= 128) fails the Job with
+    BackoffLimitExceeded;
+  - the JobSet: failurePolicy rule `permanent` FailJobSet on reason PodFailurePolicy (the TrainJob fails at
+    once); any other Job failure restarts the whole JobSet (every pod recreated, resuming from the last
+    checkpoint), at most `backoff_limit` times (maxRestarts).
+Not the same as ExitCode: the PyTorchJob operator recreates a retried pod alone and without a count (only the
+deadline bounds it); here a retried status recreates every pod of the job and `backoff_limit` bounds it.
+
+Rendezvous: the torch plugin sets PET_NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT (static rendezvous on node 0,
+port 29400); the TrainJob adds PET_RDZV_BACKEND=c10d with its endpoint on node 0's pod (same port) and
+PET_MAX_RESTARTS, so torchrun's in-pod restarts (`max_restarts`) behave as in the PyTorchJob.
+Elastic specs: Trainer v2.2 removed ElasticPolicy, so an elastic spec renders as a fixed-size job of `nodes`
+pods, with a one-line notice on stderr.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+from trainer.exits import FIRST_RETRIED  # 128: statuses from here up are retried
+
+from .errors import UserError
+from .pod import (
+    container_security,
+    job_labels,
+    meta,
+    pod_security,
+    pod_template,
+    queue_labels,
+    resources,
+    scheduling_fields,
+    train_env,
+    volumes_and_mounts,
+)
+from .spec import JobSpec, require_image
+
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+RUNTIME_PLURAL, RUNTIME_KIND = "clustertrainingruntimes", "ClusterTrainingRuntime"
+CONTAINER = "node"  # Trainer v2 finds the trainer container by this name (it injects PET_* only there)
+NODE_JOB = "node"  # the replicated job the torch plugin sizes (numNodes)
+RDZV_PORT = 29400  # the torch plugin's PET_MASTER_PORT (Trainer v2 constants.ContainerTrainerPort)
+PATCH_MANAGER = "gnp.training/render"
+# Labels JobSet puts on every pod it creates (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go):
+# the JobSet is named after the TrainJob; the Job's completion index is the node rank.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"  # marks the trainer step (stock runtime too)
+VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"
+# Kubeflow Trainer v2.3.0 install (its README): the controller, the CRDs, then the stock runtimes.
+TRAINER_INSTALL = (
+    'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0"'
+)
+
+
+def runtime_name(spec: JobSpec) -> str:
+    """The job's own ClusterTrainingRuntime: cluster-scoped, so the namespace is part of its name."""
+    return f"gnp-{spec.namespace}-{spec.name}" if spec.namespace else f"gnp-{spec.name}"
+
+
+def notice(spec: JobSpec) -> str | None:
+    """The one-line notice for what v2 cannot run as the spec says (an elastic range), else None."""
+    if spec.elastic:
+        lo, hi = spec.elastic
+        return (
+            f"notice: {spec.name}: Trainer v2 has no ElasticPolicy (removed in v2.2): elastic {lo}-{hi} "
+            f"renders as a fixed-size TrainJob of {spec.nodes} node(s)"
+        )
+    return None
+
+
+def pod_selector(name: str) -> str:
+    """Label selector of a TrainJob's training pods."""
+    return f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={NODE_JOB}"
+
+
+def rank0_selector(name: str) -> str:
+    """Label selector of node 0's pod (pod names end in a random suffix, so they are found by label)."""
+    return f"{pod_selector(name)},{COMPLETION_INDEX_LABEL}=0"
+
+
+def _ports(spec: JobSpec) -> list[dict]:
+    return [
+        {"name": f"metrics-{i}", "containerPort": spec.metrics_port + i, "protocol": "TCP"} for i in range(spec.nproc)
+    ]
+
+
+def pod_failure_policy() -> dict:
+    """The Job's podFailurePolicy: exit statuses 1-127 permanent, disruptions ignored, the rest counted."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(range(1, FIRST_RETRIED))},
+            },
+        ]
+    }
+
+
+def failure_policy(spec: JobSpec) -> dict:
+    """The JobSet's failurePolicy: a permanent Job failure ends the JobSet; any other restarts it."""
+    return {
+        "maxRestarts": spec.backoff_limit,
+        "rules": [{"name": "permanent", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+    }
+
+
+def runtime(spec: JobSpec) -> dict:
+    """The job's ClusterTrainingRuntime (validates against the v2.3.0 CRD)."""
+    pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False}
+    if spec.scheduling.priority_class:
+        pod_spec["priorityClassName"] = spec.scheduling.priority_class
+    if spec.scheduling.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    pod_spec["containers"] = [
+        {"name": CONTAINER, "image": require_image(spec), "imagePullPolicy": spec.pull_policy, "ports": _ports(spec)}
+    ]
+    out: dict = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": RUNTIME_KIND,
+        "metadata": {
+            "name": runtime_name(spec),
+            "labels": {**job_labels(spec, "runtime"), "trainer.kubeflow.org/framework": "torch"},
+        },
+        "spec": {
+            "mlPolicy": {"numNodes": spec.nodes, "torch": {}},
+            "template": {
+                "spec": {
+                    "failurePolicy": failure_policy(spec),
+                    "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
+                    "replicatedJobs": [
+                        {
+                            "name": NODE_JOB,
+                            "template": {
+                                "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
+                                "spec": {
+                                    "backoffLimit": 0,
+                                    "podFailurePolicy": pod_failure_policy(),
+                                    "template": {"spec": pod_spec},
+                                },
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    if spec.scheduling.gang:
+        # Trainer v2 creates the PodGroup itself from podGroupPolicy (all numNodes pods or none).
+        sched = spec.scheduling.scheduler_name or ""
+        out["spec"]["podGroupPolicy"] = {"volcano": {}} if "volcano" in sched else {"coscheduling": {}}
+    return out
+
+
+def trainer_env(spec: JobSpec) -> list[dict]:
+    """The pod's env (as in the PyTorchJob) plus torchrun's c10d rendezvous on node 0 and max_restarts."""
+    rdzv_host = f"{spec.name}-{NODE_JOB}-0-0.{spec.name}"  # JobSet: <jobset>-<rjob>-<job index>-<pod index>.<svc>
+    return train_env(spec) + [
+        {"name": "PET_RDZV_BACKEND", "value": "c10d"},
+        {"name": "PET_RDZV_ENDPOINT", "value": f"{rdzv_host}:{RDZV_PORT}"},
+        {"name": "PET_MAX_RESTARTS", "value": str(spec.max_restarts)},
+    ]
+
+
+def pod_patch(spec: JobSpec) -> dict:
+    """runtimePatches entry: the pod-template fields a TrainJob may set, taken from the shared pod template."""
+    tmpl = pod_template(spec)
+    labels = dict(tmpl["metadata"]["labels"])
+    volumes, mounts = volumes_and_mounts(spec)
+    pod: dict = {}
+    sched = scheduling_fields(spec)
+    for key in ("serviceAccountName", "nodeSelector", "tolerations", "imagePullSecrets"):
+        if key in sched:
+            pod[key] = copy.deepcopy(sched[key])
+    pod["securityContext"] = pod_security()
+    pod["volumes"] = volumes
+    pod["containers"] = [{"name": CONTAINER, "securityContext": container_security(), "volumeMounts": mounts}]
+    return {
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {
+                            "name": NODE_JOB,
+                            "template": {
+                                "spec": {
+                                    "template": {
+                                        "metadata": {
+                                            "labels": labels,
+                                            "annotations": dict(tmpl["metadata"]["annotations"]),
+                                        },
+                                        "spec": pod,
+                                    }
+                                }
+                            },
+                        }
+                    ]
+                }
+            }
+        },
+    }
+
+
+def build(spec: JobSpec) -> dict:
+    """The TrainJob object (validates against the v2.3.0 CRD); prints the elastic notice if any."""
+    text = notice(spec)
+    if text:
+        print(text, file=sys.stderr)
+    gpus = {spec.gpu_resource: str(spec.gpus)} if spec.gpus else None
+    md = meta(spec.name, spec.namespace, {**job_labels(spec), **queue_labels(spec)})
+    if spec.scheduling.gang and spec.scheduling.gang_queue:
+        md["annotations"] = {VOLCANO_QUEUE_ANNOTATION: spec.scheduling.gang_queue}
+    out: dict = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": md,
+        "spec": {
+            "runtimeRef": {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": runtime_name(spec)},
+            "trainer": {
+                "image": require_image(spec),
+                "args": list(spec.args),
+                "env": trainer_env(spec),
+                "numNodes": spec.nodes,
+                "numProcPerNode": spec.nproc,
+                "resourcesPerNode": resources(spec.resources, gpus),
+            },
+            "runtimePatches": [pod_patch(spec)],
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        out["spec"]["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.scheduling.queue:
+        # Kueue's TrainJob integration admits a job by un-suspending it; created suspended, no pod exists
+        # before admission.
+        out["spec"]["suspend"] = True
+    return out
+
+
+def rank0_pod(obj: dict) -> str:
+    """Not a name: node 0's pod is found by rank0_selector (its name has a random suffix)."""
+    return rank0_selector(obj["metadata"]["name"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cluster calls for a TrainJob (cluster.py hands over to these when the spec's or the command's api is trainjob)
+
+
+def require_crds(cluster) -> None:
+    """UserError with the install command unless trainer.kubeflow.org/v1alpha1 serves trainjobs and runtimes."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call
+
+    missing = UserError(
+        f"the Kubeflow Trainer v2 CRDs ({PLURAL}/{RUNTIME_PLURAL}.{GROUP}/{VERSION}) are not installed in the "
+        f"cluster at {cluster.host}; install Trainer v2.3: {TRAINER_INSTALL}"
+    )
+    try:
+        res = _api_call(cluster, f"discover {GROUP}/{VERSION}", cluster.custom.get_api_resources, GROUP, VERSION)
+    except ApiException as e:
+        if e.status == 404:
+            raise missing from None
+        raise
+    names = {r.name for r in (res.resources or [])}
+    if not {PLURAL, RUNTIME_PLURAL} <= names:
+        raise missing
+
+
+def _get(cluster, name: str) -> dict | None:
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call
+
+    try:
+        return _api_call(
+            cluster,
+            "get trainjobs",
+            cluster.custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            PLURAL,
+            name,
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _get_job(cluster, name: str) -> dict:
+    require_crds(cluster)
+    obj = _get(cluster, name)
+    if obj is None:
+        raise UserError(
+            f"trainjob {name!r} not found in namespace {cluster.namespace!r} "
+            f"(kubectl -n {cluster.namespace} get trainjobs lists them)"
+        )
+    return obj
+
+
+def _apply_runtime(cluster, body: dict) -> None:
+    """Create the job's ClusterTrainingRuntime, or replace one left by an earlier submit of the same job."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call, _api_message
+
+    name = body["metadata"]["name"]
+    c = cluster.custom
+    try:
+        old = _api_call(
+            cluster, "get clustertrainingruntimes", c.get_cluster_custom_object, GROUP, VERSION, RUNTIME_PLURAL, name
+        )
+    except ApiException as e:
+        if e.status != 404:
+            raise
+        old = None
+    try:
+        if old is None:
+            _api_call(
+                cluster,
+                "create clustertrainingruntimes",
+                c.create_cluster_custom_object,
+                GROUP,
+                VERSION,
+                RUNTIME_PLURAL,
+                body,
+            )
+        else:
+            body = {**body, "metadata": {**body["metadata"], "resourceVersion": old["metadata"].get("resourceVersion")}}
+            _api_call(
+                cluster,
+                "replace clustertrainingruntimes",
+                c.replace_cluster_custom_object,
+                GROUP,
+                VERSION,
+                RUNTIME_PLURAL,
+                name,
+                body,
+            )
+    except ApiException as e:
+        if e.status in (400, 422):
+            raise UserError(f"the API server rejected clustertrainingruntime {name!r}: {_api_message(e)}") from None
+        raise
+
+
+def submit(job: JobSpec, cluster) -> dict:
+    """Create the job's runtime, then the TrainJob (the namespace resolved by cluster.submit's caller)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call, _api_message, _free_name, require_s3_secret
+
+    require_crds(cluster)
+    if _get(cluster, job.name) is not None:  # before the runtime: a running job's runtime stays as it is
+        raise UserError(
+            f"trainjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
+            f"(make delete JOB={job.name} API=trainjob NAMESPACE={job.namespace}) or submit under another "
+            f"name: NAME={_free_name(cluster, job.name)}"
+        )
+    require_s3_secret(job, cluster)
+    body = build(job)
+    _apply_runtime(cluster, runtime(job))
+    try:
+        return _api_call(
+            cluster,
+            "create trainjobs",
+            cluster.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            job.namespace,
+            PLURAL,
+            body,
+        )
+    except ApiException as e:
+        msg = _api_message(e)
+        if e.status == 404 and "namespace" in msg.lower():
+            raise UserError(
+                f"namespace {job.namespace!r} does not exist: kubectl create namespace {job.namespace}"
+            ) from None
+        if e.status == 409:
+            raise UserError(f"trainjob {job.name!r} already exists in namespace {job.namespace!r}") from None
+        if e.status in (400, 422):
+            raise UserError(f"the API server rejected trainjob {job.name!r}: {msg}") from None
+        raise
+
+
+def _pods(cluster, selector: str) -> list:
+    from .cluster import _api_call
+
+    return _api_call(
+        cluster, "list pods", cluster.core.list_namespaced_pod, cluster.namespace, label_selector=selector
+    ).items
+
+
+def status_text(cluster, name: str) -> str:
+    """Conditions, the JobSet's jobs and the pods of a TrainJob, as a small report."""
+    from .cluster import _age
+
+    obj = _get_job(cluster, name)
+    st = obj.get("status") or {}
+    conds = st.get("conditions") or []
+    # A running TrainJob has no True condition (Trainer v2 sets Suspended, Complete or Failed): its jobs say it.
+    active = sum(int(js.get("active", 0)) for js in st.get("jobsStatus") or [])
+    running = "Running" if active else "Pending (no active job yet: is the Trainer controller running?)"
+    state = next((c["type"] for c in reversed(conds) if c.get("status") == "True"), running)
+    md = obj.get("metadata", {})
+    recipe = md.get("labels", {}).get("gnp.training/recipe", "?")
+    rt, age = obj.get("spec", {}).get("runtimeRef", {}).get("name", "?"), _age(md.get("creationTimestamp"))
+    lines = [
+        f"trainjob {cluster.namespace}/{name}: {state}   (recipe {recipe}, runtime {rt}, created {age} ago)",
+        "conditions:",
+    ]
+    for c in conds:
+        lines.append(
+            f"  {c.get('type', ''):11s} {c.get('status', ''):6s} {c.get('reason', ''):24s} "
+            f"{_age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}"
+        )
+    if not conds:
+        lines.append("  (none yet)")
+    for js in st.get("jobsStatus") or []:
+        lines.append(
+            f"job {js.get('name', '?')}: active {js.get('active', 0)}, ready {js.get('ready', 0)}, "
+            f"succeeded {js.get('succeeded', 0)}, failed {js.get('failed', 0)}, suspended {js.get('suspended', 0)}"
+        )
+    pods = _pods(cluster, pod_selector(name))
+    lines.append("pods:")
+    if not pods:
+        lines.append("  (none)")
+    for p in sorted(pods, key=lambda p: p.metadata.name):
+        restarts, detail = 0, ""
+        for cs in p.status.container_statuses or []:
+            if cs.name != CONTAINER:
+                continue
+            restarts, s = cs.restart_count, cs.state
+            if s and s.terminated:
+                detail = f"exit {s.terminated.exit_code} ({s.terminated.reason or ''})"
+            elif s and s.waiting:
+                detail = f"waiting: {s.waiting.reason or ''}"
+        node_rank = (p.metadata.labels or {}).get(COMPLETION_INDEX_LABEL, "?")
+        lines.append(
+            f"  {p.metadata.name:40s} node {node_rank:>2s} {p.status.phase or '':10s} restarts {restarts:<3d} "
+            f"on {p.spec.node_name or '-':20s} {detail}"
+        )
+    return "\n".join(lines)
+
+
+def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None) -> None:
+    """Stream node 0's `node` container log (global rank 0 runs there), waiting up to wait_s for the pod."""
+    import time
+
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call, _api_message
+
+    out = out or sys.stdout
+    _get_job(cluster, name)
+    deadline = time.monotonic() + wait_s
+    while True:
+        pods = [p for p in _pods(cluster, rank0_selector(name)) if p.status.phase != "Failed"]
+        pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name if pods else None
+        if pod is not None:
+            try:
+                resp = _api_call(
+                    cluster,
+                    "read pods/log",
+                    cluster.core.read_namespaced_pod_log,
+                    pod,
+                    cluster.namespace,
+                    container=CONTAINER,
+                    follow=follow,
+                    _preload_content=False,
+                )
+                break
+            except ApiException as e:
+                if e.status not in (400, 404):
+                    raise
+                why = _api_message(e)
+        else:
+            why = "no node-0 pod yet"
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"trainjob {name!r}: no node-0 log after {wait_s:.0f} s ({why}); "
+                f"see make status JOB={name} API=trainjob"
+            )
+        print(f"waiting for node 0 of {name}: {why}", file=sys.stderr)
+        time.sleep(2)
+    try:
+        for chunk in resp.stream(4096):
+            out.write(chunk.decode("utf-8", "replace"))
+            out.flush()
+    finally:
+        resp.release_conn()
+
+
+def delete(cluster, name: str) -> None:
+    """Delete the TrainJob (its JobSet and pods go with it), then the job's own runtime."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call
+
+    obj = _get_job(cluster, name)
+    _api_call(
+        cluster,
+        "delete trainjobs",
+        cluster.custom.delete_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        cluster.namespace,
+        PLURAL,
+        name,
+        propagation_policy="Background",
+    )
+    ref = obj.get("spec", {}).get("runtimeRef", {})
+    if ref.get("kind", RUNTIME_KIND) == RUNTIME_KIND and str(ref.get("name", "")).startswith("gnp-"):
+        try:  # only the runtime this tool made for the job; a stock or shared one stays
+            _api_call(
+                cluster,
+                "delete clustertrainingruntimes",
+                cluster.custom.delete_cluster_custom_object,
+                GROUP,
+                VERSION,
+                RUNTIME_PLURAL,
+                ref["name"],
+            )
+        except ApiException as e:
+            if e.status not in (403, 404):
+                raise
+
+
+def follow_up(name: str, namespace: str) -> str:
+    """The commands to watch a submitted TrainJob."""
+    sel = rank0_selector(name)
+    return "\n".join(
+        [
+            f"  make status JOB={name} API=trainjob NAMESPACE={namespace}   # conditions, jobs, pods",
+            f"  make logs JOB={name} API=trainjob NAMESPACE={namespace}     # follow node 0 (container {CONTAINER})",
+            f"  make delete JOB={name} API=trainjob NAMESPACE={namespace}",
+            f"  kubectl -n {namespace} get trainjob {name} -w",
+            f"  kubectl -n {namespace} logs -f -l {sel} -c {CONTAINER}",
+        ]
+    )
