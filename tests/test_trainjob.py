@@ -71,8 +71,13 @@ def test_trainjob_and_runtime_validate_strictly(name):
     }
     assert tj["metadata"]["name"] == name and tj["metadata"]["namespace"] == "gnp"
     assert "namespace" not in rt["metadata"]  # cluster-scoped
-    # the CRD's own CEL rule on the name (x-kubernetes-validations, not checked by jsonschema)
-    assert render.check_name(name) and len(name) <= 63
+    # the CRD's own CEL rule on the name (x-kubernetes-validations, not checked by jsonschema), and the pods'
+    # hostnames <job>-node-0-<i> (a DNS label: 63 characters at most)
+    assert render.check_name(name) and len(f"{name}-node-0-{spec.nodes - 1}") <= 63
+    # Trainer's torch plugin webhook refuses these in trainer.env (pkg/constants TorchRunReservedEnvNames)
+    names = [e["name"] for e in tj["spec"]["trainer"]["env"]]
+    assert not set(names) & {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    assert len(names) == len(set(names))
     # --part runtime alone is the same runtime
     assert yaml.safe_load(render.render(spec, "runtime")) == rt
 

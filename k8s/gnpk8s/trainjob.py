@@ -25,9 +25,11 @@ the runtime maps it with the two policies Kubernetes and JobSet offer:
 Not the same as ExitCode: the PyTorchJob operator recreates a retried pod alone and without a count (only the
 deadline bounds it); here a retried status recreates every pod of the job and `backoff_limit` bounds it.
 
-Rendezvous: the torch plugin sets PET_NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT (static rendezvous on node 0,
-port 29400); the TrainJob adds PET_RDZV_BACKEND=c10d with its endpoint on node 0's pod (same port) and
-PET_MAX_RESTARTS, so torchrun's in-pod restarts (`max_restarts`) behave as in the PyTorchJob.
+Rendezvous: the torch plugin (kubeflow/trainer pkg/runtime/framework/plugins/torch/torch.go) sets PET_NNODES,
+PET_NODE_RANK, PET_MASTER_ADDR=<job>-node-0-0.<job> and PET_MASTER_PORT=29500 and refuses those names in
+trainer.env. The TrainJob adds PET_RDZV_BACKEND=c10d with its endpoint on node 0 (same host and port) and
+PET_MAX_RESTARTS, so torchrun rendezvouses and restarts in the pod (`max_restarts`) as in the PyTorchJob; the
+REJOIN_ENV of pod.py applies unchanged.
 Elastic specs: Trainer v2.2 removed ElasticPolicy, so an elastic spec renders as a fixed-size job of `nodes`
 pods, with a one-line notice on stderr.
 """
@@ -58,7 +60,7 @@ GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", 
 RUNTIME_PLURAL, RUNTIME_KIND = "clustertrainingruntimes", "ClusterTrainingRuntime"
 CONTAINER = "node"  # Trainer v2 finds the trainer container by this name (it injects PET_* only there)
 NODE_JOB = "node"  # the replicated job the torch plugin sizes (numNodes)
-RDZV_PORT = 29400  # the torch plugin's PET_MASTER_PORT (Trainer v2 constants.ContainerTrainerPort)
+RDZV_PORT = 29500  # the torch plugin's PET_MASTER_PORT (kubeflow/trainer pkg/constants: ContainerTrainerPort)
 PATCH_MANAGER = "gnp.training/render"
 # Labels JobSet puts on every pod it creates (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go):
 # the JobSet is named after the TrainJob; the Job's completion index is the node rank.

@@ -106,7 +106,7 @@ def node_pod(runtime: dict, tj: dict, index: int) -> dict:
             {"name": "PET_NPROC_PER_NODE", "value": str(tr.get("numProcPerNode", "auto"))},
             {"name": "PET_NODE_RANK", "value": str(index)},
             {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
-            {"name": "PET_MASTER_PORT", "value": "29400"},
+            {"name": "PET_MASTER_PORT", "value": "29500"},
         ]
     )
     md.setdefault("labels", {}).update(
