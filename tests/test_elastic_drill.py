@@ -69,20 +69,23 @@ dist.destroy_process_group()
 """
 
 
-def _rendered_pod_env() -> dict[str, str]:
-    """The literal env of an elastic job's rendered training container (Secret references left out): the
-    drill's agents run with what the pods get."""
+def _rendered(job: str) -> tuple[dict[str, str], str]:
+    """The literal env of job's rendered training container (Secret references left out) and the PET_NNODES
+    the operator derives from its elasticPolicy ("min:max"): the drill's agents run with what the pods get."""
     sys.path.insert(0, str(ROOT / "k8s"))
     try:
         from gnpk8s.pytorchjob import build
         from gnpk8s.spec import load_job
     finally:
         sys.path.pop(0)
-    pj = build(load_job("vggbn-imagenet", image="registry.test/gnp:drill"))
+    pj = build(load_job(job, image="registry.test/gnp:drill"))
     container = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
-    assert pj["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"  # the rendezvous the drill plays
-    return {k: v for k, v in env.items() if not k.startswith(("GNP_", "NCCL_"))}
+    ep = pj["spec"]["elasticPolicy"]
+    assert ep["rdzvBackend"] == "c10d"  # the rendezvous the drill plays
+    return {
+        k: v for k, v in env.items() if not k.startswith(("GNP_", "NCCL_"))
+    }, f"{ep['minReplicas']}:{ep['maxReplicas']}"
 
 
 def _free_port() -> int:
@@ -92,7 +95,7 @@ def _free_port() -> int:
 
 
 class Drill:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, job: str) -> None:
         self.dir = tmp / "shared"
         self.dir.mkdir()
         (tmp / "mod").mkdir()
@@ -100,7 +103,7 @@ class Drill:
         self.tmp = tmp
         self.port = _free_port()
         self.agents: dict[int, subprocess.Popen] = {}
-        self.pod_env = _rendered_pod_env()
+        self.pod_env, self.nnodes = _rendered(job)
         self.t0 = time.monotonic()
 
     def start(self, node: int) -> None:
@@ -119,7 +122,7 @@ class Drill:
             # what the training operator v1.9 sets for the rendered elasticPolicy (envvar_elastic.go):
             # PET_RDZV_ENDPOINT = <job>-worker-0:<port>, whose agent then hosts the c10d store
             "PET_NPROC_PER_NODE": "1",
-            "PET_NNODES": "1:2",
+            "PET_NNODES": self.nnodes,
             "PET_RDZV_BACKEND": "c10d",
             "PET_RDZV_ENDPOINT": f"127.0.0.1:{self.port}",
             "PET_RDZV_ID": "drill",
@@ -207,8 +210,11 @@ def _resumed_at_checkpoint(drill: Drill, n_events: int, ckpt: int) -> None:
 
 
 @pytest.mark.slow
-def test_losing_each_node_in_turn(tmp_path):
-    drill = Drill(tmp_path)
+@pytest.mark.parametrize("job", ["vggbn-imagenet", "wideresnet-ss-cifar"])  # elastic 1-2 pods; fixed 2 pods
+def test_losing_each_node_in_turn(tmp_path, job):
+    drill = Drill(tmp_path, job)
+    elastic = drill.nnodes == "1:2"
+    assert elastic or drill.nnodes == "2:2"
     try:
         drill.start(0)
         time.sleep(1.0)  # worker-0's agent binds the store first, as the operator's worker-0 pod does
@@ -216,17 +222,28 @@ def test_losing_each_node_in_turn(tmp_path):
         drill.wait("both nodes training", lambda: drill.steps_at(2, 0) >= 2 * CKPT_EVERY + 2)
 
         for how in ("SIGTERM", "SIGKILL"):
-            # --- worker-1 lost: worker-0's agent goes on alone from the last checkpoint ---
+            # --- worker-1 lost: an elastic job's worker-0 goes on alone from the last checkpoint; a
+            # fixed-size job's worker-0 waits (its agent stays up) for the recreated pod ---
             agent0 = drill.agents[0].pid
             n_steps, n_events = len(drill.lines("steps")), len(drill.lines("events"))
             ckpt = drill.lose(1, how)
-            drill.wait(f"worker-0 alone after {how} to worker-1", lambda: drill.steps_at(1, n_steps) >= CKPT_EVERY + 2)
+            if elastic:
+                drill.wait(
+                    f"worker-0 alone after {how} to worker-1", lambda: drill.steps_at(1, n_steps) >= CKPT_EVERY + 2
+                )
+                _resumed_at_checkpoint(drill, n_events, ckpt)
+            else:
+                time.sleep(1)  # the survivor's collective fails at once
+                stalled = len(drill.lines("steps"))
+                time.sleep(8)
+                assert len(drill.lines("steps")) == stalled, "a fixed-size job stepped with one node"
             assert drill.agents[0].poll() is None and drill.agents[0].pid == agent0, "worker-0's agent stopped"
-            _resumed_at_checkpoint(drill, n_events, ckpt)
             # --- the recreated worker-1 joins again ---
             n_steps = len(drill.lines("steps"))
             drill.start(1)
             drill.wait(f"worker-1 rejoined after {how}", lambda: drill.steps_at(2, n_steps) >= CKPT_EVERY + 2)
+            if not elastic:
+                _resumed_at_checkpoint(drill, n_events, ckpt)
 
             # --- worker-0 lost: the store goes with it; worker-1 ends with 200 at once ---
             n_events = len(drill.lines("events"))
