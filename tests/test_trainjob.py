@@ -308,6 +308,21 @@ def test_submit_status_logs_delete_trainjob(name, fake, capsys):
     assert f"trainjob {name!r} not found in namespace 'gnp'" in capsys.readouterr().err
 
 
+def test_make_passes_api_to_every_command():
+    """API= reaches render/submit as the spec key and status/logs/delete as --api (make -n: nothing runs)."""
+    import subprocess
+
+    for target in ("render", "submit", "status", "logs", "delete"):
+        p = subprocess.run(
+            ["make", "-n", target, "JOB=resnet-cifar", "API=trainjob"], cwd=ROOT, capture_output=True, text=True
+        )
+        line = next(x for x in p.stdout.splitlines() if "k8s/render.py" in x)
+        want = "--spec api=trainjob" if target in ("render", "submit") else "--api trainjob"
+        assert want in line, line
+        p = subprocess.run(["make", "-n", target, "JOB=resnet-cifar"], cwd=ROOT, capture_output=True, text=True)
+        assert "api" not in next(x for x in p.stdout.splitlines() if "k8s/render.py" in x)
+
+
 def test_trainjob_cluster_errors_exit_2(fake, capsys):
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
     runtime = trainjob.runtime_name(_spec("resnet-cifar"))
@@ -327,6 +342,9 @@ def test_trainjob_cluster_errors_exit_2(fake, capsys):
     assert render.main(["status", "fashion-mnist-demo", "--api", "trainjob"]) == 0
     out = capsys.readouterr().out
     assert "fashion-mnist-demo: Suspended" in out and "pods:\n  (none)" in out
+    assert render.main(["logs", "fashion-mnist-demo", "--api", "trainjob", "--wait", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: trainjob 'fashion-mnist-demo': no node-0 log after 0 s")
     fake.trainer_installed = False
     assert render.main(["submit", "wideresnet-cifar", "--spec", "api=trainjob"]) == 2
     err = capsys.readouterr().err

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
         "--part",
         choices=list(PARTS),
         default="job",
-        help="job: the PyTorchJob; convert: the dataset-conversion Job; monitoring: PodMonitor + "
+        help="job: the PyTorchJob (the TrainJob with --spec api=trainjob); runtime: the TrainJob's "
+        "ClusterTrainingRuntime; convert: the dataset-conversion Job; monitoring: PodMonitor + "
         "dashboard ConfigMap (rendered from k8s/monitoring/dashboard.json); all: every one of them",
     )
     s = sub.add_parser("submit", help="render and create the PyTorchJob")
