@@ -152,15 +152,14 @@ def folder_problem(path: str | os.PathLike) -> str:
 def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
     """Every check that needs no process group, before anything is written (run before dist.init()).
 
-    The dataset (and, for FFCV, its meta.json: the batch must fit the training set), the model name and
-    options, the batch against the world size, the run directory (a folder this user can write; made by the
-    same config), a local checkpoint folder or the S3 bucket, the metrics port. A failing rank exits before
-    the rendezvous, so rank 0 never reaches the first write. Raises ConfigError (or StorageConfigError /
+    The model name and options, the batch against the world size and (from meta.json) the training set, the
+    run directory (a folder this user can write; made by the same config), a local checkpoint folder or the S3
+    bucket, the metrics port, then the whole dataset (FFCV: meta.json and the .beton headers). A failing rank
+    exits before the rendezvous, so rank 0 never reaches the first write. Raises ConfigError (or StorageConfigError /
     StorageError for the bucket) with one line; returns the FFCV meta.json dict (None for the memory loader).
     """
     environ = os.environ if environ is None else environ
     world, rank, local_rank = (_env_int(environ, n, d) for n, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    meta = check_data(cfg)
     from trainer.models import model_options
 
     try:
@@ -177,13 +176,7 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
     here = dist.DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=torch.device("cpu"))
     per_rank = _per_rank_batch(cfg, here)
     gnp_sub_batches(cfg.gnp.m, per_rank)  # gnp.m must divide the per-rank batch
-    train_size = (meta or {}).get("train_size")
-    if isinstance(train_size, int) and per_rank > -(-train_size // world):
-        most = train_size if cfg.loop.batch_size_mode == "global" else -(-train_size // world)
-        raise ConfigError(
-            f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most {most} ({train_size} "
-            f"training images in {cfg.data.path} over {world} rank(s)): a larger batch leaves an epoch without one"
-        )
+    _check_batch_fits(cfg, per_rank, world, _peek_train_size(cfg))
     if rank == 0:
         if problem := folder_problem(run_dir_of(cfg)):
             raise ConfigError(f"run.dir: {problem}; expected a folder this user can write")
@@ -206,7 +199,32 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
         )
     if cfg.metrics.prometheus:
         _check_port(cfg.metrics.addr, cfg.metrics.port + local_rank)
+    # Last: validating an FFCV dataset imports FFCV and numba (seconds), the checks above take milliseconds.
+    meta = check_data(cfg)
+    _check_batch_fits(cfg, per_rank, world, (meta or {}).get("train_size"))
     return meta
+
+
+def _peek_train_size(cfg: RunConfig) -> int | None:
+    """train_size from an FFCV dataset's meta.json, read as plain JSON (no FFCV import); None if unreadable
+    (check_data then says what is wrong with it)."""
+    if cfg.data.loader != "ffcv" or not cfg.data.path:
+        return None
+    try:
+        size = json.loads((Path(cfg.data.path) / "meta.json").read_text()).get("train_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check_batch_fits(cfg: RunConfig, per_rank: int, world: int, train_size: int | None) -> None:
+    """ConfigError when a rank's share of the training set holds no full batch (drop_last: no step at all)."""
+    if isinstance(train_size, int) and per_rank > -(-train_size // world):
+        most = train_size if cfg.loop.batch_size_mode == "global" else -(-train_size // world)
+        raise ConfigError(
+            f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most {most} ({train_size} "
+            f"training images in {cfg.data.path} over {world} rank(s)): a larger batch leaves an epoch without one"
+        )
 
 
 def _env_int(environ, name: str, default: int) -> int:
