@@ -146,3 +146,33 @@ def test_local_checkpoint_folder_on_a_full_disk_is_one_line_exit_2(tmp_path):
     assert last.startswith("error: checkpoint folder /mnt/run/checkpoints: cannot write (/mnt/run/checkpoints/step-")
     assert "[ENOSPC]" in last and "free some space" in last
     assert "left:" not in res.stdout, res.stdout
+
+
+def test_a_final_checkpoint_that_does_not_verify_is_not_success(tmp_path):
+    """The storage hands back other bytes than were written (a flipped bit on the disk): the finished run's
+    read-back of its final checkpoint fails, and the run exits 200 (retried: the restart resumes from the
+    newest checkpoint that verifies and writes the final one again) instead of 0."""
+    run_dir = tmp_path / "run"
+    argv = train_args(run_dir, "data.path=synthetic:8x8:3:64", "data.limit=0", "loop.epochs=1", "loop.batch_size=16")
+    code = f"""
+import sys
+from trainer import checkpoint
+from tests.test_fault_drill import corrupt
+
+real = checkpoint.Checkpointer.verify
+
+def verify_after_bit_rot(self, step):
+    corrupt(self, step, "flip")
+    return real(self, step)
+
+checkpoint.Checkpointer.verify = verify_after_bit_rot
+from trainer.__main__ import main
+sys.exit(main({argv!r}))
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 200, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint.uri: the final checkpoint does not verify after its upload: "), last
+    assert "step-000000004/state.pt: size/sha256 mismatch" in last
