@@ -337,6 +337,12 @@ def test_trainjob_cluster_errors_exit_2(fake, capsys):
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "nodes=2"]) == 0
     assert fake.trainer["runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
     capsys.readouterr()
+    # a runtime of that name that belongs to something else is never overwritten
+    del fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
+    fake.trainer["runtimes"][runtime]["metadata"]["labels"]["gnp.training/namespace"] = "other"
+    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
+    assert "does not belong to job 'resnet-cifar' in namespace 'gnp'" in capsys.readouterr().err
+    assert fake.trainer["runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
     # queued: created suspended, no pods, status says Suspended
     assert render.main(["submit", "fashion-mnist-demo", "--spec", "api=trainjob", "--spec", "queue=q"]) == 0
     assert render.main(["status", "fashion-mnist-demo", "--api", "trainjob"]) == 0

@@ -62,6 +62,7 @@ CONTAINER = "node"  # Trainer v2 finds the trainer container by this name (it in
 NODE_JOB = "node"  # the replicated job the torch plugin sizes (numNodes)
 RDZV_PORT = 29500  # the torch plugin's PET_MASTER_PORT (kubeflow/trainer pkg/constants: ContainerTrainerPort)
 PATCH_MANAGER = "gnp.training/render"
+OWNER_NAMESPACE_LABEL = "gnp.training/namespace"  # with app.kubernetes.io/instance: the job a runtime belongs to
 # Labels JobSet puts on every pod it creates (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go):
 # the JobSet is named after the TrainJob; the Job's completion index is the node rank.
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
@@ -143,7 +144,11 @@ def runtime(spec: JobSpec) -> dict:
         "kind": RUNTIME_KIND,
         "metadata": {
             "name": runtime_name(spec),
-            "labels": {**job_labels(spec, "runtime"), "trainer.kubeflow.org/framework": "torch"},
+            "labels": {
+                **job_labels(spec, "runtime"),
+                **({OWNER_NAMESPACE_LABEL: spec.namespace} if spec.namespace else {}),
+                "trainer.kubeflow.org/framework": "torch",
+            },
         },
         "spec": {
             "mlPolicy": {"numNodes": spec.nodes, "torch": {}},
@@ -351,6 +356,13 @@ def _apply_runtime(cluster, body: dict) -> None:
                 body,
             )
         else:
+            owner = ("app.kubernetes.io/instance", OWNER_NAMESPACE_LABEL)
+            have, want = (tuple((o.get("metadata", {}).get("labels") or {}).get(k) for k in owner) for o in (old, body))
+            if have != want:  # another job's runtime, or one this tool did not make: never overwrite it
+                raise UserError(
+                    f"clustertrainingruntime {name!r} exists and does not belong to job {want[0]!r} in namespace "
+                    f"{want[1]!r} (labels {dict(zip(owner, have))}); submit under another NAME="
+                )
             body = {**body, "metadata": {**body["metadata"], "resourceVersion": old["metadata"].get("resourceVersion")}}
             _api_call(
                 cluster,
