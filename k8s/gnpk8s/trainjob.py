@@ -22,6 +22,8 @@ the runtime maps it with the two policies Kubernetes and JobSet offer:
   - the JobSet: failurePolicy rule `permanent` FailJobSet on reason PodFailurePolicy (the TrainJob fails at
     once); any other Job failure restarts the whole JobSet (every pod recreated, resuming from the last
     checkpoint), at most `backoff_limit` times (maxRestarts).
+(kubernetes.io/docs/tasks/job/pod-failure-policy; JobSet's failurePolicy: an unmatched failure takes the default
+action RestartJobSet, counted against maxRestarts, jobset.sigs.k8s.io docs "Failure Policy".)
 Not the same as ExitCode: the PyTorchJob operator recreates a retried pod alone and without a count (only the
 deadline bounds it); here a retried status recreates every pod of the job and `backoff_limit` bounds it.
 
