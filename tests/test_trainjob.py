@@ -190,9 +190,14 @@ def _jobset_outcome(fp: dict, reason: str) -> str:
     return "RestartJobSet"  # JobSet's default: restart, counted against maxRestarts
 
 
+@pytest.fixture(scope="module")
+def runtime_backoff_5() -> dict:
+    return trainjob.runtime(_spec("resnet-cifar", spec=["backoff_limit=5"], image=TEST_IMAGE))
+
+
 @pytest.mark.parametrize("status", list(range(1, 256)))
-def test_exit_statuses_map_onto_v2_policies(status):
-    rt = trainjob.runtime(_spec("resnet-cifar", spec=["backoff_limit=5"]))
+def test_exit_statuses_map_onto_v2_policies(status, runtime_backoff_5):
+    rt = runtime_backoff_5
     js = rt["spec"]["template"]["spec"]
     job = js["replicatedJobs"][0]["template"]["spec"]
     assert job["backoffLimit"] == 0 and js["failurePolicy"]["maxRestarts"] == 5
