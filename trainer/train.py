@@ -95,11 +95,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: old -> new' for every key that differs, ignoring RESUMABLE_CHANGES."""
+    """'key: old -> new' for every key that differs, ignoring RESUMABLE_CHANGES.
+
+    A key the saved config does not have is a setting added after the run was made: the run resumes with its
+    current value (an upgrade must not strand a run directory; the checkpoint format is unchanged).
+    """
     a, b = _flat(saved), _flat(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if key not in a:
             continue
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
