@@ -234,3 +234,30 @@ def test_loader_facts_split_the_global_batch_over_the_ranks():
     assert (facts.batch_size, facts.eval_batch_size, facts.channels_last) == (10, 50, True)
     with pytest.raises(ConfigError, match="loop.batch_size: invalid value 130; expected a multiple of the world size"):
         loader_facts(from_dict({"loop": {"batch_size": 130}}), env)
+
+
+def test_eval_reproduces_the_final_evaluation_with_the_run_s_float32_math(tmp_path):
+    """`trainer eval` of a finished run gives the run's own final evaluation (same checkpoint, same images), and
+    sets up the fp32 math the run trained with (loop.precision=tf32 allows TF32 matmuls) before evaluating."""
+    import torch
+
+    from tests.conftest import FMNIST
+    from trainer.train import evaluate_run
+
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        *common(f"fashion-mnist:{FMNIST}", run_dir, "data.loader=memory", "data.limit=256", "loop.epochs=1"),
+        "--set",
+        "loop.precision=tf32",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = records(run_dir, "eval")[-1]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = evaluate_run(str(run_dir))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert out["step"] == records(run_dir, "done")[-1]["steps"]
+    assert (out["top1"], out["images"]) == (final["top1"], final["images"])
+    assert out["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)

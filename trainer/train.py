@@ -613,6 +613,7 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
 def _load_latest(cfg, env, held: _Held, run_dir: str, what: str):
     """Loaders and model of `cfg` with the latest complete checkpoint of `run_dir` loaded: (loaders, model, step)."""
     check_data(cfg)
+    set_float32_math(cfg.loop.precision)  # evaluate and measure with the math the run trained with (tf32)
     loaders, module, _, ckpt = _build(cfg, env, held, train=False)
     step = resume(ckpt, env, lambda sd: module.load_state_dict(sd["model"]))
     if step is None:
