@@ -432,3 +432,46 @@ def test_build_data_takes_the_data_section_and_the_run_facts(raw):
     val_labels = torch.cat([y for _, y in L.val])
     assert [len(y) for _, y in L.val] == [50, 50, 50]
     assert val_labels.tolist() == raw["val_y"][1:300:2].tolist()  # every second image, from the second
+
+
+def test_holdout_evaluates_on_held_out_training_images_never_the_test_split(raw) -> None:
+    """data.holdout=0.2 of the first 500 training images: evaluation sees 100 of them (with their own labels),
+    training sees the other 400 and nothing else, the test split is never read, and the selection does not
+    depend on the run's seed."""
+    first = {raw["train_x"][i].tobytes(): i for i in range(500)}
+    assert len(first) == 500  # no duplicate images among them, so each image names its index
+
+    def indices(batches, meta) -> list[int]:
+        out = []
+        for images, labels in batches:
+            for img, label in zip(pixels(images, meta["mean"][0], meta["std"][0]), labels.tolist()):
+                i = first[np.ascontiguousarray(img[:, :, 0]).tobytes()]  # KeyError: not one of the 500
+                assert label == raw["train_y"][i]
+                out.append(i)
+        return out
+
+    picked = []
+    for seed in (0, 1):
+        loaders = build(limit=500, holdout=0.2, augment="none", seed=seed)
+        meta = loaders.meta
+        assert (meta["train_size"], meta["val_size"], meta["holdout"]) == (400, 100, 0.2)
+        held = indices(loaders.val, meta)
+        loaders.train.set_epoch(0)
+        trained = indices(loaders.train, meta)
+        assert len(held) == len(set(held)) == 100 and len(trained) == len(set(trained)) == 400
+        assert set(held).isdisjoint(trained) and set(held) | set(trained) == set(range(500))
+        picked.append(sorted(held))
+    assert picked[0] == picked[1]
+    # spread over the 500, not a block at one end
+    assert min(picked[0]) < 50 and max(picked[0]) > 450
+
+
+def test_holdout_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"holdout: 1\.5; expected a fraction in \[0, 1\)"):
+        build(limit=100, holdout=1.5)
+    from trainer.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="data.holdout.*memory-loader option"):
+        load("debug-cpu", ["data.holdout=0.1"])
+    cfg = load("debug-cpu", ["data.loader=memory", f"data.path={SOURCE}", "data.holdout=0.1"])
+    assert cfg.data.holdout == 0.1

@@ -87,6 +87,10 @@ class DataConfig:
     """loader=memory only: this fraction of the training labels is replaced by a different class, drawn
     uniformly (symmetric label noise; a fixed selection, the same for every seed and method; validation labels
     are clean). A standard test of memorization, where SAM-type methods are known to help most. 0 = clean."""
+    holdout: float = 0.0
+    """loader=memory only: this fraction of the training images (a fixed selection, the same for every seed and
+    method; labels as noisy as the rest) is kept out of training and evaluated on instead of the validation
+    split, which is then never read: select hyper-parameters with it, then report the selected ones with 0."""
     augment: Literal["none", "basic", "autoaugment", "imagenet", "randaugment"] = "basic"
     """Per-image train augmentation: none; basic = random flip + reflect-pad-4 random crop (CIFAR-like);
     autoaugment = the AutoAugment CIFAR policy, then basic; imagenet = random-resized-crop + flip (val: center
@@ -338,6 +342,13 @@ def _validate(c: RunConfig) -> None:
         "0 with data.loader=ffcv (convert with --limit instead)",
     )
     _check(0 <= d.label_noise < 1, "data.label_noise", d.label_noise, "a fraction in [0, 1)")
+    _check(0 <= d.holdout < 1, "data.holdout", d.holdout, "a fraction in [0, 1)")
+    _check(
+        d.loader == "memory" or d.holdout == 0,
+        "data.holdout",
+        d.holdout,
+        "0 with data.loader=ffcv (the held-out split is a memory-loader option)",
+    )
     _check(
         d.loader == "memory" or d.label_noise == 0,
         "data.label_noise",

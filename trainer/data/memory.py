@@ -21,6 +21,10 @@ Sources (the ``data.path`` string)::
 ``label_noise`` f replaces round(f·N) training labels by a different class, drawn uniformly (symmetric
 label noise), chosen by a fixed generator (``LABEL_NOISE_SEED``) independent of ``seed``: every run of a
 comparison sees the same noisy labels. Validation labels stay clean.
+``holdout`` f keeps round(f·N) training images (after ``limit`` and ``label_noise``, so their labels are as
+noisy as the rest: what a user selecting hyper-parameters would have) out of training and evaluates on them
+instead of the validation split, which is then never read: hyper-parameters can be selected without touching
+the test set. The held-out images are a fixed selection (``HOLDOUT_SEED``), the same for every seed and method.
 
 ``meta`` has the ``meta.json`` keys the trainer reads: dataset, num_classes, classes, train_size,
 val_size, image_size [H, W], channels (of the source), mean, std (3 floats each on the 0-255 scale,
@@ -147,6 +151,7 @@ def _upload(split: ArraySplit, device: torch.device) -> Tuple[torch.Tensor, torc
 
 
 LABEL_NOISE_SEED = 20220717  # fixed: the noisy labels are part of the dataset, not of a run's randomness
+HOLDOUT_SEED = 20221202  # fixed: the held-out images are part of the protocol, not of a run's randomness
 
 
 def noisy_labels(labels: torch.Tensor, num_classes: int, fraction: float) -> tuple[torch.Tensor, int]:
@@ -162,6 +167,20 @@ def noisy_labels(labels: torch.Tensor, num_classes: int, fraction: float) -> tup
     picked = rng.permutation(len(y))[:k]
     y[picked] = (y[picked] + rng.integers(1, num_classes, size=k)) % num_classes
     return torch.from_numpy(y).to(labels.device), k
+
+
+def holdout_split(n: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) indices of n training images: round(fraction·n) held out, chosen by ``HOLDOUT_SEED``
+    (independent of the run's seed and of the label-noise draw), both in increasing order."""
+    k = int(round(fraction * n))
+    if k == 0:
+        return torch.arange(n), torch.arange(0)
+    if k >= n:
+        raise ValueError(f"holdout: {fraction} of {n} training images leaves none to train on")
+    held = np.sort(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:k])
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    return torch.from_numpy(np.flatnonzero(mask)), torch.from_numpy(held)
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
@@ -439,6 +458,7 @@ def build_memory_loaders(
     limit: Optional[int] = None,
     drop_last: bool = True,
     label_noise: float = 0.0,
+    holdout: float = 0.0,
 ) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
@@ -452,6 +472,8 @@ def build_memory_loaders(
     _check_int("limit", limit, 1, allow_none=True)
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
         raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout: {holdout!r}; expected a fraction in [0, 1)")
     if augment not in MEMORY_AUGMENTS:
         raise ValueError(
             f"augment: '{augment}' is not supported by the memory loader; allowed: {', '.join(MEMORY_AUGMENTS)}"
@@ -489,6 +511,10 @@ def build_memory_loaders(
         (train_x, train_y), (val_x, val_y) = _upload(train, device), _upload(val, device)
 
     train_y, noisy = noisy_labels(train_y, len(classes), label_noise)
+    if holdout:
+        kept, held = holdout_split(train_x.shape[0], holdout)
+        kept, held = kept.to(train_x.device), held.to(train_x.device)
+        train_x, train_y, val_x, val_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     n, h, w, _ = train_x.shape
     mean, std = _channel_stats(train_x)  # before replicating gray: a third of the work
     train_x, val_x = _rgb(train_x), _rgb(val_x)
@@ -532,6 +558,8 @@ def build_memory_loaders(
     }
     if noisy:
         meta.update(label_noise=float(label_noise), noisy_labels=noisy)
+    if holdout:
+        meta.update(holdout=float(holdout), val_split="held-out training images")
     return Loaders(
         train=train_loader,
         val=eval_loader,
@@ -548,5 +576,6 @@ def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         cutout=cfg.cutout,
         limit=cfg.limit or None,
         label_noise=cfg.label_noise,
+        holdout=cfg.holdout,
         **facts.kwargs(),
     )
