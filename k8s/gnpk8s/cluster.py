@@ -346,16 +346,7 @@ def logs(
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            resp = _api_call(
-                cluster,
-                "read pods/log",
-                cluster.core.read_namespaced_pod_log,
-                pod,
-                cluster.namespace,
-                container=CONTAINER,
-                follow=follow,
-                _preload_content=False,
-            )
+            resp = open_pod_log(cluster, pod, CONTAINER, follow)
             break
         except ApiException as e:
             if e.status not in (400, 404) or time.monotonic() > deadline:
@@ -366,6 +357,25 @@ def logs(
                 raise
             print(f"waiting for {pod}: {_api_message(e)}", file=sys.stderr)
             time.sleep(2)
+    copy_log(resp, out)
+
+
+def open_pod_log(cluster: Cluster, pod: str, container: str, follow: bool) -> Any:
+    """The container's log as a streaming response; ApiException (400/404) while the pod cannot serve it yet."""
+    return _api_call(
+        cluster,
+        "read pods/log",
+        cluster.core.read_namespaced_pod_log,
+        pod,
+        cluster.namespace,
+        container=container,
+        follow=follow,
+        _preload_content=False,
+    )
+
+
+def copy_log(resp: Any, out: Any) -> None:
+    """Write a log response to `out` as it arrives, then give the connection back."""
     try:
         for chunk in resp.stream(4096):
             out.write(chunk.decode("utf-8", "replace"))

@@ -488,7 +488,7 @@ def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None)
 
     from kubernetes.client.exceptions import ApiException
 
-    from .cluster import _api_call, _api_message
+    from .cluster import _api_message, copy_log, open_pod_log
 
     out = out or sys.stdout
     _get_job(cluster, name)
@@ -498,16 +498,7 @@ def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None)
         pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name if pods else None
         if pod is not None:
             try:
-                resp = _api_call(
-                    cluster,
-                    "read pods/log",
-                    cluster.core.read_namespaced_pod_log,
-                    pod,
-                    cluster.namespace,
-                    container=CONTAINER,
-                    follow=follow,
-                    _preload_content=False,
-                )
+                resp = open_pod_log(cluster, pod, CONTAINER, follow)
                 break
             except ApiException as e:
                 if e.status not in (400, 404):
@@ -522,12 +513,7 @@ def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None)
             )
         print(f"waiting for node 0 of {name}: {why}", file=sys.stderr)
         time.sleep(2)
-    try:
-        for chunk in resp.stream(4096):
-            out.write(chunk.decode("utf-8", "replace"))
-            out.flush()
-    finally:
-        resp.release_conn()
+    copy_log(resp, out)
 
 
 def delete(cluster, name: str) -> None:
