@@ -15,11 +15,12 @@ runtimePatches, then trainer.* and the torch plugin's PET_* variables) and creat
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import re
 import uuid
 from pathlib import Path
 
+from tests.support.kube_fake import _now
+from tests.support.kube_fake import _status as _st
 from tests.support.prom import cr_errors, crd_schema
 
 CRDS = Path(__file__).resolve().parents[1] / "data" / "crds"
@@ -37,22 +38,6 @@ def schema(kind: str) -> dict:
     if kind not in _SCHEMAS:
         _SCHEMAS[kind] = crd_schema(CRDS / files[kind], "trainer.kubeflow.org/v1alpha1", strict=True)
     return _SCHEMAS[kind]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _st(code: int, reason: str, message: str) -> dict:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
 
 
 def _state(fake) -> dict:
