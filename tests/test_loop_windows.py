@@ -18,14 +18,15 @@ LOG_S = 0.2
 
 
 class SlowSink:
-    """Records the train records; each log takes LOG_S seconds (a slow disk or metrics endpoint)."""
+    """Records the train records; each log takes `delay` seconds (a slow disk or metrics endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = LOG_S) -> None:
         self.records: list[dict] = []
+        self.delay = delay
 
     def log(self, kind: str, record: dict) -> None:
         self.records.append(record)
-        time.sleep(LOG_S)
+        time.sleep(self.delay)
 
     def progress(self, done: int, total: int, epoch: int) -> None:
         pass
@@ -51,29 +52,47 @@ def _policy(total_steps: int) -> StepPolicy:
     )
 
 
-def test_windows_cover_logging_and_after_step_time() -> None:
+def _train(loader: list, sink: SlowSink, *, log_every: int, scaler=None, after_step=None, state=None):
+    """One epoch of GNP (r=0.1, alpha=0.5, SGD lr 0.1) on a 4 -> 3 linear model over `loader`: (the model, the
+    epoch's wall time)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(10)]
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5)
-    policy = _policy(total_steps=10)
-    sink, state = SlowSink(), LoopState()
-    start = time.perf_counter()
     ctx = TrainContext(
         model=model,
-        opt=opt,
+        opt=GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5),
         env=DistEnv(0, 0, 1, torch.device("cpu")),
-        policy=policy,
+        policy=_policy(total_steps=len(loader)),
         loss_spec=LossSpec(),
         sink=sink,
-        amp_dtype=None,
-        scaler=None,
-        clip_norm=0.0,
-        max_steps=0,
-        log_every=2,
+        scaler=scaler,
+        log_every=log_every,
     )
-    train_epoch(ctx, loader, state, after_step=lambda: time.sleep(0.05) if state.step == 5 else None)
-    wall = time.perf_counter() - start
+    start = time.perf_counter()
+    train_epoch(ctx, loader, state or LoopState(), after_step=after_step)
+    return model, time.perf_counter() - start
+
+
+def _batches(n: int, poisoned: tuple[int, ...] = ()) -> list:
+    """n batches of 8; those in `poisoned` hold an inf, which makes every gradient of that step non-finite."""
+    torch.manual_seed(1)
+    out = []
+    for i in range(n):
+        x = torch.randn(8, 4)
+        if i in poisoned:
+            x[0, 0] = float("inf")
+        out.append((x, torch.randint(0, 3, (8,))))
+    return out
+
+
+def test_windows_cover_logging_and_after_step_time() -> None:
+    sink, state = SlowSink(), LoopState()
+    _, wall = _train(
+        _batches(10),
+        sink,
+        log_every=2,
+        state=state,
+        after_step=lambda: time.sleep(0.05) if state.step == 5 else None,
+    )
     windows = [r["window_s"] for r in sink.records]
     assert len(windows) == 5 and sum(r["window_images"] for r in sink.records) == 80
     # Every window after the first holds the previous record's LOG_S of logging ...
@@ -87,60 +106,18 @@ def test_windows_cover_logging_and_after_step_time() -> None:
 
 
 def test_windows_count_the_steps_the_grad_scaler_skipped() -> None:
-    """Batches holding an inf make every gradient non-finite, so GradScaler skips exactly those steps; each
-    record counts the skips of its own window (summed on the device, read once per log step)."""
+    """GradScaler skips exactly the poisoned steps; each record counts the skips of its own window (summed on
+    the device, read once per log step), and the skipped steps leave no NaN in the weights."""
+    sink = SlowSink(delay=0)
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    poisoned = {1, 4, 5}
-    loader = []
-    for i in range(10):
-        x = torch.randn(8, 4)
-        if i in poisoned:
-            x[0, 0] = float("inf")
-        loader.append((x, torch.randint(0, 3, (8,))))
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5)
-    policy = _policy(total_steps=10)
-    records: list[dict] = []
-
-    class Sink:
-        def log(self, kind: str, record: dict) -> None:
-            records.append(record)
-
-        def progress(self, done: int, total: int, epoch: int) -> None:
-            pass
-
-    before = [p.detach().clone() for p in model.parameters()]
-    ctx = TrainContext(
-        model=model,
-        opt=opt,
-        env=DistEnv(0, 0, 1, torch.device("cpu")),
-        policy=policy,
-        loss_spec=LossSpec(),
-        sink=Sink(),
-        scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4),
-        log_every=2,
-    )
-    train_epoch(ctx, loader, LoopState())
-    assert [r["window_skipped_steps"] for r in records] == [1, 0, 2, 0, 0]
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # the skipped steps left no NaN behind
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    untrained = torch.nn.Linear(4, 3)
+    model, _ = _train(_batches(10, poisoned=(1, 4, 5)), sink, log_every=2, scaler=torch.amp.GradScaler("cpu", 2.0**4))
+    assert [r["window_skipped_steps"] for r in sink.records] == [1, 0, 2, 0, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(untrained.parameters(), model.parameters()))
 
 
 def test_records_have_no_skip_count_without_a_scaler() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
-    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.1, alpha=0.5)
-    policy = _policy(total_steps=2)
-    sink = SlowSink()
-    ctx = TrainContext(
-        model=model,
-        opt=opt,
-        env=DistEnv(0, 0, 1, torch.device("cpu")),
-        policy=policy,
-        loss_spec=LossSpec(),
-        sink=sink,
-        log_every=1,
-    )
-    train_epoch(ctx, loader, LoopState())
+    sink = SlowSink(delay=0)
+    _train(_batches(2), sink, log_every=1)
     assert len(sink.records) == 2 and all("window_skipped_steps" not in r for r in sink.records)
