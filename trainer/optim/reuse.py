@@ -58,6 +58,7 @@ Plain PyTorch: nothing here imports the trainer package.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ from .grads import Collected, accumulation_dtype, global_norm
 __all__ = ["REUSE_VARIANTS", "GradientReuse", "LookSAMReuse"]
 
 
-class GradientReuse:
+class GradientReuse(ABC):
     """The points of a GNP step where a reuse variant is called (all under ``torch.no_grad``).
 
     Full step: ``capture`` after pass 1 (``.grad`` = g1, still scaled by a GradScaler, not yet
@@ -78,9 +79,10 @@ class GradientReuse:
     ``state_dict`` / ``load_state_dict``: what GNP's ``state_dict()["reuse"]`` holds.
     """
 
-    def capture(self, collected: Collected, *, averaged_later: bool, norm_perturbations: bool) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def capture(self, collected: Collected, *, averaged_later: bool, norm_perturbations: bool) -> None: ...
 
+    @abstractmethod
     def store(
         self,
         collected: Collected,
@@ -91,17 +93,16 @@ class GradientReuse:
         scale_inv: Tensor | None,
         process_group: Any,
         keep_on_overflow: bool,
-    ) -> None:
-        raise NotImplementedError
+    ) -> None: ...
 
-    def apply(self, param_groups: list[dict[str, Any]], grads: list[Tensor], *, weight: float) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, param_groups: list[dict[str, Any]], grads: list[Tensor], *, weight: float) -> None: ...
 
-    def state_dict(self, index: dict[Tensor, int]) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def state_dict(self, index: dict[Tensor, int]) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any], params: list[Tensor]) -> None: ...
 
 
 class LookSAMReuse(GradientReuse):
