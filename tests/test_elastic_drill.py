@@ -204,8 +204,10 @@ def _resumed_at_checkpoint(drill: Drill, n_events: int, ckpt: int) -> None:
     new = [e for e in drill.lines("events")[n_events:] if e["rank"] == 0]
     assert new, "no restart recorded"
     newest = max([0] + [c["step"] for c in drill.lines("ckpts") if c["t"] < new[0]["t"]])
-    assert new[0]["start"] == newest >= ckpt, (
-        f"resumed at {new[0]['start']}; newest checkpoint {newest}, {ckpt} at loss"
+    # A rank killed between publishing ckpt.json and appending its "ckpts" line leaves that one checkpoint
+    # unlogged (seen once in CI: resumed at 70, 65 the newest logged): the next one is allowed, no other.
+    assert new[0]["start"] >= ckpt and new[0]["start"] in (newest, newest + CKPT_EVERY), (
+        f"resumed at {new[0]['start']}; newest logged checkpoint {newest}, {ckpt} at loss"
     )
 
 
