@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_recipes import REFERENCE_RECIPES
 from trainer import config
 
 PARITY = Path(__file__).resolve().parents[1] / "trainer" / "recipes" / "PARITY.md"
-RECIPES = (
-    "pyramidnet-sd-cifar",
-    "resnet-cifar",
-    "resnet-imagenet",
-    "vggbn-imagenet",
-    "vit-cifar-basic",
-    "vit-cifar-basic-grwarmup",
-    "vit-cifar-heavy",
-    "wideresnet-cifar",
-    "wideresnet-ss-cifar",
-)
+RECIPES = REFERENCE_RECIPES  # the nine reference recipes, listed once (tests/test_recipes.py)
 
 
 def tables() -> dict[str, list[list[str]]]:
