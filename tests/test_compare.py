@@ -296,7 +296,10 @@ def test_readme_tables_and_figures_match_the_result_files():
         shown.add(folder)
         data = json.loads((results / folder / "results.json").read_text())
         header = [c.strip() for c in lines[start].strip("|").split("|")]
-        col = header.index("test error %")
+        # a selection comparison (data.holdout) evaluated on held-out training images: its table must say so
+        metric = "test error %" if data.get("evaluated_on", "test") == "test" else "held-out error %"
+        assert metric in header, f"README line {start + 1}: {folder} is evaluated on {data.get('evaluated_on')}"
+        col = header.index(metric)
         rows = {}
         for row in lines[start + 2 : i]:
             cells = [c.strip().replace("**", "") for c in row.strip("|").split("|")]
@@ -405,3 +408,32 @@ def test_grid_expands_into_methods():
     for bad in (["gnp:gnp.r="], ["gnp:r=0.1"], ["nope:gnp.r=0.1"], ["gnp-r0.1"]):
         with pytest.raises(ConfigError, match="--grid"):
             resolve_methods("sgd", [], bad)
+
+
+def test_selection_picks_the_lowest_mean_error_per_grid_and_names_the_split(tmp_path):
+    from trainer.study.compare import paired_report, select_best, selection_lines
+
+    def runs(errors):
+        return [{"seed": s, "test_error": e} for s, e in enumerate(errors)]
+
+    data = {
+        "sam-r0.05": runs([20.0, 22.0]),  # mean 21.0
+        "sam-r0.1": runs([19.0, 20.0]),  # mean 19.5: the lowest of its grid
+        "sam-r0.2": runs([19.5]),  # one seed, 19.5: ties the mean above, listed later -> not chosen
+        "gnp-r0.1-alpha0.5": runs([30.0, 30.0]),
+        "gnp-r0.1-alpha0.8": runs([]),  # not run yet: not a candidate
+        "gnp-r0.2-alpha0.5": runs([29.0, 31.5]),  # mean 30.25
+    }
+    grids = {"sam": ["sam-r0.05", "sam-r0.1", "sam-r0.2"], "gnp": [m for m in data if m.startswith("gnp")]}
+    got = select_best(data, grids)
+    assert got["sam"] == {"method": "sam-r0.1", "error": 19.5, "seeds": 2, "points": 3}
+    assert got["gnp"] == {"method": "gnp-r0.1-alpha0.5", "error": 30.0, "seeds": 2, "points": 2}
+    text = selection_lines(got, "held-out error")
+    assert "lowest held-out error in grid `sam` (3 points): **sam-r0.1** (19.50 %, 2 seeds)" in text
+    assert markdown_table(aggregate({"a": []}), "t", "held-out error").count("held-out error %") == 1
+    # the paired table of saved results names the split they were evaluated on
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": data, "evaluated_on": "held-out training images (data.holdout=0.2)"}))
+    assert "Δ held-out error (points)" in paired_report(str(path), "sam-r0.05")
+    path.write_text(json.dumps({"runs": data}))  # results written before the field existed: the test split
+    assert "Δ test error (points)" in paired_report(str(path), "sam-r0.05")

@@ -257,10 +257,10 @@ def paired_differences(runs: dict[str, list[dict]], baseline: str) -> dict[str, 
     return out
 
 
-def paired_table(paired: dict[str, dict], baseline: str) -> str:
-    """Markdown: one row per method, its paired difference to `baseline` in test error (negative = fewer errors)."""
+def paired_table(paired: dict[str, dict], baseline: str, metric: str = "test error") -> str:
+    """Markdown: one row per method, its paired difference to `baseline` in `metric` (negative = fewer errors)."""
     lines = [
-        f"| vs {baseline} | pairs | Δ test error (points) | SE | paired t | 95 % interval | reading |",
+        f"| vs {baseline} | pairs | Δ {metric} (points) | SE | paired t | 95 % interval | reading |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, row in paired.items():
@@ -303,14 +303,35 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
-def markdown_table(agg: dict[str, dict], title: str) -> str:
+def select_best(runs: dict[str, list[dict]], grids: dict[str, list[str]]) -> dict[str, dict]:
+    """Per grid NAME: the point (method) with the lowest mean error over the seeds it ran, the first listed on a
+    tie — the selection rule of a tuning comparison, written down so the choice is the data's, not the reader's."""
+    out: dict[str, dict] = {}
+    for name, points in grids.items():
+        scored = [(_mean_std([float(r["test_error"]) for r in runs[p]])[0], p) for p in points if runs.get(p)]
+        if scored:
+            error, method = min(scored, key=lambda x: x[0])  # min keeps the first of equal errors
+            out[name] = {"method": method, "error": error, "seeds": len(runs[method]), "points": len(scored)}
+    return out
+
+
+def selection_lines(selected: dict[str, dict], metric: str) -> str:
+    """Markdown: one line per grid, the point select_best chose."""
+    return "".join(
+        f"- lowest {metric} in grid `{name}` ({s['points']} points): **{s['method']}** "
+        f"({s['error']:.2f} %, {s['seeds']} seed{'s' if s['seeds'] > 1 else ''})\n"
+        for name, s in selected.items()
+    )
+
+
+def markdown_table(agg: dict[str, dict], title: str, metric: str = "test error") -> str:
     def pm(cell: dict, digits: int) -> str:
         return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
     lines = [
         f"**{title}**",
         "",
-        "| method | seeds | test error % | train loss | ‖g1‖ | sharpness | s / epoch | time × SGD | "
+        f"| method | seeds | {metric} % | train loss | ‖g1‖ | sharpness | s / epoch | time × SGD | "
         "share of GNP's gain |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -325,8 +346,9 @@ def markdown_table(agg: dict[str, dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, list[dict]], out: Path, title: str) -> None:
-    """Test error against epoch and against training time: per method the mean over seeds and a +-1 std band."""
+def plot(runs: dict[str, list[dict]], out: Path, title: str, metric: str = "test error") -> None:
+    """`metric` (test or held-out error) against epoch and against training time: per method the mean over
+    seeds and a +-1 std band."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 5), layout="constrained")
@@ -345,7 +367,7 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> None:
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training time (s, evaluation excluded)")
     for ax in axes:
-        ax.set_ylabel("test top-1 error (%)")
+        ax.set_ylabel(f"{metric}, top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
     fig.suptitle(title + " — mean ± 1 std over seeds", fontsize=11)
@@ -410,12 +432,16 @@ def compare(
     nproc: int = 1,
     measure_batches: int = 8,
     baseline: str = "",
+    grids: dict[str, list[str]] | None = None,
     log=print,
 ) -> dict:
     """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json.
 
     `baseline` (default: sgd when compared, else the first method) is the method the paired differences are
-    taken against."""
+    taken against. `grids` (grid NAME -> its points' method names, from --grid) adds, per grid, the point with
+    the lowest mean error. With `data.holdout` > 0 every run evaluates on held-out training images, never on
+    the test split: the tables, figure and results.json then say "held-out error" (the JSON key stays
+    `test_error`, `evaluated_on` names the split)."""
     from trainer import config
 
     baseline = baseline or ("sgd" if "sgd" in methods else next(iter(methods)))
@@ -434,6 +460,7 @@ def compare(
     spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
     _check_spec(out, spec)
     seed_values = [base.loop.seed + i for i in range(seeds)]
+    metric = "held-out error" if base.data.holdout else "test error"
     total, index = len(methods) * seeds, 0
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     # Seeds outermost: an interrupted comparison has balanced results, and load drift hits every method alike.
@@ -466,7 +493,7 @@ def compare(
             }
             runs[method].append(summary)
             log(
-                f"{tag}: test error {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
+                f"{tag}: {metric} {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
                 f"sharpness {summary['sharpness']:.4f}"
             )
     agg = aggregate(runs)
@@ -479,14 +506,18 @@ def compare(
         "epochs": base.loop.epochs,
         "model": base.model.name,
         "nproc": nproc,
+        "evaluated_on": f"held-out training images (data.holdout={base.data.holdout})" if base.data.holdout else "test",
         "summary": agg,
         "paired": {"baseline": baseline, "differences": paired_differences(runs, baseline)},
         "runs": runs,
     }
+    table = markdown_table(agg, title, metric) + "\n" + paired_table(results["paired"]["differences"], baseline, metric)
+    if grids:
+        results["selected"] = select_best(runs, grids)
+        table += "\n" + selection_lines(results["selected"], metric)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(agg, title) + "\n" + paired_table(results["paired"]["differences"], baseline)
     (out / "results.md").write_text(table)
-    plot(runs, out / "test_error.png", title)
+    plot(runs, out / "test_error.png", title, metric)
     log(table)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
     return results
@@ -592,6 +623,7 @@ def run(args: argparse.Namespace) -> int:
             nproc=args.nproc,
             measure_batches=args.measure_batches,
             baseline=args.baseline,
+            grids={name: [label for label, _ in points] for name, points in _grid_points(args.grid).items()},
             log=lambda m: print(m, flush=True),
         )
     except TrainingFailed as e:
@@ -603,7 +635,8 @@ def run(args: argparse.Namespace) -> int:
 def paired_report(results_json: str, baseline: str) -> str:
     """The paired-difference table of an existing results.json (its per-seed runs), against `baseline`."""
     data = json.loads(Path(results_json).read_text())
-    return paired_table(paired_differences(data["runs"], baseline), baseline)
+    metric = "test error" if data.get("evaluated_on", "test") == "test" else "held-out error"
+    return paired_table(paired_differences(data["runs"], baseline), baseline, metric)
 
 
 if __name__ == "__main__":  # python -m trainer.study.compare RESULTS.json BASELINE: the paired table of old results
