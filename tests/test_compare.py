@@ -437,3 +437,27 @@ def test_selection_picks_the_lowest_mean_error_per_grid_and_names_the_split(tmp_
     assert "Δ held-out error (points)" in paired_report(str(path), "sam-r0.05")
     path.write_text(json.dumps({"runs": data}))  # results written before the field existed: the test split
     assert "Δ test error (points)" in paired_report(str(path), "sam-r0.05")
+
+
+def test_run_hands_each_grid_family_to_compare(monkeypatch, tmp_path):
+    """`compare --grid` wiring: the CLI passes each grid NAME with the method names of its points, so the
+    results record one selection per grid (select_best itself is tested by hand above)."""
+    import argparse
+
+    from trainer.study import compare as cmp
+
+    parser = argparse.ArgumentParser()
+    cmp.add_arguments(parser)
+    args = parser.parse_args(
+        ["--recipe", "debug-cpu", "--methods", "sgd,sam,gnp", "--out", str(tmp_path / "c")]
+        + ["--grid", "sam:gnp.r=0.05,0.1", "--grid", "gnp:gnp.r=0.1,0.2", "--grid", "gnp:gnp.alpha=0.5,0.8"]
+    )
+    seen = {}
+    monkeypatch.setattr(cmp, "compare", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(cmp.signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    assert cmp.run(args) == 0
+    assert seen["grids"] == {
+        "sam": ["sam-r0.05", "sam-r0.1"],
+        "gnp": ["gnp-r0.1-alpha0.5", "gnp-r0.1-alpha0.8", "gnp-r0.2-alpha0.5", "gnp-r0.2-alpha0.8"],
+    }
+    assert list(seen["methods"]) == ["sgd", *seen["grids"]["sam"], *seen["grids"]["gnp"]]

@@ -257,6 +257,11 @@ def paired_differences(runs: dict[str, list[dict]], baseline: str) -> dict[str, 
     return out
 
 
+def error_name(evaluated_on: str) -> str:
+    """What tables and figures call the error: results.json's `evaluated_on` is "test" or names held-out images."""
+    return "test error" if evaluated_on == "test" else "held-out error"
+
+
 def paired_table(paired: dict[str, dict], baseline: str, metric: str = "test error") -> str:
     """Markdown: one row per method, its paired difference to `baseline` in `metric` (negative = fewer errors)."""
     lines = [
@@ -460,7 +465,8 @@ def compare(
     spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
     _check_spec(out, spec)
     seed_values = [base.loop.seed + i for i in range(seeds)]
-    metric = "held-out error" if base.data.holdout else "test error"
+    evaluated_on = f"held-out training images (data.holdout={base.data.holdout})" if base.data.holdout else "test"
+    metric = error_name(evaluated_on)
     total, index = len(methods) * seeds, 0
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     # Seeds outermost: an interrupted comparison has balanced results, and load drift hits every method alike.
@@ -506,7 +512,7 @@ def compare(
         "epochs": base.loop.epochs,
         "model": base.model.name,
         "nproc": nproc,
-        "evaluated_on": f"held-out training images (data.holdout={base.data.holdout})" if base.data.holdout else "test",
+        "evaluated_on": evaluated_on,
         "summary": agg,
         "paired": {"baseline": baseline, "differences": paired_differences(runs, baseline)},
         "runs": runs,
@@ -635,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
 def paired_report(results_json: str, baseline: str) -> str:
     """The paired-difference table of an existing results.json (its per-seed runs), against `baseline`."""
     data = json.loads(Path(results_json).read_text())
-    metric = "test error" if data.get("evaluated_on", "test") == "test" else "held-out error"
+    metric = error_name(data.get("evaluated_on", "test"))  # results written before the field: the test split
     return paired_table(paired_differences(data["runs"], baseline), baseline, metric)
 
 
