@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,convert,eval,plot,compare,recipes,models,config}`.
+"""Command line: `python -m trainer {train,convert,eval,plot,compare,tuned,recipes,models,config}`.
 
 Also installed as the `gnp-train` script.
 
@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
 
     compare_arguments(cmp)
 
+    tu = sub.add_parser("tuned", help="tune SAM and GNP on held-out images alike, then compare on the test set")
+    from trainer.study.tuned import add_arguments as tuned_arguments
+
+    tuned_arguments(tu)
+
     sub.add_parser("recipes", help="list the built-in recipes")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("config", help="list every config key with its default and meaning")
@@ -112,6 +117,10 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.study.compare import run as compare_run
 
         return compare_run(args)
+    if args.command == "tuned":
+        from trainer.study.tuned import run as tuned_run
+
+        return tuned_run(args)
     if args.command == "convert":
         from trainer.data.convert import run
 
