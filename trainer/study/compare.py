@@ -89,7 +89,7 @@ def resolve_methods(
                 f"--methods: unknown method {name!r}; expected one of {', '.join(METHODS)} or a "
                 f"name given with --define NAME:section.key=value"
             )
-    for name, points in _grid_points(grids).items():
+    for name, points in grid_points(grids).items():
         if name in custom:
             base = tuple(custom[name])
         elif name in METHODS:
@@ -111,7 +111,7 @@ def resolve_methods(
     return out
 
 
-def _grid_points(grids: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str, tuple[tuple[str, object], ...]]]]:
+def grid_points(grids: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str, tuple[tuple[str, object], ...]]]]:
     """NAME -> [(method name, overrides of the point)] for every point of NAME's grid (the product of its keys)."""
     axes: dict[str, list[tuple[str, list[object]]]] = {}
     for g in grids:
@@ -129,6 +129,11 @@ def _grid_points(grids: list[str] | tuple[str, ...]) -> dict[str, list[tuple[str
             points = [(f"{label}-{short}{v}", over + ((key, v),)) for label, over in points for v in values]
         out[name] = points
     return out
+
+
+def grid_families(grids: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """NAME -> the method names of its grid's points: what `select_best` chooses among."""
+    return {name: [label for label, _ in points] for name, points in grid_points(grids).items()}
 
 
 def _sets(overrides: tuple[tuple[str, object], ...] | list[tuple[str, object]]) -> list[str]:
@@ -609,14 +614,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _stop_on_sigterm(signum, frame) -> None:
+def stop_on_sigterm(signum, frame) -> None:
     # subprocess.run kills its child when interrupted by an exception; SIGTERM's default would leave the
     # training run orphaned and still holding the CPUs/GPU. Its checkpoints make the next invocation resume.
     raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     methods = resolve_methods(args.methods, args.define, args.grid)
     out = Path(args.out or f"runs/compare-{Path(args.recipe).stem}")
     try:
@@ -629,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
             nproc=args.nproc,
             measure_batches=args.measure_batches,
             baseline=args.baseline,
-            grids={name: [label for label, _ in points] for name, points in _grid_points(args.grid).items()},
+            grids=grid_families(args.grid),
             log=lambda m: print(m, flush=True),
         )
     except TrainingFailed as e:

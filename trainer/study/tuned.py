@@ -62,7 +62,7 @@ def select_methods() -> dict[str, tuple[tuple[str, object], ...]]:
 
 
 def select_grids() -> dict[str, list[str]]:
-    return {name: [label for label, _ in points] for name, points in cmp._grid_points(list(SELECT_GRIDS)).items()}
+    return cmp.grid_families(SELECT_GRIDS)
 
 
 def final_methods(selection: dict) -> dict[str, tuple[tuple[str, object], ...]]:
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, cmp._stop_on_sigterm)
+    signal.signal(signal.SIGTERM, cmp.stop_on_sigterm)
     setting = SETTINGS[args.setting]
     root = Path(args.out_root)
     select_out = root / f"select-{args.setting}"
