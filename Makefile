@@ -58,7 +58,7 @@ compare-noisy-cpu: setup
 	    --seeds 3 --out runs/compare-noisy-cpu
 
 # The tuned answer (README): SAM and GNP tuned alike on held-out training images, then 5 seeds on the test set;
-# the two settings run side by side at one thread each (how the README's figures were made, about 2.5 h on 2 cores).
+# the two settings run side by side at one thread each (how the README's figures were made, about 2 h on 2 cores).
 compare-tuned-cpu: setup
 	OMP_NUM_THREADS=1 $(PY) -m trainer tuned --setting clean & pid=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m trainer tuned --setting noisy; noisy=$$?; wait $$pid && exit $$noisy
