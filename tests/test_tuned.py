@@ -35,7 +35,7 @@ def test_sam_and_each_gnp_mix_get_the_same_tuning_budget():
         o = dict(methods[name])
         assert o["gnp.norm_perturbations"] is name.startswith("gnpn") and 0 < o["gnp.alpha"] < 1
     assert tuned.SELECT_BASELINE in methods
-    for setting in tuned.SETTINGS.values():  # every stage's config is valid, and selection never reads the test set
+    for setting in tuned.SETTINGS.values():  # both stages' configs load; the selection's evaluates held-out images
         held = config.load(setting.recipe, [*setting.sets, f"data.holdout={tuned.HOLDOUT}"])
         assert held.data.holdout == tuned.HOLDOUT > 0
 
