@@ -602,7 +602,12 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
     if not Path(PROMETHEUS).is_file():
         pytest.fail(f"{PROMETHEUS} is missing: `make setup` installs Debian's prometheus package")
     # The rule exactly as a user renders it, with test-sized thresholds for a 1 s scrape interval.
+    # The checkpoint-age and input-bound alerts are out of this test's scope (promtool unit tests cover them):
+    # their thresholds are set where they cannot fire, because a loaded machine stretches an epoch (the
+    # checkpoint interval here) past 3x its usual length and then GNPCheckpointStale went pending in the
+    # healthy window.
     overrides = ["scrape_interval=1s", "stall_floor=4s", "stall_factor=3", "pending=1s"]
+    overrides += ["checkpoint_stale_factor=1000", "data_wait_fraction=0.99"]
     job = render.build_job("fashion-mnist-demo", name=JOB, spec_overrides=[f"alerts.{o}" for o in overrides])
     rule = _rule_of([d for d in yaml.safe_load_all(render.render(job, "monitoring")) if d])
     assert rule["metadata"]["name"] == f"gnp-training-alerts-{JOB}"
@@ -683,8 +688,7 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
         took = time.monotonic() - t_stop
         names = sorted(a["labels"]["alertname"] for a in firing)
         assert STALLED in names, f"not firing within 45 s; alerts: {_alerts(prom)}; steps {before} -> {steps()}"
-        # the other symptom of a stopped job may fire too: no checkpoint at the usual interval (every epoch here)
-        assert set(names) <= {STALLED, "GNPCheckpointStale"} and names.count(STALLED) == 1, firing
+        assert names == [STALLED], firing
         firing = [a for a in firing if a["labels"]["alertname"] == STALLED]
         alert = firing[0]
         assert alert["labels"]["rank"] == "0" and alert["labels"]["namespace"] == NS
