@@ -264,6 +264,9 @@ class MetricsConfig:
     """Rank 0 appends every logged value to <run.dir>/metrics.jsonl."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Rank 0 progress display: auto = a tqdm bar on a terminal, plain periodic lines otherwise."""
+    progress_every_s: float = 60.0
+    """Rank 0 logs a `progress step=... percent=... eta_s=...` line at most this often and after every evaluation
+    (what `make status` reads); 0 = never. The TrainJob status updates do not depend on it."""
     prometheus: bool = False
     """Every training process serves Prometheus metrics on port + LOCAL_RANK."""
     port: int = 9300
@@ -431,6 +434,12 @@ def _validate(c: RunConfig) -> None:
     _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
     _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
     _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
+    _check(
+        math.isfinite(c.metrics.progress_every_s) and c.metrics.progress_every_s >= 0,
+        "metrics.progress_every_s",
+        c.metrics.progress_every_s,
+        "a finite number of seconds >= 0 (0 = no progress lines)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

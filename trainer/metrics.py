@@ -571,12 +571,14 @@ def build_sink(
     port: int,
     addr: str,
     job: str,
+    progress_every_s: float = 0.0,
 ) -> NullSink | RunSink | PrometheusSink | TeeSink:
     """The sink for this process (called on every rank).
 
-    Rank 0 writes metrics.jsonl and shows progress; with `prometheus` every rank also serves its metrics
-    on `addr:port + local_rank`, labelled job_name=`job`, rank, local_rank. Other ranks without Prometheus
-    discard their records.
+    Rank 0 writes metrics.jsonl and shows progress, and publishes its progress line every `progress_every_s`
+    and the TrainJob's status when the Kubeflow Trainer asks for it (trainer/progress.py); with `prometheus`
+    every rank also serves its metrics on `addr:port + local_rank`, labelled job_name=`job`, rank, local_rank.
+    Other ranks without Prometheus discard their records.
     """
     prom = (
         PrometheusSink(port=port + local_rank, addr=addr, job=job, rank=rank, local_rank=local_rank)
@@ -585,8 +587,24 @@ def build_sink(
     )
     if rank == 0:
         run = RunSink(run_dir / "metrics.jsonl" if jsonl else None, progress)
-        return TeeSink(run, prom) if prom is not None else run
+        sinks = [run, _progress_sink(progress_every_s), prom]
+        sinks = [s for s in sinks if s is not None]
+        return TeeSink(*sinks) if len(sinks) > 1 else run
     return prom if prom is not None else NullSink()
+
+
+def _progress_sink(every_s: float):
+    """The progress line and, where the trainjobstatus plugin injected its variables, the TrainJob status."""
+    from trainer.progress import ProgressSink, Publisher, StatusClient
+
+    try:
+        client = StatusClient.from_env()
+    except ValueError as e:  # the platform's variables, not the user's settings: report, train on
+        print(f"warning: TrainJob status updates off: {e}", file=sys.stderr, flush=True)
+        client = None
+    if client is None and every_s <= 0:
+        return None
+    return ProgressSink(every_s, Publisher(client) if client is not None else None)
 
 
 if __name__ == "__main__":

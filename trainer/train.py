@@ -442,6 +442,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         port=m.port,
         addr=m.addr,
         job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run",
+        progress_every_s=m.progress_every_s,
     )
     held.sink = sink
     spe = len(loaders.train)
@@ -476,6 +477,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             "params": sum(p.numel() for p in module.parameters()),
             "train_images": loaders.meta["train_size"],
             "steps_per_epoch": spe,
+            "total_steps": min(lp.epochs * spe, lp.max_steps) if lp.max_steps else lp.epochs * spe,
             "resumed_from_step": resumed,
             "gnp_steps": state.gnp_steps,
             "step": state.step,
