@@ -62,6 +62,6 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
         if cj is not None:
             docs.append(cj)
     if part in ("monitoring", "all"):
-        docs += monitoring.monitoring_texts()
+        docs += monitoring.monitoring_texts(spec.namespace)
         docs.append(monitoring.alert_rule_doc(spec))
     return dump(docs)
