@@ -77,6 +77,9 @@ class FakeKube:
         kueue=None,
     ) -> None:
         self.kueue = kueue  # a tests.support.kube_fake_kueue.FakeKueue, or None: Kueue not installed
+        # (METHOD, plural) -> (status, message): what an admission webhook, RBAC or the API server would answer
+        # instead, e.g. faults[("POST", "trainjobs")] = (422, "admission webhook denied the request")
+        self.faults: dict[tuple[str, str], tuple[int, str]] = {}
         self.crd_installed = crd_installed
         self.namespaces = set(namespaces)
         self.secrets = {(ns, s) for ns in self.namespaces for s in secrets}  # (namespace, name) that exist
@@ -239,6 +242,10 @@ class FakeKube:
         return Handler
 
     def _dispatch(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict | str]:
+        for (m, plural), (code, message) in self.faults.items():
+            if m == method and re.search(f"/namespaces/[^/]+/{plural}(/|$)", path):
+                reason = {403: "Forbidden", 409: "Conflict", 422: "Invalid"}.get(code, "InternalError")
+                return code, _status(code, reason, message)
         if path.startswith(KUEUE_PATH):
             if self.kueue is None:
                 return 404, _status(404, "NotFound", "the server could not find the requested resource")
