@@ -21,13 +21,15 @@ that to their administrators. A TrainingRuntime is a team's own object: a namesp
 Lifetime: the runtime goes away with its TrainJob. An ownerReference must name an object that exists, in the
 same namespace, by uid, so submit creates the runtime, then the TrainJob, then patches the TrainJob's
 ownerReference onto the runtime (submit deletes the runtime again if the TrainJob cannot be created). The
-garbage collector then deletes the runtime when the TrainJob is deleted, however that happens (kubectl,
-ttlSecondsAfterFinished is the JobSet's, not the TrainJob's, so mostly `make delete`, which also deletes it
-explicitly). The reference has controller: false (no controller manages the runtime; the Trainer controller
-only reads it) and blockOwnerDeletion: false (nothing must wait for the runtime's deletion, and setting it true
-needs `update` on trainjobs/finalizers under the OwnerReferencesPermissionEnforcement admission plugin).
+garbage collector then deletes the runtime whenever the TrainJob is deleted (kubectl delete, or `make delete`,
+which also deletes it explicitly in case the patch failed; the TrainJob has no TTL of its own:
+ttlSecondsAfterFinished removes only the JobSet). The reference has controller: false (no controller manages
+the runtime; the Trainer controller only reads it) and blockOwnerDeletion: false (nothing must wait for the
+runtime's deletion, and setting it true needs `update` on trainjobs/finalizers under the
+OwnerReferencesPermissionEnforcement admission plugin).
 
-Exit statuses (docker/entrypoint.sh: 2 = permanent, >= 128 retried). v2 has no `restartPolicy: ExitCode`;
+Exit statuses (docker/entrypoint.sh: 2 = permanent, 3 = the trainer's crash budget spent (EXIT_CRASH_LOOP,
+permanent), >= 128 retried). v2 has no `restartPolicy: ExitCode`;
 the runtime maps it with the two policies Kubernetes and JobSet offer:
   - the Job: restartPolicy Never, backoffLimit 0, podFailurePolicy: a pod disruption (eviction, preemption,
     node drain: condition DisruptionTarget) is Ignored (the pod is recreated, nothing counted); an exit 1-127
