@@ -25,8 +25,12 @@ with fewer pods, down to min_nodes; a fixed-size job waits for the recreated pod
 every rank restarts from the last checkpoint. Losing worker-0, which hosts the c10d rendezvous, ends every
 other agent (exit 200 or 201, both retried): the whole job restarts from its last checkpoint.
 
+With a Kueue queue (spec key `queue`, or the namespace's only LocalQueue) submit creates the job suspended and
+waits `--queue-wait` seconds (default 15) for the Workload Kueue makes for it.
+
 User errors (unknown spec, bad spec value, no image, invalid name, no kubeconfig, unreachable cluster, CRD
-missing, S3 Secret missing, job exists, forbidden) print one line `error: ...` and exit 2.
+missing, S3 Secret missing, job exists, forbidden, unknown or ambiguous LocalQueue, a queued job Kueue does not
+manage) print one line `error: ...` and exit 2.
 """
 
 from __future__ import annotations
