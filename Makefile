@@ -81,6 +81,7 @@ clean:
 # make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
 #                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+# submit with a Kueue queue waits QUEUE_WAIT seconds (default 15) for Kueue's Workload; none: exit 2 with the fix
 # API=trainjob (render/submit/status/logs/delete): a Kubeflow Trainer v2 TrainJob instead of a PyTorchJob
 # The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
 # none of them render/submit/image stop with one line saying so (exit 2): no registry name is made up.
@@ -93,7 +94,12 @@ SPEC ?=
 API ?=
 PART ?= job
 BASE_IMAGE ?=
-K8S = $(PY) k8s/render.py
+QUEUE_WAIT ?=
+# The light client: jobs/render/submit/status/logs/delete need only the kubernetes client and PyYAML, in their own
+# small venv (python3 >= 3.10 with venv; no torch, no apt, no root), so they run from a laptop.
+K8S_VENV ?= .venv-k8s
+K8S_PY := $(K8S_VENV)/bin/python
+K8S = $(K8S_PY) k8s/render.py
 K8S_NS = $(if $(NAMESPACE),--namespace $(NAMESPACE))
 K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s)) \
     $(foreach s,$(SPEC),--spec $(s)) $(if $(API),--spec api=$(API))
@@ -101,28 +107,34 @@ K8S_API = $(if $(API),--api $(API))
 NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
 NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<registry>/gnp-trainer:<tag> (or export GNP_IMAGE=... once)" >&2; exit 2; }
 
-.PHONY: jobs render submit status logs delete image lint format
+.PHONY: jobs render submit status logs delete image lint format k8s-client
 
-jobs: setup
+$(K8S_PY):
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet kubernetes==37.0.1 pyyaml==6.0.4
+
+k8s-client: $(K8S_PY)
+
+jobs: $(K8S_PY)
 	@$(K8S) jobs
 
-render: setup
+render: $(K8S_PY)
 	$(NEED_JOB)
 	@$(K8S) render $(JOB) $(K8S_OPTS) --part $(PART)
 
-submit: setup
+submit: $(K8S_PY)
 	$(NEED_JOB)
-	@$(K8S) submit $(JOB) $(K8S_OPTS)
+	@$(K8S) submit $(JOB) $(K8S_OPTS) $(if $(QUEUE_WAIT),--queue-wait $(QUEUE_WAIT))
 
-status: setup
+status: $(K8S_PY)
 	$(NEED_JOB)
 	@$(K8S) status $(JOB) $(K8S_NS) $(K8S_API)
 
-logs: setup
+logs: $(K8S_PY)
 	$(NEED_JOB)
 	@$(K8S) logs $(JOB) $(K8S_NS) $(K8S_API)
 
-delete: setup
+delete: $(K8S_PY)
 	$(NEED_JOB)
 	@$(K8S) delete $(JOB) $(K8S_NS) $(K8S_API)
 

@@ -1,8 +1,9 @@
-"""Kubeflow Trainer v2: every job spec as a TrainJob (API=trainjob) with its own ClusterTrainingRuntime.
+"""Kubeflow Trainer v2: every job spec as a TrainJob (API=trainjob) with its own namespaced TrainingRuntime.
 
 The CRDs and the stock runtime in tests/data/crds are unchanged copies from kubeflow/trainer tag v2.3.0:
 manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml, manifests/base/crds/
-trainer.kubeflow.org_clustertrainingruntimes.yaml and manifests/base/runtimes/torch_distributed.yaml (saved as
+trainer.kubeflow.org_trainingruntimes.yaml, manifests/base/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml
+(the stock runtime's kind only) and manifests/base/runtimes/torch_distributed.yaml (saved as
 trainer-v2.3.0_runtime_torch-distributed.yaml). Objects are validated with jsonschema in strict mode (unknown
 fields rejected, like `kubectl --validate=strict`).
 
@@ -19,6 +20,7 @@ import importlib
 import pytest
 
 from tests.support.kube_fake import FakeKube
+from tests.support.kube_fake_kueue import FakeKueue
 from tests.support.kube_fake_trainer import node_pod, schema
 from tests.support.prom import cr_errors
 from tests.test_k8s import JOB_PARAMS, JOBS, ROOT, TEST_IMAGE, _cli, render
@@ -60,17 +62,19 @@ def test_trainjob_and_runtime_validate_strictly(name):
 
     docs = [d for d in yaml.safe_load_all(render.render(spec, "all")) if d]
     kinds = [d["kind"] for d in docs]
-    assert kinds[:2] == ["ClusterTrainingRuntime", "TrainJob"]
+    assert kinds[:2] == ["TrainingRuntime", "TrainJob"] and "ClusterTrainingRuntime" not in kinds
     rt, tj = docs[0], docs[1]
-    assert cr_errors(rt, schema("ClusterTrainingRuntime")) == []
+    assert cr_errors(rt, schema("TrainingRuntime")) == []
     assert cr_errors(tj, schema("TrainJob")) == []
     assert tj["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
-        "kind": "ClusterTrainingRuntime",
+        "kind": "TrainingRuntime",
         "name": rt["metadata"]["name"],
     }
     assert tj["metadata"]["name"] == name and tj["metadata"]["namespace"] == "gnp"
-    assert "namespace" not in rt["metadata"]  # cluster-scoped
+    assert rt["metadata"]["namespace"] == "gnp"  # namespaced: in the job's namespace
+    node = rt["spec"]["template"]["spec"]["replicatedJobs"][0]
+    assert node["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
     # the CRD's own CEL rule on the name (x-kubernetes-validations, not checked by jsonschema), and the pods'
     # hostnames <job>-node-0-<i> (a DNS label: 63 characters at most)
     assert render.check_name(name) and len(f"{name}-node-0-{spec.nodes - 1}") <= 63
@@ -100,6 +104,10 @@ def test_schemas_reject_what_the_api_server_rejects():
     assert cr_errors(bad, schema("TrainJob"))
     stock = yaml.safe_load((ROOT / "tests" / "data" / "crds" / STOCK_RUNTIME).read_text())
     assert cr_errors(stock, schema("ClusterTrainingRuntime")) == []  # the schema reads the stock runtime
+    rt = yaml.safe_load(render.render(_spec("resnet-cifar"), "runtime"))
+    bad = copy.deepcopy(rt)
+    bad["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rule"] = []
+    assert cr_errors(bad, schema("TrainingRuntime"))  # a typo in the runtime is caught too
 
 
 @pytest.mark.parametrize("name", JOBS)
@@ -256,14 +264,14 @@ def test_queue_gang_deadline_ttl_identity():
     pod = node_pod(rt, tj, 0)
     assert pod["spec"]["serviceAccountName"] == "trainer-sa" and pod["spec"]["schedulerName"] == "volcano"
     assert not any(k.startswith("AWS_ACCESS") for k in _env(pod["spec"]["containers"][0]))
-    assert cr_errors(tj, schema("TrainJob")) == [] and cr_errors(rt, schema("ClusterTrainingRuntime")) == []
+    assert cr_errors(tj, schema("TrainJob")) == [] and cr_errors(rt, schema("TrainingRuntime")) == []
     plain = trainjob.runtime(_spec("resnet-cifar", spec=["gang=true"]))
     assert plain["spec"]["podGroupPolicy"] == {"coscheduling": {}}
 
 
 def test_cli_api_key_and_part_runtime():
     p = _cli("render", "resnet-cifar", "--spec", "api=trainjob", "--part", "runtime")
-    assert p.returncode == 0 and "kind: ClusterTrainingRuntime" in p.stdout
+    assert p.returncode == 0 and "kind: TrainingRuntime" in p.stdout and "ClusterTrainingRuntime" not in p.stdout
     p = _cli("render", "resnet-cifar", "--part", "runtime")
     assert p.returncode == 2 and p.stderr.startswith("error: --part runtime") and p.stderr.count("\n") == 1
     p = _cli("render", "resnet-cifar", "--spec", "api=trainjobs")
@@ -291,7 +299,25 @@ def test_submit_status_logs_delete_trainjob(name, fake, capsys):
     stored = fake.trainer["trainjobs"][("gnp", name)]
     spec = _spec(name)
     assert stored["spec"] == trainjob.build(spec)["spec"]  # exactly what render prints
-    assert fake.trainer["runtimes"][trainjob.runtime_name(spec)]["spec"] == trainjob.runtime(spec)["spec"]
+    rt = fake.trainer["ns_runtimes"][("gnp", trainjob.runtime_name(spec))]
+    assert rt["spec"] == trainjob.runtime(spec)["spec"]
+    # created before the TrainJob, then owned by it (uid), so the garbage collector deletes it with the job
+    assert rt["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "TrainJob",
+            "name": name,
+            "uid": stored["metadata"]["uid"],
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+    ]
+    verbs = [(m, p.split("?")[0].rsplit("/", 2)[-2:]) for m, p in fake.requests if m in ("POST", "PATCH")]
+    assert verbs == [
+        ("POST", ["gnp", "trainingruntimes"]),
+        ("POST", ["gnp", "trainjobs"]),
+        ("PATCH", ["trainingruntimes", trainjob.runtime_name(spec)]),
+    ]
     pods = sorted(k[1] for k, p in fake.pods.items() if p["metadata"]["labels"].get(trainjob.JOBSET_NAME_LABEL) == name)
     assert len(pods) == spec.nodes
 
@@ -307,7 +333,7 @@ def test_submit_status_logs_delete_trainjob(name, fake, capsys):
 
     assert main(["delete", name, "--api", "trainjob"]) == 0
     assert ("gnp", name) not in fake.trainer["trainjobs"] and not fake.pods
-    assert trainjob.runtime_name(spec) not in fake.trainer["runtimes"]
+    assert not fake.trainer["ns_runtimes"]
     assert "torch-distributed" in fake.trainer["runtimes"]  # a runtime it did not make stays
     assert main(["delete", name, "--api", "trainjob"]) == 2
     assert f"trainjob {name!r} not found in namespace 'gnp'" in capsys.readouterr().err
@@ -330,25 +356,28 @@ def test_make_passes_api_to_every_command():
 
 def test_trainjob_cluster_errors_exit_2(fake, capsys):
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
-    runtime = trainjob.runtime_name(_spec("resnet-cifar"))
-    version = fake.trainer["runtimes"][runtime]["metadata"]["resourceVersion"]
+    runtime = ("gnp", trainjob.runtime_name(_spec("resnet-cifar")))
+    version = fake.trainer["ns_runtimes"][runtime]["metadata"]["resourceVersion"]
     capsys.readouterr()
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
     err = capsys.readouterr().err
     assert "trainjob 'resnet-cifar' already exists" in err and "NAME=resnet-cifar-2" in err
-    assert fake.trainer["runtimes"][runtime]["metadata"]["resourceVersion"] == version  # left alone
-    # a runtime left over from an earlier job of the same name is replaced, not an error
+    assert fake.trainer["ns_runtimes"][runtime]["metadata"]["resourceVersion"] == version  # left alone
+    # a runtime left over from an earlier job of the same name (its owner reference never patched) is
+    # replaced, not an error
     del fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
+    del fake.trainer["ns_runtimes"][runtime]["metadata"]["ownerReferences"]
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "nodes=2"]) == 0
-    assert fake.trainer["runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
+    assert fake.trainer["ns_runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
     capsys.readouterr()
     # a runtime of that name that belongs to something else is never overwritten
     del fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
-    fake.trainer["runtimes"][runtime]["metadata"]["labels"]["gnp.training/namespace"] = "other"
+    fake.trainer["ns_runtimes"][runtime]["metadata"]["labels"]["app.kubernetes.io/instance"] = "other"
     assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
-    assert "does not belong to job 'resnet-cifar' in namespace 'gnp'" in capsys.readouterr().err
-    assert fake.trainer["runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
-    # queued: created suspended, no pods, status says Suspended
+    assert "does not belong to job 'resnet-cifar' (app.kubernetes.io/instance: 'other')" in capsys.readouterr().err
+    assert fake.trainer["ns_runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
+    # queued: created suspended, no pods, status says Suspended (Kueue made its Workload, as it does by default)
+    fake.kueue = FakeKueue(local_queues={"gnp": ["q"]})
     assert render.main(["submit", "fashion-mnist-demo", "--spec", "api=trainjob", "--spec", "queue=q"]) == 0
     assert render.main(["status", "fashion-mnist-demo", "--api", "trainjob"]) == 0
     out = capsys.readouterr().out

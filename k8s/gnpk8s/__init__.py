@@ -7,8 +7,11 @@
     convert.py     the batch/v1 Job that converts the dataset
     monitoring.py  PodMonitor, the Grafana dashboard ConfigMap, the PrometheusRule (alert thresholds)
     manifests.py   render(spec, part): the YAML text of one part, dispatching on the job kind
+    trainjob.py    the Kubeflow Trainer v2 TrainJob and its namespaced TrainingRuntime (owned by the TrainJob)
+    kueue.py       which Kueue LocalQueue a job goes to, and submit's check that Kueue made its Workload
     cluster.py     submit / status / logs / delete with the kubernetes client
     cli.py         the command line behind `python k8s/render.py` and the make targets
 
-k8s/render.py stays the script the Makefile runs and re-exports the public names for older callers.
+k8s/render.py stays the script the Makefile runs and re-exports the public names for older callers. Nothing
+here imports torch or the trainer package at import time (the light client: kubernetes + PyYAML only).
 """

@@ -5,7 +5,8 @@
     python k8s/render.py submit JOB [options]          render, then create it with the kubernetes client
     python k8s/render.py status NAME [-n NS]           job conditions, replica counts and pods
     python k8s/render.py logs NAME [-n NS]             follow the rank-0 pod's `pytorch` container
-    python k8s/render.py delete NAME [-n NS]           delete the PyTorchJob (its pods go with it)
+    python k8s/render.py delete NAME [-n NS]           delete the PyTorchJob (its pods go with it); with
+                                                       --api trainjob the TrainJob and its TrainingRuntime
 
 JOB is a spec name (k8s/jobs/JOB.yaml) or a path to a spec file; NAME is a submitted PyTorchJob's name (the
 spec name unless `--name` chose another). Options of render/submit: `--set k=v` (trainer override, repeatable),
@@ -24,8 +25,12 @@ with fewer pods, down to min_nodes; a fixed-size job waits for the recreated pod
 every rank restarts from the last checkpoint. Losing worker-0, which hosts the c10d rendezvous, ends every
 other agent (exit 200 or 201, both retried): the whole job restarts from its last checkpoint.
 
+With a Kueue queue (spec key `queue`, or the namespace's only LocalQueue) submit creates the job suspended and
+waits `--queue-wait` seconds (default 15) for the Workload Kueue makes for it.
+
 User errors (unknown spec, bad spec value, no image, invalid name, no kubeconfig, unreachable cluster, CRD
-missing, S3 Secret missing, job exists, forbidden) print one line `error: ...` and exit 2.
+missing, S3 Secret missing, job exists, forbidden, unknown or ambiguous LocalQueue, a queued job Kueue does not
+manage) print one line `error: ...` and exit 2.
 """
 
 from __future__ import annotations
@@ -79,12 +84,19 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(PARTS),
         default="job",
         help="job: the PyTorchJob (the TrainJob with --spec api=trainjob); runtime: the TrainJob's "
-        "ClusterTrainingRuntime; convert: the dataset-conversion Job; monitoring: PodMonitor + "
+        "TrainingRuntime (namespaced); convert: the dataset-conversion Job; monitoring: PodMonitor + "
         "dashboard ConfigMap (rendered from k8s/monitoring/dashboard.json); all: every one of them",
     )
     s = sub.add_parser("submit", help="render and create the PyTorchJob")
     job_args(s)
     s.add_argument("--context", help="kubeconfig context")
+    s.add_argument(
+        "--queue-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with a Kueue queue: how long to wait for Kueue's Workload before stopping with the fix (default 15)",
+    )
     for cmd, text in (
         ("status", "job conditions and pods"),
         ("logs", "follow the rank-0 log"),
@@ -132,7 +144,9 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(render(job, args.part))
             return 0
         cluster = kube.connect(job.namespace, args.context)
-        kube.submit(job, cluster)
+        if args.queue_wait is not None and args.queue_wait < 0:
+            raise UserError(f"--queue-wait {args.queue_wait:g}: expected seconds >= 0")
+        kube.submit(job, cluster, wait_s=args.queue_wait)
         shape = (
             f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
         )

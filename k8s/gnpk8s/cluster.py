@@ -66,8 +66,11 @@ def connect(namespace: str | None = None, context: str | None = None) -> Cluster
 TIMEOUT = (5, 30)
 
 
-def _api_call(cluster: Cluster, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Run one API call; turn unreachable servers and auth failures into one-line UserErrors."""
+def _api_call(
+    cluster: Cluster, what: str, fn: Callable, *args: Any, passthrough: tuple[int, ...] = (), **kwargs: Any
+) -> Any:
+    """Run one API call; turn unreachable servers and auth failures into one-line UserErrors (statuses in
+    `passthrough` stay ApiExceptions, for the caller to handle)."""
     import urllib3
     from kubernetes.client.exceptions import ApiException
 
@@ -80,6 +83,8 @@ def _api_call(cluster: Cluster, what: str, fn: Callable, *args: Any, **kwargs: A
             f"{' '.join(str(reason).split())[:200]}; check the kubeconfig context and the network"
         ) from None
     except ApiException as e:
+        if e.status in passthrough:
+            raise
         if e.status == 401:
             raise UserError(
                 f"the Kubernetes API server at {cluster.host} rejected the credentials ({what}): "
@@ -185,18 +190,37 @@ def follow_up(name: str, namespace: str, api: str = "pytorchjob") -> str:
     )
 
 
-def submit(job: JobSpec, cluster: Cluster) -> dict:
-    """Create the PyTorchJob; UserError for CRD missing, AlreadyExists, missing namespace, webhook rejection."""
-    from kubernetes.client.exceptions import ApiException
+def submit(job: JobSpec, cluster: Cluster, wait_s: float | None = None) -> dict:
+    """Create the job (PyTorchJob, or TrainJob + its TrainingRuntime); with a Kueue queue, wait up to wait_s
+    (default kueue.DEFAULT_WAIT_S) for Kueue's Workload and stop with the fix when none appears."""
+    from . import kueue
 
     job.namespace = job.namespace or cluster.namespace
     cluster.namespace = job.namespace
     if job.api == "trainjob":
         from . import trainjob
 
-        return trainjob.submit(job, cluster)
+        created = trainjob.submit(job, cluster)
+    else:
+        created = _submit_pytorchjob(job, cluster)
+    if job.scheduling.queue:
+        uid = created.get("metadata", {}).get("uid", "")
+        wait = kueue.DEFAULT_WAIT_S if wait_s is None else wait_s
+        wl = kueue.wait_for_workload(cluster, job.api, job.name, uid, wait)
+        if wl:
+            print(f"queued: Kueue Workload {wl} in LocalQueue {job.scheduling.queue}", file=sys.stderr)
+    return created
+
+
+def _submit_pytorchjob(job: JobSpec, cluster: Cluster) -> dict:
+    """Create the PyTorchJob; UserError for CRD missing, AlreadyExists, missing namespace, webhook rejection."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .kueue import resolve_queue
+
     require_crd(cluster)
     require_s3_secret(job, cluster)
+    resolve_queue(job, cluster)
     body = build(job)
     try:
         return _api_call(

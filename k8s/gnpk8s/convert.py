@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from .errors import EXIT_USER
-from .pod import container_security, job_labels, meta, pod_security, resources, s3_env, scheduling_fields
+from .pod import (
+    container_security,
+    ephemeral_storage,
+    job_labels,
+    meta,
+    pod_security,
+    queue_labels,
+    resources,
+    s3_env,
+    scheduling_fields,
+)
 from .spec import JobSpec, require_image
 
 
@@ -42,15 +52,18 @@ def build(spec: JobSpec) -> dict | None:
         "imagePullPolicy": spec.pull_policy,
         "args": args,
         "env": env,
-        "resources": resources(cv.resources),
+        "resources": resources(cv.resources, scratch=ephemeral_storage(cv.resources.tmp)),
         "securityContext": container_security(),
         "volumeMounts": mounts,
     }
     labels = job_labels(spec, "dataset-conversion")
+    # The queue label only, no `suspend: true`: this Job is applied with kubectl, not by submit (which checks
+    # that Kueue made a Workload), and Kueue's batch/job integration (on by default) suspends a labelled Job
+    # in its webhook; a Job suspended here by hand would wait forever on a cluster whose Kueue skips Jobs.
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": meta(name, spec.namespace, labels),
+        "metadata": meta(name, spec.namespace, {**labels, **queue_labels(spec, training=False)}),
         "spec": {
             "backoffLimit": 2,
             "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,

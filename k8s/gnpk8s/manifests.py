@@ -17,7 +17,7 @@ from .errors import UserError
 from .spec import JobSpec
 
 KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob}
-PARTS = ("job", "runtime", "convert", "monitoring", "all")  # runtime: the TrainJob's ClusterTrainingRuntime
+PARTS = ("job", "runtime", "convert", "monitoring", "all")  # runtime: the TrainJob's TrainingRuntime
 
 
 def dump(docs: Iterable[dict | str]) -> str:
@@ -50,9 +50,7 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
     kind = kind or spec.api
     docs: list[dict | str] = []
     if part == "runtime" and kind != "trainjob":
-        raise UserError(
-            "--part runtime is the TrainJob's ClusterTrainingRuntime: add --spec api=trainjob (API=trainjob)"
-        )
+        raise UserError("--part runtime is the TrainJob's TrainingRuntime: add --spec api=trainjob (API=trainjob)")
     if kind == "trainjob" and part in ("runtime", "all"):
         docs.append(trainjob.runtime(spec))
     if part in ("job", "all"):
@@ -64,6 +62,6 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
         if cj is not None:
             docs.append(cj)
     if part in ("monitoring", "all"):
-        docs += monitoring.monitoring_texts()
+        docs += monitoring.monitoring_texts(spec.namespace)
         docs.append(monitoring.alert_rule_doc(spec))
     return dump(docs)

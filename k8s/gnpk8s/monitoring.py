@@ -22,17 +22,28 @@ DASHBOARD_FILE = MONITORING_DIR / "dashboard.json"  # rendered into the Grafana 
 DASHBOARD_KEY = "gnp-training.json"  # the file name the sidecar writes into Grafana's dashboard folder
 
 
-def monitoring_texts() -> list[str]:
-    """k8s/monitoring/podmonitor.yaml verbatim, then the dashboard ConfigMap rendered from dashboard.json
-    (apply them once per cluster)."""
+def monitoring_texts(namespace: str | None = None) -> list[str]:
+    """k8s/monitoring/podmonitor.yaml (comments kept), placed in `namespace` and selecting only it when one is
+    given, then the dashboard ConfigMap rendered from dashboard.json (apply them once per namespace)."""
     out = []
     for fname in MONITORING_FILES:
         path = MONITORING_DIR / fname
         if not path.is_file():
             raise UserError(f"{path.relative_to(ROOT)} is missing")
-        out.append(path.read_text())
+        out.append(_in_namespace(path.read_text(), namespace) if namespace else path.read_text())
     out.append(dashboard_configmap())
     return out
+
+
+def _in_namespace(text: str, namespace: str) -> str:
+    """The PodMonitor text in `namespace`, selecting pods there only (namespaceSelector.matchNames): a
+    tenant's monitor, not `any: true`, which reads every namespace's pods."""
+    name_line = "  name: gnp-training\n"
+    spec_line = "spec:\n"
+    if name_line not in text or spec_line not in text:
+        raise UserError("k8s/monitoring/podmonitor.yaml: expected `  name: gnp-training` and `spec:` lines")
+    text = text.replace(name_line, f"{name_line}  namespace: {namespace}\n", 1)
+    return text.replace(spec_line, f"{spec_line}  namespaceSelector:\n    matchNames: [{namespace}]\n", 1)
 
 
 def dashboard_configmap(path: Path | None = None) -> str:

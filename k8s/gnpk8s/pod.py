@@ -15,6 +15,13 @@ UID = 1000  # the image's user (docker/setup.sh)
 # kubernetes-sigs/kueue pkg/controller/constants/constants.go): the LocalQueue and the WorkloadPriorityClass.
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_MAX_EXEC_LABEL = "kueue.x-k8s.io/max-exec-time-seconds"  # Kueue stops the workload after this run time
+CRASH_RESTARTS_ENV = "GNP_CRASH_RESTARTS"  # the trainer's default of run.crash_restarts (exit 3 when spent)
+# Room for what the container writes outside its volumes (its log files under /var/log/pods count against
+# the container's ephemeral-storage; the root file system is read-only).
+LOG_ALLOWANCE_MI = 1024
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_UNITS.update({"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1})
 
 
 def pod_security() -> dict:
@@ -44,11 +51,30 @@ def container_security() -> dict:
     }
 
 
-def resources(res: Resources, extra: dict[str, str] | None = None) -> dict:
+def quantity_bytes(text: str) -> int:
+    """Bytes of a Kubernetes quantity as spec.py accepts them (an integer or decimal with a binary/SI suffix)."""
+    num = text.rstrip("KMGTPEikm")
+    unit = text[len(num) :]
+    if unit == "m":  # milli-bytes: only meaningful for CPU, but a valid quantity
+        return int(float(num) / 1000)
+    return int(float(num) * _UNITS[unit])
+
+
+def ephemeral_storage(*sizes: str) -> str:
+    """The container's ephemeral-storage: the disk-backed emptyDirs it writes (their sizeLimits) plus the
+    log allowance. The scheduler places the pod only where that much node disk is free, and the kubelet
+    evicts it past the limit instead of letting it fill the node's disk under other tenants' pods."""
+    total = sum(quantity_bytes(s) for s in sizes) + LOG_ALLOWANCE_MI * 2**20
+    return f"{-(-total // 2**20)}Mi"
+
+
+def resources(res: Resources, extra: dict[str, str] | None = None, scratch: str | None = None) -> dict:
     """requests and limits; memory's limit is its request, CPU's too when `guaranteed` (QoS Guaranteed:
-    every container's requests equal its limits for CPU and memory)."""
-    requests = {"cpu": res.cpu, "memory": res.memory, **(extra or {})}
-    limits = {"memory": res.memory, **(extra or {})}
+    every container's requests equal its limits for CPU and memory; ephemeral-storage does not enter QoS).
+    `scratch`: the container's ephemeral-storage, request = limit."""
+    disk = {"ephemeral-storage": scratch} if scratch else {}
+    requests = {"cpu": res.cpu, "memory": res.memory, **disk, **(extra or {})}
+    limits = {"memory": res.memory, **disk, **(extra or {})}
     if res.guaranteed:
         limits["cpu"] = res.cpu
     return {"requests": requests, "limits": limits}
@@ -91,13 +117,17 @@ def job_labels(spec: JobSpec, component: str = "training") -> dict[str, str]:
     }
 
 
-def queue_labels(spec: JobSpec) -> dict[str, str]:
-    """Kueue's labels for the job object's own metadata (Kueue reads them there, not on pod templates)."""
+def queue_labels(spec: JobSpec, training: bool = True) -> dict[str, str]:
+    """Kueue's labels for the job object's own metadata (Kueue reads them there, not on pod templates).
+    The run-time cap (max_exec_seconds) is sized for training, so the conversion Job does not get it."""
     out = {}
-    if spec.scheduling.queue:
-        out[KUEUE_QUEUE_LABEL] = spec.scheduling.queue
-    if spec.scheduling.workload_priority:
-        out[KUEUE_PRIORITY_LABEL] = spec.scheduling.workload_priority
+    sch = spec.scheduling
+    if sch.queue:
+        out[KUEUE_QUEUE_LABEL] = sch.queue
+    if sch.workload_priority:
+        out[KUEUE_PRIORITY_LABEL] = sch.workload_priority
+    if training and sch.max_exec_seconds:
+        out[KUEUE_MAX_EXEC_LABEL] = str(sch.max_exec_seconds)
     return out
 
 
@@ -147,6 +177,7 @@ def train_env(spec: JobSpec) -> list[dict]:
     if spec.uses_s3:
         env += s3_env(spec)
     env.append({"name": "GNP_RETRY_CRASHES", "value": "1" if spec.retry_crashes else "0"})
+    env.append({"name": CRASH_RESTARTS_ENV, "value": str(spec.crash_restarts)})
     env.append(REJOIN_ENV)
     env += [{"name": k, "value": v} for k, v in spec.env.items()]
     return env
@@ -166,10 +197,15 @@ def train_container(spec: JobSpec) -> dict:
         "args": spec.args,
         "env": train_env(spec),
         "ports": ports,
-        "resources": resources(spec.resources, gpus),
+        "resources": resources(spec.resources, gpus, train_scratch(spec)),
         "securityContext": container_security(),
         "volumeMounts": mounts,
     }
+
+
+def train_scratch(spec: JobSpec) -> str:
+    """ephemeral-storage of the training container: /tmp, plus /data when S3 fills it (/dev/shm is memory)."""
+    return ephemeral_storage(spec.resources.tmp, *([spec.dataset.size] if spec.dataset.s3 else []))
 
 
 def scheduling_fields(spec: JobSpec, *, training: bool = True) -> dict:

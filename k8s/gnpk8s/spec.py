@@ -55,15 +55,22 @@ s3_secret                   Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
 service_account             pods' serviceAccountName (required by s3_auth: identity)          -
 queue                       Kueue LocalQueue (label kueue.x-k8s.io/queue-name; the job is     -
                             created suspended and Kueue admits it)
+                            (without it, submit uses the namespace's only LocalQueue, if any)
 workload_priority           Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class) -
+max_exec_seconds            Kueue's run-time cap (label kueue.x-k8s.io/max-exec-time-seconds) -
 priority_class              pods' PriorityClass (also the gang's priorityClass)              -
 scheduler_name              pods' schedulerName (e.g. volcano, scheduler-plugins-scheduler)   -
 gang                        runPolicy.schedulingPolicy: all pods or none (Volcano or          false
                             scheduler-plugins, the operator's --gang-scheduler-name)
 gang_queue                  the gang's Volcano queue (schedulingPolicy.queue)                -
 retry_crashes               crashed ranks exit 201 (retried) instead of 1 (permanent)        true
+crash_restarts              crashed starts in a row from one checkpoint before the run stops 3
+                            with exit 3 (permanent); pod env GNP_CRASH_RESTARTS, the trainer's
+                            run.crash_restarts default
 backoff_limit / ttl_seconds_after_finished / active_deadline_seconds   runPolicy             3 / 7d / -
 node_selector / tolerations / labels / annotations / env               pod template          -
+gpu_product                 training pods' nodeSelector nvidia.com/gpu.product (GPU Feature   -
+                            Discovery's label, e.g. NVIDIA-A100-SXM4-80GB); unset: any GPU
 set                         extra trainer overrides (section.key=value)                      []
 convert.dataset/source/source_s3/args/resources   the dataset-conversion Job                 -
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
@@ -96,6 +103,9 @@ SPEC_KEYS = {
     "gang",
     "gang_queue",
     "retry_crashes",
+    "crash_restarts",
+    "max_exec_seconds",
+    "gpu_product",
     "backoff_limit",
     "ttl_seconds_after_finished",
     "active_deadline_seconds",
@@ -357,6 +367,7 @@ class Scheduling:
     scheduler_name: str | None = None
     gang: bool = False  # runPolicy.schedulingPolicy (Volcano / scheduler-plugins)
     gang_queue: str | None = None
+    max_exec_seconds: int | None = None  # Kueue's kueue.x-k8s.io/max-exec-time-seconds
 
 
 @dataclass
@@ -392,6 +403,7 @@ class JobSpec:
     service_account: str | None
     scheduling: Scheduling
     retry_crashes: bool
+    crash_restarts: int  # GNP_CRASH_RESTARTS: the trainer exits 3 (EXIT_CRASH_LOOP) after that many crashes
     backoff_limit: int
     ttl_seconds_after_finished: int
     active_deadline_seconds: int | None
@@ -478,10 +490,11 @@ def load_job(
         service_account=service_account,
         scheduling=_scheduling(r),
         retry_crashes=r.get("retry_crashes", bool, True),
+        crash_restarts=r.int("crash_restarts", 3),
         backoff_limit=r.int("backoff_limit", 3),
         ttl_seconds_after_finished=r.int("ttl_seconds_after_finished", 7 * 24 * 3600),
         active_deadline_seconds=r.int("active_deadline_seconds", None, minimum=1),
-        node_selector=r.strmap("node_selector"),
+        node_selector=_node_selector(r),
         tolerations=r.get("tolerations", list, []),
         labels=r.strmap("labels"),
         annotations=r.strmap("annotations"),
@@ -494,6 +507,25 @@ def load_job(
         description=r.get("description", str, ""),
         api=r.choice("api", ("pytorchjob", "trainjob"), "pytorchjob"),
     )
+
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"  # set on GPU nodes by NVIDIA GPU Feature Discovery
+
+
+def _node_selector(r: Reader) -> dict[str, str]:
+    """node_selector plus gpu_product (a spec key of its own, so the specs name no GPU model by default)."""
+    out = r.strmap("node_selector")
+    product = r.get("gpu_product", str)
+    if product is not None:
+        if not LABEL_VALUE.match(product) or not product:
+            raise UserError(f"{r.where}: gpu_product: {product!r} is not a label value (e.g. NVIDIA-A100-SXM4-80GB)")
+        if out.get(GPU_PRODUCT_LABEL, product) != product:
+            raise UserError(
+                f"{r.where}: gpu_product {product!r} and node_selector {GPU_PRODUCT_LABEL}: "
+                f"{out[GPU_PRODUCT_LABEL]!r} disagree; keep one"
+            )
+        out[GPU_PRODUCT_LABEL] = product
+    return out
 
 
 def _image(r: Reader, given: str | None) -> str | None:
@@ -641,6 +673,7 @@ def _scheduling(r: Reader) -> Scheduling:
         scheduler_name=r.get("scheduler_name", str),
         gang=gang,
         gang_queue=gang_queue,
+        max_exec_seconds=r.int("max_exec_seconds", None, minimum=1),
     )
 
 

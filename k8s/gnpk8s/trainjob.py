@@ -1,6 +1,6 @@
 """The trainer.kubeflow.org/v1alpha1 TrainJob of a JobSpec, for Kubeflow Trainer v2 (CRDs of v2.3.0).
 
-Trainer v2 builds a JobSet from a ClusterTrainingRuntime (the Job and pod layout) and a TrainJob (what one run
+Trainer v2 builds a JobSet from a training runtime (the Job and pod layout) and a TrainJob (what one run
 changes: image, args, env, nodes, processes, resources, and `runtimePatches` on the pod template). The stock
 `torch-distributed` runtime cannot carry this project's jobs, because a TrainJob can only patch a few pod
 fields (labels, annotations, nodeSelector, tolerations, affinity, serviceAccountName, imagePullSecrets,
@@ -9,11 +9,27 @@ securityContext, volumes, and per container volumeMounts + securityContext) and 
   - the Job's podFailurePolicy and restartPolicy Never, which map the entrypoint's exit statuses (below),
   - the JobSet's failurePolicy and ttlSecondsAfterFinished,
   - automountServiceAccountToken, priorityClassName, schedulerName, imagePullPolicy, gang scheduling.
-So each job gets a ClusterTrainingRuntime of its own, `gnp-<namespace>-<name>` (`--part runtime`; submit
-creates or replaces it, delete removes it), and the TrainJob references it. What a user sets per run stays in
-the TrainJob (trainer.* and runtimePatches), where the v2 API puts it.
+So each job gets a runtime of its own, and the TrainJob references it. What a user sets per run stays in the
+TrainJob (trainer.* and runtimePatches), where the v2 API puts it.
 
-Exit statuses (docker/entrypoint.sh: 2 = permanent, >= 128 retried). v2 has no `restartPolicy: ExitCode`;
+Why a namespaced TrainingRuntime (`gnp-<name>` in the job's namespace, `--part runtime`), not a
+ClusterTrainingRuntime: a ClusterTrainingRuntime is cluster-scoped, so whoever may write one can change the pods
+of every TrainJob in every namespace that uses it (the stock `torch-distributed` included); platform teams keep
+that to their administrators. A TrainingRuntime is a team's own object: a namespaced Role grants it
+(k8s/examples/rbac.yaml), and it can be owned by the TrainJob.
+
+Lifetime: the runtime goes away with its TrainJob. An ownerReference must name an object that exists, in the
+same namespace, by uid, so submit creates the runtime, then the TrainJob, then patches the TrainJob's
+ownerReference onto the runtime (submit deletes the runtime again if the TrainJob cannot be created). The
+garbage collector then deletes the runtime whenever the TrainJob is deleted (kubectl delete, or `make delete`,
+which also deletes it explicitly in case the patch failed; the TrainJob has no TTL of its own:
+ttlSecondsAfterFinished removes only the JobSet). The reference has controller: false (no controller manages
+the runtime; the Trainer controller only reads it) and blockOwnerDeletion: false (nothing must wait for the
+runtime's deletion, and setting it true needs `update` on trainjobs/finalizers under the
+OwnerReferencesPermissionEnforcement admission plugin).
+
+Exit statuses (docker/entrypoint.sh: 2 = permanent, 3 = the trainer's crash budget spent (EXIT_CRASH_LOOP,
+permanent), >= 128 retried). v2 has no `restartPolicy: ExitCode`;
 the runtime maps it with the two policies Kubernetes and JobSet offer:
   - the Job: restartPolicy Never, backoffLimit 0, podFailurePolicy: a pod disruption (eviction, preemption,
     node drain: condition DisruptionTarget) is Ignored (the pod is recreated, nothing counted); an exit 1-127
@@ -41,9 +57,7 @@ from __future__ import annotations
 import copy
 import sys
 
-from trainer.exits import FIRST_RETRIED  # 128: statuses from here up are retried
-
-from .errors import UserError
+from .errors import FIRST_RETRIED, UserError
 from .pod import (
     container_security,
     job_labels,
@@ -54,17 +68,18 @@ from .pod import (
     resources,
     scheduling_fields,
     train_env,
+    train_scratch,
     volumes_and_mounts,
 )
 from .spec import JobSpec, require_image
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
-RUNTIME_PLURAL, RUNTIME_KIND = "clustertrainingruntimes", "ClusterTrainingRuntime"
+RUNTIME_PLURAL, RUNTIME_KIND = "trainingruntimes", "TrainingRuntime"  # namespaced (see above)
 CONTAINER = "node"  # Trainer v2 finds the trainer container by this name (it injects PET_* only there)
 NODE_JOB = "node"  # the replicated job the torch plugin sizes (numNodes)
 RDZV_PORT = 29500  # the torch plugin's PET_MASTER_PORT (kubeflow/trainer pkg/constants: ContainerTrainerPort)
 PATCH_MANAGER = "gnp.training/render"
-OWNER_NAMESPACE_LABEL = "gnp.training/namespace"  # with app.kubernetes.io/instance: the job a runtime belongs to
+OWNER_LABEL = "app.kubernetes.io/instance"  # the job a runtime belongs to (job_labels)
 # Labels JobSet puts on every pod it creates (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go):
 # the JobSet is named after the TrainJob; the Job's completion index is the node rank.
 JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
@@ -79,8 +94,8 @@ TRAINER_INSTALL = (
 
 
 def runtime_name(spec: JobSpec) -> str:
-    """The job's own ClusterTrainingRuntime: cluster-scoped, so the namespace is part of its name."""
-    return f"gnp-{spec.namespace}-{spec.name}" if spec.namespace else f"gnp-{spec.name}"
+    """The job's own TrainingRuntime, in the job's namespace (`gnp-`: delete removes only what submit made)."""
+    return f"gnp-{spec.name}"
 
 
 def notice(spec: JobSpec) -> str | None:
@@ -132,7 +147,7 @@ def failure_policy(spec: JobSpec) -> dict:
 
 
 def runtime(spec: JobSpec) -> dict:
-    """The job's ClusterTrainingRuntime (validates against the v2.3.0 CRD)."""
+    """The job's TrainingRuntime (validates against the v2.3.0 CRD)."""
     pod_spec: dict = {"restartPolicy": "Never", "automountServiceAccountToken": False}
     if spec.scheduling.priority_class:
         pod_spec["priorityClassName"] = spec.scheduling.priority_class
@@ -144,14 +159,11 @@ def runtime(spec: JobSpec) -> dict:
     out: dict = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": RUNTIME_KIND,
-        "metadata": {
-            "name": runtime_name(spec),
-            "labels": {
-                **job_labels(spec, "runtime"),
-                **({OWNER_NAMESPACE_LABEL: spec.namespace} if spec.namespace else {}),
-                "trainer.kubeflow.org/framework": "torch",
-            },
-        },
+        "metadata": meta(
+            runtime_name(spec),
+            spec.namespace,
+            {**job_labels(spec, "runtime"), "trainer.kubeflow.org/framework": "torch"},
+        ),
         "spec": {
             "mlPolicy": {"numNodes": spec.nodes, "torch": {}},
             "template": {
@@ -162,6 +174,7 @@ def runtime(spec: JobSpec) -> dict:
                         {
                             "name": NODE_JOB,
                             "template": {
+                                # the trainjobstatus plugin injects its progress-reporting env only here
                                 "metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
                                 "spec": {
                                     "backoffLimit": 0,
@@ -253,7 +266,7 @@ def build(spec: JobSpec) -> dict:
                 "env": trainer_env(spec),
                 "numNodes": spec.nodes,
                 "numProcPerNode": spec.nproc,
-                "resourcesPerNode": resources(spec.resources, gpus),
+                "resourcesPerNode": resources(spec.resources, gpus, train_scratch(spec)),
             },
             "runtimePatches": [pod_patch(spec)],
         },
@@ -330,74 +343,90 @@ def _get_job(cluster, name: str) -> dict:
     return obj
 
 
+def _runtime_call(cluster, verb: str, fn_name: str, *args, **kw):
+    """One call on the namespace's trainingruntimes (GROUP/VERSION, namespace and plural filled in)."""
+    from .cluster import _api_call
+
+    fn = getattr(cluster.custom, fn_name)
+    return _api_call(
+        cluster, f"{verb} {RUNTIME_PLURAL}", fn, GROUP, VERSION, cluster.namespace, RUNTIME_PLURAL, *args, **kw
+    )
+
+
 def _apply_runtime(cluster, body: dict) -> None:
-    """Create the job's ClusterTrainingRuntime, or replace one left by an earlier submit of the same job."""
+    """Create the job's TrainingRuntime, or replace one left by an earlier submit of the same job."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_message
+
+    name = body["metadata"]["name"]
+    try:
+        old = _runtime_call(cluster, "get", "get_namespaced_custom_object", name, passthrough=(404,))
+    except ApiException:
+        old = None
+    try:
+        if old is None:
+            _runtime_call(cluster, "create", "create_namespaced_custom_object", body)
+            return
+        want = body["metadata"]["labels"][OWNER_LABEL]
+        have = (old.get("metadata", {}).get("labels") or {}).get(OWNER_LABEL)
+        if have != want:  # another job's runtime, or one this tool did not make: never overwrite it
+            raise UserError(
+                f"trainingruntime {name!r} exists in namespace {cluster.namespace!r} and does not belong to job "
+                f"{want!r} ({OWNER_LABEL}: {have!r}); submit under another NAME="
+            )
+        body = {**body, "metadata": {**body["metadata"], "resourceVersion": old["metadata"].get("resourceVersion")}}
+        _runtime_call(cluster, "replace", "replace_namespaced_custom_object", name, body)
+    except ApiException as e:
+        if e.status in (400, 422):
+            raise UserError(f"the API server rejected trainingruntime {name!r}: {_api_message(e)}") from None
+        raise
+
+
+def owner_reference(trainjob: dict) -> dict:
+    """The TrainJob as the runtime's owner (why controller and blockOwnerDeletion are false: module doc)."""
+    md = trainjob["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": md["name"],
+        "uid": md["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
+def _own_runtime(cluster, name: str, trainjob: dict) -> None:
+    """Patch the TrainJob's ownerReference onto its runtime; a failure leaves it for `make delete` (a warning)."""
+    from kubernetes.client.exceptions import ApiException
+
+    patch = {"metadata": {"ownerReferences": [owner_reference(trainjob)]}}
+    try:
+        _runtime_call(cluster, "patch", "patch_namespaced_custom_object", name, patch)
+    except (ApiException, UserError) as e:
+        print(
+            f"warning: trainingruntime {name!r} not owned by its TrainJob ({' '.join(str(e).split())[:160]}); "
+            f"make delete removes it, kubectl delete of the TrainJob alone does not",
+            file=sys.stderr,
+        )
+
+
+def _delete_runtime(cluster, name: str) -> None:
+    """Delete the job's runtime; already gone (the garbage collector) or not ours to delete is fine."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _runtime_call(cluster, "delete", "delete_namespaced_custom_object", name, passthrough=(403, 404))
+    except ApiException:
+        pass
+
+
+def _create(cluster, job: JobSpec, body: dict) -> dict:
+    """Create the TrainJob; UserError for a missing namespace, AlreadyExists, a rejection."""
     from kubernetes.client.exceptions import ApiException
 
     from .cluster import _api_call, _api_message
 
-    name = body["metadata"]["name"]
-    c = cluster.custom
-    try:
-        old = _api_call(
-            cluster, "get clustertrainingruntimes", c.get_cluster_custom_object, GROUP, VERSION, RUNTIME_PLURAL, name
-        )
-    except ApiException as e:
-        if e.status != 404:
-            raise
-        old = None
-    try:
-        if old is None:
-            _api_call(
-                cluster,
-                "create clustertrainingruntimes",
-                c.create_cluster_custom_object,
-                GROUP,
-                VERSION,
-                RUNTIME_PLURAL,
-                body,
-            )
-        else:
-            owner = ("app.kubernetes.io/instance", OWNER_NAMESPACE_LABEL)
-            have, want = (tuple((o.get("metadata", {}).get("labels") or {}).get(k) for k in owner) for o in (old, body))
-            if have != want:  # another job's runtime, or one this tool did not make: never overwrite it
-                raise UserError(
-                    f"clustertrainingruntime {name!r} exists and does not belong to job {want[0]!r} in namespace "
-                    f"{want[1]!r} (labels {dict(zip(owner, have))}); submit under another NAME="
-                )
-            body = {**body, "metadata": {**body["metadata"], "resourceVersion": old["metadata"].get("resourceVersion")}}
-            _api_call(
-                cluster,
-                "replace clustertrainingruntimes",
-                c.replace_cluster_custom_object,
-                GROUP,
-                VERSION,
-                RUNTIME_PLURAL,
-                name,
-                body,
-            )
-    except ApiException as e:
-        if e.status in (400, 422):
-            raise UserError(f"the API server rejected clustertrainingruntime {name!r}: {_api_message(e)}") from None
-        raise
-
-
-def submit(job: JobSpec, cluster) -> dict:
-    """Create the job's runtime, then the TrainJob (the namespace resolved by cluster.submit's caller)."""
-    from kubernetes.client.exceptions import ApiException
-
-    from .cluster import _api_call, _api_message, _free_name, require_s3_secret
-
-    require_crds(cluster)
-    if _get(cluster, job.name) is not None:  # before the runtime: a running job's runtime stays as it is
-        raise UserError(
-            f"trainjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
-            f"(make delete JOB={job.name} API=trainjob NAMESPACE={job.namespace}) or submit under another "
-            f"name: NAME={_free_name(cluster, job.name)}"
-        )
-    require_s3_secret(job, cluster)
-    body = build(job)
-    _apply_runtime(cluster, runtime(job))
     try:
         return _api_call(
             cluster,
@@ -420,6 +449,32 @@ def submit(job: JobSpec, cluster) -> dict:
         if e.status in (400, 422):
             raise UserError(f"the API server rejected trainjob {job.name!r}: {msg}") from None
         raise
+
+
+def submit(job: JobSpec, cluster) -> dict:
+    """Create the job's TrainingRuntime, then the TrainJob, then make the TrainJob the runtime's owner (an
+    ownerReference names an existing object by uid, hence this order); no TrainJob, no runtime left."""
+    from .cluster import _free_name, require_s3_secret
+    from .kueue import resolve_queue
+
+    require_crds(cluster)
+    if _get(cluster, job.name) is not None:  # before the runtime: a running job's runtime stays as it is
+        raise UserError(
+            f"trainjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
+            f"(make delete JOB={job.name} API=trainjob NAMESPACE={job.namespace}) or submit under another "
+            f"name: NAME={_free_name(cluster, job.name)}"
+        )
+    require_s3_secret(job, cluster)
+    resolve_queue(job, cluster)
+    body, rt = build(job), runtime(job)
+    _apply_runtime(cluster, rt)
+    try:
+        created = _create(cluster, job, body)
+    except BaseException:
+        _delete_runtime(cluster, rt["metadata"]["name"])
+        raise
+    _own_runtime(cluster, rt["metadata"]["name"], created)
+    return created
 
 
 def _pods(cluster, selector: str) -> list:
@@ -517,9 +572,8 @@ def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None)
 
 
 def delete(cluster, name: str) -> None:
-    """Delete the TrainJob (its JobSet and pods go with it), then the job's own runtime."""
-    from kubernetes.client.exceptions import ApiException
-
+    """Delete the TrainJob (its JobSet and pods go with it), then the job's own runtime: the garbage collector
+    removes it too (ownerReference), unless submit could not patch that reference."""
     from .cluster import _api_call
 
     obj = _get_job(cluster, name)
@@ -535,20 +589,8 @@ def delete(cluster, name: str) -> None:
         propagation_policy="Background",
     )
     ref = obj.get("spec", {}).get("runtimeRef", {})
-    if ref.get("kind", RUNTIME_KIND) == RUNTIME_KIND and str(ref.get("name", "")).startswith("gnp-"):
-        try:  # only the runtime this tool made for the job; a stock or shared one stays
-            _api_call(
-                cluster,
-                "delete clustertrainingruntimes",
-                cluster.custom.delete_cluster_custom_object,
-                GROUP,
-                VERSION,
-                RUNTIME_PLURAL,
-                ref["name"],
-            )
-        except ApiException as e:
-            if e.status not in (403, 404):
-                raise
+    if ref.get("kind") == RUNTIME_KIND and str(ref.get("name", "")).startswith("gnp-"):
+        _delete_runtime(cluster, ref["name"])  # only the runtime this tool made for the job; a shared one stays
 
 
 def follow_up(name: str, namespace: str) -> str:

@@ -12,9 +12,12 @@ expects (JSON bodies, `Status` objects for errors) for:
   GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
   GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
   GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
+  GET    /apis/kueue.x-k8s.io/v1beta1/namespaces/NS/{localqueues,workloads}   with `kueue=FakeKueue(...)`
+                                                                       (tests/support/kube_fake_kueue.py), else 404
 
 Like the training operator, a created job gets a `Created` condition and one Running pod per replica
-(`<job>-master-0`, `<job>-worker-<i>`) labelled training.kubeflow.org/job-name; `Running` is then set.
+(`<job>-master-0`, `<job>-worker-<i>`) labelled training.kubeflow.org/job-name; `Running` is then set. A job
+created with runPolicy.suspend gets no pods and a `Suspended` condition (Kueue has not admitted it).
 Everything it does not implement answers 404 with a Status, and every request is recorded in `requests`.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 GROUP_PATH = "/apis/kubeflow.org/v1"
+KUEUE_PATH = "/apis/kueue.x-k8s.io/"
 TRAINER_PATH = "/apis/trainer.kubeflow.org/"  # Kubeflow Trainer v2: served by tests/support/kube_fake_trainer.py
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
 SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
@@ -52,6 +56,16 @@ def _status(code: int, reason: str, message: str) -> dict:
     }
 
 
+def _suspended(name: str) -> dict:
+    return {
+        "type": "Suspended",
+        "status": "True",
+        "reason": "PyTorchJobSuspended",
+        "message": f"PyTorchJob {name} is suspended.",
+        "lastTransitionTime": _now(),
+    }
+
+
 class FakeKube:
     """The fake API server; use as a context manager. `url` is its base URL."""
 
@@ -60,7 +74,12 @@ class FakeKube:
         crd_installed: bool = True,
         namespaces: tuple[str, ...] = ("default", "gnp"),
         secrets: tuple[str, ...] = ("gnp-s3",),
+        kueue=None,
     ) -> None:
+        self.kueue = kueue  # a tests.support.kube_fake_kueue.FakeKueue, or None: Kueue not installed
+        # (METHOD, plural) -> (status, message): what an admission webhook, RBAC or the API server would answer
+        # instead, e.g. faults[("POST", "trainjobs")] = (422, "admission webhook denied the request")
+        self.faults: dict[tuple[str, str], tuple[int, str]] = {}
         self.crd_installed = crd_installed
         self.namespaces = set(namespaces)
         self.secrets = {(ns, s) for ns in self.namespaces for s in secrets}  # (namespace, name) that exist
@@ -199,7 +218,7 @@ class FakeKube:
                 with fake._lock:
                     fake.requests.append((method, self.path))
                     code, body = fake._dispatch(
-                        method, url.path, query, self._body() if method in ("POST", "PUT") else {}
+                        method, url.path, query, self._body() if method in ("POST", "PUT", "PATCH") else {}
                     )
                 self._send(code, body)
 
@@ -212,6 +231,9 @@ class FakeKube:
             def do_PUT(self) -> None:  # noqa: N802
                 self._route("PUT")
 
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._route("PATCH")
+
             def do_DELETE(self) -> None:  # noqa: N802
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(n)
@@ -220,6 +242,14 @@ class FakeKube:
         return Handler
 
     def _dispatch(self, method: str, path: str, query: dict, body: dict) -> tuple[int, dict | str]:
+        for (m, plural), (code, message) in self.faults.items():
+            if m == method and re.search(f"/namespaces/[^/]+/{plural}(/|$)", path):
+                reason = {403: "Forbidden", 409: "Conflict", 422: "Invalid"}.get(code, "InternalError")
+                return code, _status(code, reason, message)
+        if path.startswith(KUEUE_PATH):
+            if self.kueue is None:
+                return 404, _status(404, "NotFound", "the server could not find the requested resource")
+            return self.kueue.dispatch(method, path)
         if path.startswith(TRAINER_PATH):
             from tests.support.kube_fake_trainer import dispatch
 
@@ -277,7 +307,12 @@ class FakeKube:
                 {"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(), "resourceVersion": "1"}
             )
             self.jobs[(ns, jname)] = job
-            self._spawn_pods(ns, job)
+            if job["spec"].get("runPolicy", {}).get("suspend"):
+                job["status"] = {"conditions": [_suspended(jname)]}
+            else:
+                self._spawn_pods(ns, job)
+            if self.kueue is not None:
+                self.kueue.job_created(ns, job, "kubeflow.org/pytorchjob")
             return 201, job
         if name is not None and (ns, name) not in self.jobs:
             return 404, _status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')

@@ -2,14 +2,19 @@
 Trainer controller and JobSet do with a TrainJob, written from their documented behaviour, not from the renderer.
 
   GET    /apis/trainer.kubeflow.org/v1alpha1                                   discovery (404 when not installed)
-  GET/POST/PUT/DELETE /apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes[/NAME]
-  GET/POST/DELETE     /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs[/NAME]
+  GET/POST/PUT/DELETE       /apis/trainer.kubeflow.org/v1alpha1/clustertrainingruntimes[/NAME]
+  GET/POST/PUT/PATCH/DELETE /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainingruntimes[/NAME]
+  GET/POST/DELETE           /apis/trainer.kubeflow.org/v1alpha1/namespaces/NS/trainjobs[/NAME]
 
 Bodies are validated strictly against the v2.3.0 CRDs in tests/data/crds (422 Invalid, like the API server
-with unknown fields refused). A TrainJob must name an existing runtime (Trainer's webhook refuses it
-otherwise). Unless suspended, the controller side builds the node pod (runtime template, then the TrainJob's
-runtimePatches, then trainer.* and the torch plugin's PET_* variables) and creates numNodes pods named
-<job>-node-0-<i>-<suffix> with JobSet's labels. `fake.trainer_installed = False` takes the group away.
+with unknown fields refused). A TrainJob must name an existing runtime of the kind its runtimeRef
+says (Trainer's webhook refuses it otherwise). PATCH is a JSON merge patch (RFC 7386, what the client sends for
+a dict). Like the garbage collector, deleting a TrainJob deletes the namespace's TrainingRuntimes whose
+ownerReferences name its uid, and a patch that names an owner uid absent from the namespace makes the runtime
+a dangling dependent, which the garbage collector deletes. Unless suspended, the controller side builds the
+node pod (runtime template, then the TrainJob's runtimePatches, then trainer.* and the torch plugin's PET_*
+variables) and creates numNodes pods named <job>-node-0-<i>-<suffix> with JobSet's labels.
+`fake.trainer_installed = False` takes the group away.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tests.support.prom import cr_errors, crd_schema
 CRDS = Path(__file__).resolve().parents[1] / "data" / "crds"
 BASE = "/apis/trainer.kubeflow.org/v1alpha1"
 RUNTIMES = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/clustertrainingruntimes(?:/([^/]+))?$")
+NS_RUNTIMES = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainingruntimes(?:/([^/]+))?$")
 TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 _SCHEMAS: dict[str, dict] = {}
 
@@ -34,6 +40,7 @@ def schema(kind: str) -> dict:
     files = {
         "TrainJob": "trainer.kubeflow.org_trainjobs.yaml",
         "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+        "TrainingRuntime": "trainer.kubeflow.org_trainingruntimes.yaml",
     }
     if kind not in _SCHEMAS:
         _SCHEMAS[kind] = crd_schema(CRDS / files[kind], "trainer.kubeflow.org/v1alpha1", strict=True)
@@ -45,7 +52,8 @@ def _state(fake) -> dict:
         import yaml
 
         stock = yaml.safe_load((CRDS / "trainer-v2.3.0_runtime_torch-distributed.yaml").read_text())
-        fake.trainer = {"runtimes": {"torch-distributed": stock}, "trainjobs": {}}
+        # runtimes: ClusterTrainingRuntimes by name; ns_runtimes: TrainingRuntimes by (namespace, name)
+        fake.trainer = {"runtimes": {"torch-distributed": stock}, "ns_runtimes": {}, "trainjobs": {}}
     return fake.trainer
 
 
@@ -166,6 +174,13 @@ def dispatch(fake, method: str, path: str, body: dict) -> tuple[int, dict | str]
                 "kind": "ClusterTrainingRuntime",
                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
             },
+            {
+                "name": "trainingruntimes",
+                "singularName": "trainingruntime",
+                "namespaced": True,
+                "kind": "TrainingRuntime",
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            },
         ]
         return 200, {
             "kind": "APIResourceList",
@@ -176,6 +191,11 @@ def dispatch(fake, method: str, path: str, body: dict) -> tuple[int, dict | str]
     m = RUNTIMES.match(path)
     if m:
         return _runtimes(state, method, m.group(1), body)
+    m = NS_RUNTIMES.match(path)
+    if m:
+        if m.group(1) not in fake.namespaces:
+            return 404, _st(404, "NotFound", f'namespaces "{m.group(1)}" not found')
+        return _ns_runtimes(state, method, m.group(1), m.group(2), body)
     m = TRAINJOBS.match(path)
     if m:
         return _trainjobs(fake, state, method, m.group(1), m.group(2), body)
@@ -235,6 +255,80 @@ def _runtimes(state: dict, method: str, name: str | None, body: dict) -> tuple[i
     return 405, _st(405, "MethodNotAllowed", f"{method} is not supported here")
 
 
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch: mappings merge key by key, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def _ns_runtimes(state: dict, method: str, ns: str, name: str | None, body: dict) -> tuple[int, dict | str]:
+    rts = state["ns_runtimes"]
+    what = "trainingruntimes.trainer.kubeflow.org"
+    if name is None and method == "GET":
+        items = [r for (n, _), r in sorted(rts.items()) if n == ns]
+        kind = "TrainingRuntimeList"
+        return 200, {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": kind, "metadata": {}, "items": items}
+    if name is None and method == "POST":
+        rname = body.get("metadata", {}).get("name", "")
+        if (ns, rname) in rts:
+            return 409, _st(409, "AlreadyExists", f'{what} "{rname}" already exists')
+        if body.get("metadata", {}).get("namespace", ns) != ns:
+            return 400, _st(400, "BadRequest", "the namespace of the object does not match the request's")
+        bad = _invalid("TrainingRuntime", rname, body)
+        if bad:
+            return bad
+        obj = copy.deepcopy(body)
+        meta = {"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(), "resourceVersion": "1"}
+        obj["metadata"].update(meta)
+        rts[(ns, rname)] = obj
+        return 201, obj
+    if (ns, name) not in rts:
+        return 404, _st(404, "NotFound", f'{what} "{name}" not found')
+    old = rts[(ns, name)]
+    if method == "GET":
+        return 200, old
+    if method in ("PUT", "PATCH"):
+        if method == "PUT" and body.get("metadata", {}).get("resourceVersion") != old["metadata"]["resourceVersion"]:
+            return 409, _st(409, "Conflict", "the object has been modified")
+        obj = merge_patch(old, body) if method == "PATCH" else copy.deepcopy(body)
+        server = ("namespace", "uid", "creationTimestamp", "resourceVersion")
+        bad = _invalid(
+            "TrainingRuntime", name, {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k not in server}}
+        )
+        if bad:
+            return bad
+        obj["metadata"].update({k: old["metadata"][k] for k in server[:3]})
+        obj["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
+        rts[(ns, name)] = obj
+        if _dangling(state, ns, obj):  # the garbage collector deletes a dependent whose owner is gone
+            del rts[(ns, name)]
+        return 200, obj
+    if method == "DELETE":
+        del rts[(ns, name)]
+        return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+    return 405, _st(405, "MethodNotAllowed", f"{method} is not supported here")
+
+
+def _dangling(state: dict, ns: str, obj: dict) -> bool:
+    """Every owner gone: a namespaced owner must be in the same namespace and match by uid (the GC's rule)."""
+    owners = obj["metadata"].get("ownerReferences") or []
+    uids = {tj["metadata"]["uid"] for (n, _), tj in state["trainjobs"].items() if n == ns}
+    return bool(owners) and not any(o.get("kind") == "TrainJob" and o.get("uid") in uids for o in owners)
+
+
+def _collect(state: dict, ns: str) -> None:
+    """The garbage collector's pass over the namespace's TrainingRuntimes after an owner was deleted."""
+    for key in [k for k, r in state["ns_runtimes"].items() if k[0] == ns and _dangling(state, ns, r)]:
+        del state["ns_runtimes"][key]
+
+
 def _trainjobs(fake, state: dict, method: str, ns: str, name: str | None, body: dict) -> tuple[int, dict | str]:
     tjs = state["trainjobs"]
     if ns not in fake.namespaces:
@@ -255,12 +349,10 @@ def _trainjobs(fake, state: dict, method: str, ns: str, name: str | None, body: 
         if bad:
             return bad
         ref = body["spec"]["runtimeRef"]["name"]
-        if ref not in state["runtimes"]:
-            return 422, _st(
-                422,
-                "Invalid",
-                f'TrainJob "{jname}" is invalid: spec.runtimeRef: ClusterTrainingRuntime {ref} not found',
-            )
+        kind = body["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime")
+        found = state["ns_runtimes"].get((ns, ref)) if kind == "TrainingRuntime" else state["runtimes"].get(ref)
+        if found is None:
+            return 422, _st(422, "Invalid", f'TrainJob "{jname}" is invalid: spec.runtimeRef: {kind} {ref} not found')
         tj = copy.deepcopy(body)
         tj["metadata"].update(
             {"namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now(), "resourceVersion": "1"}
@@ -279,7 +371,10 @@ def _trainjobs(fake, state: dict, method: str, ns: str, name: str | None, body: 
                 ]
             }
         else:
-            _spawn(fake, ns, tj, state["runtimes"][ref])
+            _spawn(fake, ns, tj, found)
+        kueue = getattr(fake, "kueue", None)
+        if kueue is not None:
+            kueue.job_created(ns, tj, "trainer.kubeflow.org/trainjob")
         return 201, tj
     if (ns, name) not in tjs:
         return 404, _st(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found')
@@ -293,5 +388,6 @@ def _trainjobs(fake, state: dict, method: str, ns: str, name: str | None, body: 
             if k[0] == ns and p["metadata"]["labels"].get("jobset.sigs.k8s.io/jobset-name") == name
         ]:
             del fake.pods[key]
+        _collect(state, ns)
         return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
     return 405, _st(405, "MethodNotAllowed", f"{method} is not supported here")

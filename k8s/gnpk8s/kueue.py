@@ -1,0 +1,106 @@
+"""Kueue on a shared cluster: which LocalQueue a job goes to, and whether Kueue took it.
+
+Kueue admits a job whose own metadata carries `kueue.x-k8s.io/queue-name`; the job is created suspended and
+Kueue unsuspends it on admission. For every job kind it manages, Kueue creates a `Workload`
+(kueue.x-k8s.io/v1beta1) owned by the job (ownerReferences, the job's uid). A kind Kueue does not manage gets
+no Workload and is never unsuspended: since kubernetes-sigs/kueue PR #12606 Kueue's default configuration no
+longer enables `kubeflow.org/pytorchjob` (the deprecated Trainer v1 integration), while
+`trainer.kubeflow.org/trainjob` stays enabled. So submit waits a few seconds for the Workload and stops with the
+fix when none appears, instead of leaving a job that silently never starts.
+
+Without a queue in the spec, a namespace with exactly one LocalQueue gets it (a namespace set up for Kueue
+usually has one, and a job outside it would bypass the team's quota, or be refused by a policy); with several
+submit lists them and stops; without Kueue (its API absent: 404) or without LocalQueues the job runs unqueued.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .errors import UserError
+from .spec import JobSpec
+
+GROUP, VERSION = "kueue.x-k8s.io", "v1beta1"
+DEFAULT_WAIT_S = 15.0  # Kueue's job reconciler creates the Workload within a second on a healthy cluster
+POLL_S = 1.0
+FRAMEWORKS = {"pytorchjob": "kubeflow.org/pytorchjob", "trainjob": "trainer.kubeflow.org/trainjob"}
+CONFIG_HINT = (
+    "integrations.frameworks in Kueue's Configuration (ConfigMap kueue-manager-config in kueue-system, or the "
+    "Helm value managerConfig.controllerManagerConfigYaml), then restart kueue-controller-manager"
+)
+
+
+def _list(cluster, plural: str) -> tuple[str, list[dict]]:
+    """('ok', items) | ('absent', []) when Kueue's API is not served (404) | ('forbidden', [])."""
+    from kubernetes.client.exceptions import ApiException
+
+    from .cluster import _api_call
+
+    try:
+        listed = _api_call(
+            cluster,
+            f"list {plural}",
+            cluster.custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            cluster.namespace,
+            plural,
+            passthrough=(403, 404),
+        )
+    except ApiException as e:
+        return ("absent" if e.status == 404 else "forbidden"), []
+    return "ok", list(listed.get("items") or [])
+
+
+def resolve_queue(job: JobSpec, cluster) -> None:
+    """Set job.scheduling.queue from the namespace's LocalQueues when the spec names none; check a named one."""
+    state, items = _list(cluster, "localqueues")
+    names = sorted(i["metadata"]["name"] for i in items)
+    queue, ns = job.scheduling.queue, cluster.namespace
+    if state == "forbidden":
+        print(f"warning: cannot list Kueue LocalQueues in {ns!r} (forbidden); queue unchecked", file=sys.stderr)
+        return
+    if queue:
+        if state == "absent":
+            raise UserError(
+                f"queue {queue!r} is set but Kueue is not installed (no {GROUP}/{VERSION} API): the job would stay "
+                f"suspended forever; drop the spec key queue"
+            )
+        if queue not in names:
+            raise UserError(
+                f"queue {queue!r}: no such Kueue LocalQueue in namespace {ns!r}; "
+                f"allowed: {', '.join(names) or '(none: ask the platform team for one)'}"
+            )
+        return
+    if len(names) == 1:
+        job.scheduling.queue = names[0]
+        print(f"queue: {names[0]} (the only Kueue LocalQueue in namespace {ns!r})", file=sys.stderr)
+    elif len(names) > 1:
+        raise UserError(
+            f"namespace {ns!r} has {len(names)} Kueue LocalQueues ({', '.join(names)}): choose one with "
+            f'SPEC="queue=NAME" (--spec queue=NAME)'
+        )
+
+
+def wait_for_workload(cluster, api: str, name: str, uid: str, wait_s: float = DEFAULT_WAIT_S) -> str | None:
+    """The name of the Workload Kueue made for the job (uid); UserError naming the fix when none appears."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        state, items = _list(cluster, "workloads")
+        if state != "ok":  # forbidden (or Kueue gone): cannot tell, the job stays as submitted
+            print(f"warning: cannot list Kueue Workloads ({state}); cannot tell if Kueue took the job", file=sys.stderr)
+            return None
+        for wl in items:
+            if any(o.get("uid") == uid for o in wl["metadata"].get("ownerReferences") or []):
+                return wl["metadata"]["name"]
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    fw = FRAMEWORKS[api]
+    other = "; or submit with API=trainjob (Kueue manages TrainJobs by default)" if api == "pytorchjob" else ""
+    raise UserError(
+        f"{api} {cluster.namespace}/{name} is suspended but Kueue made no Workload for it within {wait_s:g} s: Kueue "
+        f"is not managing {fw}; fix: add `{fw}` to {CONFIG_HINT}{other}; then make delete JOB={name} "
+        f"NAMESPACE={cluster.namespace}{' API=trainjob' if api == 'trainjob' else ''} and submit again"
+    )
