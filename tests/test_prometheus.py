@@ -298,6 +298,8 @@ KSM_PODS = [
 # creates a new one with the same name, a new uid and a restart count of 0)
 WORKER_1_FAILED = (NAMESPACE, f"{JOB}-worker-1", "uid-w1-old", "Failed", KF, {"pytorch": (0, None, None, "Error")})
 WORKER_1_NEW = (NAMESPACE, f"{JOB}-worker-1", "uid-w1-new", "Pending", KF, {"pytorch": (0, None, None, None)})
+# a pod deleted meanwhile and not recreated (cleanPodPolicy, scale-down): not a recreation
+WORKER_2_DELETED = (NAMESPACE, f"{JOB}-worker-2", "uid-w2", "Running", KF, {"pytorch": (0, None, None, None)})
 ALLOWLIST = {JOB_LABEL, "jobset.sigs.k8s.io/jobset-name"}  # --metric-labels-allowlist=pods=[...]
 
 
@@ -360,7 +362,7 @@ def prometheus_for_job(tmp_path):
     `<JOB>-master-0` in NAMESPACE through the PodMonitor's generated scrape config, plus stand-ins for the DCGM
     exporter and kube-state-metrics (honorLabels, as GPU operator's and kube-prometheus-stack's monitors scrape
     them) and for Kueue's controller. Yields (prometheus, base port, the kube-state-metrics stand-in, which
-    starts with worker-1 failed). Stopped by PID."""
+    starts with worker-1 failed and worker-2 running). Stopped by PID."""
     if not Path(PROMETHEUS).is_file():
         pytest.fail(f"{PROMETHEUS} is missing: `make setup` installs Debian's prometheus package")
     base = free_ports(3)
@@ -389,7 +391,7 @@ def prometheus_for_job(tmp_path):
     ]
     pm = yaml.safe_load(PODMONITOR.read_text())
     dcgm = StaticExporter(dcgm_text())
-    ksm = StaticExporter(ksm_text([*KSM_PODS, WORKER_1_FAILED]))
+    ksm = StaticExporter(ksm_text([*KSM_PODS, WORKER_1_FAILED, WORKER_2_DELETED]))
     kueue = StaticExporter(kueue_text())
     jobs = [
         *podmonitor_scrape_configs(pm, pods, interval="1s"),
@@ -468,10 +470,6 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
     dcgm = {e for _, _, e in exprs if "DCGM_FI_" in e}
     assert len(dcgm) == 2
     subst = {"job": JOB, "namespace": NAMESPACE, "cluster_queue": CLUSTER_QUEUE, **RANGE_VARS}
-    # The operator replaces worker-1: kube-state-metrics first shows the failed pod, then its successor.
-    _wait_for(prom, 'kube_pod_labels{uid="uid-w1-old"}')
-    ksm.set_text(ksm_text([*KSM_PODS, WORKER_1_NEW]))
-    _wait_for(prom, 'kube_pod_labels{uid="uid-w1-new"}')
     # No GPU here: a third endpoint (rank "2" of the same pod) serves the gnp_gpu_* gauges from an injected
     # reader, through the same PrometheusSink code path as cuda_reader() on a GPU node. Its counters stay at
     # 0 and it sets no other gauge, so it changes no other panel's numbers.
@@ -514,6 +512,11 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
     # own session: on failure the whole torchrun tree is stopped by its process-group id
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # The operator replaces worker-1: kube-state-metrics first shows the failed pod, then its successor;
+        # worker-2 goes away. (Done while the run starts, not before: the metrics ports stay free for it.)
+        _wait_for(prom, 'kube_pod_labels{uid="uid-w1-old"}')
+        ksm.set_text(ksm_text([*KSM_PODS, WORKER_1_NEW]))
+        _wait_for(prom, 'kube_pod_labels{uid="uid-w1-new"}')
         # Poll until every expression returns data at one instant while the run is live: counters
         # rising (rate windows), an evaluation (end of epoch 1) and a completed checkpoint upload (saves every
         # 5 steps; the checkpointer reports an upload's success at the next save). Generous deadlines: on a
@@ -577,7 +580,7 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
         restarts = _panel(dash, "Restarts")
         by_job = lambda m: m["job_name"]  # noqa: E731
         assert values(restarts["A"], by_job) == {JOB: 2}  # master-0's; the replaced worker's count is not there
-        assert values(restarts["B"], by_job) == {JOB: 1}  # ... but it shows as a replaced pod
+        assert values(restarts["B"], by_job) == {JOB: 1}  # ... but it shows as a recreated pod (not worker-2)
         assert values(restarts["C"], by_job) == {JOB: 0}  # the real run: no torchrun restart
         assert values(restarts["D"], by_job) == {JOB: 0}  # nor a process restart
         assert values(restarts["B"], by_job, job=f"{JOB}-2") == {f"{JOB}-2": 0}
