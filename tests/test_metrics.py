@@ -43,6 +43,8 @@ EXPORTED = {
     "gnp_step_is_gnp": ("gauge", ()),
     "gnp_learning_rate": ("gauge", ()),
     "gnp_epoch": ("gauge", ()),
+    "gnp_step": ("gauge", ()),
+    "gnp_total_steps": ("gauge", ()),
     "gnp_eval_loss": ("gauge", ()),
     "gnp_eval_top1_accuracy": ("gauge", ()),
     "gnp_eval_top5_accuracy": ("gauge", ()),
@@ -225,7 +227,10 @@ def test_readme_table_is_the_rendered_table():
 
 
 def test_values_follow_the_records(sink):
-    sink.log("start", {"world_size": 8, "device": "cuda:1", "model": "resnet18", "resumed_from_step": None})
+    start = {"world_size": 8, "device": "cuda:1", "model": "resnet18", "resumed_from_step": None}
+    sink.log("start", {**start, "step": 0, "total_steps": 120})
+    _, samples = parse_exposition(scrape(sink.port))
+    assert one(samples, "gnp_step") == 0 and one(samples, "gnp_total_steps") == 120  # progress from the start
     record = json.loads(json.dumps(TRAIN_1))
     sink.log("train", record)
     assert record == TRAIN_1  # the sink derives its keys on a copy: the RunSink beside it gets the record as is
@@ -270,6 +275,8 @@ def test_values_follow_the_records(sink):
         "gnp_eval_top1_accuracy": 0.625,
         "gnp_eval_top5_accuracy": 0.875,
         "gnp_restarts": 2.0,
+        "gnp_step": TRAIN_2["step"],
+        "gnp_total_steps": 120,
     }
     for name, value in expected.items():
         assert one(samples, name) == pytest.approx(value), name
@@ -282,7 +289,9 @@ def test_values_follow_the_records(sink):
 
 def test_gnp_step_count_after_resume(sink):
     # A resumed run's start record carries the restored cumulative count: the first window is exact.
-    sink.log("start", {"resumed_from_step": 100, "gnp_steps": 90})
+    sink.log("start", {"resumed_from_step": 100, "gnp_steps": 90, "step": 100, "total_steps": 400})
+    _, samples = parse_exposition(scrape(sink.port))
+    assert one(samples, "gnp_step") == 100 and one(samples, "gnp_total_steps") == 400  # the resumed progress
     sink.log("train", {**TRAIN_1, "gnp_steps": 92, "window_steps": 3})
     _, samples = parse_exposition(scrape(sink.port))
     assert one(samples, "gnp_gnp_steps_total") == 2

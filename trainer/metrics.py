@@ -189,6 +189,20 @@ METRICS: tuple[Metric, ...] = (
     Metric("gnp_step_is_gnp", "gauge", "1 when the last step was a two-pass GNP step, 0 when plain", "train", "gnp"),
     Metric("gnp_learning_rate", "gauge", "Learning rate of the last step", "train", "lr"),
     Metric("gnp_epoch", "gauge", "Fractional epoch", "train", "epoch"),
+    Metric(
+        "gnp_step",
+        "gauge",
+        "Global optimizer step of the run: the resumed step at start, then the last log step's",
+        ("start", "train"),
+        "step",
+    ),
+    Metric(
+        "gnp_total_steps",
+        "gauge",
+        "Optimizer steps of the whole run (epochs x steps per epoch, capped by loop.max_steps)",
+        "start",
+        "total_steps",
+    ),
     Metric("gnp_eval_loss", "gauge", "Validation cross-entropy of the last evaluation", "eval", "eval_loss"),
     Metric(
         "gnp_eval_top1_accuracy", "gauge", "Validation top-1 accuracy of the last evaluation (ratio)", "eval", "top1"

@@ -105,16 +105,19 @@ def free_ports(n: int) -> int:
 
 
 class StaticExporter:
-    """Serves a fixed exposition text on http://127.0.0.1:<port>/metrics (a stand-in exporter)."""
+    """Serves an exposition text on http://127.0.0.1:<port>/metrics (a stand-in exporter); `set_text` replaces
+    it, as an exporter's output changes when e.g. a pod is replaced."""
 
     def __init__(self, text: str) -> None:
         import http.server
         import threading
 
-        body = text.encode()
+        self.set_text(text)
+        exporter = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                body = exporter.body
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -128,6 +131,9 @@ class StaticExporter:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def set_text(self, text: str) -> None:
+        self.body = text.encode()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -156,17 +162,41 @@ def dashboard_exprs(dash: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def template_queries(dash: dict) -> dict[str, tuple[str, str]]:
-    """{variable: (series selector, label)} of every `label_values(selector, label)` query variable."""
+def variable_queries(dash: dict) -> dict[str, tuple[str, str, str]]:
+    """{variable: (kind, query, what)} of every query variable: ("label_values", series selector, label) or
+    ("query_result", PromQL expression, the variable's regex that extracts the value)."""
     out = {}
     for v in dash["templating"]["list"]:
         if v["type"] != "query":
             continue
-        query = v["query"] if isinstance(v["query"], str) else v["query"]["query"]
-        m = re.fullmatch(r"label_values\((.+),\s*([a-zA-Z_][a-zA-Z0-9_]*)\)", query.strip())
-        assert m, f"variable {v['name']}: unsupported query {query!r}"
-        out[v["name"]] = (m.group(1), m.group(2))
+        query = (v["query"] if isinstance(v["query"], str) else v["query"]["query"]).strip()
+        if m := re.fullmatch(r"label_values\((.+),\s*([a-zA-Z_][a-zA-Z0-9_]*)\)", query):
+            out[v["name"]] = ("label_values", m.group(1), m.group(2))
+        elif m := re.fullmatch(r"query_result\((.+)\)", query, re.S):
+            regex = v.get("regex") or ""
+            assert re.fullmatch(r"/.+/", regex), f"variable {v['name']}: query_result needs a /regex/ to extract values"
+            out[v["name"]] = ("query_result", m.group(1), regex[1:-1])
+        else:
+            raise AssertionError(f"variable {v['name']}: unsupported query {query!r}")
     return out
+
+
+def variable_values(prom: Prometheus, spec: tuple[str, str, str], values: dict[str, str]) -> list[str]:
+    """A query variable's options as Grafana's Prometheus data source computes them, `values` substituted:
+    label_values asks the label-values API with the selector as match[]; query_result runs an instant query,
+    writes each series as `{label="value", ...} value timestamp` and keeps the regex's first group."""
+    kind, query, what = spec
+    query = substitute(query, values)
+    if kind == "label_values":
+        return sorted(prom.api(f"label/{what}/values", **{"match[]": query}))
+    data = prom.api("query", query=query)
+    found = set()
+    for r in data["result"]:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(r["metric"].items()))
+        line = f"{r['metric'].get('__name__', '')}{{{labels}}} {r['value'][1]} {int(float(r['value'][0]) * 1000)}"
+        if m := re.search(what, line):
+            found.add(m.group(1) if m.groups() else m.group(0))
+    return sorted(found)
 
 
 def substitute(expr: str, values: dict[str, str]) -> str:
