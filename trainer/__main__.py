@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,convert,eval,plot,compare,tuned,recipes,models,config}`.
+"""Command line: `python -m trainer {train,convert,eval,plot,compare,tuned,nested,recipes,models,config}`.
 
 Also installed as the `gnp-train` script.
 
@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
     tuned_arguments(tu)
 
+    ne = sub.add_parser("nested", help="one r x alpha grid with SAM inside it: does an interior alpha beat alpha = 1?")
+    from trainer.study.nested import add_arguments as nested_arguments
+
+    nested_arguments(ne)
+
     sub.add_parser("recipes", help="list the built-in recipes")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("config", help="list every config key with its default and meaning")
@@ -121,6 +126,10 @@ def _run(args: argparse.Namespace) -> int:
         from trainer.study.tuned import run as tuned_run
 
         return tuned_run(args)
+    if args.command == "nested":
+        from trainer.study.nested import run as nested_run
+
+        return nested_run(args)
     if args.command == "convert":
         from trainer.data.convert import run
 

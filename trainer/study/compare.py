@@ -463,8 +463,11 @@ def compare(
     if measure_batches < 1:
         raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
     base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
-    for overrides in methods.values():
-        config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]])
+    # Validates every method's overrides now; a method may train longer than the recipe (a compute-matched SGD).
+    epochs_of = {
+        name: config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]]).loop.epochs
+        for name, overrides in methods.items()
+    }
     if "gnp" in methods and not 0 < base.gnp.alpha < 1:
         log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
     spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
@@ -480,7 +483,7 @@ def compare(
             index += 1
             run_dir = out / method / f"seed{seed}"
             tag = f"[{index}/{total}] {method} seed {seed}"
-            if not is_done(run_dir, base.loop.epochs):
+            if not is_done(run_dir, epochs_of[method]):
                 log(f"{tag}: training ({'resuming' if (run_dir / 'metrics.jsonl').exists() else 'new'}) -> {run_dir}")
                 _train(recipe, sets, overrides, seed, run_dir, nproc)
             measured = run_dir / "measure.json"

@@ -1,0 +1,109 @@
+"""The nested-grid study (trainer/study/nested.py): SAM inside the GNP grid, ranges that grow until the
+selection is interior, the question written down before the final stage, and the tests it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import FMNIST
+from trainer.config import ConfigError
+from trainer.study import nested, stats
+
+
+def test_sam_is_the_alpha_one_column_of_the_same_grid():
+    methods, families = nested.selection_grid((0.05, 0.1), (0.1,))
+    assert families["sam"] == ["sam-r0.05-a1", "sam-r0.1-a1"]
+    assert families["gnp"] == [f"gnp-r{r}-a{a}" for r in (0.05, 0.1) for a in (0.25, 0.5, 0.8)]
+    assert dict(methods["sam-r0.1-a1"]) == {"gnp.norm_perturbations": True, "gnp.r": 0.1, "gnp.alpha": 1.0}
+    assert dict(methods["sgd-lr0.1"]) == {"gnp.alpha": 0.0, "optim.lr": 0.1}
+    # same budget: every r has every alpha, SAM included
+    assert len(families["gnp"]) + len(families["sam"]) == 2 * len(nested.ALPHAS)
+
+
+def test_ranges_grow_only_past_an_end():
+    assert nested.extended((0.1, 0.2, 0.4), 0.1) == (0.05, 0.1, 0.2, 0.4)
+    assert nested.extended((0.1, 0.2, 0.4), 0.4) == (0.1, 0.2, 0.4, 0.8)
+    assert nested.extended((0.1, 0.2, 0.4), 0.2) == (0.1, 0.2, 0.4)
+
+
+def _selection() -> dict:
+    methods, _ = nested.selection_grid((0.05, 0.1), (0.1, 0.2))
+    return {
+        "methods": {k: [list(o) for o in v] for k, v in methods.items()},
+        "selected": {
+            "gnp": {"method": "gnp-r0.1-a0.5"},
+            "sam": {"method": "sam-r0.05-a1"},
+            "sgd": {"method": "sgd-lr0.2"},
+        },
+    }
+
+
+def test_final_methods_and_the_written_question(tmp_path):
+    methods = nested.final_methods(_selection(), epochs=10)
+    assert list(methods) == ["gnp-r0.1-a0.5", "sam-r0.05-a1", "sgd-lr0.2", "sgd-lr0.2-2x"]
+    assert dict(methods["sgd-lr0.2-2x"]) == {"gnp.alpha": 0.0, "optim.lr": 0.2, "loop.epochs": 20}
+    plan = nested.preregister(tmp_path, methods)
+    saved = json.loads((tmp_path / "primary.json").read_text())
+    assert saved["primary"]["a"] == "gnp-r0.1-a0.5" and saved["primary"]["b"] == "sam-r0.05-a1"
+    assert saved["primary"]["margin_points"] == nested.MARGIN and "written_unix" in saved
+    assert nested.preregister(tmp_path, methods)["primary"] == plan["primary"]  # a rerun keeps it
+    other = dict(methods)
+    other = {"gnp-r0.05-a0.8": other.pop("gnp-r0.1-a0.5"), **other}
+    with pytest.raises(ConfigError, match="records another question"):
+        nested.preregister(tmp_path, other)
+
+
+def test_analysis_is_tost_plus_holm_on_the_paired_seeds(tmp_path):
+    methods = nested.final_methods(_selection(), epochs=10)
+    plan = nested.preregister(tmp_path, methods)
+    errors = {
+        "gnp-r0.1-a0.5": [10.0, 10.2, 9.9, 10.1, 10.0],
+        "sam-r0.05-a1": [10.1, 10.1, 10.0, 10.0, 10.2],
+        "sgd-lr0.2": [11.0, 11.5, 10.9, 11.2, 11.1],
+        "sgd-lr0.2-2x": [10.5, 10.9, 10.4, 10.8, 10.6],
+    }
+    final = {"runs": {m: [{"seed": s, "test_error": e} for s, e in enumerate(v)] for m, v in errors.items()}}
+    a = nested.analyse(final, plan)
+    d = [x - y for x, y in zip(errors["gnp-r0.1-a0.5"], errors["sam-r0.05-a1"])]
+    assert a["primary"]["p"] == pytest.approx(stats.tost(d, nested.MARGIN)["p"]) and a["primary"]["equivalent"]
+    raw = {k: t["p"] for k, t in a["secondary"].items()}
+    assert len(raw) == 5 and {k: t["p_holm"] for k, t in a["secondary"].items()} == stats.holm(raw)
+    text = nested.report(a)
+    assert "equivalent within ±0.3 points" in text and "indistinguishable" not in text
+
+
+@pytest.mark.slow
+def test_nested_runs_selection_question_and_final_on_real_data(tmp_path, monkeypatch, capsys):
+    """Both stages end to end on 500 real training images, a 2 x 2 grid and a 2-point SGD grid, 1 epoch."""
+    tiny = nested.Setting(
+        "debug-cpu",
+        ("data.loader=memory", f"data.path=fashion-mnist:{FMNIST}", "data.limit=500", "data.augment=none",
+         "loop.epochs=1"),
+    )  # fmt: skip
+    monkeypatch.setattr(nested, "SETTINGS", {"tiny": tiny})
+    monkeypatch.setattr(nested, "R_START", {"tiny": (0.05, 0.1)})
+    monkeypatch.setattr(nested, "ALPHAS", (0.5, 1.0))
+    monkeypatch.setattr(nested, "LR_FACTORS", (1.0, 2.0))
+    monkeypatch.setattr(nested, "MAX_EXTENSIONS", 0)
+    monkeypatch.setattr(nested.signal, "signal", lambda *a: None)  # keep pytest's own SIGTERM handling
+    parser = argparse.ArgumentParser()
+    nested.add_arguments(parser)
+    args = parser.parse_args(["--setting", "tiny", "--seeds", "2", "--select-seeds", "1", "--out-root", str(tmp_path)])
+    assert nested.run(args) == 0, capsys.readouterr().err[-3000:]
+    sel = json.loads((tmp_path / "nested-select-tiny" / "results.json").read_text())
+    assert sel["evaluated_on"].startswith("held-out") and len(sel["runs"]) == 6
+    best_sam = min(("sam-r0.05-a1", "sam-r0.1-a1"), key=lambda m: sel["runs"][m][0]["test_error"])
+    assert sel["selected"]["sam"]["method"] == best_sam and set(sel["at_edge"]) == {"gnp", "sam", "sgd"}
+    final = json.loads((tmp_path / "nested-tiny" / "results.json").read_text())
+    assert final["evaluated_on"] == "test" and final["seeds"] == [0, 1]
+    sgd = sel["selected"]["sgd"]["method"]
+    assert list(final["methods"]) == [sel["selected"]["gnp"]["method"], best_sam, sgd, f"{sgd}-2x"]
+    cfg = yaml.safe_load((tmp_path / "nested-tiny" / f"{sgd}-2x" / "seed1" / "config.yaml").read_text())
+    assert cfg["loop"]["epochs"] == 2 and cfg["gnp"]["alpha"] == 0 and cfg["data"]["holdout"] == 0
+    analysis = json.loads((tmp_path / "nested-tiny" / "analysis.json").read_text())
+    assert analysis["primary"]["b"] == best_sam and len(analysis["secondary"]) == 5
+    assert (tmp_path / "nested-tiny" / "analysis.md").read_text().startswith("Primary (written down")
