@@ -36,13 +36,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: st
     )
 
 
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """The command line `torchrun --standalone --nproc_per_node=N ARGS` (this interpreter's torchrun), for tests
+    that run it to completion (run_torchrun) or start it in the background (subprocess.Popen)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
 def run_torchrun(
     *args: str, nproc: int = 2, cwd: Path | None = None, timeout: float = 600, **env: str
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N ARGS` (gloo on CPU) in a child process."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(
-        [*torchrun, *args], cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout
+        torchrun_command(*args, nproc=nproc),
+        cwd=cwd or ROOT,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

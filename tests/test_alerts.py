@@ -596,7 +596,7 @@ def _alerts(prom) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.dist
 def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
-    from tests.conftest import cli_env
+    from tests.conftest import cli_env, torchrun_command
     from tests.support.prom import PODMONITOR, PROMETHEUS, Prometheus, free_ports, podmonitor_scrape_configs
 
     if not Path(PROMETHEUS).is_file():
@@ -641,8 +641,7 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
         while not prom.api("rules")["groups"]:
             assert time.monotonic() < deadline, f"rules not loaded:\n{prom.log_tail()}"
             time.sleep(0.2)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd += ["-m", "trainer", "train", "--recipe", "debug-cpu"]
+        cmd = torchrun_command("-m", "trainer", "train", "--recipe", "debug-cpu")
         for s in (
             f"data.path={fmnist_small}",
             f"run.dir={tmp_path / 'run'}",

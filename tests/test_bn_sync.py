@@ -8,13 +8,11 @@ the ranks' buffers itself (all_gather in fp64): the evaluated and saved buffers 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_torchrun
 from trainer.config import LoopConfig
 
 pytestmark = [pytest.mark.dist]
@@ -26,12 +24,9 @@ TOL = 1e-6  # relative: the mean is taken in fp64 and stored back in fp32
 
 
 def run(tmp_path: Path, sync: bool) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out = tmp_path / ("on" if sync else "off")
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
-    cmd += [str(out), str(out / "run"), str(sync).lower()]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = run_torchrun(str(SCRIPT), str(out), str(out / "run"), str(sync).lower(), timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return [json.loads((out / f"rank{k}.json").read_text()) for k in range(2)]
 

@@ -14,8 +14,6 @@ import math
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FMNIST, ROOT, cli_env
+from tests.conftest import FMNIST, ROOT, run_torchrun
 
 # numba's dispatcher finalizer raises a harmless KeyError when FFCV's compiled pipelines are
 # garbage collected (libffcv/ffcv#167); pytest would report it as an unraisable-exception warning.
@@ -800,20 +798,7 @@ def test_distributed_shards_and_eval(fake_fashion, tmp_path: Path) -> None:
     out, meta, data = fake_fashion
     n, n_val, batch, eval_batch, seed, world = 203, 97, 16, 16, 5, 2
     script = ROOT / "tests" / "support" / "dist_scripts" / "data_shards.py"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        str(out),
-        str(tmp_path),
-        str(batch),
-        str(eval_batch),
-        str(seed),
-    ]
-    proc = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(str(script), str(out), str(tmp_path), str(batch), str(eval_batch), str(seed), timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 

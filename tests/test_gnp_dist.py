@@ -7,12 +7,12 @@ per rank; the assertions live here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_torchrun
 
 pytestmark = [pytest.mark.dist]
 
@@ -24,18 +24,8 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("gnp_dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(SCRIPT),
-        str(out_dir),
-    ]
     try:
-        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = run_torchrun(str(SCRIPT), str(out_dir), timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun timed out after {TIMEOUT_S}s\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     if proc.returncode != 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, torchrun_command
 from tests.support.prom import (
     DASHBOARD,
     DASHBOARD_KEY,
@@ -477,12 +477,7 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
     gpu.update_gpu()
     run_dir = tmp_path / "run"
     log = open(tmp_path / "torchrun.log", "w")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    cmd = torchrun_command(
         "-m",
         "trainer",
         "train",
@@ -508,7 +503,7 @@ def test_dashboard_queries_on_real_prometheus(prometheus_for_job, fmnist_small, 
         f"metrics.job={JOB}",
         "--set",
         "metrics.progress=lines",
-    ]
+    )
     # own session: on failure the whole torchrun tree is stopped by its process-group id
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
