@@ -137,7 +137,7 @@ NEED_ENGINE = @test -n "$(ENGINE)" || { echo "make $@: no docker daemon and no p
 image:
 	$(NEED_IMAGE)
 	$(NEED_ENGINE)
-	$(if $(filter podman,$(ENGINE)),podman build --isolation=chroot --ignorefile docker/Dockerfile.dockerignore,docker build) \
+	$(if $(filter podman,$(ENGINE)),podman build --isolation=chroot --format docker --ignorefile docker/Dockerfile.dockerignore,docker build) \
 	    -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(IMAGE_BUILD_OPTS) -t $(IMAGE) .
 	ENGINE=$(ENGINE) bash docker/smoke.sh $(IMAGE)
 
