@@ -5,8 +5,10 @@
 #   docker/setup.sh venv DIR      create DIR (a venv) and install the project with its pinned dependencies
 #   docker/setup.sh all DIR       both (what `make setup` runs)
 # Image build (docker/Dockerfile; two steps so that code edits do not reinstall torch and FFCV):
-#   docker/setup.sh image-deps DIR     apt build + runtime packages, user 1000, venv DIR over the base
-#                                      image's python, the pinned dependencies, then the compilers removed
+#   docker/setup.sh image-deps DIR     apt build + runtime packages (python3 too when the base has none),
+#                                      user 1000, venv DIR over the base image's python, the pinned
+#                                      dependencies (torch from $TORCH_INDEX_URL when set), then the compilers
+#                                      removed
 #   docker/setup.sh image-project DIR  the project itself (non-editable, no dev extras), then `pip check`
 set -euo pipefail
 
@@ -120,6 +122,13 @@ with open(sys.argv[1], "rb") as f:
 EOF
 )
     mapfile -t deps <<<"$deps"
+    # TORCH_INDEX_URL (docker build --build-arg): the pinned torch/torchvision from another index first, e.g.
+    # https://download.pytorch.org/whl/cu126 for drivers older than 580; the next install keeps them (same version).
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        local torch_pins=()
+        mapfile -t torch_pins < <(printf '%s\n' "${deps[@]}" | grep -E '^(torch|torchvision)==')
+        "$dir/bin/python" -m pip install --no-cache-dir -q --index-url "$TORCH_INDEX_URL" "${torch_pins[@]}"
+    fi
     "$dir/bin/python" -m pip install --no-cache-dir -q "${deps[@]}"
 
     # Keep the libraries FFCV's extension links (OpenCV core/imgproc, turbojpeg) and the base's own packages;
