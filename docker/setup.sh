@@ -5,8 +5,10 @@
 #   docker/setup.sh venv DIR      create DIR (a venv) and install the project with its pinned dependencies
 #   docker/setup.sh all DIR       both (what `make setup` runs)
 # Image build (docker/Dockerfile; two steps so that code edits do not reinstall torch and FFCV):
-#   docker/setup.sh image-deps DIR     apt build + runtime packages, user 1000, venv DIR over the base
-#                                      image's python, the pinned dependencies, then the compilers removed
+#   docker/setup.sh image-deps DIR     apt build + runtime packages (python3 too when the base has none),
+#                                      user 1000, venv DIR over the base image's python, the pinned
+#                                      dependencies (torch from $TORCH_INDEX_URL when set), then the compilers
+#                                      removed
 #   docker/setup.sh image-project DIR  the project itself (non-editable, no dev extras), then `pip check`
 set -euo pipefail
 
@@ -14,8 +16,11 @@ set -euo pipefail
 # prometheus is the real server the metrics tests scrape with.
 APT_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist prometheus)
 
-# Image: the CUDA "runtime" bases ship no compiler, and FFCV compiles one C++ file at install time.
+# Image: the default base (debian:bookworm-slim) ships no compiler, and FFCV compiles one C++ file at install time.
 IMAGE_BUILD_PACKAGES=(build-essential pkg-config libturbojpeg0-dev libopencv-dev)
+# A base without python (debian:bookworm-slim) gets the distribution's: python3 (3.11 on Debian 12) and its venv
+# module stay in the image; the headers (python3-dev, for FFCV's extension) go with the compilers.
+IMAGE_PYTHON_PACKAGES=(python3 python3-venv)
 # pip's opencv-python (an FFCV dependency, imported by ffcv.fields) needs libGL and GLib to import cv2.
 IMAGE_RUNTIME_PACKAGES=(ca-certificates libgl1 libglib2.0-0)
 # Installed when the base's distribution has it: lets the demo's conversion Job run without a download.
@@ -55,8 +60,9 @@ venv() {
 # Image steps (run as root inside `docker build`; they never touch a developer machine).
 
 _base_python() {
-    # pytorch/pytorch images put conda's python first on PATH as `python`; plain Debian/Ubuntu has python3.
-    command -v python || command -v python3 || { echo "setup: the base image has no python" >&2; exit 2; }
+    # pytorch/pytorch images put conda's python first on PATH as `python`; plain Debian/Ubuntu has python3
+    # (debian:bookworm-slim has none until image-deps installs it).
+    command -v python || command -v python3 || { echo "setup: the base image has no python" >&2; return 2; }
 }
 
 # The deb packages that provide the shared libraries FILE links against (so they survive the purge).
@@ -81,12 +87,20 @@ image_deps() {
     for pkg in "${IMAGE_OPTIONAL_PACKAGES[@]}"; do
         apt-cache show "$pkg" >/dev/null 2>&1 && optional+=("$pkg")
     done
+    local build=("${IMAGE_BUILD_PACKAGES[@]}") runtime=("${IMAGE_RUNTIME_PACKAGES[@]}")
+    if base_py=$(_base_python 2>/dev/null); then
+        # FFCV's extension needs Python.h: conda's python ships it, a distribution python needs python3-dev;
+        # a distribution python without ensurepip cannot make the venv (Debian/Ubuntu split it into python3-venv).
+        [ -f "$("$base_py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+            || build+=(python3-dev)
+        "$base_py" -c 'import ensurepip' 2>/dev/null || runtime+=(python3-venv)
+    else
+        runtime+=("${IMAGE_PYTHON_PACKAGES[@]}")
+        build+=(python3-dev)
+    fi
+    apt-get install -y -q --no-install-recommends "${build[@]}" "${runtime[@]}" "${optional[@]}"
     base_py=$(_base_python)
-    local build=("${IMAGE_BUILD_PACKAGES[@]}")
-    # FFCV's extension needs Python.h: conda's python ships it, a distribution python needs python3-dev.
-    [ -f "$("$base_py" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
-        || build+=(python3-dev)
-    apt-get install -y -q --no-install-recommends "${build[@]}" "${IMAGE_RUNTIME_PACKAGES[@]}" "${optional[@]}"
+    echo "setup: base python $base_py ($("$base_py" -c 'import sys; print(sys.version.split()[0])'))"
 
     # Non-root user 1000 (the pod runs as uid 1000 whatever the name; some bases already have one).
     getent group "$IMAGE_UID" >/dev/null || groupadd -g "$IMAGE_UID" app
@@ -108,6 +122,13 @@ with open(sys.argv[1], "rb") as f:
 EOF
 )
     mapfile -t deps <<<"$deps"
+    # TORCH_INDEX_URL (docker build --build-arg): the pinned torch/torchvision from another index first, e.g.
+    # https://download.pytorch.org/whl/cu126 for drivers older than 580; the next install keeps them (same version).
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        local torch_pins=()
+        mapfile -t torch_pins < <(printf '%s\n' "${deps[@]}" | grep -E '^(torch|torchvision)==')
+        "$dir/bin/python" -m pip install --no-cache-dir -q --index-url "$TORCH_INDEX_URL" "${torch_pins[@]}"
+    fi
     "$dir/bin/python" -m pip install --no-cache-dir -q "${deps[@]}"
 
     # Keep the libraries FFCV's extension links (OpenCV core/imgproc, turbojpeg) and the base's own packages;
@@ -116,7 +137,7 @@ EOF
     local so keep purge=()
     so=$("$dir/bin/python" -c 'import ffcv._libffcv as m; print(m.__file__)')
     mapfile -t keep < <(_packages_of_libs "$so")
-    apt-mark manual "${before[@]}" "${keep[@]}" "${IMAGE_RUNTIME_PACKAGES[@]}" "${optional[@]}" >/dev/null
+    apt-mark manual "${before[@]}" "${keep[@]}" "${runtime[@]}" "${optional[@]}" >/dev/null
     for pkg in "${build[@]}"; do
         printf '%s\n' "${before[@]}" | grep -qx "$pkg" || purge+=("$pkg")
     done
