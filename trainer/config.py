@@ -274,12 +274,24 @@ class MetricsConfig:
     """Value of the `job_name` label; empty = $GNP_JOB_NAME, else the recipe name."""
 
 
+def _crash_restarts_default() -> int:
+    from trainer.crash_budget import default_limit  # the env is read when a config is made, not at import
+
+    try:
+        return default_limit()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSection:
     dir: str = ""
     """Run directory (config, metrics.jsonl, checkpoints); empty = runs/<recipe name>."""
     fresh: bool = False
     """Start from scratch even if the run directory holds checkpoints (they are moved aside, never deleted)."""
+    crash_restarts: int = field(default_factory=_crash_restarts_default)
+    """Restarts allowed after crashes from the same checkpoint (trainer/crash_budget.py); then exit 3.
+    Default $GNP_CRASH_RESTARTS, else 3."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,6 +442,7 @@ def _validate(c: RunConfig) -> None:
     _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
     _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
     _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
+    _check(c.run.crash_restarts >= 0, "run.crash_restarts", c.run.crash_restarts, "an integer >= 0")
     _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
 
 
