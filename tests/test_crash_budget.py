@@ -135,14 +135,14 @@ def test_a_storage_failure_does_not_stop_the_start(tmp_path, capsys):
 
 
 def test_crash_restarts_setting_and_its_environment_default(monkeypatch):
-    monkeypatch.delenv(crash_budget.ENV, raising=False)
+    monkeypatch.delenv(config.CRASH_RESTARTS_ENV, raising=False)
     assert config.load("debug-cpu").run.crash_restarts == 3
-    monkeypatch.setenv(crash_budget.ENV, "5")
+    monkeypatch.setenv(config.CRASH_RESTARTS_ENV, "5")
     assert config.load("debug-cpu").run.crash_restarts == 5
     assert config.load("debug-cpu", ["run.crash_restarts=0"]).run.crash_restarts == 0  # --set wins
     with pytest.raises(config.ConfigError, match=r"^run.crash_restarts: invalid value -1; expected an integer >= 0$"):
         config.load("debug-cpu", ["run.crash_restarts=-1"])
-    monkeypatch.setenv(crash_budget.ENV, "three")
+    monkeypatch.setenv(config.CRASH_RESTARTS_ENV, "three")
     with pytest.raises(config.ConfigError, match=r"^GNP_CRASH_RESTARTS: invalid value 'three'; expected an integer"):
         config.load("debug-cpu")
 

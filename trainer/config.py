@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,13 +275,16 @@ class MetricsConfig:
     """Value of the `job_name` label; empty = $GNP_JOB_NAME, else the recipe name."""
 
 
-def _crash_restarts_default() -> int:
-    from trainer.crash_budget import default_limit  # the env is read when a config is made, not at import
+CRASH_RESTARTS_ENV = "GNP_CRASH_RESTARTS"
 
-    try:
-        return default_limit()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+
+def crash_restarts_default() -> int:
+    """run.crash_restarts' default: $GNP_CRASH_RESTARTS (the Kubernetes renderer sets it), else 3. Read when a
+    config is made, not at import; a bad value is a ConfigError."""
+    value = os.environ.get(CRASH_RESTARTS_ENV, "")
+    if value and not value.strip().isdigit():
+        raise ConfigError(f"{CRASH_RESTARTS_ENV}: invalid value {value!r}; expected an integer >= 0 (crash restarts)")
+    return int(value) if value else 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -289,7 +293,7 @@ class RunSection:
     """Run directory (config, metrics.jsonl, checkpoints); empty = runs/<recipe name>."""
     fresh: bool = False
     """Start from scratch even if the run directory holds checkpoints (they are moved aside, never deleted)."""
-    crash_restarts: int = field(default_factory=_crash_restarts_default)
+    crash_restarts: int = field(default_factory=crash_restarts_default)
     """Restarts allowed after crashes from the same checkpoint (trainer/crash_budget.py); then exit 3.
     Default $GNP_CRASH_RESTARTS, else 3."""
 

@@ -56,7 +56,6 @@ POINTER = "crash_budget.json"  # in $GNP_STATUS_DIR: where the launcher records 
 FORMAT = 1
 KEEP_STARTS = 1000  # older starts never matter to the count once a newer checkpoint exists
 ENDS = ("done", "signal", "fault")
-ENV = "GNP_CRASH_RESTARTS"
 
 
 class CrashLoopError(Exception):
@@ -66,20 +65,6 @@ class CrashLoopError(Exception):
 
 def warn(message: str) -> None:
     print(f"warning: crash budget: {message}", file=sys.stderr, flush=True)
-
-
-def parse_limit(value: str, where: str = ENV) -> int:
-    """The integer >= 0 in `value`; ValueError with one line naming `where` otherwise."""
-    text = value.strip()
-    if not text.isdigit():
-        raise ValueError(f"{where}: invalid value {value!r}; expected an integer >= 0 (crash restarts allowed)")
-    return int(text)
-
-
-def default_limit() -> int:
-    """run.crash_restarts' default: $GNP_CRASH_RESTARTS when set (the Kubernetes renderer sets it), else 3."""
-    value = os.environ.get(ENV, "")
-    return parse_limit(value) if value else 3
 
 
 # ---------------------------------------------------------------------------------------------- record

@@ -327,13 +327,12 @@ def _retry_crashes() -> bool:
 
 def _check_crash_restarts() -> None:
     """GNP_CRASH_RESTARTS, checked once here: every rank would otherwise print the same error."""
-    from trainer.crash_budget import ENV, parse_limit
+    from trainer.config import ConfigError, crash_restarts_default
 
-    if os.environ.get(ENV):
-        try:
-            parse_limit(os.environ[ENV])
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    try:
+        crash_restarts_default()
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def train(args: Sequence[str], sup: _Supervisor) -> int:
