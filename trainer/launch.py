@@ -20,15 +20,15 @@ last restart attempt (trainer/exits.py says what each status means):
     2        a rank exited 2 (bad config, unknown recipe, bad or missing dataset): permanent
     3        a rank exited 3: the run crashed run.crash_restarts+1 starts in a row from the same checkpoint
              without progress, so this start refused before training (trainer/crash_budget.py): permanent
-    1 / 201  a rank crashed (exited 1-127): 1 (permanent), or 201 (retried) with GNP_RETRY_CRASHES=1
+    1 / 201  a rank crashed (exited 1-127, not 2 or 3): 1 (permanent), or 201 (retried) with GNP_RETRY_CRASHES=1
     200      no rank exited 1-127: a rank exited >= 128 (200: storage outage), was killed by a signal (the OOM
              killer), or the rendezvous/agent failed: retried
     128+N    the launcher itself got signal N (SIGTERM or SIGINT), passed SIGTERM on and waited for torchrun
 
 On a rank failure the output is the ranks' own lines and one `launch:` line (none for 3: rank 0's line says
 it all); torchrun runs through `torchrun`, which drops its ChildFailedError report (a 40-line traceback that
-names no cause) and its agent's log lines below ERROR. After a signal (128+N) or a 200, the launcher records
-that clean end in the run's crash budget, so a preemption does not count as a crash.
+names no cause), its agent's warnings and its "failed (exitcode: N)" line per rank. After a signal (128+N) or
+a 200, the launcher records that clean end in the run's crash budget, so a preemption does not count as a crash.
 
 Environment: GNP_MODULE (module the ranks run, default `trainer`), GNP_RETRY_CRASHES (0|1, default 0),
 GNP_CRASH_RESTARTS (run.crash_restarts' default, an integer >= 0; checked here before torchrun starts),
