@@ -16,6 +16,8 @@
 #   2        a rank exited 2: bad config, unknown recipe, bad or missing dataset -> permanent, never retried
 #            (also: a permanent S3 problem with the dataset: no credentials, access denied, no such bucket,
 #            nothing under the prefix)
+#   3        crash loop: the run crashed run.crash_restarts+1 starts in a row from the same checkpoint
+#            without progress, so this start refused before training (trainer/crash_budget.py) -> permanent
 #   128+N    this container got signal N (143: SIGTERM from a pod deletion, eviction or preemption)
 #   1        a rank crashed (uncaught exception) and GNP_RETRY_CRASHES is not 1 -> permanent
 #   201      a rank crashed and GNP_RETRY_CRASHES=1 (NCCL timeout, lost peer, CUDA error, or a bug) -> retried
@@ -28,7 +30,8 @@
 # and the launcher maps the statuses of torchrun's last restart attempt as above.
 #
 # Environment: GNP_PYTHON (python to use, default `python`), GNP_MODULE (module the ranks run, default
-# `trainer`), GNP_RETRY_CRASHES (0|1, default 0), GNP_DATA_S3 + GNP_DATA_DIR (train: download the FFCV
+# `trainer`), GNP_RETRY_CRASHES (0|1, default 0), GNP_CRASH_RESTARTS (run.crash_restarts' default, an integer
+# >= 0; default 3), GNP_DATA_S3 + GNP_DATA_DIR (train: download the FFCV
 # dataset under that s3:// prefix into GNP_DATA_DIR first; convert: upload the output there afterwards),
 # GNP_CONVERT_SOURCE_S3 (convert: download this s3:// object or prefix and pass it as --source),
 # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL_S3 (S3 access).

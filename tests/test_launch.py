@@ -43,7 +43,10 @@ MAPPING = [
     ((1, [2, 200], False), 2),  # and over a fault
     ((1, [1], False), 1),  # crash: permanent by default
     ((1, [1], True), 201),  # crash: retried on request
-    ((1, [3, 127], False), 1),  # every status 1-127 but 2 is a crash
+    ((1, [4, 127], False), 1),  # every status 1-127 but 2 and 3 is a crash
+    ((1, [1, 3], True), 3),  # a crash loop: permanent even with crashes retried (a peer's 1 does not matter)
+    ((1, [3, 3], False), 3),
+    ((1, [2, 3], True), 2),  # a user error still wins
     ((1, [1, 200], True), 201),  # a crash and a fault: the crash decides
     ((1, [200], False), 200),  # a rank recorded a storage outage: retried
     ((1, [200], True), 200),
@@ -60,7 +63,9 @@ def test_status_mapping_table(args, expected):
     assert status == expected
     # the policy: 1-127 never retried, >= 128 retried
     assert exits.is_retried(status) == (expected >= 128)
-    if expected:
+    if expected == exits.EXIT_CRASH_LOOP:
+        assert message == ""  # rank 0's line (step, starts, how to reset) is the only one
+    elif expected:
         assert message and f"exit {expected}" in message
 
 
@@ -155,6 +160,9 @@ sys.stdout.flush()
 mode = os.environ["FAKE_MODE"]
 if mode == "outage" and rank == 0:
     sys.exit(200)  # what the trainer exits with when a storage outage outlasts its retries
+if mode == "user" and rank == 1:
+    sys.stderr.write("error: rank 1: bad config\\n")
+    sys.exit(2)
 if mode == "sleep" or rank == 1:
     time.sleep(60)
 """
@@ -184,9 +192,28 @@ def test_launcher_standalone_maps_a_recorded_200_and_cleans_up(tmp_path):
         timeout=180,
     )
     assert p.returncode == 200, p.stderr
-    assert "ChildFailedError" in p.stderr  # torchrun itself failed with its usual 1
-    assert "launch: a rank exited 200" in p.stderr and "without a rank status" not in p.stderr
+    # the launcher's one line, without torchrun's ChildFailedError report or its agent's log lines
+    assert p.stderr.splitlines() == [
+        "launch: a rank exited 200 (a fault such as a storage outage): exit 200 (retryable)"
+    ], p.stderr
     assert not list((tmp_path / "tmp").glob("gnp-status.*"))  # one per run used to pile up
+
+
+def test_launcher_output_on_a_rank_error_is_the_ranks_line_and_its_own(tmp_path):
+    """Issue 27: torchrun's 44-line ChildFailedError traceback used to follow the launcher's line. Now a rank
+    that exits 2 with one line gives exactly that line and the launcher's."""
+    p = subprocess.run(
+        [sys.executable, "-m", "trainer.launch", "train", "--recipe", "x"],
+        env=_launch_env(tmp_path, FAKE_MODE="user"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [
+        "error: rank 1: bad config",
+        "launch: a rank reported a user error (exit 2): not retryable",
+    ], p.stderr
 
 
 def _children(pid: int) -> list[int]:
@@ -248,9 +275,10 @@ def _alive(pids: list[int]) -> list[int]:
 @pytest.mark.parametrize(
     "argv, env, message",
     [
-        (["bogus"], {}, "error: mode 'bogus': expected one of train, convert, rank, help"),
+        (["bogus"], {}, "error: mode 'bogus': expected one of train, convert, rank, torchrun, help"),
         (["rank"], {}, "error: rank: missing the module"),
         (["train", "--recipe", "x"], {"GNP_RETRY_CRASHES": "yes"}, "error: GNP_RETRY_CRASHES: invalid value 'yes'"),
+        (["train", "--recipe", "x"], {"GNP_CRASH_RESTARTS": "-1"}, "error: GNP_CRASH_RESTARTS: invalid value '-1'"),
         (["train", "--recipe", "x"], {"GNP_DATA_S3": "s3://b/p"}, "error: GNP_DATA_DIR: must be set with GNP_DATA_S3"),
         (["train", "--recipe", "x"], {"GNP_DATA_S3": "http://b/p", "GNP_DATA_DIR": "/tmp/d"}, "error: GNP_DATA_S3:"),
         (["convert", "--dataset", "cifar10"], {"GNP_DATA_S3": "s3://b/p"}, "error: convert: missing --out"),
@@ -280,7 +308,7 @@ def test_help_is_the_module_docstring():
 PROBE = """
 import importlib.util, json, sys
 import trainer.exits as x
-x.EXIT_USER, x.EXIT_CRASH, x.EXIT_RETRYABLE, x.EXIT_RETRY_CRASH = 42, 41, 242, 243
+x.EXIT_USER, x.EXIT_CRASH, x.EXIT_RETRYABLE, x.EXIT_RETRY_CRASH, x.EXIT_CRASH_LOOP = 42, 41, 242, 243, 43
 import trainer.__main__ as cli
 import trainer.launch as launch
 spec = importlib.util.spec_from_file_location("probe_render", sys.argv[1])
@@ -291,9 +319,11 @@ job = render.render_convert_job(render.build_job("fashion-mnist-demo", image="re
 print(json.dumps({
     "cli_bad_recipe": cli.main(["train", "--recipe", "no-such-recipe"]),
     "cli_retryable": cli.EXIT_RETRYABLE,
+    "cli_crash_loop": cli.EXIT_CRASH_LOOP,
     "launch_user": launch.map_status(1, [42], False)[0],
     "launch_crash": launch.map_status(1, [41], False)[0],
     "launch_retry_crash": launch.map_status(1, [41], True)[0],
+    "launch_crash_loop": launch.map_status(1, [41, 43], True)[0],
     "launch_unknown": launch.map_status(1, [], False)[0],
     "render_policy": job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"],
     "render_main": render.main(["render", "no-such-spec"]),
@@ -316,15 +346,18 @@ def test_cli_launcher_and_renderer_take_their_statuses_from_exits():
     assert got == {
         "cli_bad_recipe": 42,
         "cli_retryable": 242,
+        "cli_crash_loop": 43,
         "launch_user": 42,
         "launch_crash": 41,
         "launch_retry_crash": 243,
+        "launch_crash_loop": 43,
         "launch_unknown": 242,
         "render_policy": [42],
         "render_main": 42,
     }
     # and the real values are the documented ones
     assert (exits.EXIT_USER, exits.EXIT_CRASH, exits.EXIT_RETRYABLE, exits.EXIT_RETRY_CRASH) == (2, 1, 200, 201)
+    assert exits.EXIT_CRASH_LOOP == 3 and not exits.is_retried(exits.EXIT_CRASH_LOOP)
     assert not exits.is_retried(127) and exits.is_retried(128) and exits.signal_status(signal.SIGTERM) == 143
 
 

@@ -4,7 +4,8 @@ Also installed as the `gnp-train` script.
 
 User errors (bad config, bad dataset, unknown recipe, wrong S3 credentials) print one line `error: ...` and
 exit with status 2, which Kubeflow's ExitCode restart policy treats as permanent; storage outages exit 200
-(>= 128: retryable). Set GNP_TRACEBACK=1 to see the traceback.
+(>= 128: retryable); a run that crashed too often from the same checkpoint refuses to start with one line
+from rank 0 and exit 3 (permanent; trainer/crash_budget.py). Set GNP_TRACEBACK=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 import os
 import sys
 
-from trainer.exits import EXIT_RETRYABLE  # infrastructure fault (storage outage): retryable (>= 128)
+from trainer.crash_budget import CrashLoopError
+from trainer.exits import EXIT_CRASH_LOOP, EXIT_RETRYABLE  # EXIT_RETRYABLE: storage outage, retryable (>= 128)
 from trainer.exits import EXIT_USER as EXIT_USAGE  # configuration or data error: permanent (1-127)
 from trainer.storage import StorageError
 
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
+    except CrashLoopError as e:  # rank 0 says why; the other ranks exit with the same status, quietly
+        if str(e):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CRASH_LOOP
     except ValueError as e:  # ConfigError and the data layer's input errors are ValueErrors
         if os.environ.get("GNP_TRACEBACK"):
             raise

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,12 +278,27 @@ class MetricsConfig:
     """Value of the `job_name` label; empty = $GNP_JOB_NAME, else the recipe name."""
 
 
+CRASH_RESTARTS_ENV = "GNP_CRASH_RESTARTS"
+
+
+def crash_restarts_default() -> int:
+    """run.crash_restarts' default: $GNP_CRASH_RESTARTS (the Kubernetes renderer sets it), else 3. Read when a
+    config is made, not at import; a bad value is a ConfigError."""
+    value = os.environ.get(CRASH_RESTARTS_ENV, "")
+    if value and not value.strip().isdigit():
+        raise ConfigError(f"{CRASH_RESTARTS_ENV}: invalid value {value!r}; expected an integer >= 0 (crash restarts)")
+    return int(value) if value else 3
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSection:
     dir: str = ""
     """Run directory (config, metrics.jsonl, checkpoints); empty = runs/<recipe name>."""
     fresh: bool = False
     """Start from scratch even if the run directory holds checkpoints (they are moved aside, never deleted)."""
+    crash_restarts: int = field(default_factory=crash_restarts_default)
+    """Restarts allowed after crashes from the same checkpoint (trainer/crash_budget.py); then exit 3.
+    Default $GNP_CRASH_RESTARTS, else 3."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -433,6 +449,7 @@ def _validate(c: RunConfig) -> None:
     _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
     _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
     _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
+    _check(c.run.crash_restarts >= 0, "run.crash_restarts", c.run.crash_restarts, "an integer >= 0")
     _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
     _check(
         math.isfinite(c.metrics.progress_every_s) and c.metrics.progress_every_s >= 0,

@@ -8,6 +8,8 @@ restart cannot cure must exit below 128, and every infrastructure fault at or ab
     0     success
     1     a rank crashed (uncaught exception) and crashes are not retried: permanent
     2     the user's input is wrong (config, recipe, dataset, S3 credentials/bucket/prefix): permanent
+    3     the run crashed run.crash_restarts+1 starts in a row from the same checkpoint without progress
+          (trainer/crash_budget.py: the start after them refuses before training): permanent
     128+N the process got signal N (143: SIGTERM from a pod deletion, eviction or preemption): retried
     200   infrastructure fault or unknown cause (storage outage, a rank killed by a signal such as the OOM
           killer's, a failed rendezvous): retried
@@ -22,6 +24,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_CRASH = 1  # what Python exits with on an uncaught exception
 EXIT_USER = 2  # argparse's own status for bad arguments, and the trainer's for every user error
+EXIT_CRASH_LOOP = 3  # a crash budget spent without progress (trainer/crash_budget.py)
 EXIT_RETRYABLE = 200
 EXIT_RETRY_CRASH = 201
 # Kubeflow's ExitCode policy: statuses from here up are retried, those below are permanent.

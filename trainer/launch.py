@@ -3,6 +3,7 @@
     python -m trainer.launch train --recipe NAME [--set k=v ...]   torchrun -m trainer train ... (mapped status)
     python -m trainer.launch convert --dataset D --out DIR [...]   python -m trainer convert ...; upload DIR
     python -m trainer.launch rank MODULE ARGS...                   what each torchrun rank runs (the shim)
+    python -m trainer.launch torchrun ARGS...                      torchrun without its ChildFailedError report
     python -m trainer.launch help                                  this text
 
 docker/entrypoint.sh execs this module; it works the same outside the container (set PET_NPROC_PER_NODE, or
@@ -17,12 +18,20 @@ last restart attempt (trainer/exits.py says what each status means):
 
     0        torchrun succeeded
     2        a rank exited 2 (bad config, unknown recipe, bad or missing dataset): permanent
-    1 / 201  a rank crashed (exited 1-127): 1 (permanent), or 201 (retried) with GNP_RETRY_CRASHES=1
+    3        a rank exited 3: the run crashed run.crash_restarts+1 starts in a row from the same checkpoint
+             without progress, so this start refused before training (trainer/crash_budget.py): permanent
+    1 / 201  a rank crashed (exited 1-127, not 2 or 3): 1 (permanent), or 201 (retried) with GNP_RETRY_CRASHES=1
     200      no rank exited 1-127: a rank exited >= 128 (200: storage outage), was killed by a signal (the OOM
              killer), or the rendezvous/agent failed: retried
     128+N    the launcher itself got signal N (SIGTERM or SIGINT), passed SIGTERM on and waited for torchrun
 
+On a rank failure the output is the ranks' own lines and one `launch:` line (none for 3: rank 0's line says
+it all); torchrun runs through `torchrun`, which drops its ChildFailedError report (a 40-line traceback that
+names no cause), its agent's warnings and its "failed (exitcode: N)" line per rank. After a signal (128+N) or
+a 200, the launcher records that clean end in the run's crash budget, so a preemption does not count as a crash.
+
 Environment: GNP_MODULE (module the ranks run, default `trainer`), GNP_RETRY_CRASHES (0|1, default 0),
+GNP_CRASH_RESTARTS (run.crash_restarts' default, an integer >= 0; checked here before torchrun starts),
 GNP_DATA_S3 + GNP_DATA_DIR (train: download the FFCV dataset under that s3:// prefix into GNP_DATA_DIR first;
 convert: upload the output there afterwards), GNP_CONVERT_SOURCE_S3 (convert: download this s3:// object or
 prefix and pass it as --source). S3 goes through trainer/storage.py (credentials from the standard AWS chain,
@@ -42,9 +51,17 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from trainer.exits import EXIT_CRASH, EXIT_RETRY_CRASH, EXIT_RETRYABLE, EXIT_USER, FIRST_RETRIED, signal_status
+from trainer.exits import (
+    EXIT_CRASH,
+    EXIT_CRASH_LOOP,
+    EXIT_RETRY_CRASH,
+    EXIT_RETRYABLE,
+    EXIT_USER,
+    FIRST_RETRIED,
+    signal_status,
+)
 
-MODES = ("train", "convert", "rank", "help")
+MODES = ("train", "convert", "rank", "torchrun", "help")
 
 
 def log(message: str) -> None:
@@ -104,6 +121,36 @@ def run_rank(module: str, args: Sequence[str]) -> None:
             Path(status_dir, f"exit.{name}").write_text(f"{code}\n")
 
 
+def run_torchrun(args: Sequence[str]) -> int:
+    """torchrun (`python -m torch.distributed.run ARGS`), quiet about a failed rank.
+
+    On a rank failure torchrun raises ChildFailedError out of its main: a ~40-line traceback plus a table of
+    pid, host and time that names no cause (the rank's own line above it does), then exits 1. Here that
+    exception ends the process with the same 1, silently, and the agent logs only errors; the launcher maps
+    the ranks' recorded statuses and says why in one line. A signal that stopped torchrun (the launcher
+    passed SIGTERM on) exits 128+N, also without a traceback.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    # "Sending process N closing signal SIGTERM" (a warning per rank) and "failed (exitcode: 1) local_rank: 1
+    # (pid: ...)" (an error) restate what the launcher's line says; other errors (rendezvous) still show.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not str(record.msg).startswith("failed (exitcode")
+    )
+    try:
+        torchrun_main(list(args))
+    except ChildFailedError:
+        return EXIT_CRASH
+    except SignalException as e:  # the launcher passed on a SIGTERM: it knows, and exits 128+N itself
+        return signal_status(e.sigval)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- mapping
 
 
@@ -135,6 +182,8 @@ def map_status(torchrun_status: int, rank_statuses: Iterable[int], retry_crashes
         return 0, ""
     if EXIT_USER in statuses:
         return EXIT_USER, f"a rank reported a user error (exit {EXIT_USER}): not retryable"
+    if EXIT_CRASH_LOOP in statuses:  # rank 0 printed the one line (steps, starts, how to reset)
+        return EXIT_CRASH_LOOP, ""
     if any(0 < s < FIRST_RETRIED for s in statuses):
         if retry_crashes:
             return (
@@ -276,9 +325,20 @@ def _retry_crashes() -> bool:
     return value == "1"
 
 
+def _check_crash_restarts() -> None:
+    """GNP_CRASH_RESTARTS, checked once here: every rank would otherwise print the same error."""
+    from trainer.config import ConfigError, crash_restarts_default
+
+    try:
+        crash_restarts_default()
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
 def train(args: Sequence[str], sup: _Supervisor) -> int:
     """Fetch the dataset if GNP_DATA_S3 is set, run the ranks under torchrun, map their statuses."""
     retry = _retry_crashes()
+    _check_crash_restarts()
     data = _s3_uri("GNP_DATA_S3")
     if data is not None:
         data_dir = os.environ.get("GNP_DATA_DIR", "")
@@ -294,18 +354,28 @@ def train(args: Sequence[str], sup: _Supervisor) -> int:
             return EXIT_RETRYABLE
         py = sys.executable
         # torchrun gets no --nnodes/--node_rank/--rdzv_* flags: it reads the operator's PET_* variables
-        cmd = [py, "-m", "torch.distributed.run", "--no-python", py, "-m", "trainer.launch", "rank"]
+        cmd = [py, "-m", "trainer.launch", "torchrun", "--no-python", py, "-m", "trainer.launch", "rank"]
         cmd += [os.environ.get("GNP_MODULE") or "trainer", "train", *args]
         rc = sup.run(cmd, env={**os.environ, "GNP_STATUS_DIR": status_dir})
         if sup.got_signal:
+            end_start(status_dir, "signal")  # a preemption is no crash: it must not use up the crash budget
             return sup.got_signal
         status, message = map_status(rc, last_attempt_statuses(status_dir), retry)
         if message:
             log(message)
+        if status == EXIT_RETRYABLE:  # outages and killed ranks have their own retries
+            end_start(status_dir, "fault")
         return status
     finally:
         if status_dir:
             shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def end_start(status_dir: str, how: str) -> None:
+    """Record the clean end `how` of the start that rank 0 of this node recorded in the run's crash budget."""
+    from trainer.crash_budget import end_from_status_dir
+
+    end_from_status_dir(status_dir, how)
 
 
 def _out_folder(args: Sequence[str]) -> str:
@@ -357,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER
         run_rank(argv[1], argv[2:])
         return 0
+    if mode == "torchrun":
+        return run_torchrun(argv[1:])
     if mode not in MODES:
         print(f"error: mode {mode!r}: expected one of {', '.join(MODES)}", file=sys.stderr)
         return EXIT_USER

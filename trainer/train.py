@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer import dist
+from trainer import crash_budget, dist
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.config import ConfigError, RunConfig, from_dict, strict_yaml_load, to_dict
 from trainer.data import LoaderFacts, build_data, validate_dataset
@@ -61,6 +61,9 @@ __all__ = [
 ]
 
 FINAL_UPLOAD_TIMEOUT_S = 600
+# Test-only fault injection for the crash-budget drills (tests/test_crash_budget.py): "STEP[:RANK]" makes RANK
+# (default: the last rank) raise at optimizer step STEP, once the checkpoints before it have landed.
+FAULT_CRASH_ENV = "GNP_FAULT_CRASH_AT_STEP"
 
 # Keys that may differ between the config saved in a run directory and the one resuming it: they change
 # how a run is observed or fed, not what it computes.
@@ -69,6 +72,7 @@ RESUMABLE_CHANGES = (
     "recipe",
     "description",
     "run.fresh",
+    "run.crash_restarts",
     "run.dir",
     "data.path",
     "data.num_workers",
@@ -431,6 +435,9 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     )
     state = run.loop
     resumed = resume(ckpt, env, run.load_state_dict)
+    # Before any training: a run that keeps crashing from this checkpoint stops here (CrashLoopError, exit 3).
+    budget = _begin_budget(cfg, ckpt, resumed, env)
+    crash_at = _fault_crash_step()
     m = cfg.metrics
     sink = build_sink(
         rank=env.rank,
@@ -506,6 +513,8 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     def after_step() -> None:
         if ck.every_steps and state.step % ck.every_steps == 0 and state.batch < spe:
             save()  # mid-epoch; the end of an epoch is handled below
+        if state.step == crash_at:
+            _injected_crash(state.step, env, ckpt)
 
     last_eval: dict = {}
     while state.epoch < lp.epochs:
@@ -555,6 +564,8 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
                     f"checkpoint.uri: the final checkpoint does not verify after its upload: {e}"
                 ) from None
     dist.barrier(env)
+    if env.is_primary:
+        crash_budget.finish(budget)
     summary = {
         "run_dir": str(run_dir),
         "epochs": state.epoch,
@@ -568,6 +579,39 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     sink.log("done", summary)
     sink.close()
     return summary
+
+
+def _begin_budget(cfg: RunConfig, ckpt: Checkpointer, resumed: int | None, env: dist.DistEnv) -> crash_budget.Start:
+    """crash_budget.begin for this run (a collective), with what the launcher needs to reopen the storage."""
+    ck = cfg.checkpoint
+    pointer = {
+        "uri": ckpt.uri,
+        "s3_endpoint": ck.s3_endpoint,
+        "s3_region": ck.s3_region,
+        "s3_retry_mode": ck.s3_retry_mode,
+        "s3_max_attempts": ck.s3_max_attempts,
+    }
+    return crash_budget.begin(ckpt.storage, resumed, cfg.run.crash_restarts, env, pointer)
+
+
+def _fault_crash_step() -> int:
+    """The step of FAULT_CRASH_ENV (-1: none)."""
+    value = os.environ.get(FAULT_CRASH_ENV, "")
+    step, _, rank = value.partition(":")
+    if value and not (step.isdigit() and (not rank or rank.isdigit())):
+        raise ConfigError(f"{FAULT_CRASH_ENV}: invalid value {value!r}; expected STEP or STEP:RANK")
+    return int(step) if value else -1
+
+
+def _injected_crash(step: int, env: dist.DistEnv, ckpt: Checkpointer) -> None:
+    """FAULT_CRASH_ENV's crash. Rank 0 first waits for its pending uploads and every rank meets at a barrier,
+    so whether a checkpoint landed before the crash (the drills' progress) does not depend on timing."""
+    if env.is_primary:
+        ckpt.wait()
+    dist.barrier(env)
+    rank = os.environ[FAULT_CRASH_ENV].partition(":")[2]
+    if env.rank == (int(rank) if rank else env.world_size - 1):
+        raise RuntimeError(f"{FAULT_CRASH_ENV}: injected crash at step {step} on rank {env.rank}")
 
 
 def ckpt_stats(ckpt) -> dict:
