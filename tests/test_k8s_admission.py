@@ -270,15 +270,6 @@ def test_crash_restarts_key(capsys):
     assert "crash_restarts" in render.SPEC_DOC and "GNP_CRASH_RESTARTS" in render.SPEC_DOC
 
 
-def test_exit_statuses_match_the_trainer():
-    """k8s writes the statuses out (no trainer import at import time): they must stay trainer.exits' values."""
-    import trainer.exits as exits
-
-    assert (errors.EXIT_USER, errors.FIRST_RETRIED) == (exits.EXIT_USER, exits.FIRST_RETRIED)
-    if hasattr(exits, "EXIT_CRASH_LOOP"):  # added by the trainer side of issue 26
-        assert errors.EXIT_CRASH_LOOP == exits.EXIT_CRASH_LOOP
-
-
 # ---------------------------------------------------------------------------------------------------
 # Deadlines
 

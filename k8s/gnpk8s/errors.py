@@ -1,15 +1,14 @@
 """The one error type of the k8s tooling: a problem the user can fix (the CLI prints one line, exit 2).
 
-The exit statuses are trainer/exits.py's values, written out here rather than imported: the k8s tooling runs
-from a laptop venv with only kubernetes + pyyaml (make render/submit/...), and nothing in it imports the
-trainer package at import time. tests/test_k8s_light.py checks they equal trainer.exits.
+The exit statuses come from trainer/exits.py, their one source: that module is plain Python (no torch, no
+third-party import), so the light client (kubernetes + PyYAML, `make render/submit/...` from a laptop) loads it
+like the rest of the checkout; tests/test_k8s_light.py checks that it is all the k8s package takes from trainer/
+at import time.
 """
 
 from __future__ import annotations
 
-EXIT_USER = 2  # trainer.exits.EXIT_USER: permanent under the ExitCode restart policy
-EXIT_CRASH_LOOP = 3  # trainer.exits.EXIT_CRASH_LOOP: crash_restarts starts in a row from one checkpoint crashed
-FIRST_RETRIED = 128  # trainer.exits.FIRST_RETRIED: the training operator retries statuses from here up
+from trainer.exits import EXIT_CRASH_LOOP, EXIT_USER, FIRST_RETRIED
 
 __all__ = ["EXIT_CRASH_LOOP", "EXIT_USER", "FIRST_RETRIED", "UserError"]
 
