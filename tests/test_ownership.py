@@ -25,7 +25,7 @@ from tests.support.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 from trainer import ownership
 from trainer.checkpoint import Checkpointer
 from trainer.ownership import IDENTITY, LEASE, FileLock, LeaseHeld, S3Lease
-from trainer.storage import open_storage
+from trainer.storage import StorageError, open_storage
 
 FINAL_STEP = 8  # 2 epochs of 64 synthetic images in batches of 16
 
@@ -246,6 +246,41 @@ def test_s3_lease_is_renewed_while_held_and_released(s3_env):
     other.acquire()  # free again: taken without a warning
     other.release()
     assert logs == []
+
+
+def test_s3_lease_rides_out_an_outage_but_not_a_take_over(s3_env):
+    """While renewals fail the lease is unconfirmed (no checkpoint is committed) but the run goes on; the first
+    renewal after the outage confirms it again. A lease replaced by another writer ends the holder."""
+    storage = open_storage(f"s3://{s3_env.create_bucket()}/loc", max_attempts=1)
+    logs, lost = [], []
+    holder = S3Lease(storage, stale_s=2.0, log=logs.append)
+    holder.on_lost = lambda: lost.append(True)
+    holder.acquire()
+    try:
+        holder.check()
+        s3_env.kill()
+        time.sleep(2.5)
+        with pytest.raises(StorageError, match=r"last renewed \d+ s ago; not committing a checkpoint"):
+            holder.check()
+        s3_env.restart()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                holder.check()
+                break
+            except StorageError:
+                time.sleep(0.2)
+        holder.check()  # confirmed again, still ours
+        assert lost == [] and logs == []
+        client = s3_env.client()
+        client.put_object(Bucket=storage.bucket, Key="loc/" + LEASE, Body=b'{"owner": "someone else"}')
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lost == [True] and "lost the lease on" in logs[-1] and "replaced or removed" in logs[-1]
+    finally:
+        holder.release()
+    assert storage.get(LEASE) == b'{"owner": "someone else"}'  # not deleted: no longer the holder's
 
 
 def test_local_lock_is_exclusive_within_a_process_and_released(tmp_path):

@@ -177,6 +177,9 @@ class Checkpointer:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._stats = _Stats()
+        # Called before each manifest is written (the commit); raises StorageError while this process may not
+        # commit, e.g. its lease on the location is unconfirmed (trainer/ownership.py). The upload is retried.
+        self.guard: Callable[[], None] | None = None
         _live.add(self)
 
     @classmethod
@@ -391,6 +394,8 @@ class Checkpointer:
             self.storage.put(pre + obj, data, progress=self._progress)
             files[name] = {"object": obj, "size": len(data), "sha256": _sha256(data)}
         manifest = {"format": FORMAT, "step": job.step, "created_unix": round(time.time(), 3), "files": files}
+        if self.guard is not None:
+            self.guard()
         self.storage.put(pre + MANIFEST, json.dumps(manifest, indent=1).encode())
         try:
             self._prune(job.step, {pre + f["object"] for f in files.values()} | {pre + MANIFEST})

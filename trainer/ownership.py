@@ -32,9 +32,11 @@ anything is written (after preflight, before run.dir/config.yaml) and holds it u
   and AWS S3 honour it), renewed every stale_s/4 s by a background thread with If-Match on the ETag it last
   wrote, deleted with If-Match at the end. A lease whose last renewal is older than its stale_s (default 60 s,
   GNP_LEASE_STALE_S) belongs to a dead writer and is taken over (conditionally: of two racers, one wins). The
-  age is the server's Date minus the object's LastModified, so the hosts' clocks do not matter. A writer that
-  cannot renew for stale_s, or finds its lease replaced, stops at once (exit 200) rather than write beside
-  the writer that may now hold it.
+  age is the server's Date minus the object's LastModified, so the hosts' clocks do not matter. A writer
+  whose renewal finds its lease replaced or gone stops at once (exit 200) rather than write beside the writer
+  that holds it now. An outage does not stop it (checkpoint uploads ride outages out): while its lease is
+  unconfirmed for more than stale_s - stale_s/4 (another writer could soon take it over), the checkpointer
+  commits no manifest (the upload is retried), and the first renewal after the outage tells which it is.
   The owner is the host, boot and torchrun agent (pid and start time) of rank 0: torchrun restarting its
   worker group after a rank died (--max-restarts) is the same writer and takes its lease back at once.
 
@@ -55,6 +57,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.exits import EXIT_RETRYABLE
@@ -102,7 +105,7 @@ def identity_refusal(cfg, storage, run_dir: Path) -> str:
     """Why `cfg` may not write the checkpoint location `storage` (another run's), or ''. Reads only."""
     from trainer.config import to_dict
 
-    if not cfg.checkpoint.uri and cfg.run.fresh:
+    if not cfg.checkpoint.uri and cfg.run.fresh and (run_dir / "config.yaml").is_file():
         return ""  # the default location moves aside with the run directory
     try:
         raw = storage.get(IDENTITY)
@@ -292,6 +295,8 @@ class S3Lease:
         self.renew_s = self.stale_s / 4
         self.owner = owner_token()
         self.etag: str | None = None
+        self.last_ok = time.monotonic()  # of the last successful create or renewal
+        self.on_lost: Callable[[], None] = lambda: os._exit(EXIT_RETRYABLE)  # tests replace it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -314,6 +319,7 @@ class S3Lease:
                 break
         else:
             raise LeaseHeld(f"checkpoint.uri: {_where(self.storage)!r}: lost the race for {LEASE} three times; rerun")
+        self.last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._heartbeat, name="checkpoint-lease", daemon=True)
         self._thread.start()
 
@@ -345,23 +351,35 @@ class S3Lease:
         return True
 
     def _heartbeat(self) -> None:
-        last_ok = time.monotonic()
+        # An outage does not end the run (checkpoint uploads ride it out too): while renewals fail, `check()`
+        # keeps the checkpointer from committing; when the store answers again, the If-Match renewal tells
+        # whether another writer took the lease over meanwhile.
         while not self._stop.wait(self.renew_s):
             try:
                 self.etag = self.storage.put_if(LEASE, self._body(), self.etag)
-                last_ok = time.monotonic()
+                self.last_ok = time.monotonic()
             except StorageError as e:
-                if e.code in _LOST:
-                    self._lost(f"{LEASE} was replaced by another writer")
-                elif time.monotonic() - last_ok > self.stale_s - self.renew_s:
-                    self._lost(f"not renewed for {time.monotonic() - last_ok:.0f} s ({e})")
+                if e.code in _LOST or isinstance(e, ObjectNotFound):
+                    self._lost(f"{LEASE} was replaced or removed by another writer")
+
+    def check(self) -> None:
+        """StorageError when the lease was last confirmed too long ago to be sure it is still ours (another
+        writer may take a lease over once it is stale_s old): a checkpoint is committed only under it."""
+        age = time.monotonic() - self.last_ok
+        if age > self.stale_s - self.renew_s:
+            raise StorageError(
+                f"checkpoint.uri: {_where(self.storage)!r}: the lease {LEASE} was last renewed {age:.0f} s ago; "
+                f"not committing a checkpoint until it is renewed"
+            )
 
     def _lost(self, why: str) -> None:
         if self._stop.is_set():
             return  # released meanwhile
         # Another writer may hold the location now: writing on would interleave two runs' checkpoints.
         self.log(f"error: checkpoint.uri: lost the lease on {_where(self.storage)!r}: {why}; stopping (retryable)")
-        os._exit(EXIT_RETRYABLE)
+        self._stop.set()
+        self.etag = None  # not ours any more: release() must not delete it
+        self.on_lost()
 
     def release(self) -> None:
         self._stop.set()
@@ -386,11 +404,18 @@ class Ownership:
 
     def follow_moved_run_dir(self) -> None:
         """run.fresh renamed the run directory aside after it was locked: lock the new one too."""
-        for lease in list(self.leases):
+        for i, lease in enumerate(self.leases):
             if isinstance(lease, FileLock) and lease.moved():
+                lease.release()  # it locks the folder moved aside, which nothing writes any more
                 fresh = FileLock(lease.folder, lease.what)
                 fresh.acquire()
-                self.leases.append(fresh)
+                self.leases[i] = fresh
+
+    def check(self) -> None:
+        """StorageError unless every S3 lease was confirmed recently enough to commit a checkpoint."""
+        for lease in self.leases:
+            if isinstance(lease, S3Lease):
+                lease.check()
 
     def close(self) -> None:
         for lease in reversed(self.leases):

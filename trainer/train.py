@@ -427,6 +427,7 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         )
     # One live writer per location, checked before the first write (trainer/ownership.py).
     held.lease = take(cfg, env, ckpt.storage, run_dir_of(cfg))
+    ckpt.guard = held.lease.check  # commit checkpoints only under a confirmed lease
     run_dir = prepare_run_dir(cfg, env)
     held.lease.follow_moved_run_dir()  # run.fresh renamed the locked run directory aside
     if env.is_primary:
