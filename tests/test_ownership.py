@@ -303,3 +303,43 @@ def test_owner_of_a_torchrun_rank_is_its_agent(monkeypatch):
     assert f"/{os.getpid()}@" in mine
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert f"/{os.getppid()}@" in ownership.owner_token()
+
+
+@pytest.mark.dist
+def test_torchrun_restart_after_rank0_is_killed_takes_its_own_s3_lease_back(tmp_path, s3_env):
+    """The lease's owner is rank 0's torchrun agent: the worker group it restarts (--max-restarts) after a
+    SIGKILLed rank 0 is the same writer and resumes at once, without waiting for the lease to go stale."""
+    run_dir, uri = tmp_path / "run", f"s3://{s3_env.create_bucket()}/run"
+    argv = train_args(run_dir, "loop.epochs=12", f"checkpoint.uri={uri}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2"]
+    agent = subprocess.Popen(
+        [*torchrun, "-m", "trainer", *argv],
+        cwd=ROOT,
+        env=cli_env(**s3_env.env(), GNP_LEASE_STALE_S="600"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline, killed = time.monotonic() + 180, None
+        while killed is None and time.monotonic() < deadline and agent.poll() is None:
+            logged = (run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").is_file() else ""
+            if logged.count('"kind": "checkpoint"') >= 2:  # a checkpoint to resume from has landed
+                for pid in subprocess.run(
+                    ["pgrep", "-P", str(agent.pid)], capture_output=True, text=True
+                ).stdout.split():
+                    if b"LOCAL_RANK=0\0" in Path(f"/proc/{pid}/environ").read_bytes():
+                        killed = int(pid)
+                        os.kill(killed, signal.SIGKILL)
+            time.sleep(0.1)
+        _, err = agent.communicate(timeout=400)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert killed is not None, err[-3000:]
+    assert agent.returncode == 0, err[-3000:]
+    assert "in use by another live writer" not in err and "took over the stale lease" not in err, err[-3000:]
+    runs = starts(run_dir)
+    assert len(runs) >= 2 and runs[-1]["restart"] >= 1 and runs[-1]["resumed_from_step"] is not None, runs
+    assert LEASE not in open_storage(uri).list("")  # released at the clean end

@@ -94,9 +94,14 @@ def _differences(saved: dict, current: dict) -> list[str]:
     return config_differences(strip(saved), strip(current))
 
 
-def _another_run(storage, diffs: list[str], source: str) -> str:
+def _key(cfg) -> str:
+    """The setting that names the location, for messages."""
+    return "checkpoint.uri" if cfg.checkpoint.uri else "run.dir"
+
+
+def _another_run(cfg, storage, diffs: list[str], source: str) -> str:
     return (
-        f"checkpoint.uri: {_where(storage)!r} holds the checkpoints of another run ({source}: {diffs[0]}); "
+        f"{_key(cfg)}: {_where(storage)!r} holds the checkpoints of another run ({source}: {diffs[0]}); "
         f"a checkpoint location belongs to the run that made it: use another checkpoint.uri (or run.dir)"
     )
 
@@ -117,11 +122,11 @@ def identity_refusal(cfg, storage, run_dir: Path) -> str:
             raise TypeError(f"config is a {type(saved).__name__}")
     except (ValueError, KeyError, TypeError) as e:
         return (
-            f"checkpoint.uri: {_where(storage) + '/' + IDENTITY!r} is unreadable ({type(e).__name__}: "
+            f"{_key(cfg)}: {_where(storage) + '/' + IDENTITY!r} is unreadable ({type(e).__name__}: "
             f"{' '.join(str(e).split())}); expected the identity record a run wrote: use another checkpoint.uri"
         )
     diffs = _differences(saved, to_dict(cfg))
-    return _another_run(storage, diffs, IDENTITY) if diffs else ""
+    return _another_run(cfg, storage, diffs, IDENTITY) if diffs else ""
 
 
 def _legacy_refusal(cfg, storage, run_dir: Path) -> str:
@@ -141,11 +146,11 @@ def _legacy_refusal(cfg, storage, run_dir: Path) -> str:
     saved = found[1].get("config") if isinstance(found[1], dict) else None
     if not isinstance(saved, dict):
         return (
-            f"checkpoint.uri: {_where(storage)!r} holds checkpoints without an identity record or an embedded "
+            f"{_key(cfg)}: {_where(storage)!r} holds checkpoints without an identity record or an embedded "
             f"config, and run.dir has no config.yaml to vouch for them: use another checkpoint.uri"
         )
     diffs = _differences(saved, to_dict(cfg))
-    return _another_run(storage, diffs, f"step {found[0]}'s config") if diffs else ""
+    return _another_run(cfg, storage, diffs, f"step {found[0]}'s config") if diffs else ""
 
 
 def record_identity(storage, cfg, commit: str) -> bool:
