@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli
 from tests.support.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 from trainer import ownership
 from trainer.checkpoint import Checkpointer
@@ -343,3 +344,23 @@ def test_torchrun_restart_after_rank0_is_killed_takes_its_own_s3_lease_back(tmp_
     runs = starts(run_dir)
     assert len(runs) >= 2 and runs[-1]["restart"] >= 1 and runs[-1]["resumed_from_step"] is not None, runs
     assert LEASE not in open_storage(uri).list("")  # released at the clean end
+
+
+def test_the_pre_run_state_fixture_is_adopted_through_its_embedded_config(tmp_path):
+    """tests/data/checkpoint_before_run_state (written by an earlier version: no identity record) pointed at
+    from a run directory without config.yaml: another config is refused, the same one resumes and records."""
+    if not FMNIST.is_dir():
+        pytest.skip("needs dataset-fashion-mnist")
+    loc = tmp_path / "old"
+    shutil.copytree(ROOT / "tests" / "data" / "checkpoint_before_run_state", loc)
+    sets = ["data.loader=memory", f"data.path=fashion-mnist:{FMNIST}", "data.limit=512", "data.augment=none"]
+    sets.append(f"checkpoint.uri={loc}")
+    argv = ["train", "--recipe", "debug-cpu", *[a for s in sets for a in ("--set", s)]]
+    res = run_cli(*argv, "--set", f"run.dir={tmp_path / 'other'}", "--set", "optim.lr=0.5")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "holds the checkpoints of another run (step 16's config: optim.lr: " in one_line(res)
+    assert not (loc / IDENTITY).exists() and not (tmp_path / "other").exists()
+    res = run_cli(*argv, "--set", f"run.dir={tmp_path / 'pod'}", "--set", "loop.max_steps=17")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert starts(tmp_path / "pod")[0]["resumed_from_step"] == 16
+    assert json.loads((loc / IDENTITY).read_text())["config"]["model"]["name"] == "resnet_debug"
