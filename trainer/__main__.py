@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.lifeline import die_with_parent, under_torchrun
+
+    if under_torchrun():  # a rank must not outlive a killed torchrun agent (trainer/lifeline.py)
+        die_with_parent()
     args = _parser().parse_args(argv)
     try:
         return _run(args)

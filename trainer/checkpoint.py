@@ -26,7 +26,10 @@ error (the CLI exits 2), instead of minutes of retries ending as a retryable out
 `save()` serializes in the caller's thread (the caller passes CPU copies) and uploads in one background
 thread, retrying failed uploads with capped exponential backoff; training waits only for serialization and
 for an upload attempt already in progress. A newer save supersedes an older one that is waiting to retry.
-Loading uses `torch.load(..., weights_only=True)`: a checkpoint cannot execute code.
+Loading uses `torch.load(..., weights_only=True)`: a checkpoint cannot execute code. A step whose state that
+loader rejects (a pickled custom class), or whose manifest names an object outside the step
+(`../../config.yaml`), counts as damaged: skipped on resume with one warning, written again when the run
+reaches it.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ class Checkpointer:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._stats = _Stats()
+        # Called before each manifest is written (the commit); raises StorageError while this process may not
+        # commit, e.g. its lease on the location is unconfirmed (trainer/ownership.py). The upload is retried.
+        self.guard: Callable[[], None] | None = None
         _live.add(self)
 
     @classmethod
@@ -388,6 +394,8 @@ class Checkpointer:
             self.storage.put(pre + obj, data, progress=self._progress)
             files[name] = {"object": obj, "size": len(data), "sha256": _sha256(data)}
         manifest = {"format": FORMAT, "step": job.step, "created_unix": round(time.time(), 3), "files": files}
+        if self.guard is not None:
+            self.guard()
         self.storage.put(pre + MANIFEST, json.dumps(manifest, indent=1).encode())
         try:
             self._prune(job.step, {pre + f["object"] for f in files.values()} | {pre + MANIFEST})
@@ -434,9 +442,14 @@ class Checkpointer:
             files = manifest["files"]
             if not isinstance(files, dict) or STATE_FILE not in files:
                 raise KeyError(STATE_FILE)
-            for entry in files.values():
+            for fname, entry in files.items():
                 if not (isinstance(entry["size"], int) and isinstance(entry["sha256"], str)):
                     raise TypeError("size/sha256")
+                obj = entry.get("object", fname)
+                # An object outside the step ("../../config.yaml") would verify against its own sha256 and be
+                # loaded as a checkpoint: only plain names inside the step's prefix are objects of it.
+                if not isinstance(obj, str) or "/" in obj or "\\" in obj or obj in ("", ".", ".."):
+                    raise ValueError(f"object {obj!r} is not a plain name inside the step")
         except ObjectNotFound:
             raise CheckpointError(f"checkpoint {self._where(pre)}: no manifest (incomplete)") from None
         except (ValueError, KeyError, TypeError) as e:
@@ -466,14 +479,31 @@ class Checkpointer:
         return data
 
     def verify(self, step: int) -> None:
-        """Check that checkpoint `step` is complete: its manifest reads and every object it lists matches its
-        size and sha256. CheckpointError if not; StorageError (an outage) propagates."""
+        """Check that checkpoint `step` is complete and loadable: its manifest reads, every object it lists
+        matches its size and sha256, and its state loads with weights_only=True (a step that verifies but
+        cannot be resumed from must be written again, not kept). CheckpointError if not; StorageError (an
+        outage) propagates."""
         for name in self._manifest(step)["files"]:
-            self.load_file(step, name)
+            data = self.load_file(step, name)
+            if name == STATE_FILE:
+                self._unpickle(step, data)
+
+    def _unpickle(self, step: int, data: bytes, map_location: str | torch.device = "cpu") -> dict:
+        """torch.load(weights_only=True) of a state object; whatever it rejects (a custom class, which is
+        never executed, or bytes that are no checkpoint) is a CheckpointError, skipped like a damaged step."""
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- the unpickler raises many types; all mean "not loadable"
+            first = (str(e).strip().splitlines() or [""])[0][:300]  # torch's explanation runs for lines
+            raise CheckpointError(
+                f"checkpoint {self._where(step_prefix(step) + STATE_FILE)}: does not load with weights_only=True "
+                f"({type(e).__name__}: {first})"
+            ) from None
 
     def load(self, step: int, map_location: str | torch.device = "cpu") -> dict:
-        """Load checkpoint `step` after verifying size and sha256 (CheckpointError if it does not verify)."""
-        return torch.load(io.BytesIO(self.load_file(step)), map_location=map_location, weights_only=True)
+        """Load checkpoint `step` after verifying size and sha256 (CheckpointError if it does not verify or
+        does not load with weights_only=True)."""
+        return self._unpickle(step, self.load_file(step), map_location)
 
     def latest(self, map_location: str | torch.device = "cpu") -> tuple[int, dict] | None:
         """(step, state) of the newest checkpoint that verifies, skipping (with a warning) any that does not;

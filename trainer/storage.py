@@ -474,6 +474,36 @@ class S3Storage:
                     code=str(e.get("Code")),
                 )
 
+    def get_versioned(self, key: str) -> tuple[bytes, str, float]:
+        """(data, ETag, age in s) of a small object; the age is the server's Date minus its LastModified, both
+        from the server's clock, so a lease's staleness does not depend on the clocks of the hosts reading it."""
+        from email.utils import parsedate_to_datetime
+
+        full = self._key(key)
+        resp = self._call("get", key, lambda: self._client.get_object(Bucket=self.bucket, Key=full))
+        data = self._call("get", key, lambda: resp["Body"].read())
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else resp["LastModified"]
+        return data, resp["ETag"], max(0.0, (now - resp["LastModified"]).total_seconds())
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """Conditional PUT of a small object: create only if absent (`etag` None: If-None-Match *) or replace
+        only the version `etag` (If-Match). Returns the new ETag; a lost race raises StorageError with
+        code "PreconditionFailed" (S3 may also answer 409 ConditionalRequestConflict)."""
+        full = self._key(key)
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        resp = self._call(
+            "conditional put", key, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **cond)
+        )
+        return resp["ETag"]
+
+    def delete_if(self, key: str, etag: str) -> None:
+        """Delete `key` only if it is still the version `etag` (If-Match); StorageError otherwise."""
+        full = self._key(key)
+        self._call(
+            "conditional delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full, IfMatch=etag)
+        )
+
     def abort_incomplete(self, prefix: str = "") -> None:
         """Abort multipart uploads under `prefix` that an interrupted `put` left (they hold storage)."""
         from botocore.exceptions import ClientError

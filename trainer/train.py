@@ -41,6 +41,7 @@ from trainer.loop import (
 from trainer.metrics import build_sink
 from trainer.models import create_model
 from trainer.optim.factory import build_optimizer
+from trainer.ownership import identity_refusal, location_of, record_identity, take
 from trainer.run_state import RunState, gather_rng_states, git_commit, resume, set_rng_state
 from trainer.storage import StorageError
 
@@ -196,17 +197,20 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             where = cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints"
             if problem := folder_problem(where):
                 raise ConfigError(f"checkpoint.uri: {problem}; expected a folder this user can write")
-    if cfg.checkpoint.uri.startswith("s3://"):
-        from trainer.storage import open_storage
+    from trainer.storage import LocalStorage, open_storage
 
+    storage = LocalStorage(location_of(cfg, run_dir_of(cfg)))
+    if cfg.checkpoint.uri.startswith("s3://"):
         ck = cfg.checkpoint
-        open_storage(  # lists the prefix once: wrong credentials or a missing bucket fail here
+        storage = open_storage(  # lists the prefix once: wrong credentials or a missing bucket fail here
             ck.uri,
             endpoint_url=ck.s3_endpoint,
             region=ck.s3_region,
             retry_mode=ck.s3_retry_mode,
             max_attempts=ck.s3_max_attempts,
         )
+    if rank == 0 and (refusal := identity_refusal(cfg, storage, run_dir_of(cfg))):
+        raise ConfigError(refusal)  # another run's checkpoints (trainer/ownership.py)
     if cfg.metrics.prometheus:
         _check_port(cfg.metrics.addr, cfg.metrics.port + local_rank)
     # Last: validating an FFCV dataset imports FFCV and numba (seconds), the checks above take milliseconds.
@@ -403,7 +407,9 @@ def train(cfg: RunConfig) -> dict:
     try:
         return _train(cfg, env, held)
     finally:
-        for name in ("sink", "ckpt"):  # release the metrics port; give a pending upload its last chance
+        # Release the metrics port; give a pending upload its last chance; then the leases (last: the upload
+        # thread writes under them).
+        for name in ("sink", "ckpt", "lease"):
             if hasattr(held, name):
                 getattr(held, name).close()
         held.clear()
@@ -423,7 +429,13 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most each rank's share of the "
             f"{loaders.meta['train_size']} training images of {cfg.data.path} (an epoch has no batch)"
         )
+    # One live writer per location, checked before the first write (trainer/ownership.py).
+    held.lease = take(cfg, env, ckpt.storage, run_dir_of(cfg))
+    ckpt.guard = held.lease.check  # commit checkpoints only under a confirmed lease
     run_dir = prepare_run_dir(cfg, env)
+    held.lease.follow_moved_run_dir()  # run.fresh renamed the locked run directory aside
+    if env.is_primary:
+        record_identity(ckpt.storage, cfg, git_commit())  # before the first checkpoint
     opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
     sub_batches = gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env))
