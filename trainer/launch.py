@@ -60,6 +60,7 @@ from trainer.exits import (
     FIRST_RETRIED,
     signal_status,
 )
+from trainer.lifeline import die_with_parent
 
 MODES = ("train", "convert", "rank", "torchrun", "help")
 
@@ -75,34 +76,12 @@ class UsageError(ValueError):
 # ---------------------------------------------------------------------------------------------- rank shim
 
 
-def _die_with_parent() -> None:
-    """Have the kernel SIGKILL this rank when torchrun dies.
-
-    torchrun starts each rank in a session of its own, so a SIGKILL to torchrun alone (the OOM killer, `kill -9`)
-    would leave the ranks running, holding the GPU and the rendezvous port. PR_SET_PDEATHSIG (Linux prctl(2))
-    fires when the thread that forked us exits; torchrun's agent starts its workers from its main thread.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
-            return
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # torchrun died before the request took effect
-        os._exit(signal_status(signal.SIGKILL))
-
-
 def run_rank(module: str, args: Sequence[str]) -> None:
     """Run `module` like `python -m module args...` (runpy, run name __main__) and record a non-zero status.
 
     A rank killed by a signal records nothing: the mapping reads "no status" as a retryable fault.
     """
-    _die_with_parent()
+    die_with_parent()  # torchrun starts ranks in sessions of their own: a killed agent must take them along
     status_dir = os.environ.get("GNP_STATUS_DIR", "")
     name = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.{os.environ.get('LOCAL_RANK', '0')}"
     if status_dir:
