@@ -29,7 +29,10 @@ all-reduce averages ``c·g1_k + α·g2_k`` over ranks: one all-reduce per GNP st
 an SGD step. ``sync_perturbations=True`` runs pass 1 synchronised too (g1 averaged before the norm,
 as the reference's option): a second all-reduce per step. ``train_step(sub_batches=k)`` fixes m
 independently of the number of ranks: each rank's batch is cut into k sub-batches, each with its own g1, ε
-and g2, and the mean of their mixed gradients is all-reduced once (by the last sub-batch's pass 2).
+and g2, and the mean of their mixed gradients is all-reduced once (by the last sub-batch's pass 2). Its
+BatchNorm running statistics are the mean of the k sub-batches' pass-1 updates, one step counted
+(``_BatchNormMean``): what k ranks end with once their buffers are averaged (loop.sync_bn_buffers).
+``sync_perturbations`` is refused with sub-batches (g1 averaged over ranks: m × world examples per ε).
 
 Pass 2 sees the same randomness as pass 1 (CPU and CUDA RNG state restored), leaves BatchNorm
 running statistics (running_mean/var and num_batches_tracked) untouched, and modules with a
@@ -66,7 +69,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .grads import Collected, global_norm
 from .passes import FIRST, PLAIN, SECOND, ModelModules, pass_policy
@@ -197,24 +202,93 @@ class _PairResult(NamedTuple):
     g1_norm: Tensor
 
 
+class _BatchNormMean:
+    """BatchNorm running statistics of an m-sharpness step: the mean of the k sub-batches' pass-1 updates.
+
+    k ranks with one perturbation each make ONE update per step on every rank, each from the statistics the
+    step started with, and ``loop.sync_bn_buffers`` averages the ranks' buffers. One process with k sub-batches
+    must end where those k ranks end (gnp.m is a property of the method, not of the GPU count), so each
+    sub-batch's pass 1 starts from the step's starting buffers, and after the last one the buffers are the mean
+    of the k updated ones (summed in fp64 and divided by k, as the cross-rank average is) and
+    num_batches_tracked is the starting value + 1 (the mean of k equal increments). Letting every pass 1
+    update in turn would make k updates per step (issue 31).
+
+    Under DDP with ``broadcast_buffers`` the first forward of a step replaces every rank's buffers by rank 0's,
+    so that is where the ranks' updates start; when DDP is about to do that, rank 0's BatchNorm buffers are
+    broadcast here first (one collective of a flat fp64 copy, exact), so the start copied below is the one
+    sub-batch 0's pass 1 sees (DDP's own broadcast then re-sends the same values). Only layers in training
+    mode with ``track_running_stats`` are touched; pass 2 never updates them (``passes.pass_policy``).
+    """
+
+    def __init__(self, modules: ModelModules, k: int) -> None:
+        self.k = k
+        self.layers = [m for m in modules.batchnorms if m.training and m.track_running_stats]
+        self.ddps = modules.ddps
+        self.start: list[list[Tensor]] = []  # per layer: running_mean, running_var, num_batches_tracked
+        self.sums: list[list[Tensor]] = []
+
+    @staticmethod
+    def _buffers(m: _BatchNorm) -> list[Tensor]:
+        return [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+    def _rank0_buffers(self) -> None:
+        """What DDP's next forward does to these buffers (``broadcast_buffers``), done before the copy."""
+        for d in self.ddps:
+            if d.will_sync_module_buffers():
+                bufs = [b for m in self.layers for b in self._buffers(m)]
+                flat = torch.cat([b.detach().double().reshape(-1) for b in bufs])
+                dist.broadcast(flat, src=dist.get_global_rank(d.process_group, 0), group=d.process_group)
+                torch._foreach_copy_(bufs, [c.view_as(b) for c, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
+                return
+
+    @torch.no_grad()
+    def before_pass1(self, j: int) -> None:
+        if not self.layers:
+            return
+        if j == 0:
+            self._rank0_buffers()
+            self.start = [[b.detach().clone() for b in self._buffers(m)] for m in self.layers]
+            return
+        for m, start in zip(self.layers, self.start):
+            torch._foreach_copy_(self._buffers(m), start)
+
+    @torch.no_grad()
+    def after_pass1(self, j: int) -> None:
+        for i, m in enumerate(self.layers):
+            # fp64 copies (integers as they are), summed like the cross-rank average sums them
+            bufs = [
+                b.detach().to(torch.float64 if b.is_floating_point() else b.dtype, copy=True) for b in self._buffers(m)
+            ]
+            if j == 0:
+                self.sums.append(bufs)
+            else:
+                torch._foreach_add_(self.sums[i], bufs)
+        if j == self.k - 1:
+            for m, sums in zip(self.layers, self.sums):
+                for b, total in zip(self._buffers(m), sums):
+                    b.copy_(total / self.k if b.is_floating_point() else total // self.k)
+
+
 class _SubBatchSum:
     """The m-sharpness bookkeeping across the k perturbations of one step (``train_step(sub_batches=k)``).
 
     Gradients: sub-batch j's finished c_j·g1_j + α·g2_j is summed outside ``.grad`` (so the next g1 starts
     from zero); before the LAST pass 2 the sum goes back into ``.grad``, so DDP's single all-reduce (the
-    step's last backward) averages all of it; after the last mix ``.grad`` is divided by k.
+    step's last backward) averages all of it; after the last mix ``.grad`` is divided by k. BatchNorm
+    statistics: ``_BatchNormMean``.
     """
 
     def __init__(self, k: int, modules: ModelModules, param_groups: list[dict[str, Any]]) -> None:
         self.k = k
         self.param_groups = param_groups
         self.acc: dict[Tensor, Tensor] = {}
+        self.bn = _BatchNormMean(modules, k)
 
     def before_pass1(self, j: int) -> None:
-        pass
+        self.bn.before_pass1(j)
 
     def after_pass1(self, j: int) -> None:
-        pass
+        self.bn.after_pass1(j)
 
     @torch.no_grad()
     def fold_into_grads(self, collected: Collected, post: list[float | None]) -> None:
@@ -719,8 +793,10 @@ class GNP(torch.optim.Optimizer):
                 batch: each sub-batch gets its own g1, ε and g2, and the step uses the mean over the
                 sub-batches of (1 − α)·c_j·g1_j + α·g2_j (then DDP's average over ranks). 2k passes, one
                 all-reduce (the last sub-batch's pass 2); the loss, g1 norm and perturbed loss reported
-                are means over the sub-batches. Plain steps still call ``loss_fn()`` once on the whole
-                batch. k = 1 (default) is the one-perturbation step, unchanged. Not with ``reuse``.
+                are means over the sub-batches; BatchNorm statistics make one update per step, the mean of
+                the sub-batches' (``_BatchNormMean``). Plain steps still call ``loss_fn()`` once on the whole
+                batch. k = 1 (default) is the one-perturbation step, unchanged. Not with ``reuse`` or
+                ``sync_perturbations``.
 
         Gradients are set to None at the start and the end of the step (PyTorch's default; with
         DDP ``gradient_as_bucket_view=True`` the reducer re-binds the bucket views on the next
@@ -735,6 +811,8 @@ class GNP(torch.optim.Optimizer):
         reuse = self._reuse_enabled()
         if sub_batches > 1 and reuse is not None:
             raise ValueError("GNP.train_step: sub_batches > 1 needs reuse='none' (reuse stores one g1 per step)")
+        if sub_batches > 1 and self.sync_perturbations:  # g1 averaged over ranks: m x world examples per perturbation
+            raise ValueError("GNP.train_step: sub_batches > 1 needs sync_perturbations=False (issue 31)")
         scaler = scaler if scaler is not None and scaler.is_enabled() else None
         modules = self._modules_of(model)
 
