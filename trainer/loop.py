@@ -10,7 +10,6 @@ sync would stall the GPU's queue as well.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -430,8 +429,3 @@ def measure_sharpness(
     if not n_batches:
         raise ValueError("measure: no batches; expected at least one training batch")
     return {**{k: v / n_batches for k, v in sums.items()}, "batches": n_batches, "images": n_images, "r": r}
-
-
-def is_finite_record(record: dict) -> bool:
-    """True when every float in a log record is finite (tests use it; training diverging shows up here)."""
-    return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
