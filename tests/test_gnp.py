@@ -380,26 +380,37 @@ def test_batchnorm_stats_come_from_pass1_only(entry: str) -> None:
     assert not model.bn_off.track_running_stats
 
 
+@pytest.mark.parametrize("raise_in", [1, 2])
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_batchnorm_and_theta_restored_when_pass2_raises(entry: str) -> None:
+def test_everything_restored_when_a_pass_raises(entry: str, raise_in: int) -> None:
+    """θ bitwise, BatchNorm tracking (a layer the user turned off stays off), the true_gradient flag and, for
+    step(closure), the global forward pre-hook: all as before the step when pass 1 or pass 2 raises. (DDP's
+    synchronisation flag: tests/test_gnp_passes.py, which has the gloo group.)"""
     torch.manual_seed(0)
-    model = BNNet()
+    probe = NoiseProbe()
+    model = nn.Sequential(BNNet(), probe)
     x, y = make_data("conv", torch.float32, n=8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.named_parameters()}
     calls = []
 
     def loss_fn() -> Tensor:
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == raise_in:
+            model(x)  # the pass's settings are in force when it raises
             raise KeyError("boom")
         return loss_of(model, x, y)
 
     opt = GNP(torch.optim.SGD(model.parameters(), lr=0.1), r=0.5, alpha=0.8)
     with pytest.raises(KeyError):
         run_entry(opt, entry, model, loss_fn)
-    assert model.bn2d.track_running_stats and not model.bn_off.track_running_stats
+    assert probe.flags[-1] is (raise_in == 1)  # the pass's own setting was applied ...
+    assert model[0].bn2d.track_running_stats and not model[0].bn_off.track_running_stats  # ... and undone
+    assert probe.true_gradient is False
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+    probe.true_gradient = True  # no hook left behind: a plain forward sees the module's own setting
+    model(x)
+    assert probe.flags[-1] is True
 
 
 class NoiseProbe(nn.Module):
@@ -418,22 +429,31 @@ class NoiseProbe(nn.Module):
         return x + 0.01 * noise
 
 
+@pytest.mark.parametrize("flag_before", [False, True])
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_same_randomness_in_both_passes_and_true_gradient_flag(entry: str) -> None:
+def test_same_randomness_in_both_passes_and_true_gradient_flag(entry: str, flag_before: bool) -> None:
+    """Pass 2 draws what pass 1 drew (noise and dropout mask); true_gradient is True in pass 1, False in pass 2
+    and in plain steps, and afterwards whatever it was before."""
     torch.manual_seed(0)
     probe = NoiseProbe()
-    model = nn.Sequential(nn.Linear(4, 6), probe, nn.Dropout(0.5), nn.Linear(6, 3))
+    probe.true_gradient = flag_before
+    drop = nn.Dropout(0.5)
+    masks: list[Tensor] = []
+    drop.register_forward_hook(lambda m, args, out: masks.append(out != 0))
+    model = nn.Sequential(nn.Linear(4, 6), probe, drop, nn.Linear(6, 3))
     x, y = make_data("mlp", torch.float32, n=16)
     opt = GNP(torch.optim.SGD(model.parameters(), lr=0.01), r=0.1, alpha=0.8)
     run_entry(opt, entry, model, lambda: loss_of(model, x, y))
     run_entry(opt, entry, model, lambda: loss_of(model, x, y))
     assert torch.equal(probe.draws[0], probe.draws[1]) and torch.equal(probe.draws[2], probe.draws[3])
-    assert not torch.equal(probe.draws[0], probe.draws[2])  # the generator still advances per step
-    assert probe.flags == [True, False, True, False] and probe.true_gradient is False
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[2], masks[3])
+    # teeth: the generator advances per step, so an un-restored pass 2 would draw something else
+    assert not torch.equal(probe.draws[0], probe.draws[2]) and not torch.equal(masks[0], masks[2])
+    assert probe.flags == [True, False, True, False] and probe.true_gradient is flag_before
     probe.flags.clear()
     opt.param_groups[0]["alpha"] = 0.0
     run_entry(opt, entry, model, lambda: loss_of(model, x, y))
-    assert probe.flags == [False]
+    assert probe.flags == [False] and probe.true_gradient is flag_before
 
 
 def test_dropout_masks_identical_in_both_passes() -> None:

@@ -1,7 +1,11 @@
-"""trainer.optim.passes.pass_policy on its own: the module settings of each GNP pass, and their undoing.
+"""trainer.optim.passes.pass_policy on its own: what GNP's entry points cannot show.
 
-Both ways of finding the modules are checked: ``model=`` (what ``train_step`` uses) and the global forward
-pre-hook (``model=None``, what ``step(closure)`` uses). DDP runs for real: one process, gloo.
+What a GNP step does through the policy is tested once, through both entry points (``step(closure)`` uses the
+global forward pre-hook, ``train_step`` the ``model=`` lists), in tests/test_gnp.py: BatchNorm statistics from
+pass 1 only (against a model that ran pass 1 alone), the same randomness in both passes, the true_gradient flag
+per pass and its restoring, and everything put back when a pass raises. Here: DDP's synchronisation flag (for
+real: one process, gloo), the normalisation of a frozen BatchNorm, which modules the hook reaches, the module
+lists, bad arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.optim.passes import FIRST, PLAIN, SECOND, ModelModules, pass_policy
+from trainer.optim.passes import FIRST, SECOND, ModelModules, pass_policy
 
 WAYS = ("model", "hook")
 
@@ -45,14 +49,6 @@ def policy(way: str, pass_: int, model: nn.Module, **kw) -> pass_policy:
     return pass_policy(pass_, model=model if way == "model" else None, **kw)
 
 
-def bn_state(bn: nn.BatchNorm1d) -> list[torch.Tensor]:
-    return [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
-
-
 @pytest.fixture
 def gloo(tmp_path: Path) -> Iterator[None]:
     """A real one-process gloo group (file store); torn down after the test has deleted its DDP objects."""
@@ -65,45 +61,7 @@ def gloo(tmp_path: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# BatchNorm
-
-
-@pytest.mark.parametrize("way", WAYS)
-def test_pass2_leaves_batchnorm_running_stats_alone(way: str) -> None:
-    model = make_model().train()
-    bn = model[1]
-    x = torch.randn(8, 3)
-    before = bn_state(bn)
-    with policy(way, SECOND, model):
-        model(x)
-        model(x)
-        assert bn.track_running_stats is False  # batch statistics, nothing written
-    assert same(bn_state(bn), before)
-    assert bn.track_running_stats is True
-    # and tracking works again after the pass: one forward counts one batch and moves the mean
-    model(x)
-    assert int(bn.num_batches_tracked) == int(before[2]) + 1
-    assert not torch.equal(bn.running_mean, before[0])
-
-
-@pytest.mark.parametrize("way", WAYS)
-@pytest.mark.parametrize("pass_", [PLAIN, FIRST])
-def test_other_passes_update_batchnorm(way: str, pass_: int) -> None:
-    model = make_model().train()
-    bn = model[1]
-    with policy(way, pass_, model):
-        model(torch.randn(8, 3))
-    assert int(bn.num_batches_tracked) == 1
-
-
-@pytest.mark.parametrize("way", WAYS)
-def test_batchnorm_turned_off_by_the_user_stays_off(way: str) -> None:
-    model = make_model().train()
-    bn = model[1]
-    bn.track_running_stats = False
-    with policy(way, SECOND, model):
-        model(torch.randn(8, 3))
-    assert bn.track_running_stats is False
+# BatchNorm, hook reach, module lists
 
 
 def test_batchnorm_mean_of_same_batch_equals_pass1_normalisation() -> None:
@@ -122,25 +80,6 @@ def test_batchnorm_mean_of_same_batch_equals_pass1_normalisation() -> None:
     torch.testing.assert_close(y2, by_hand)
 
 
-# ---------------------------------------------------------------------------------------------
-# true_gradient
-
-
-@pytest.mark.parametrize("way", WAYS)
-@pytest.mark.parametrize("before", [False, True])
-def test_true_gradient_per_pass_and_restored(way: str, before: bool) -> None:
-    model = make_model()
-    flagged = model[2]
-    flagged.true_gradient = before
-    x = torch.randn(8, 3)
-    for pass_, expected in ((FIRST, True), (SECOND, False), (PLAIN, False)):
-        flagged.seen.clear()
-        with policy(way, pass_, model):
-            model(x)
-        assert flagged.seen == [expected], pass_
-        assert flagged.true_gradient is before, pass_
-
-
 def test_hook_reaches_only_modules_the_body_calls() -> None:
     called, other = Flagged(), Flagged()
     with pass_policy(FIRST):
@@ -157,28 +96,6 @@ def test_model_modules_found_once() -> None:
     found = ModelModules(model)
     assert found.is_for(model) and not found.is_for(make_model())
     assert found.batchnorms == [model[1]] and found.flagged == [model[2]] and found.ddps == []
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG
-
-
-@pytest.mark.parametrize("way", WAYS)
-def test_pass2_draws_the_same_dropout_mask(way: str) -> None:
-    model = make_model().train()
-    drop = model[3]
-    masks = []
-    drop.register_forward_hook(lambda m, args, out: masks.append(out != 0))
-    x = torch.randn(64, 3)
-    with policy(way, FIRST, model) as pass1:
-        model(x)
-    torch.rand(100)  # whatever runs between the passes draws too
-    with policy(way, SECOND, model, rng=pass1.rng):
-        model(x)
-    with policy(way, SECOND, model):  # no snapshot handed over: the RNG runs on
-        model(x)
-    assert torch.equal(masks[0], masks[1])
-    assert not torch.equal(masks[0], masks[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,29 +136,13 @@ def test_pass1_runs_ddp_unsynchronised(gloo: None, way: str) -> None:
     n = calls[0]
     run(ddp, FIRST, sync=True)  # sync_perturbations: pass 1 synchronised too
     assert calls[0] == 2 * n
+    with pytest.raises(RuntimeError, match="boom"):  # a pass that raises still puts synchronisation back
+        with policy(way, FIRST, ddp):
+            ddp(x)
+            assert ddp.require_backward_grad_sync is False
+            raise RuntimeError("boom")
+    assert ddp.require_backward_grad_sync is True
     del ddp, pol
-
-
-@pytest.mark.parametrize("way", WAYS)
-def test_everything_restored_when_the_body_raises(gloo: None, way: str) -> None:
-    inner = make_model().train()
-    ddp = DistributedDataParallel(inner)
-    bn, flagged = inner[1], inner[2]
-    x = torch.randn(8, 3)
-    for p in (FIRST, SECOND):
-        with pytest.raises(RuntimeError, match="boom"):
-            with policy(way, p, ddp):
-                ddp(x)
-                raise RuntimeError("boom")
-        assert ddp.require_backward_grad_sync is True
-        assert bn.track_running_stats is True
-        assert flagged.true_gradient is False
-    # no hook left behind: a plain forward sees the module's own setting
-    flagged.true_gradient = True
-    flagged.seen.clear()
-    ddp(x)
-    assert flagged.seen == [True]
-    del ddp
 
 
 def test_bad_pass() -> None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from tests.support.dist_scripts.gnp_ddp_checks import RecordingSGD  # the same recorder the 2-rank checks use
 from trainer.optim.gnp import GNP
+from trainer.optim.reuse import REUSE_VARIANTS, LookSAMReuse
 
 R, ALPHA, EPS = 0.1, 0.8, 1e-12
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +211,37 @@ def test_plain_step_adds_alpha_w_norm_v(kind: str, weight: float, full_entry: st
     after = flat([p.detach() for p in model.parameters()])
     assert torch.allclose(after, before - lr * expected, rtol=0, atol=1e-12)
     assert float((expected - g_now).norm()) > 1e-4 * float(g_now.norm())  # the correction is visible
+
+
+def test_parameter_without_gradient_at_the_full_step_is_not_corrected() -> None:
+    """v covers the parameters that had a gradient at the full step; one that gets its first gradient at a plain
+    step keeps it as it is, while ‖g‖ still runs over every gradient of the plain step."""
+    model = make_model("mlp")
+    shift = nn.Parameter(torch.zeros(3, dtype=torch.float64))  # used by the plain step only
+    params = [*model.parameters(), shift]
+    xa, ya = make_data("mlp", 1)
+    xb, yb = make_data("mlp", 2)
+    g1, g2 = g1_g2(model, xa, ya, [R] * 4)
+    v_ref = orthogonal_v(g1, g2)
+    seen: list[list[Tensor | None]] = []
+
+    class Recording(torch.optim.SGD):  # RecordingSGD, but shift has no gradient at the full step
+        def step(self, closure=None):
+            seen.append([None if p.grad is None else p.grad.clone() for p in params])
+            return super().step(closure)
+
+    opt = GNP(Recording(params, lr=0.1), r=R, alpha=ALPHA, reuse="looksam")
+    full_step(opt, "train_step", model, xa, ya)
+    assert seen[0][4] is None
+    assert sorted(opt.state_dict()["reuse"]["v"]) == [0, 1, 2, 3]  # shift had no gradient: outside v
+
+    ref = copy.deepcopy(model)
+    ref_shift = shift.detach().clone().requires_grad_(True)
+    g_now = torch.autograd.grad(F.cross_entropy(ref(xb) + ref_shift, yb), [*ref.parameters(), ref_shift])
+    opt.train_step(lambda: F.cross_entropy(model(xb) + shift, yb), model=model, gnp=False)
+    norm = flat(g_now).norm()
+    assert rel(flat(seen[1][:4]), flat(g_now[:4]) + ALPHA * norm * v_ref) < 1e-10
+    assert torch.equal(seen[1][4], g_now[4])
 
 
 def test_correction_comes_before_clipping() -> None:
@@ -443,6 +475,16 @@ def test_invalid_reuse_settings() -> None:
         opt.load_state_dict({**sd, "reuse": {"v": {0: torch.zeros(3)}}})
     with pytest.raises(ValueError, match="reuse v index"):
         opt.load_state_dict({**sd, "reuse": {"v": {99: torch.zeros(3)}}})
+    with pytest.raises(ValueError, match="'reuse' must be a dict"):
+        opt.load_state_dict({**sd, "reuse": {"w": {}}})
+    shapes = [p.shape for p in model.parameters()]
+    with pytest.raises(ValueError, match="share one dtype"):
+        opt.load_state_dict({**sd, "reuse": {"v": {0: torch.zeros(shapes[0]), 1: torch.zeros(shapes[1]).double()}}})
+
+
+def test_registry() -> None:
+    """The names the configuration's gnp.reuse accepts, besides "none"."""
+    assert REUSE_VARIANTS == {"looksam": LookSAMReuse}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -412,6 +412,14 @@ def _validate(c: RunConfig) -> None:
         g.m,
         "0 with gnp.reuse=looksam (reuse stores one g1 per step, sub-batches have several)",
     )
+    # issue 31: with sync_perturbations each sub-batch's g1 would be averaged over the ranks, so one perturbation
+    # would cover m x world examples and gnp.m would again depend on the GPU count
+    _check(
+        g.m == 0 or not g.sync_perturbations,
+        "gnp.m",
+        g.m,
+        "0 with gnp.sync_perturbations=true (g1 averaged over the ranks: one perturbation per m x world examples)",
+    )
     _check(
         not (g.warmup != "none" and g.warmup_epochs == 0),
         "gnp.warmup_epochs",

@@ -10,7 +10,6 @@ sync would stall the GPU's queue as well.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
@@ -81,7 +80,11 @@ class StepPolicy:
         )
 
     def apply(self, opt: torch.optim.Optimizer, step: int, epoch: int) -> bool:
-        """Write lr, r and alpha for `step` into every param group; return whether it is a GNP step."""
+        """Write lr, r and alpha for `step` into every param group; return the hybrid schedule's draw.
+
+        The param groups are the one place r and alpha live during a step: GNP reads them there and runs a plain
+        step when they are 0 (zero warmup, r = 0), so the draw alone is returned rather than a second decision
+        from this policy's own copy of r and alpha."""
         lr = learning_rate(
             step,
             base_lr=self.base_lr,
@@ -102,7 +105,7 @@ class StepPolicy:
         )
         for group in opt.param_groups:
             group["lr"], group["r"], group["alpha"] = lr, r, alpha
-        return r > 0 and alpha > 0 and is_gnp_step(step, seed=self.seed, p=self.hybrid_p, every=self.gnp_every)
+        return is_gnp_step(step, seed=self.seed, p=self.hybrid_p, every=self.gnp_every)
 
 
 @dataclass
@@ -430,8 +433,3 @@ def measure_sharpness(
     if not n_batches:
         raise ValueError("measure: no batches; expected at least one training batch")
     return {**{k: v / n_batches for k, v in sums.items()}, "batches": n_batches, "images": n_images, "r": r}
-
-
-def is_finite_record(record: dict) -> bool:
-    """True when every float in a log record is finite (tests use it; training diverging shows up here)."""
-    return all(math.isfinite(v) for v in record.values() if isinstance(v, float))
