@@ -174,7 +174,7 @@ def test_strict_yaml_load_refuses_a_key_given_twice():
         ("s:\n  x: 1\n  y: 2\n  x: 3\n", "x", 4),
         ("s: {x: 1, x: 2}\n", "x", 1),
         ("- {k: 1}\n- {k: 1, k: 2}\n", "k", 2),
-        ("1: a\n1: b\n", 1, 2),
+        ("'1': a\n'1': b\n", "1", 2),
     ]:
         with pytest.raises(DuplicateKeyError) as info:
             strict_yaml_load(text)
@@ -186,6 +186,31 @@ def test_strict_yaml_load_refuses_a_key_given_twice():
     # Still a safe loader: no Python objects.
     with pytest.raises(yaml.YAMLError):
         strict_yaml_load("!!python/object/apply:os.system ['true']\n")
+
+
+def test_strict_yaml_load_refuses_non_string_keys_and_deep_nesting_with_the_line():
+    """A key that is not a name, or nesting that would end in a RecursionError (a traceback), is a YAMLError
+    with problem_mark, so every caller that reports invalid YAML with its line reports these too."""
+    from trainer.config import MAX_YAML_DEPTH, YAMLShapeError, strict_yaml_load
+
+    for text, fragment, line in [
+        ("a: 1\n1: b\n", "key '1' is not a string", 2),
+        ("s:\n  x: 1\n  true: 2\n", "key 'true' is not a string", 3),
+        ("s: {~: 1}\n", "key '~' is not a string", 1),
+        ("s:\n  ? [a, b]\n  : 1\n", "key a sequence is not a string", 2),
+        ("a: 1\nb: " + "[" * 5000 + "]" * 5000 + "\n", f"nested deeper than {MAX_YAML_DEPTH}", 2),
+    ]:
+        with pytest.raises(YAMLShapeError) as info:
+            strict_yaml_load(text)
+        assert fragment in info.value.problem, info.value.problem
+        assert info.value.problem_mark.line + 1 == line
+    nested = (
+        "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, MAX_YAML_DEPTH - 1)) + "  " * MAX_YAML_DEPTH + "v\n"
+    )
+    assert strict_yaml_load(nested)["a"]["k1"]  # just inside the limit: still read
+    # Aliases are visited once: a "billion laughs" document is checked in linear time.
+    laughs = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 30))
+    assert len(strict_yaml_load(laughs)) == 30
 
 
 def test_a_recipe_with_a_duplicate_key_is_one_config_error(tmp_path):
