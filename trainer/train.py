@@ -43,6 +43,7 @@ from trainer.models import create_model
 from trainer.optim.factory import build_optimizer
 from trainer.run_state import RunState, gather_rng_states, git_commit, resume, set_rng_state
 from trainer.storage import StorageError
+from trainer.validate import fresh_rename_problem
 
 # gather_rng_states, set_rng_state and git_commit moved to trainer.run_state; still importable from here.
 __all__ = [
@@ -188,6 +189,13 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             raise ConfigError(f"run.dir: {problem}; expected a folder this user can write")
         if refusal := _run_dir_refusal(cfg):
             raise ConfigError(refusal)
+        # run.fresh renames an existing run aside: the first write, so it must be known to work now.
+        if cfg.run.fresh and (run_dir_of(cfg) / "config.yaml").is_file():
+            if problem := fresh_rename_problem(run_dir_of(cfg)):
+                raise ConfigError(
+                    f"run.dir: cannot move it aside for run.fresh=true: {problem}; expected a folder below the "
+                    f"working directory, not a mount point, whose parent this user can write"
+                )
         if not cfg.checkpoint.uri.startswith("s3://"):
             where = cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints"
             if problem := folder_problem(where):
@@ -419,9 +427,14 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most each rank's share of the "
             f"{loaders.meta['train_size']} training images of {cfg.data.path} (an epoch has no batch)"
         )
-    run_dir = prepare_run_dir(cfg, env)
+    # Also before the run directory: the optimizer, the step policy and the batch augmentation check their
+    # arguments as they are built, and a refusal must leave no config.yaml (the fix would be a "different config").
     opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
     held.opt = opt
+    spe = len(loaders.train)
+    policy = StepPolicy.from_config(cfg.schedule, cfg.gnp, cfg.loop, cfg.optim, spe)
+    batch_augment = build_batch_augment(cfg, loaders.meta["num_classes"], env)
+    run_dir = prepare_run_dir(cfg, env)
     sub_batches = gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env))
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     set_float32_math(cfg.loop.precision)
@@ -444,19 +457,18 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run",
     )
     held.sink = sink
-    spe = len(loaders.train)
     lp, ck = cfg.loop, cfg.checkpoint
     loss_spec = LossSpec(
         label_smoothing=cfg.data.label_smoothing,
         l2=cfg.optim.l2,
         l2_params=l2_params,
-        batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env),
+        batch_augment=batch_augment,
     )
     ctx = TrainContext(
         model=model,
         opt=opt,
         env=env,
-        policy=StepPolicy.from_config(cfg.schedule, cfg.gnp, lp, cfg.optim, spe),
+        policy=policy,
         loss_spec=loss_spec,
         sink=sink,
         amp_dtype=amp_dtype,
