@@ -91,7 +91,8 @@ def _check_depth(text: str) -> None:
 
 def _check_keys(root: yaml.Node) -> None:
     """YAMLShapeError at the first mapping key that is not a string (1, true, null, a list): every config key
-    is a name, and one that is not would otherwise surface far from its line, or not at all."""
+    is a name, and one that is not would otherwise surface far from its line, or not at all. Also at a
+    date-like value that is no date."""
     seen, todo = set(), [root]
     while todo:  # aliases make the node graph a DAG: visit each node once (no billion-laughs blow-up)
         node = todo.pop()
@@ -110,6 +111,14 @@ def _check_keys(root: yaml.Node) -> None:
                 todo.append(value)
         elif isinstance(node, yaml.SequenceNode):
             todo.extend(node.value)
+        elif node.tag == "tag:yaml.org,2002:timestamp":
+            # 2024-13-45 matches YAML's date pattern, and constructing it raises a bare ValueError (no line)
+            try:
+                yaml.SafeLoader.construct_yaml_timestamp(_StrictLoader(""), node)
+            except (ValueError, OverflowError) as e:
+                raise YAMLShapeError(
+                    problem=f"{node.value!r} is not a date ({e})", problem_mark=node.start_mark
+                ) from None
 
 
 def strict_yaml_load(text: str) -> Any:
