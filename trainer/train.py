@@ -189,8 +189,9 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             raise ConfigError(f"run.dir: {problem}; expected a folder this user can write")
         if refusal := _run_dir_refusal(cfg):
             raise ConfigError(refusal)
-        # run.fresh renames an existing run aside: the first write, so it must be known to work now.
-        if cfg.run.fresh and (run_dir_of(cfg) / "config.yaml").is_file():
+        # run.fresh renames an existing run aside: the first write, so it must be known to work now (checked for
+        # any existing folder, so that '/' or a mount point is refused on the first run, not the second).
+        if cfg.run.fresh and run_dir_of(cfg).is_dir():
             if problem := fresh_rename_problem(run_dir_of(cfg)):
                 raise ConfigError(
                     f"run.dir: cannot move it aside for run.fresh=true: {problem}; expected a folder below the "
