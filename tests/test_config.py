@@ -229,3 +229,77 @@ def test_every_builtin_recipe_reads_strictly():
 
     for path in RECIPES_DIR.glob("*.yaml"):
         assert isinstance(strict_yaml_load(path.read_text()), dict), path
+
+
+def _leaf_types(cls=None, prefix=""):
+    """(key, type) of every setting of the schema."""
+    import dataclasses
+    import typing
+
+    cls = cls or config.RunConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_types(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def test_every_float_setting_must_be_finite():
+    """Generic over the schema (a new float setting is covered without a new line here): inf and nan are refused
+    with the key named, unless the key is in NON_FINITE_OK (none is: an inf anything trains to NaN)."""
+    import typing
+
+    floats = []
+    for key, tp in _leaf_types():
+        args = typing.get_args(tp) if typing.get_origin(tp) is tuple else (tp,)
+        if float in args:
+            floats.append((key, typing.get_origin(tp) is tuple))
+    assert len(floats) >= 19 and not config.NON_FINITE_OK
+    for key, is_list in floats:
+        for bad in (".inf", "-.inf", ".nan"):
+            value = f"[{bad}, {bad}]" if is_list else bad
+            with pytest.raises(config.ConfigError) as info:
+                config.load("debug-cpu", [f"{key}={value}"])
+            assert str(info.value).startswith(key) and "a finite number" in str(info.value), (key, str(info.value))
+
+
+def test_every_int_setting_must_fit_in_int64():
+    keys = [key for key, tp in _leaf_types() if tp is int]
+    assert len(keys) >= 20
+    for key in keys:
+        for bad in (2**63, -(2**63) - 1):
+            with pytest.raises(config.ConfigError) as info:
+                config.load("debug-cpu", [f"{key}={bad}"])
+            assert str(info.value).startswith(key) and "64 bits" in str(info.value), (key, str(info.value))
+
+
+def test_s3_uri_rules():
+    from trainer.storage import parse_s3_uri
+    from trainer.validate import split_s3_uri
+
+    for good in ["s3://abc/x", "s3://a.b-c1/x/y/", "s3://gnp-checkpoints", "s3://" + "a" * 63 + "/p"]:
+        assert split_s3_uri(good)[2] == "", good
+        parse_s3_uri(good)
+    for bad in [
+        "s3://ab/x",
+        "s3://" + "a" * 64 + "/x",
+        "s3://Abc/x",
+        "s3://a_c/x",
+        "s3://-abc/x",
+        "s3://abc-/x",
+        "s3://a..c/x",
+        "s3://a.-c/x",
+        "s3://192.168.0.1/x",
+        "s3://xn--abc/x",
+        "s3://abc-s3alias/x",
+        "s3://abc//x",
+        "s3://abc/x//y",
+        "s3://abc/./x",
+        "s3://abc/x/..",
+        "s3:///x",
+    ]:
+        assert split_s3_uri(bad)[2], bad
+        with pytest.raises(ValueError, match="checkpoint.uri: invalid value"):
+            parse_s3_uri(bad)
