@@ -376,6 +376,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _validate_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -502,15 +503,20 @@ def _validate(c: RunConfig) -> None:
         ck.uri,
         "a local folder or s3://bucket/prefix",
     )
-    if ck.uri.startswith("s3://"):  # a name the server refuses would be retried as an outage (exit 200)
-        _check(not (why := split_s3_uri(ck.uri)[2]), "checkpoint.uri", ck.uri, f"s3://bucket/prefix ({why})")
-    _check(0 <= lp.seed <= MAX_SEED, "loop.seed", lp.seed, f"an integer in 0..{MAX_SEED}")
-    _check(-1 <= lp.init_seed <= MAX_SEED, "loop.init_seed", lp.init_seed, f"-1 (= loop.seed) or 0..{MAX_SEED}")
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
     _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
     _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
     _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
     _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
+
+
+def _validate_limits(c: RunConfig) -> None:
+    """Values a type allows but torch, numpy or S3 refuse at run time, where a refusal comes too late."""
+    lp, ck = c.loop, c.checkpoint
+    if ck.uri.startswith("s3://"):  # a name the server refuses would be retried as an outage (exit 200)
+        _check(not (why := split_s3_uri(ck.uri)[2]), "checkpoint.uri", ck.uri, f"s3://bucket/prefix ({why})")
+    _check(0 <= lp.seed <= MAX_SEED, "loop.seed", lp.seed, f"an integer in 0..{MAX_SEED}")
+    _check(-1 <= lp.init_seed <= MAX_SEED, "loop.init_seed", lp.init_seed, f"-1 (= loop.seed) or 0..{MAX_SEED}")
 
 
 # ---------------------------------------------------------------------------------------------------
