@@ -117,6 +117,12 @@ def _job_spec(ctx: Ctx, text: str) -> list[str]:
     return ["render", "render", str(spec)]
 
 
+def _eval_config_not_utf8(ctx: Ctx) -> list[str]:
+    run = ctx.saved_config()
+    (run / "config.yaml").write_bytes(b"loop: {}\n# \xff\n")
+    return ["eval", "--run", str(run)]
+
+
 def _recipe_bytes(ctx: Ctx, data: bytes) -> str:
     path = ctx.ws / "recipe.yaml"
     path.write_bytes(data)
@@ -282,6 +288,12 @@ CASES: list[Case] = [
         lambda c: ["eval", "--run", str(c.saved_config("loop: {}\nloop: {}\n"))],
         {},
         ("--run", "config.yaml", "duplicate key 'loop'"),
+    ),
+    (
+        "eval-config-not-utf8",
+        _eval_config_not_utf8,
+        {},
+        ("--run", "config.yaml", "line 2", "not UTF-8"),
     ),
     (
         "eval-no-checkpoint",

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import dist
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.config import ConfigError, RunConfig, from_dict, strict_yaml_load, to_dict
+from trainer.config import ConfigError, RunConfig, from_dict, read_text_file, strict_yaml_load, to_dict
 from trainer.data import LoaderFacts, build_data, validate_dataset
 from trainer.loop import (
     LoopState,
@@ -610,7 +610,7 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
     if not saved.is_file():
         raise ConfigError(f"--run: {run_dir!r} has no config.yaml; expected a run directory made by `trainer train`")
     try:
-        data = strict_yaml_load(saved.read_text()) or {}
+        data = strict_yaml_load(read_text_file(saved, "--run")) or {}  # names the file for non-UTF-8 bytes too
     except yaml.YAMLError as e:
         raise ConfigError(f"--run: {str(saved)!r} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
