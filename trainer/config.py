@@ -67,13 +67,18 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 class YAMLShapeError(yaml.MarkedYAMLError):
-    """Valid YAML that no config can be: a key that is not a string, or nesting deeper than MAX_YAML_DEPTH."""
+    """YAML that no config can be: a key that is not a string, nesting deeper than MAX_YAML_DEPTH, a bad date."""
 
 
 # Configs nest 3 levels (section, key, list); model.kwargs may add a few. PyYAML's composer recurses once
 # per level, so a deeply nested document ends in a RecursionError (a traceback) instead of a message.
 MAX_YAML_DEPTH = 32
-_OPENERS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken)
+_OPENERS = (
+    yaml.BlockMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.FlowSequenceStartToken,
+)
 _CLOSERS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
 
 
@@ -81,7 +86,7 @@ def _check_depth(text: str) -> None:
     """YAMLShapeError at the first collection nested deeper than MAX_YAML_DEPTH (the scanner is iterative)."""
     depth = 0
     for tok in yaml.scan(text, Loader=yaml.SafeLoader):
-        if isinstance(tok, (*_OPENERS, yaml.FlowSequenceStartToken)):
+        if isinstance(tok, _OPENERS):
             depth += 1
             if depth > MAX_YAML_DEPTH:
                 raise YAMLShapeError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=tok.start_mark)
@@ -89,7 +94,7 @@ def _check_depth(text: str) -> None:
             depth -= 1
 
 
-def _check_keys(root: yaml.Node) -> None:
+def _check_nodes(root: yaml.Node) -> None:
     """YAMLShapeError at the first mapping key that is not a string (1, true, null, a list): every config key
     is a name, and one that is not would otherwise surface far from its line, or not at all. Also at a
     date-like value that is no date."""
@@ -123,7 +128,8 @@ def _check_keys(root: yaml.Node) -> None:
 
 def strict_yaml_load(text: str) -> Any:
     """yaml.safe_load that raises DuplicateKeyError (a yaml.YAMLError with problem_mark) for a key given twice,
-    and YAMLShapeError (one too) for a key that is not a string or nesting deeper than MAX_YAML_DEPTH.
+    and YAMLShapeError (one too) for a key that is not a string, nesting deeper than MAX_YAML_DEPTH or a
+    date-like value that is no date.
 
     The one YAML reader of recipes, `--set` values, saved run configs and k8s/render.py's job specs: the
     last of two values silently winning is how a typo'd recipe trains something nobody wrote down."""
@@ -133,7 +139,7 @@ def strict_yaml_load(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        _check_keys(node)
+        _check_nodes(node)
         return loader.construct_document(node)
     finally:
         loader.dispose()
