@@ -393,6 +393,10 @@ class RunConfig:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Seeds: numpy's legacy generators take at most 2**32 - 1, torch's DistributedSampler adds the epoch to it.
 MAX_SEED = 2**32 - 1
+# FFCV allocates batch x side x side x 3 buffers up front and starts num_workers threads per process: past
+# these, a run fails (an overflow, an allocation of petabytes) or hangs after its config.yaml was written.
+MAX_IMAGE_SIZE = 4096
+MAX_WORKERS = 256
 # Float settings where inf or nan means something. None does: an inf lr, r or clip_norm trains to NaN (or
 # stops at the first step), after the run directory was written. A key added here skips the finite check.
 NON_FINITE_OK: frozenset[str] = frozenset()
@@ -406,10 +410,10 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
     _check(
-        d.image_size == 0 or d.image_size >= 8,
+        d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE,
         "data.image_size",
         d.image_size,
-        "0 (the stored size) or an integer >= 8",
+        f"0 (the stored size) or an integer in 8..{MAX_IMAGE_SIZE}",
     )
     _check(
         g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
@@ -452,7 +456,7 @@ def _validate(c: RunConfig) -> None:
     )
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
-    _check(d.num_workers >= 1, "data.num_workers", d.num_workers, "an integer >= 1")
+    _check(1 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"an integer in 1..{MAX_WORKERS}")
     _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
