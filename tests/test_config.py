@@ -74,7 +74,14 @@ def test_config_is_frozen(tmp_path):
         ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
         ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
         ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
-        ("data.image_size=4", "data.image_size: invalid value 4; expected 0 (the stored size) or an integer >= 8"),
+        (
+            "data.image_size=4",
+            "data.image_size: invalid value 4; expected 0 (the stored size) or an integer in 8..4096",
+        ),
+        (
+            "data.image_size=4097",
+            "data.image_size: invalid value 4097; expected 0 (the stored size) or an integer in 8..",
+        ),
         ("loop", "--set: 'loop' is not of the form section.key=value"),
         ("optim=3", "optim: expected a mapping of"),
     ],
