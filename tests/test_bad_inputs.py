@@ -117,6 +117,45 @@ def _job_spec(ctx: Ctx, text: str) -> list[str]:
     return ["render", "render", str(spec)]
 
 
+def _eval_config_not_utf8(ctx: Ctx) -> list[str]:
+    run = ctx.saved_config()
+    (run / "config.yaml").write_bytes(b"loop: {}\n# \xff\n")
+    return ["eval", "--run", str(run)]
+
+
+def _recipe_bytes(ctx: Ctx, data: bytes) -> str:
+    path = ctx.ws / "recipe.yaml"
+    path.write_bytes(data)
+    return str(path)
+
+
+def _recipe_folder(ctx: Ctx) -> list[str]:
+    (ctx.ws / "recipe.yaml").mkdir()
+    return ctx.train(recipe=str(ctx.ws / "recipe.yaml"))
+
+
+def _recipe_broken_link(ctx: Ctx) -> list[str]:
+    (ctx.ws / "recipe.yaml").symlink_to(ctx.ws / "gone.yaml")
+    return ctx.train(recipe=str(ctx.ws / "recipe.yaml"))
+
+
+def _recipe_fifo(ctx: Ctx) -> list[str]:
+    os.mkfifo(ctx.ws / "recipe.yaml")  # reading it would block forever: must be refused unread
+    return ctx.train(recipe=str(ctx.ws / "recipe.yaml"))
+
+
+def _fresh(ctx: Ctx, run_dir: str) -> list[str]:
+    """run.fresh=true on an existing run (a config.yaml in the working directory) at `run_dir`."""
+    (ctx.ws / "config.yaml").write_text("recipe: debug-cpu\n")
+    return ctx.train("run.fresh=true", run_dir=run_dir)
+
+
+# S3 URIs a server refuses on every request: refused before any connection (the endpoint is a closed port,
+# so a check that connected would fail differently, and slowly).
+NO_S3 = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+DEEP = "[" * 3000 + "]" * 3000  # a RecursionError in PyYAML's composer without the depth check
+BIG = str(10**20)  # beyond int64
+
 # (id, build argv from the context, extra environment, fragments the one line must contain)
 Case = tuple[str, Callable[[Ctx], list[str]], dict, tuple[str, ...]]
 CASES: list[Case] = [
@@ -251,10 +290,126 @@ CASES: list[Case] = [
         ("--run", "config.yaml", "duplicate key 'loop'"),
     ),
     (
+        "eval-config-not-utf8",
+        _eval_config_not_utf8,
+        {},
+        ("--run", "config.yaml", "line 2", "not UTF-8"),
+    ),
+    (
         "eval-no-checkpoint",
         lambda c: ["eval", "--run", str(c.saved_config())],
         {},
         ("--run", "no complete checkpoint"),
+    ),
+    # issue 27: non-finite floats, refused by the config before config.yaml is written (they used to be refused
+    # by GNP after it, or to train to NaN with exit 0)
+    ("r-inf", lambda c: c.train("gnp.r=.inf"), {}, ("gnp.r", "invalid value inf", "a finite number")),
+    ("clip-norm-nan", lambda c: c.train("optim.clip_norm=.nan"), {}, ("optim.clip_norm", "a finite number")),
+    ("lr-inf", lambda c: c.train("optim.lr=.inf"), {}, ("optim.lr", "a finite number")),
+    ("lr-nan-in-recipe", lambda c: c.train(recipe=c.recipe("optim: {lr: .nan}\n")), {}, ("optim.lr", "finite")),
+    ("betas-inf", lambda c: c.train("optim.betas=[0.9, -.inf]"), {}, ("optim.betas[1]", "a finite number")),
+    ("milestone-inf", lambda c: c.train("schedule.milestones=[.inf]"), {}, ("schedule.milestones[0]", "finite")),
+    ("gr-warmup-inf", lambda c: c.train("gnp.warmup_epochs=.inf"), {}, ("gnp.warmup_epochs", "finite")),
+    ("mixup-alpha-inf", lambda c: c.train("data.mixup_alpha=.inf"), {}, ("data.mixup_alpha", "finite")),
+    ("model-option-nan", lambda c: c.train("model.kwargs={dropout: .nan}"), {}, ("model.kwargs.dropout", "finite")),
+    # issue 27: malformed recipe files: the file, the line and what is allowed
+    (
+        "recipe-int-key",
+        lambda c: c.train(recipe=c.recipe("loop:\n  epochs: 1\n  2: 3\n")),
+        {},
+        ("recipe.yaml", "line 3", "key '2' is not a string", "expected a name"),
+    ),
+    (
+        "recipe-bool-key",
+        lambda c: c.train(recipe=c.recipe("model:\n  name: resnet_debug\non: 1\n")),
+        {},
+        ("recipe.yaml", "line 3", "key 'on' is not a string"),
+    ),
+    (
+        "recipe-deep",
+        lambda c: c.train(recipe=c.recipe(f"loop:\n  epochs: 1\nmodel:\n  kwargs: {{a: {DEEP}}}\n")),
+        {},
+        ("recipe.yaml", "line 4", "nested deeper than 32 levels"),
+    ),
+    (
+        "recipe-not-utf8",
+        lambda c: c.train(recipe=_recipe_bytes(c, b"loop:\n  epochs: 1\n# caf\xe9\n")),
+        {},
+        ("recipe.yaml", "line 3", "not UTF-8", "byte 0xe9"),
+    ),
+    (
+        "recipe-syntax-line",
+        lambda c: c.train(recipe=c.recipe("loop:\n  epochs: 1\n  batch_size: [8\nmodel: {}\n")),
+        {},
+        ("recipe.yaml", "line 4", "not valid YAML", "expected a mapping of sections"),
+    ),
+    (
+        "recipe-list-line",
+        lambda c: c.train(recipe=c.recipe("# a list\n- loop\n")),
+        {},
+        ("recipe.yaml", "line 2", "mapping of sections", "list"),
+    ),
+    ("recipe-is-folder", _recipe_folder, {}, ("--recipe", "recipe.yaml", "is a folder", "expected a YAML file")),
+    ("recipe-broken-link", _recipe_broken_link, {}, ("--recipe", "recipe.yaml", "broken symbolic link")),
+    ("recipe-fifo", _recipe_fifo, {}, ("--recipe", "recipe.yaml", "not a regular file")),
+    (
+        "recipe-read-error",  # a read error even for root (EIO): chmod 000 does not stop root
+        lambda c: c.train(recipe="/proc/self/mem"),
+        {},
+        ("--recipe", "/proc/self/mem", "cannot be read", "Input/output error"),
+    ),
+    (
+        "recipe-bad-date",
+        lambda c: c.train(recipe=c.recipe("loop:\n  epochs: 1\n  seed: 2024-13-45\n")),
+        {},
+        ("recipe.yaml", "line 3", "'2024-13-45' is not a date"),
+    ),
+    ("set-deep", lambda c: c.train(f"model.kwargs={DEEP}"), {}, ("--set", "nested deeper than 32 levels")),
+    ("set-int-key", lambda c: c.train("model.kwargs={1: 2}"), {}, ("--set", "key '1' is not a string")),
+    # issue 27: integers beyond int64 or a seed's range, NUL characters, run.dir that run.fresh cannot move
+    ("seed-huge", lambda c: c.train(f"loop.seed={BIG}"), {}, ("loop.seed", "fits in 64 bits")),
+    ("seed-negative", lambda c: c.train("loop.seed=-5"), {}, ("loop.seed", "0..4294967295")),
+    ("seed-33-bits", lambda c: c.train("loop.seed=4294967296"), {}, ("loop.seed", "0..4294967295")),
+    ("init-seed-negative", lambda c: c.train("loop.init_seed=-7"), {}, ("loop.init_seed", "-1 (= loop.seed)")),
+    ("epochs-huge", lambda c: c.train(f"loop.epochs={BIG}"), {}, ("loop.epochs", "fits in 64 bits")),
+    ("every-steps-huge", lambda c: c.train(f"checkpoint.every_steps={BIG}"), {}, ("checkpoint.every_steps", "64")),
+    ("model-option-huge", lambda c: c.train(f"model.kwargs={{width: {BIG}}}"), {}, ("model.kwargs.width", "64")),
+    ("image-size-huge", lambda c: c.train("data.image_size=1099511627776"), {}, ("data.image_size", "8..4096")),
+    ("num-workers-huge", lambda c: c.train("data.num_workers=1099511627776"), {}, ("data.num_workers", "1..256")),
+    ("run-dir-nul", lambda c: c.train('run.dir="run\\0x"'), {}, ("run.dir", "without NUL")),
+    ("data-path-nul", lambda c: c.train('data.path="ds\\0"'), {}, ("data.path", "without NUL")),
+    ("checkpoint-uri-nul", lambda c: c.train('checkpoint.uri="ck\\0"'), {}, ("checkpoint.uri", "without NUL")),
+    ("fresh-dot", lambda c: _fresh(c, "."), {}, ("run.dir", "run.fresh=true", "'.' has no name to rename")),
+    ("fresh-root", lambda c: c.train("run.fresh=true", run_dir="/"), {}, ("run.dir", "'/' has no name")),
+    (
+        "fresh-holds-cwd",
+        lambda c: _fresh(c, str(c.ws.parent)),
+        {},
+        ("run.dir", "run.fresh=true", "holds the working directory"),
+    ),
+    ("fresh-mount-point", lambda c: c.train("run.fresh=true", run_dir="/proc"), {}, ("run.dir", "mount point")),
+    # issue 27: S3 names every server refuses: permanent (exit 2), not 600 s of retried uploads and exit 200
+    ("s3-bucket-upper", lambda c: c.train("checkpoint.uri=s3://Ckpt/run"), NO_S3, ("checkpoint.uri", "'Ckpt'", "3-63")),
+    ("s3-bucket-short", lambda c: c.train("checkpoint.uri=s3://ab/run"), NO_S3, ("checkpoint.uri", "bucket name 'ab'")),
+    ("s3-bucket-ip", lambda c: c.train("checkpoint.uri=s3://10.1.2.3/run"), NO_S3, ("checkpoint.uri", "IP address")),
+    ("s3-bucket-dots", lambda c: c.train("checkpoint.uri=s3://my..ck/run"), NO_S3, ("checkpoint.uri", "'..'")),
+    ("s3-bucket-underscore", lambda c: c.train("checkpoint.uri=s3://my_ck/r"), NO_S3, ("checkpoint.uri", "'my_ck'")),
+    ("s3-key-dotdot", lambda c: c.train("checkpoint.uri=s3://ckpt/a/../b"), NO_S3, ("checkpoint.uri", "'a/../b'")),
+    ("s3-key-dot", lambda c: c.train("checkpoint.uri=s3://ckpt/./b"), NO_S3, ("checkpoint.uri", "segment")),
+    ("s3-key-empty", lambda c: c.train("checkpoint.uri=s3://ckpt/a//b"), NO_S3, ("checkpoint.uri", "empty")),
+    ("s3-key-leading-slash", lambda c: c.train("checkpoint.uri=s3://ckpt//a"), NO_S3, ("checkpoint.uri", "'/a'")),
+    # issue 27: compare's integer options (argparse types: one line, no usage block)
+    (
+        "compare-nproc-zero",
+        lambda c: ["compare", "--recipe", "debug-cpu", "--out", str(c.ws / "c"), "--nproc", "0"],
+        {},
+        ("--nproc", "invalid value 0", "1..1024"),
+    ),
+    (
+        "compare-seeds-zero",
+        lambda c: ["compare", "--recipe", "debug-cpu", "--out", str(c.ws / "c"), "--seeds", "0"],
+        {},
+        ("--seeds", "1..1000"),
     ),
     # job specs (k8s/render.py reads them with the same strict loader)
     (
@@ -343,6 +498,28 @@ def test_the_corrected_command_then_runs(ctx: Ctx):
     res = run_cli(*ctx.train("loop.batch_size=4096"), cwd=ctx.ws)
     assert res.returncode == 2 and not (ctx.ws / "run").exists(), res.stderr[-3000:]
     res = run_cli(*ctx.train("loop.max_steps=2", "loop.epochs=1"), cwd=ctx.ws)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (ctx.ws / "run" / "config.yaml").is_file()
+
+
+def test_issue_27_corrected_commands_then_run(ctx: Ctx):
+    """A sample of the issue-27 refusals, each as its own process: exit 2, one line, no run directory; then the
+    command without the bad setting trains (before, gnp.r=.inf and optim.clip_norm=.nan left a config.yaml and
+    the fix was refused as "a different config")."""
+    recipe = ctx.recipe("loop:\n  epochs: 1\n  2: 3\n")
+    for bad in [
+        ["--set", "gnp.r=.inf"],
+        ["--set", "optim.clip_norm=.nan"],
+        ["--set", "optim.lr=.inf"],
+        ["--set", "loop.init_seed=-7"],
+        ["--set", "checkpoint.uri=s3://Bad_Bucket/run"],
+        ["--recipe", recipe],  # argparse keeps the last --recipe
+    ]:
+        res = run_cli(*ctx.train("loop.max_steps=2"), *bad, cwd=ctx.ws)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (bad, res.stderr[-3000:])
+        assert not (ctx.ws / "run").exists(), bad
+    res = run_cli(*ctx.train("loop.max_steps=2", "gnp.r=0.1", "optim.clip_norm=5"), cwd=ctx.ws)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (ctx.ws / "run" / "config.yaml").is_file()
 

@@ -206,9 +206,28 @@ def test_compare_bad_input_exits_2_with_one_line(tmp_path):
         (["--methods", "sgd,bogus"], "bogus"),
         (["--seeds", "0"], "--seeds"),
         (["--set", "gnp.r=-1"], "gnp.r"),
+        # CLI integers out of range: one line from argparse (no usage block), nothing written (issue 27)
+        (["--nproc", "0"], "argument --nproc: invalid value 0; expected an integer in 1..1024"),
+        (["--nproc", "two"], "argument --nproc: invalid value 'two'"),
+        (["--seeds", "1001"], "argument --seeds: invalid value 1001; expected an integer in 1..1000"),
+        (["--measure-batches", "-1"], "argument --measure-batches"),
+        (["--seeds", "2", "--set", "loop.seed=4294967295"], "--seeds: 2 from loop.seed 4294967295"),
     ]:
         res = run_cli("compare", "--recipe", "debug-cpu", "--out", str(tmp_path / "c"), *args)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
+        assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "c").exists()
+
+
+def test_tuned_cli_integers_are_checked_in_one_line(tmp_path):
+    for args, match in [
+        (["--nproc", "0"], "argument --nproc"),
+        (["--select-seeds", "0"], "argument --select-seeds"),
+        (["--seeds", "99999999999999999999"], "argument --seeds"),
+    ]:
+        res = run_cli("tuned", "--setting", "clean", "--out-root", str(tmp_path / "t"), *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and match in res.stderr, res.stderr
+        assert res.stderr.startswith("error: ") and not (tmp_path / "t").exists()
 
 
 def test_sigterm_stops_the_comparison_and_its_training_run(fmnist_small, tmp_path):

@@ -74,7 +74,14 @@ def test_config_is_frozen(tmp_path):
         ("gnp.warmup=zero", "gnp.warmup_epochs: invalid value 0.0; expected > 0 when gnp.warmup is 'zero'"),
         ("schedule.milestones=[3, 1]", "schedule.milestones: invalid value [3.0, 1.0]; expected increasing"),
         ("data.label_smoothing=1.0", "data.label_smoothing: invalid value 1.0; expected a number in [0, 1)"),
-        ("data.image_size=4", "data.image_size: invalid value 4; expected 0 (the stored size) or an integer >= 8"),
+        (
+            "data.image_size=4",
+            "data.image_size: invalid value 4; expected 0 (the stored size) or an integer in 8..4096",
+        ),
+        (
+            "data.image_size=4097",
+            "data.image_size: invalid value 4097; expected 0 (the stored size) or an integer in 8..",
+        ),
         ("loop", "--set: 'loop' is not of the form section.key=value"),
         ("optim=3", "optim: expected a mapping of"),
     ],
@@ -174,7 +181,7 @@ def test_strict_yaml_load_refuses_a_key_given_twice():
         ("s:\n  x: 1\n  y: 2\n  x: 3\n", "x", 4),
         ("s: {x: 1, x: 2}\n", "x", 1),
         ("- {k: 1}\n- {k: 1, k: 2}\n", "k", 2),
-        ("1: a\n1: b\n", 1, 2),
+        ("'1': a\n'1': b\n", "1", 2),
     ]:
         with pytest.raises(DuplicateKeyError) as info:
             strict_yaml_load(text)
@@ -186,6 +193,31 @@ def test_strict_yaml_load_refuses_a_key_given_twice():
     # Still a safe loader: no Python objects.
     with pytest.raises(yaml.YAMLError):
         strict_yaml_load("!!python/object/apply:os.system ['true']\n")
+
+
+def test_strict_yaml_load_refuses_non_string_keys_and_deep_nesting_with_the_line():
+    """A key that is not a name, or nesting that would end in a RecursionError (a traceback), is a YAMLError
+    with problem_mark, so every caller that reports invalid YAML with its line reports these too."""
+    from trainer.config import MAX_YAML_DEPTH, YAMLShapeError, strict_yaml_load
+
+    for text, fragment, line in [
+        ("a: 1\n1: b\n", "key '1' is not a string", 2),
+        ("s:\n  x: 1\n  true: 2\n", "key 'true' is not a string", 3),
+        ("s: {~: 1}\n", "key '~' is not a string", 1),
+        ("s:\n  ? [a, b]\n  : 1\n", "key a sequence is not a string", 2),
+        ("a: 1\nb: " + "[" * 5000 + "]" * 5000 + "\n", f"nested deeper than {MAX_YAML_DEPTH}", 2),
+    ]:
+        with pytest.raises(YAMLShapeError) as info:
+            strict_yaml_load(text)
+        assert fragment in info.value.problem, info.value.problem
+        assert info.value.problem_mark.line + 1 == line
+    nested = (
+        "a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, MAX_YAML_DEPTH - 1)) + "  " * MAX_YAML_DEPTH + "v\n"
+    )
+    assert strict_yaml_load(nested)["a"]["k1"]  # just inside the limit: still read
+    # Aliases are visited once: a "billion laughs" document is checked in linear time.
+    laughs = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 30))
+    assert len(strict_yaml_load(laughs)) == 30
 
 
 def test_a_recipe_with_a_duplicate_key_is_one_config_error(tmp_path):
@@ -204,3 +236,77 @@ def test_every_builtin_recipe_reads_strictly():
 
     for path in RECIPES_DIR.glob("*.yaml"):
         assert isinstance(strict_yaml_load(path.read_text()), dict), path
+
+
+def _leaf_types(cls=None, prefix=""):
+    """(key, type) of every setting of the schema."""
+    import dataclasses
+    import typing
+
+    cls = cls or config.RunConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_types(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp
+
+
+def test_every_float_setting_must_be_finite():
+    """Generic over the schema (a new float setting is covered without a new line here): inf and nan are refused
+    with the key named, unless the key is in NON_FINITE_OK (none is: an inf anything trains to NaN)."""
+    import typing
+
+    floats = []
+    for key, tp in _leaf_types():
+        args = typing.get_args(tp) if typing.get_origin(tp) is tuple else (tp,)
+        if float in args:
+            floats.append((key, typing.get_origin(tp) is tuple))
+    assert len(floats) >= 19 and not config.NON_FINITE_OK
+    for key, is_list in floats:
+        for bad in (".inf", "-.inf", ".nan"):
+            value = f"[{bad}, {bad}]" if is_list else bad
+            with pytest.raises(config.ConfigError) as info:
+                config.load("debug-cpu", [f"{key}={value}"])
+            assert str(info.value).startswith(key) and "a finite number" in str(info.value), (key, str(info.value))
+
+
+def test_every_int_setting_must_fit_in_int64():
+    keys = [key for key, tp in _leaf_types() if tp is int]
+    assert len(keys) >= 20
+    for key in keys:
+        for bad in (2**63, -(2**63) - 1):
+            with pytest.raises(config.ConfigError) as info:
+                config.load("debug-cpu", [f"{key}={bad}"])
+            assert str(info.value).startswith(key) and "64 bits" in str(info.value), (key, str(info.value))
+
+
+def test_s3_uri_rules():
+    from trainer.storage import parse_s3_uri
+    from trainer.validate import split_s3_uri
+
+    for good in ["s3://abc/x", "s3://a.b-c1/x/y/", "s3://gnp-checkpoints", "s3://" + "a" * 63 + "/p"]:
+        assert split_s3_uri(good)[2] == "", good
+        parse_s3_uri(good)
+    for bad in [
+        "s3://ab/x",
+        "s3://" + "a" * 64 + "/x",
+        "s3://Abc/x",
+        "s3://a_c/x",
+        "s3://-abc/x",
+        "s3://abc-/x",
+        "s3://a..c/x",
+        "s3://a.-c/x",
+        "s3://192.168.0.1/x",
+        "s3://xn--abc/x",
+        "s3://abc-s3alias/x",
+        "s3://abc//x",
+        "s3://abc/x//y",
+        "s3://abc/./x",
+        "s3://abc/x/..",
+        "s3:///x",
+    ]:
+        assert split_s3_uri(bad)[2], bad
+        with pytest.raises(ValueError, match="checkpoint.uri: invalid value"):
+            parse_s3_uri(bad)

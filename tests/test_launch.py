@@ -279,9 +279,16 @@ def _alive(pids: list[int]) -> list[int]:
         (["rank"], {}, "error: rank: missing the module"),
         (["train", "--recipe", "x"], {"GNP_RETRY_CRASHES": "yes"}, "error: GNP_RETRY_CRASHES: invalid value 'yes'"),
         (["train", "--recipe", "x"], {"GNP_CRASH_RESTARTS": "-1"}, "error: GNP_CRASH_RESTARTS: invalid value '-1'"),
-        (["train", "--recipe", "x"], {"GNP_DATA_S3": "s3://b/p"}, "error: GNP_DATA_DIR: must be set with GNP_DATA_S3"),
+        (
+            ["train", "--recipe", "x"],
+            {"GNP_DATA_S3": "s3://b-1/p"},
+            "error: GNP_DATA_DIR: must be set with GNP_DATA_S3",
+        ),
         (["train", "--recipe", "x"], {"GNP_DATA_S3": "http://b/p", "GNP_DATA_DIR": "/tmp/d"}, "error: GNP_DATA_S3:"),
-        (["convert", "--dataset", "cifar10"], {"GNP_DATA_S3": "s3://b/p"}, "error: convert: missing --out"),
+        (["convert", "--dataset", "cifar10"], {"GNP_DATA_S3": "s3://b-1/p"}, "error: convert: missing --out"),
+        # S3 would refuse these names on every request: refused here, before any download (issue 27)
+        (["train", "--recipe", "x"], {"GNP_DATA_S3": "s3://Data_Sets/p"}, "error: GNP_DATA_S3: invalid value"),
+        (["train", "--recipe", "x"], {"GNP_DATA_S3": "s3://bkt/a/../p"}, "error: GNP_DATA_S3: invalid value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, env, message):

@@ -20,8 +20,16 @@ from trainer.exits import EXIT_USER as EXIT_USAGE  # configuration or data error
 from trainer.storage import StorageError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line `error: ...` (no usage block), like every other user error here;
+    the status stays argparse's 2. Subparsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m trainer",
         description="Train image models with Gradient Norm Penalty (GNP) on FFCV data; run under torchrun for DDP.",
     )

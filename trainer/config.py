@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.validate import split_s3_uri
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 # The per-image augmentations the device-resident loader implements (trainer.data.memory.MEMORY_AUGMENTS;
 # a test keeps the two equal): the imagenet ones crop variable-size images, which it does not hold.
@@ -65,12 +67,83 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+class YAMLShapeError(yaml.MarkedYAMLError):
+    """YAML that no config can be: a key that is not a string, nesting deeper than MAX_YAML_DEPTH, a bad date."""
+
+
+# Configs nest 3 levels (section, key, list); model.kwargs may add a few. PyYAML's composer recurses once
+# per level, so a deeply nested document ends in a RecursionError (a traceback) instead of a message.
+MAX_YAML_DEPTH = 32
+_OPENERS = (
+    yaml.BlockMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.FlowSequenceStartToken,
+)
+_CLOSERS = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _check_depth(text: str) -> None:
+    """YAMLShapeError at the first collection nested deeper than MAX_YAML_DEPTH (the scanner is iterative)."""
+    depth = 0
+    for tok in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(tok, _OPENERS):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YAMLShapeError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=tok.start_mark)
+        elif isinstance(tok, _CLOSERS):
+            depth -= 1
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """YAMLShapeError at the first mapping key that is not a string (1, true, null, a list): every config key
+    is a name, and one that is not would otherwise surface far from its line, or not at all. Also at a
+    date-like value that is no date."""
+    seen, todo = set(), [root]
+    while todo:  # aliases make the node graph a DAG: visit each node once (no billion-laughs blow-up)
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                str_key = isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str"
+                if not str_key and key.tag != "tag:yaml.org,2002:merge":
+                    scalar = isinstance(key, yaml.ScalarNode)
+                    shown, hint = (repr(key.value), f" (quote it: '{key.value}')") if scalar else (f"a {key.id}", "")
+                    raise YAMLShapeError(
+                        problem=f"key {shown} is not a string; expected a name{hint}", problem_mark=key.start_mark
+                    )
+                todo.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif node.tag == "tag:yaml.org,2002:timestamp":
+            # 2024-13-45 matches YAML's date pattern, and constructing it raises a bare ValueError (no line)
+            try:
+                yaml.SafeLoader.construct_yaml_timestamp(_StrictLoader(""), node)
+            except (ValueError, OverflowError) as e:
+                raise YAMLShapeError(
+                    problem=f"{node.value!r} is not a date ({e})", problem_mark=node.start_mark
+                ) from None
+
+
 def strict_yaml_load(text: str) -> Any:
-    """yaml.safe_load that raises DuplicateKeyError (a yaml.YAMLError with problem_mark) for a key given twice.
+    """yaml.safe_load that raises DuplicateKeyError (a yaml.YAMLError with problem_mark) for a key given twice,
+    and YAMLShapeError (one too) for a key that is not a string, nesting deeper than MAX_YAML_DEPTH or a
+    date-like value that is no date.
 
     The one YAML reader of recipes, `--set` values, saved run configs and k8s/render.py's job specs: the
     last of two values silently winning is how a typo'd recipe trains something nobody wrote down."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    _check_depth(text)
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,10 +401,24 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _validate_limits(self)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Semantic checks: everything a type cannot express. One line each, naming the key.
+
+
+# Integers reach torch and numpy as C int64s: a larger one raises an OverflowError there, mid-run.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Seeds: numpy's legacy generators take at most 2**32 - 1, torch's DistributedSampler adds the epoch to it.
+MAX_SEED = 2**32 - 1
+# FFCV allocates batch x side x side x 3 buffers up front and starts num_workers threads per process: past
+# these, a run fails (an overflow, an allocation of petabytes) or hangs after its config.yaml was written.
+MAX_IMAGE_SIZE = 4096
+MAX_WORKERS = 256
+# Float settings where inf or nan means something. None does: an inf lr, r or clip_norm trains to NaN (or
+# stops at the first step), after the run directory was written. A key added here skips the finite check.
+NON_FINITE_OK: frozenset[str] = frozenset()
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -342,10 +429,10 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 def _validate(c: RunConfig) -> None:
     d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
     _check(
-        d.image_size == 0 or d.image_size >= 8,
+        d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE,
         "data.image_size",
         d.image_size,
-        "0 (the stored size) or an integer >= 8",
+        f"0 (the stored size) or an integer in 8..{MAX_IMAGE_SIZE}",
     )
     _check(
         g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
@@ -388,7 +475,7 @@ def _validate(c: RunConfig) -> None:
     )
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
-    _check(d.num_workers >= 1, "data.num_workers", d.num_workers, "an integer >= 1")
+    _check(1 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"an integer in 1..{MAX_WORKERS}")
     _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
@@ -467,6 +554,15 @@ def _validate(c: RunConfig) -> None:
     )
 
 
+def _validate_limits(c: RunConfig) -> None:
+    """Values a type allows but torch, numpy or S3 refuse at run time, where a refusal comes too late."""
+    lp, ck = c.loop, c.checkpoint
+    if ck.uri.startswith("s3://"):  # a name the server refuses would be retried as an outage (exit 200)
+        _check(not (why := split_s3_uri(ck.uri)[2]), "checkpoint.uri", ck.uri, f"s3://bucket/prefix ({why})")
+    _check(0 <= lp.seed <= MAX_SEED, "loop.seed", lp.seed, f"an integer in 0..{MAX_SEED}")
+    _check(-1 <= lp.init_seed <= MAX_SEED, "loop.init_seed", lp.init_seed, f"-1 (= loop.seed) or 0..{MAX_SEED}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Generic strict conversion of plain data (YAML) into the dataclasses above.
 
@@ -515,6 +611,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad
+        for name, item in value.items():  # model options reach torch as they are: the same limits apply
+            if isinstance(item, (int, float, str)) and not isinstance(item, bool):
+                _coerce(f"{key}.{name}", item, type(item))
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -523,14 +622,22 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        _check(INT64_MIN <= value <= INT64_MAX, key, value, "an integer that fits in 64 bits (|value| < 2**63)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise bad from None
+        _check(math.isfinite(value) or key.split("[")[0] in NON_FINITE_OK, key, value, "a finite number")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise bad
+        # No setting can hold a NUL: as a path it makes every file-system call raise, mid-run.
+        _check("\x00" not in value, key, value, "a string without NUL characters")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a programming error, not a user one
 
@@ -595,7 +702,10 @@ def list_recipes() -> dict[str, str]:
 def read_recipe(name_or_path: str) -> tuple[str, dict]:
     """Return (recipe name, raw dict) for a recipe name in trainer/recipes/ or a path to a YAML file."""
     path = Path(name_or_path)
-    if not (name_or_path.endswith((".yaml", ".yml")) or path.is_file()):
+    # A name has no '/'; anything that looks like a path is read as one, so a folder or a broken link given
+    # as --recipe is reported as such rather than as an unknown recipe name.
+    looks_like_path = "/" in name_or_path or path.exists() or path.is_symlink()
+    if not (name_or_path.endswith((".yaml", ".yml")) or looks_like_path):
         names = list(list_recipes())
         if name_or_path not in names:
             raise ConfigError(
@@ -603,19 +713,60 @@ def read_recipe(name_or_path: str) -> tuple[str, dict]:
                 f"available: {', '.join(names)} (or a path to a .yaml file)"
             )
         path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--recipe: file {str(path)!r} does not exist")
+    text = read_text_file(path, "--recipe")
     try:
-        data = strict_yaml_load(path.read_text())
+        data = strict_yaml_load(text)
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"--recipe: {str(path)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        if isinstance(e, YAMLShapeError):
+            raise ConfigError(f"--recipe: {str(path)!r}{where}: {problem}") from None
+        raise ConfigError(
+            f"--recipe: {str(path)!r}{where} is not valid YAML: {problem}; expected a mapping of sections"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--recipe: {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"--recipe: {str(path)!r} line {_first_content_line(text)} must hold a mapping of sections "
+            f"(data:, model:, ...), got a {type(data).__name__}"
+        )
     return path.stem, data
+
+
+def _first_content_line(text: str) -> int:
+    """Line number (1-based) of the first line that is not blank, a comment or a directive: where a
+    document's top-level value starts."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith(("#", "%", "---")):
+            return number
+    return 1
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of file `path`, or ConfigError naming `what` and the file: missing, a broken link, a
+    folder or FIFO (reading a FIFO would block forever), unreadable, or bytes that are not UTF-8 (with the line)."""
+    name = str(path)
+    if not path.exists():
+        kind = "is a broken symbolic link" if path.is_symlink() else "does not exist"
+        raise ConfigError(f"{what}: file {name!r} {kind}; expected a YAML file")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise ConfigError(f"{what}: {name!r} is {kind}; expected a YAML file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            f"{what}: {name!r} cannot be read ({e.strerror or e}); expected a readable YAML file"
+        ) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what}: {name!r} line {line} is not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a UTF-8 YAML file"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -628,7 +779,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set: {text!r} has an empty key part")
     try:
         value = strict_yaml_load(raw) if raw.strip() else ""
-    except DuplicateKeyError as e:
+    except (DuplicateKeyError, YAMLShapeError) as e:
         raise ConfigError(f"--set: {text!r}: {e.problem}") from None
     except yaml.YAMLError:
         value = raw  # treat unparsable YAML as a plain string; type checking will complain if needed

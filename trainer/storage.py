@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from trainer.validate import split_s3_uri
+
 MiB = 1 << 20
 # S3 limits: at most 10,000 parts per multipart upload, each >= 5 MiB (the last may be smaller).
 _MAX_PARTS, _MIN_PART = 10_000, 5 * MiB
@@ -524,11 +526,14 @@ class S3Storage:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """("bucket", "prefix") of "s3://bucket/prefix"; ValueError naming checkpoint.uri otherwise."""
-    m = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", uri)
-    if not m:
-        raise ValueError(f"checkpoint.uri: invalid value {uri!r}; expected s3://bucket/prefix or a local folder")
-    return m.group(1), (m.group(2) or "").strip("/")
+    """("bucket", "prefix") of "s3://bucket/prefix"; ValueError naming checkpoint.uri otherwise.
+
+    Checks the syntax too (trainer.validate.split_s3_uri): a bucket name or key the server refuses would
+    otherwise fail every request, and the uploader retries those as an outage."""
+    bucket, prefix, problem = split_s3_uri(uri)
+    if problem:
+        raise ValueError(f"checkpoint.uri: invalid value {uri!r}; expected s3://bucket/prefix ({problem})")
+    return bucket, prefix
 
 
 def open_storage(

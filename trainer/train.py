@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import crash_budget, dist
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.config import ConfigError, RunConfig, from_dict, strict_yaml_load, to_dict
+from trainer.config import ConfigError, RunConfig, from_dict, read_text_file, strict_yaml_load, to_dict
 from trainer.data import LoaderFacts, build_data, validate_dataset
 from trainer.loop import (
     LoopState,
@@ -44,6 +44,7 @@ from trainer.optim.factory import build_optimizer
 from trainer.ownership import identity_refusal, location_of, record_identity, take
 from trainer.run_state import RunState, gather_rng_states, git_commit, resume, set_rng_state
 from trainer.storage import StorageError
+from trainer.validate import fresh_rename_problem
 
 # gather_rng_states, set_rng_state and git_commit moved to trainer.run_state; still importable from here.
 __all__ = [
@@ -193,6 +194,14 @@ def preflight(cfg: RunConfig, environ: dict | None = None) -> dict | None:
             raise ConfigError(f"run.dir: {problem}; expected a folder this user can write")
         if refusal := _run_dir_refusal(cfg):
             raise ConfigError(refusal)
+        # run.fresh renames an existing run aside: the first write, so it must be known to work now (checked for
+        # any existing folder, so that '/' or a mount point is refused on the first run, not the second).
+        if cfg.run.fresh and run_dir_of(cfg).is_dir():
+            if problem := fresh_rename_problem(run_dir_of(cfg)):
+                raise ConfigError(
+                    f"run.dir: cannot move it aside for run.fresh=true: {problem}; expected a folder below the "
+                    f"working directory, not a mount point, whose parent this user can write"
+                )
         if not cfg.checkpoint.uri.startswith("s3://"):
             where = cfg.checkpoint.uri or run_dir_of(cfg) / "checkpoints"
             if problem := folder_problem(where):
@@ -429,6 +438,13 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
             f"loop.batch_size: invalid value {cfg.loop.batch_size}; expected at most each rank's share of the "
             f"{loaders.meta['train_size']} training images of {cfg.data.path} (an epoch has no batch)"
         )
+    # Also before the run directory: the optimizer, the step policy and the batch augmentation check their
+    # arguments as they are built, and a refusal must leave no config.yaml (the fix would be a "different config").
+    opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
+    held.opt = opt
+    spe = len(loaders.train)
+    policy = StepPolicy.from_config(cfg.schedule, cfg.gnp, cfg.loop, cfg.optim, spe)
+    batch_augment = build_batch_augment(cfg, loaders.meta["num_classes"], env)
     # One live writer per location, checked before the first write (trainer/ownership.py).
     held.lease = take(cfg, env, ckpt.storage, run_dir_of(cfg))
     ckpt.guard = held.lease.check  # commit checkpoints only under a confirmed lease
@@ -436,8 +452,6 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     held.lease.follow_moved_run_dir()  # run.fresh renamed the locked run directory aside
     if env.is_primary:
         record_identity(ckpt.storage, cfg, git_commit())  # before the first checkpoint
-    opt, l2_params = build_optimizer(module, cfg.optim, cfg.gnp)
-    held.opt = opt
     sub_batches = gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env))
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     set_float32_math(cfg.loop.precision)
@@ -464,19 +478,18 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         progress_every_s=m.progress_every_s,
     )
     held.sink = sink
-    spe = len(loaders.train)
     lp, ck = cfg.loop, cfg.checkpoint
     loss_spec = LossSpec(
         label_smoothing=cfg.data.label_smoothing,
         l2=cfg.optim.l2,
         l2_params=l2_params,
-        batch_augment=build_batch_augment(cfg, loaders.meta["num_classes"], env),
+        batch_augment=batch_augment,
     )
     ctx = TrainContext(
         model=model,
         opt=opt,
         env=env,
-        policy=StepPolicy.from_config(cfg.schedule, cfg.gnp, lp, cfg.optim, spe),
+        policy=policy,
         loss_spec=loss_spec,
         sink=sink,
         amp_dtype=amp_dtype,
@@ -655,7 +668,7 @@ def saved_config(run_dir: str, overrides: dict | None = None) -> RunConfig:
     if not saved.is_file():
         raise ConfigError(f"--run: {run_dir!r} has no config.yaml; expected a run directory made by `trainer train`")
     try:
-        data = strict_yaml_load(saved.read_text()) or {}
+        data = strict_yaml_load(read_text_file(saved, "--run")) or {}  # names the file for non-UTF-8 bytes too
     except yaml.YAMLError as e:
         raise ConfigError(f"--run: {str(saved)!r} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):

@@ -771,7 +771,10 @@ def build_loaders(
         with keep_torch_threads():
             val_loader = Loader(
                 val_info.path,
-                batch_size=int(eval_batch_size or batch_size),
+                # At most the rank's whole share: FFCV allocates the batch's buffers up front, so a huge
+                # loop.eval_batch_size failed to allocate after config.yaml was written (the results are
+                # the same: evaluation is per image).
+                batch_size=int(min(eval_batch_size or batch_size, len(indices))),
                 num_workers=threads,
                 os_cache=os_cache,
                 order=OrderOption.SEQUENTIAL,

@@ -32,7 +32,13 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import ConfigError
+from trainer.config import MAX_SEED, ConfigError
+from trainer.validate import int_arg
+
+# CLI ranges (argparse refuses others in one line, before anything is written): a process count beyond
+# any node's GPUs or CPUs, or thousands of seeds per method, is a typo, not a plan.
+MAX_NPROC = 1024
+MAX_CLI_SEEDS = 1000
 
 
 @dataclass(frozen=True)
@@ -463,6 +469,8 @@ def compare(
     if measure_batches < 1:
         raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
     base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
+    if base.loop.seed + seeds - 1 > MAX_SEED:  # the last run's seed must be valid too, checked before the first
+        raise ConfigError(f"--seeds: {seeds} from loop.seed {base.loop.seed}; expected seeds up to {MAX_SEED}")
     # Validates every method's overrides now; a method may train longer than the recipe (a compute-matched SGD).
     epochs_of = {
         name: config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]]).loop.epochs
@@ -592,7 +600,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="replace method NAME by one method per value, e.g. sam:gnp.r=0.05,0.1,0.2 (repeatable; several keys "
         "of one NAME span their product)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method: the recipe's loop.seed + 0..N-1")
+    p.add_argument(
+        "--seeds", type=int_arg(1, MAX_CLI_SEEDS), default=3, help="seeds per method: the recipe's loop.seed + 0..N-1"
+    )
     p.add_argument(
         "--baseline",
         default="",
@@ -600,10 +610,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default sgd if compared, else the first method)",
     )
     p.add_argument("--out", default=None, help="comparison folder (default runs/compare-<recipe>)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--nproc", type=int_arg(1, MAX_NPROC), default=1, help="processes per run (torchrun when > 1)")
     p.add_argument(
         "--measure-batches",
-        type=int,
+        type=int_arg(1, 1_000_000),
         default=8,
         help="training batches the final train loss, ||g1|| and sharpness are averaged over",
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError
 from trainer.study import compare as cmp
+from trainer.validate import int_arg
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,17 @@ def final_methods(selection: dict) -> dict[str, tuple[tuple[str, object], ...]]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", required=True, choices=sorted(SETTINGS), help="which CPU setting to tune and compare")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per method in the final stage (default 5)")
-    p.add_argument("--select-seeds", type=int, default=1, help="seeds per grid point in the selection (default 1)")
+    p.add_argument(
+        "--seeds", type=int_arg(1, cmp.MAX_CLI_SEEDS), default=5, help="seeds per method in the final stage (default 5)"
+    )
+    p.add_argument(
+        "--select-seeds",
+        type=int_arg(1, cmp.MAX_CLI_SEEDS),
+        default=1,
+        help="seeds per grid point in the selection (default 1)",
+    )
     p.add_argument("--out-root", default="runs", help="parent of select-<setting>/ and tuned-<setting>/ (default runs)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--nproc", type=int_arg(1, cmp.MAX_NPROC), default=1, help="processes per run (torchrun when > 1)")
 
 
 def run(args: argparse.Namespace) -> int:
