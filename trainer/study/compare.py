@@ -432,6 +432,76 @@ class TrainingFailed(RuntimeError):
         self.code = code
 
 
+def _check_compare(
+    recipe: str,
+    methods: dict[str, tuple[tuple[str, object], ...]],
+    seeds: int,
+    sets: list[str],
+    measure_batches: int,
+    baseline: str,
+    log,
+):
+    """Validate the comparison before anything runs; returns the recipe's config (with `sets`) and the baseline."""
+    from trainer import config
+
+    baseline = baseline or ("sgd" if "sgd" in methods else next(iter(methods)))
+    if baseline not in methods:
+        raise ConfigError(f"--baseline: {baseline!r} is not one of --methods ({', '.join(methods)})")
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds}; expected an integer >= 1")
+    if measure_batches < 1:
+        raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
+    base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
+    for overrides in methods.values():
+        config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]])
+    if "gnp" in methods and not 0 < base.gnp.alpha < 1:
+        log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
+    return base, baseline
+
+
+def _measured(run_dir: Path, measure_batches: int, r: float) -> dict:
+    """The run's end-of-training measurements (loss, |g1|, sharpness), computed once into measure.json."""
+    measured = run_dir / "measure.json"
+    if not measured.is_file():
+        from trainer.train import measure_run
+
+        result = measure_run(str(run_dir), batches=measure_batches, r=r)
+        tmp = run_dir / ".measure.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, measured)
+    return json.loads(measured.read_text())
+
+
+def _run_summary_of(method: str, seed: int, run_dir: Path, m: dict) -> dict:
+    """One run's entry of results.json: its training summary and its measurements."""
+    return {
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        **run_summary(run_dir),
+        "train_loss": m["loss"],
+        "g1_norm": m["g1_norm"],
+        "sharpness": m["sharpness"],
+        "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]},
+    }
+
+
+def _write_results(out: Path, results: dict, runs: dict[str, list[dict]], title: str, metric: str, log) -> str:
+    """results.json, results.md and the figure; returns the markdown tables."""
+    baseline = results["paired"]["baseline"]
+    table = markdown_table(results["summary"], title, metric) + "\n"
+    table += paired_table(results["paired"]["differences"], baseline, metric)
+    if "selected" in results:
+        table += "\n" + selection_lines(results["selected"], metric)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(table)
+    plot(runs, out / "test_error.png", title, metric)
+    log(table)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
+    return table
+
+
 def compare(
     *,
     recipe: str,
@@ -452,21 +522,7 @@ def compare(
     the lowest mean error. With `data.holdout` > 0 every run evaluates on held-out training images, never on
     the test split: the tables, figure and results.json then say "held-out error" (the JSON key stays
     `test_error`, `evaluated_on` names the split)."""
-    from trainer import config
-
-    baseline = baseline or ("sgd" if "sgd" in methods else next(iter(methods)))
-    if baseline not in methods:
-        raise ConfigError(f"--baseline: {baseline!r} is not one of --methods ({', '.join(methods)})")
-
-    if seeds < 1:
-        raise ConfigError(f"--seeds: {seeds}; expected an integer >= 1")
-    if measure_batches < 1:
-        raise ConfigError(f"--measure-batches: {measure_batches}; expected an integer >= 1")
-    base = config.load(recipe, sets)  # validates recipe and overrides before anything runs
-    for overrides in methods.values():
-        config.load(recipe, [*sets, *[f"{k}={json.dumps(v)}" for k, v in overrides]])
-    if "gnp" in methods and not 0 < base.gnp.alpha < 1:
-        log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
+    base, baseline = _check_compare(recipe, methods, seeds, sets, measure_batches, baseline, log)
     spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
     _check_spec(out, spec)
     seed_values = [base.loop.seed + i for i in range(seeds)]
@@ -483,32 +539,12 @@ def compare(
             if not is_done(run_dir, base.loop.epochs):
                 log(f"{tag}: training ({'resuming' if (run_dir / 'metrics.jsonl').exists() else 'new'}) -> {run_dir}")
                 _train(recipe, sets, overrides, seed, run_dir, nproc)
-            measured = run_dir / "measure.json"
-            if not measured.is_file():
-                from trainer.train import measure_run
-
-                result = measure_run(str(run_dir), batches=measure_batches, r=base.gnp.r)
-                tmp = run_dir / ".measure.json.tmp"
-                tmp.write_text(json.dumps(result, indent=1))
-                os.replace(tmp, measured)
-            m = json.loads(measured.read_text())
-            summary = {
-                "method": method,
-                "seed": seed,
-                "run_dir": str(run_dir),
-                **run_summary(run_dir),
-                "train_loss": m["loss"],
-                "g1_norm": m["g1_norm"],
-                "sharpness": m["sharpness"],
-                "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]},
-            }
+            summary = _run_summary_of(method, seed, run_dir, _measured(run_dir, measure_batches, base.gnp.r))
             runs[method].append(summary)
             log(
                 f"{tag}: {metric} {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
                 f"sharpness {summary['sharpness']:.4f}"
             )
-    agg = aggregate(runs)
-    title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
     results = {
         "recipe": recipe,
         "sets": list(sets),
@@ -518,19 +554,14 @@ def compare(
         "model": base.model.name,
         "nproc": nproc,
         "evaluated_on": evaluated_on,
-        "summary": agg,
+        "summary": aggregate(runs),
         "paired": {"baseline": baseline, "differences": paired_differences(runs, baseline)},
         "runs": runs,
     }
-    table = markdown_table(agg, title, metric) + "\n" + paired_table(results["paired"]["differences"], baseline, metric)
     if grids:
         results["selected"] = select_best(runs, grids)
-        table += "\n" + selection_lines(results["selected"], metric)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(table)
-    plot(runs, out / "test_error.png", title, metric)
-    log(table)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
+    title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
+    _write_results(out, results, runs, title, metric, log)
     return results
 
 
