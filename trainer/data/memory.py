@@ -494,9 +494,7 @@ def _load_splits(
 ) -> _Splits:
     """Generate (synthetic) or read both splits, keep the first ``limit`` images of each, upload them."""
     if src.name == "synthetic":
-        h, w = src.shape
-        if augment != "none" and BASIC_PADDING >= min(h, w):  # checked before allocating anything big
-            raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {h}x{w} images")
+        _check_image_size(augment, 0, *src.shape)  # before allocating anything big
         (train_x, train_y), (val_x, val_y) = _synthetic(src, device)
         if limit is not None:
             train_x, train_y, val_x, val_y = train_x[:limit], train_y[:limit], val_x[:limit], val_y[:limit]
@@ -519,13 +517,9 @@ def _noise_and_holdout(splits: _Splits, label_noise: float, holdout: float) -> i
     if holdout:
         kept, held = holdout_split(splits.train_x.shape[0], holdout)
         kept, held = kept.to(splits.train_x.device), held.to(splits.train_x.device)
-        train_x, train_y = splits.train_x, splits.train_y
-        splits.train_x, splits.train_y, splits.val_x, splits.val_y = (
-            train_x[kept],
-            train_y[kept],
-            train_x[held],
-            train_y[held],
-        )
+        x, y = splits.train_x, splits.train_y
+        splits.train_x, splits.train_y = x[kept], y[kept]
+        splits.val_x, splits.val_y = x[held], y[held]
     return noisy
 
 
