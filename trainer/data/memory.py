@@ -84,7 +84,7 @@ from trainer.config import DataConfig
 
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, LoaderFacts, Loaders, Normalizer, _check_common, _check_int
+from .loaders import BASIC_PADDING, LoaderFacts, Loaders, Normalizer, _check_common, _check_int, normalization_stats
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -459,6 +459,7 @@ def build_memory_loaders(
     drop_last: bool = True,
     label_noise: float = 0.0,
     holdout: float = 0.0,
+    normalize: str = "auto",
 ) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
@@ -516,7 +517,9 @@ def build_memory_loaders(
         kept, held = kept.to(train_x.device), held.to(train_x.device)
         train_x, train_y, val_x, val_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     n, h, w, _ = train_x.shape
-    mean, std = _channel_stats(train_x)  # before replicating gray: a third of the work
+    mean, std = normalization_stats(
+        normalize, src.name, *_channel_stats(train_x)
+    )  # before replicating gray: a third of the work
     train_x, val_x = _rgb(train_x), _rgb(val_x)
     if augment != "none" and BASIC_PADDING >= min(h, w):
         raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {h}x{w} images")
@@ -577,5 +580,6 @@ def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         limit=cfg.limit or None,
         label_noise=cfg.label_noise,
         holdout=cfg.holdout,
+        normalize=cfg.normalize,
         **facts.kwargs(),
     )
