@@ -138,3 +138,25 @@ def test_memory_loader_reference_constants_do_not_move_with_limit_or_holdout(tmp
     assert auto_means[0] != auto_means[1] != auto_means[2]  # what "auto" does and "reference" avoids
     with pytest.raises(ValueError, match="not for dataset 'synthetic'"):
         build_memory_loaders("synthetic:8x8:2:16", **kw, normalize="reference")
+
+
+def test_ffcv_loaders_take_data_normalize(fmnist_small) -> None:
+    """The FFCV builder reads data.normalize too: auto = meta.json's statistics; reference is refused for a
+    dataset the reference has no constants for (here Fashion-MNIST), naming the dataset meta.json records."""
+    from trainer.config import DataConfig
+    from trainer.data import build_data
+    from trainer.data.loaders import LoaderFacts
+
+    facts = LoaderFacts(
+        batch_size=16,
+        eval_batch_size=None,
+        seed=0,
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        channels_last=False,
+    )
+    auto = build_data(DataConfig(path=str(fmnist_small), num_workers=1, augment="none"), facts)
+    assert auto.meta["dataset"] == "fashion-mnist" and len(auto.meta["mean"]) == 3
+    with pytest.raises(ValueError, match="not for dataset 'fashion-mnist'"):
+        build_data(DataConfig(path=str(fmnist_small), num_workers=1, augment="none", normalize="reference"), facts)
