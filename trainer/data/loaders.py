@@ -89,6 +89,39 @@ BASIC_PADDING = 4
 IMAGENET_CENTER_RATIO = 224 / 256
 IMAGENET_DEFAULT_SIZE = 224
 
+# The reference's fixed per-channel normalization constants, on the 0-1 scale it divides by 255 first
+# (zhaoyang-0204/gnp ds_pipeline/datasets/dataset_source.py:208-213 at e803362, chosen by dataset name).
+REFERENCE_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
+    "cifar100": ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+}
+NORMALIZE_MODES = ("auto", "reference")
+
+
+def normalization_stats(
+    normalize: str, dataset: str, mean: Sequence[float], std: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The per-channel mean/std (0-255 scale) the loaders normalize with (``data.normalize``).
+
+    ``auto``: ``mean``/``std`` unchanged, i.e. the statistics of the training images actually loaded (which
+    move with ``data.limit`` / ``data.holdout``). ``reference``: the reference's fixed constants for
+    ``dataset`` (cifar10 / cifar100), times 255, since ``(x/255 - m)/s == (x - 255 m)/(255 s)``.
+    ValueError for an unknown mode, a dataset without reference constants or a channel-count mismatch.
+    """
+    if normalize == "auto":
+        return list(mean), list(std)
+    if normalize != "reference":
+        raise ValueError(f"normalize: unknown {normalize!r}; allowed: {', '.join(NORMALIZE_MODES)}")
+    if dataset not in REFERENCE_NORMALIZATION:
+        raise ValueError(
+            f"normalize: 'reference' has constants for {', '.join(REFERENCE_NORMALIZATION)} only, "
+            f"not for dataset {dataset!r}; use 'auto'"
+        )
+    ref_mean, ref_std = REFERENCE_NORMALIZATION[dataset]
+    if len(mean) != len(ref_mean):
+        raise ValueError(f"normalize: {dataset!r} constants have {len(ref_mean)} channels, the data {len(mean)}")
+    return [255.0 * m for m in ref_mean], [255.0 * s for s in ref_std]
+
 
 # --------------------------------------------------------------------------------------------
 # Validation of a converted dataset
@@ -811,6 +844,7 @@ def build_loaders(
     image_size: Optional[int] = None,
     channels_last: bool = False,
     os_cache: bool = True,
+    normalize: str = "auto",
 ) -> Loaders:
     """Validate ``data_dir`` and build this rank's train and eval loaders.
 
@@ -826,7 +860,7 @@ def build_loaders(
     _check_distributed(rank, world_size, required=True)
     meta, infos = _validate(os.fspath(data_dir))
     threads = _numba_threads(int(num_workers))
-    mean, std = meta["mean"], meta["std"]
+    mean, std = normalization_stats(normalize, meta["dataset"], meta["mean"], meta["std"])
     train_info, val_info = infos["train"], infos["val"]
 
     # The torch stage of autoaugment/randaugment (None for the others), keyed by (seed, rank, step).
@@ -879,5 +913,6 @@ def loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         cutout=cfg.cutout,
         image_size=cfg.image_size or None,
         os_cache=cfg.os_cache,
+        normalize=cfg.normalize,
         **facts.kwargs(),
     )

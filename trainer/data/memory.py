@@ -84,7 +84,16 @@ from trainer.config import DataConfig
 
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, LoaderFacts, Loaders, Normalizer, _check_common, _check_distributed, _check_int
+from .loaders import (
+    BASIC_PADDING,
+    LoaderFacts,
+    Loaders,
+    Normalizer,
+    _check_common,
+    _check_distributed,
+    _check_int,
+    normalization_stats,
+)
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -564,6 +573,7 @@ def build_memory_loaders(
     drop_last: bool = True,
     label_noise: float = 0.0,
     holdout: float = 0.0,
+    normalize: str = "auto",
 ) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
@@ -583,8 +593,9 @@ def build_memory_loaders(
     # Both splits on the device, then the train labels' noise and the holdout (val = held-out train images).
     splits = _load_splits(src, source, device, augment, limit)
     noisy = _noise_and_holdout(splits, label_noise, holdout)
-    # Normalization constants from the (kept) train images, before replicating gray: a third of the work.
-    mean, std = _channel_stats(splits.train_x)
+    # Normalization constants (data.normalize): from the (kept) train images, before replicating gray (a third
+    # of the work), or the reference's fixed ones.
+    mean, std = normalization_stats(normalize, src.name, *_channel_stats(splits.train_x))
     splits.train_x, splits.val_x = _rgb(splits.train_x), _rgb(splits.val_x)
     _, h, w, _ = splits.train_x.shape
     _check_image_size(augment, cutout, h, w)
@@ -628,5 +639,6 @@ def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         limit=cfg.limit or None,
         label_noise=cfg.label_noise,
         holdout=cfg.holdout,
+        normalize=cfg.normalize,
         **facts.kwargs(),
     )
