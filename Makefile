@@ -112,6 +112,7 @@ NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<regi
 $(K8S_PY):
 	python3 -m venv $(K8S_VENV)
 	$(K8S_VENV)/bin/pip install --quiet kubernetes==37.0.1 pyyaml==6.0.4
+	$(K8S_VENV)/bin/pip install --quiet --no-deps -e .  # gnpk8s and trainer's config loader, without torch
 
 k8s-client: $(K8S_PY)
 
