@@ -103,6 +103,8 @@ BASE_IMAGE ?=
 QUEUE_WAIT ?=
 # The light client: jobs/render/submit/status/logs/delete need only the kubernetes client and PyYAML, in their own
 # small venv (python3 >= 3.10 with venv; no torch, no apt, no root), so they run from a laptop.
+# It holds the project itself without its dependencies (pip install --no-deps -e .: gnpk8s, trainer's config
+# loader); a .venv-k8s made before that (no gnpk8s installed): rm -rf .venv-k8s && make k8s-client.
 K8S_VENV ?= .venv-k8s
 K8S_PY := $(K8S_VENV)/bin/python
 K8S = $(K8S_PY) k8s/render.py
@@ -118,6 +120,7 @@ NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<regi
 $(K8S_PY):
 	python3 -m venv $(K8S_VENV)
 	$(K8S_VENV)/bin/pip install --quiet kubernetes==37.0.1 pyyaml==6.0.4
+	$(K8S_VENV)/bin/pip install --quiet --no-deps -e .  # gnpk8s and trainer's config loader, without torch
 
 k8s-client: $(K8S_PY)
 

@@ -16,9 +16,11 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def cli_env(**extra: str) -> dict:
-    """Environment for child processes: one thread each (2-core machines), the repo importable."""
+    """Environment for child processes: one thread each (2-core machines), this checkout's packages (trainer at
+    the root, gnpk8s under k8s/) imported before an installed copy."""
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    path = os.pathsep.join([str(ROOT), str(ROOT / "k8s")])
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})
     env.pop("GNP_TRACEBACK", None)
     env.update(extra)
     return env

@@ -1,4 +1,4 @@
-"""The alerts (k8s/monitoring/prometheusrule.yaml, rendered by k8s/render.py's render_alert_rule) proven:
+"""The alerts (k8s/monitoring/prometheusrule.yaml, rendered from the ALERTS table of k8s/gnpk8s/alerts.py) proven:
 
 - the rendered PrometheusRule validates strictly against prometheus-operator's CRD and carries the `release:`
   label kube-prometheus-stack's rule selector needs; the committed file is what the renderer produces;
@@ -13,7 +13,6 @@ Run as a module to regenerate the committed rule: `.venv/bin/python -m tests.tes
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -26,6 +25,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gnpk8s.alerts import default_alert_rule_text, render_alert_rule, rule_yaml
+from gnpk8s.manifests import render
+from gnpk8s.spec import load_job
+from gnpk8s.thresholds import alert_thresholds
+
 ROOT = Path(__file__).resolve().parents[1]
 RULE_FILE = ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
 # Copied unchanged from prometheus-operator v0.93.0, example/prometheus-operator-crd-full/
@@ -34,15 +38,6 @@ RULE_CRD = ROOT / "tests" / "data" / "crds" / "monitoring.coreos.com_prometheusr
 PROMTOOL = "/usr/bin/promtool"
 
 
-def _load_render():
-    spec = importlib.util.spec_from_file_location("gnp_k8s_render_alerts", ROOT / "k8s" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
 ALERTS = [
     "GNPTrainingStalled",
     "GNPLossNotFinite",
@@ -85,9 +80,24 @@ def _render_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_committed_rule_is_the_rendered_default():
-    assert RULE_FILE.read_text() == render.default_alert_rule_text(), (
+    assert RULE_FILE.read_text() == default_alert_rule_text(), (
         "k8s/monitoring/prometheusrule.yaml is stale: run `.venv/bin/python -m tests.test_alerts`"
     )
+
+
+def test_the_alert_table_names_its_thresholds():
+    """Each row of alerts.ALERTS lists every threshold its templates use (an alert is rendered only when all of
+    its thresholds are set), and every other placeholder is one of the renderer's own values."""
+    from gnpk8s import alerts
+    from gnpk8s.thresholds import ALERT_DEFAULTS
+
+    own = set(alerts._context(alert_thresholds(None), None))
+    assert not own & set(ALERT_DEFAULTS)
+    for row in alerts.ALERTS:
+        texts = (row.expr, row.pending, row.summary, row.description, row.runbook)
+        used = {m.group(1) for text in texts for m in alerts.PLACEHOLDER.finditer(text)}
+        assert used - own <= set(row.keys) <= set(ALERT_DEFAULTS), row.name
+    assert [a.name for a in alerts.ALERTS] == [*ALERTS, "GNPAccuracyDropped"]  # the committed rule's order
 
 
 def test_rule_validates_against_the_crd():
@@ -95,9 +105,7 @@ def test_rule_validates_against_the_crd():
 
     schema = crd_schema(RULE_CRD, "monitoring.coreos.com/v1")
     default = yaml.safe_load(RULE_FILE.read_text())
-    own = yaml.safe_load(
-        render.rule_yaml(render.render_alert_rule({**render.alert_thresholds(None), "accuracy_drop": 0.05}, "j", "ns"))
-    )
+    own = yaml.safe_load(rule_yaml(render_alert_rule({**alert_thresholds(None), "accuracy_drop": 0.05}, "j", "ns")))
     for doc in (default, own):
         assert cr_errors(doc, schema) == []
         assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # the chart's ruleSelector
@@ -122,7 +130,7 @@ def test_rule_validates_against_the_crd():
 
 def test_promtool_accepts_the_rules(tmp_path):
     default = yaml.safe_load(RULE_FILE.read_text())
-    own = render.render_alert_rule({**render.alert_thresholds(None), "accuracy_drop": 0.05}, "j")
+    own = render_alert_rule({**alert_thresholds(None), "accuracy_drop": 0.05}, "j")
     for i, doc in enumerate((default, own)):
         path = tmp_path / f"r{i}.yml"
         path.write_text(yaml.safe_dump({"groups": doc["spec"]["groups"]}))
@@ -180,9 +188,9 @@ def test_bad_thresholds_are_one_line_errors(spec, message):
 
 
 def test_thresholds_merge_over_defaults():
-    job = render.build_job("fashion-mnist-demo", spec_overrides=["alerts.max_restarts=0", "alerts.pending=30s"])
-    assert job.alerts == {**render.alert_thresholds(None), "max_restarts": 0, "pending": "30s"}
-    assert render.build_job("fashion-mnist-demo").alerts is None  # no `alerts:`: the cluster-wide rule
+    job = load_job("fashion-mnist-demo", spec_overrides=["alerts.max_restarts=0", "alerts.pending=30s"])
+    assert job.alerts == {**alert_thresholds(None), "max_restarts": 0, "pending": "30s"}
+    assert load_job("fashion-mnist-demo").alerts is None  # no `alerts:`: the cluster-wide rule
 
 
 def test_dashboard_shows_the_job_alerts():
@@ -527,9 +535,7 @@ def test_promtool_job_thresholds_replace_the_cluster_wide_rule(tmp_path):
     would fire; another job stays covered by the cluster-wide rule. The accuracy alert, off by default,
     fires from the job's rule."""
     default = yaml.safe_load(RULE_FILE.read_text())
-    own = render.render_alert_rule(
-        {**render.alert_thresholds(None), "stall_floor": "30m", "accuracy_drop": 0.05}, "custom", NS
-    )
+    own = render_alert_rule({**alert_thresholds(None), "stall_floor": "30m", "accuracy_drop": 0.05}, "custom", NS)
     accuracy = ((1800, 0.6), (3600, 0.8), (5400, 0.9), (7200, 0.86), (9000, 0.8))
     series = {
         **synthetic_run("custom", hours=2.7, stall_at=2 * H, top1=accuracy),
@@ -608,8 +614,8 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
     # healthy window.
     overrides = ["scrape_interval=1s", "stall_floor=4s", "stall_factor=3", "pending=1s"]
     overrides += ["checkpoint_stale_factor=1000", "data_wait_fraction=0.99"]
-    job = render.build_job("fashion-mnist-demo", name=JOB, spec_overrides=[f"alerts.{o}" for o in overrides])
-    rule = _rule_of([d for d in yaml.safe_load_all(render.render(job, "monitoring")) if d])
+    job = load_job("fashion-mnist-demo", name=JOB, spec_overrides=[f"alerts.{o}" for o in overrides])
+    rule = _rule_of([d for d in yaml.safe_load_all(render(job, "monitoring")) if d])
     assert rule["metadata"]["name"] == f"gnp-training-alerts-{JOB}"
     rules_path = tmp_path / "rules.yml"
     rules_path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
@@ -705,5 +711,5 @@ def test_stalled_rank_fires_on_real_prometheus(fmnist_small, tmp_path):
 
 
 if __name__ == "__main__":
-    RULE_FILE.write_text(render.default_alert_rule_text())
+    RULE_FILE.write_text(default_alert_rule_text())
     print(f"wrote {RULE_FILE.relative_to(ROOT)}")

@@ -75,12 +75,9 @@ dist.destroy_process_group()
 def _rendered(job: str) -> tuple[dict[str, str], str]:
     """The literal env of job's rendered training container (Secret references left out) and the PET_NNODES
     the operator derives from its elasticPolicy ("min:max"): the drill's agents run with what the pods get."""
-    sys.path.insert(0, str(ROOT / "k8s"))
-    try:
-        from gnpk8s.pytorchjob import build
-        from gnpk8s.spec import load_job
-    finally:
-        sys.path.pop(0)
+    from gnpk8s.pytorchjob import build
+    from gnpk8s.spec import load_job
+
     pj = build(load_job(job, image="registry.test/gnp:drill"))
     container = pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}

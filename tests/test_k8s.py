@@ -21,7 +21,6 @@ What is checked, and against what:
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -35,6 +34,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gnpk8s import convert, pytorchjob
+from gnpk8s.cli import main
+from gnpk8s.manifests import render
+from gnpk8s.spec import list_jobs, load_job, load_spec
 from tests.support.kube_fake import FakeKube
 from tests.support.prom import cr_errors, crd_schema
 from tests.support.s3server import s3_server  # noqa: F401 (fixture)
@@ -55,24 +58,13 @@ def _image_env(monkeypatch):
     monkeypatch.setenv("GNP_IMAGE", TEST_IMAGE)
 
 
-def _load_render():
-    spec = importlib.util.spec_from_file_location("gnp_k8s_render", ROOT / "k8s" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
-
-
 def _jobs_with_recipes() -> list:
     """Every job spec; one whose recipe is not in trainer/recipes/ (yet) is skipped, visibly."""
     from trainer.config import list_recipes
 
     recipes, out = list_recipes(), []
-    for name in render.list_jobs():
-        recipe = render.load_spec(name)[1].get("recipe")
+    for name in list_jobs():
+        recipe = load_spec(name)[1].get("recipe")
         marks = [] if recipe in recipes else [pytest.mark.skip(reason=f"recipe {recipe!r} does not exist yet")]
         out.append(pytest.param(name, marks=marks, id=name))
     return out
@@ -102,7 +94,7 @@ def pytorchjob_schema() -> dict:
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict]:
     """Every job's PyTorchJob, rendered once with a namespace."""
-    return {name: render.render_pytorchjob(render.build_job(name, namespace="gnp", image=TEST_IMAGE)) for name in JOBS}
+    return {name: pytorchjob.build(load_job(name, namespace="gnp", image=TEST_IMAGE)) for name in JOBS}
 
 
 def _replicas(pj: dict) -> dict:
@@ -161,13 +153,13 @@ def test_every_reference_recipe_has_a_job():
         "vit-cifar-basic-grwarmup",
         "fashion-mnist-demo",
     }
-    assert wanted <= set(render.list_jobs())
+    assert wanted <= set(list_jobs())
 
 
 @pytest.mark.parametrize("name", JOB_PARAMS)
 def test_job_renders_and_validates_strictly(name, pytorchjob_schema):
-    job = render.build_job(name, namespace="gnp")
-    docs = list(yaml.safe_load_all(render.render(job, "all")))
+    job = load_job(name, namespace="gnp")
+    docs = list(yaml.safe_load_all(render(job, "all")))
     kinds = [d["kind"] for d in docs]
     assert kinds[0] == "PyTorchJob" and "PodMonitor" in kinds and "ConfigMap" in kinds
     pj = docs[0]
@@ -200,8 +192,8 @@ def test_strict_validation_and_webhook_checks_can_fail(rendered, pytorchjob_sche
 def test_pod_contract(name, rendered):
     """What the operator, the image and the trainer need from every pod, checked field by field."""
     pj = rendered[name]
-    spec = render.build_job(name)
-    _, raw = render.load_spec(name)
+    spec = load_job(name)
+    _, raw = load_spec(name)
     nproc = raw.get("nproc_per_node") or raw["gpus_per_node"]
     assert pj["spec"]["nprocPerNode"] == str(nproc)
     rp = pj["spec"]["runPolicy"]
@@ -258,7 +250,7 @@ def test_container_args_parse_with_the_trainer_cli(name, rendered):
     cfg = config.load(ns.recipe, ns.overrides)
     assert cfg.metrics.prometheus is True and cfg.run.dir.startswith("/tmp/")
     assert cfg.data.path.startswith("/data")
-    cj = render.render_convert_job(render.build_job(name))
+    cj = convert.build(load_job(name))
     if cj is not None:
         cargs = cj["spec"]["template"]["spec"]["containers"][0]["args"]
         cns = _parser().parse_args(cargs)
@@ -293,13 +285,13 @@ def test_podmonitor_validates_and_selects_the_pods(rendered):
 def _builtin_docs() -> list[tuple[str, dict]]:
     docs = []
     for name in JOBS:
-        cj = render.render_convert_job(render.build_job(name, namespace="gnp"))
+        cj = convert.build(load_job(name, namespace="gnp"))
         if cj is not None:
             docs.append((f"{name} convert Job", cj))
     for path in sorted((ROOT / "k8s" / "examples").glob("*.yaml")):
         # custom resources (AlertmanagerConfig) have no built-in schema: tests/test_k8s_admission.py checks them
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d and "coreos" not in d["apiVersion"]]
-    monitoring = render.render(render.build_job("fashion-mnist-demo"), "monitoring")
+    monitoring = render(load_job("fashion-mnist-demo"), "monitoring")
     docs += [("--part monitoring", d) for d in yaml.safe_load_all(monitoring) if d and d["kind"] == "ConfigMap"]
     return docs
 
@@ -321,7 +313,7 @@ def test_builtin_objects_pass_kubernetes_validate_strict():
 
 
 def test_conversion_job_contract():
-    cj = render.render_convert_job(render.build_job("fashion-mnist-demo"))
+    cj = convert.build(load_job("fashion-mnist-demo"))
     c = cj["spec"]["template"]["spec"]["containers"][0]
     assert cj["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     rule = cj["spec"]["podFailurePolicy"]["rules"][0]
@@ -329,7 +321,7 @@ def test_conversion_job_contract():
     assert c["args"][c["args"].index("--out") + 1] == "/data/fashion-mnist"  # where the PyTorchJob reads
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert not mounts["/data"].get("readOnly")
-    s3 = render.render_convert_job(render.build_job("resnet-cifar"))
+    s3 = convert.build(load_job("resnet-cifar"))
     env = {e["name"]: e.get("value") for e in s3["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GNP_DATA_S3"] == "s3://gnp-datasets/cifar10" and env["GNP_CONVERT_SOURCE_S3"].endswith(".tar.gz")
 
@@ -400,7 +392,7 @@ def test_cli_user_errors_exit_2(args, message):
 
 
 def _main(*args: str) -> int:
-    return render.main(list(args))
+    return main(list(args))
 
 
 @pytest.fixture()
@@ -415,8 +407,8 @@ def test_submit_status_logs_delete(fake, capsys):
     out = capsys.readouterr().out
     assert "submitted pytorchjob gnp/wideresnet-ss-cifar" in out and "make logs JOB=wideresnet-ss-cifar" in out
     stored = fake.jobs[("gnp", "wideresnet-ss-cifar")]
-    expected = render.render_pytorchjob(
-        render.build_job("wideresnet-ss-cifar", sets=["loop.epochs=1"], namespace="gnp", image=TEST_IMAGE)
+    expected = pytorchjob.build(
+        load_job("wideresnet-ss-cifar", sets=["loop.epochs=1"], namespace="gnp", image=TEST_IMAGE)
     )
     assert stored["spec"] == expected["spec"]  # exactly what render prints
 

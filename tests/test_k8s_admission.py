@@ -13,7 +13,6 @@ everything else is checked on the rendered objects and the committed example fil
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import time
@@ -22,16 +21,17 @@ import urllib.request
 import pytest
 import yaml
 
+from gnpk8s import convert, errors, pod, pytorchjob, trainjob
+from gnpk8s.cli import main
+from gnpk8s.manifests import render
+from gnpk8s.spec import SPEC_DOC, load_job
 from tests.support.kube_fake import FakeKube
 from tests.support.kube_fake_kueue import FakeKueue
 from tests.support.kube_fake_trainer import node_pod, schema
 from tests.support.prom import cr_errors, crd_schema
-from tests.test_k8s import JOBS, PODMONITOR_CRD, ROOT, TEST_IMAGE, render
+from tests.test_k8s import JOBS, PODMONITOR_CRD, ROOT, TEST_IMAGE
 from tests.test_trainjob import _job_outcome, _jobset_outcome
 
-trainjob = importlib.import_module("gnpk8s.trainjob")  # k8s/ is on sys.path once render.py is loaded
-pod = importlib.import_module("gnpk8s.pod")
-errors = importlib.import_module("gnpk8s.errors")
 EXAMPLES = ROOT / "k8s" / "examples"
 QUEUE = "kueue.x-k8s.io/queue-name"
 MAX_EXEC = "kueue.x-k8s.io/max-exec-time-seconds"
@@ -44,7 +44,7 @@ def _image_env(monkeypatch):
 
 
 def _spec(name: str, *overrides: str, api: str = "pytorchjob"):
-    return render.build_job(name, spec_overrides=[f"api={api}", *overrides], namespace="gnp")
+    return load_job(name, spec_overrides=[f"api={api}", *overrides], namespace="gnp")
 
 
 def _serve(tmp_path, monkeypatch, **kw) -> FakeKube:
@@ -79,7 +79,7 @@ def _one_line_error(capsys) -> str:
 
 def test_no_cluster_training_runtime_is_rendered_or_shipped():
     for name in JOBS:
-        text = render.render(_spec(name, api="trainjob"), "all")
+        text = render(_spec(name, api="trainjob"), "all")
         assert "ClusterTrainingRuntime" not in text, name
     for path in [*EXAMPLES.glob("*.yaml"), *(ROOT / "k8s" / "jobs").glob("*.yaml")]:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]  # the objects, not their comments
@@ -89,7 +89,7 @@ def test_no_cluster_training_runtime_is_rendered_or_shipped():
 def test_a_failed_trainjob_create_leaves_no_runtime(serve, capsys):
     fake = serve()
     fake.faults[("POST", "trainjobs")] = (422, 'admission webhook "validate.trainjob" denied the request')
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
     assert "denied the request" in _one_line_error(capsys)
     posted = [p for m, p in fake.requests if m == "POST"]
     assert [p.rsplit("/", 1)[-1] for p in posted] == ["trainingruntimes", "trainjobs"]  # it was created first
@@ -99,7 +99,7 @@ def test_a_failed_trainjob_create_leaves_no_runtime(serve, capsys):
 
 def test_the_runtime_goes_with_its_trainjob_and_with_make_delete(serve, capsys):
     fake = serve()
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
     assert ("gnp", "gnp-resnet-cifar") in fake.trainer["ns_runtimes"]
     # kubectl delete trainjob (not make delete): the garbage collector follows the ownerReference
     req = urllib.request.Request(f"{fake.url}/apis/trainer.kubeflow.org/v1alpha1/namespaces/gnp/trainjobs/resnet-cifar")
@@ -109,11 +109,11 @@ def test_the_runtime_goes_with_its_trainjob_and_with_make_delete(serve, capsys):
     # the owner reference could not be patched (RBAC without patch): a warning, and make delete still removes it
     fake.faults[("PATCH", "trainingruntimes")] = (403, "cannot patch resource trainingruntimes")
     capsys.readouterr()
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
     err = capsys.readouterr().err
     assert "warning: trainingruntime 'gnp-resnet-cifar' not owned by its TrainJob" in err
     assert "ownerReferences" not in fake.trainer["ns_runtimes"][("gnp", "gnp-resnet-cifar")]["metadata"]
-    assert render.main(["delete", "resnet-cifar", "--api", "trainjob"]) == 0
+    assert main(["delete", "resnet-cifar", "--api", "trainjob"]) == 0
     assert fake.trainer["ns_runtimes"] == {} and fake.trainer["trainjobs"] == {}
 
 
@@ -124,7 +124,7 @@ def test_the_runtime_goes_with_its_trainjob_and_with_make_delete(serve, capsys):
 def test_queue_labels_on_every_object_that_runs_pods():
     for api in ("pytorchjob", "trainjob"):
         spec = _spec("resnet-imagenet", "queue=team-a", "max_exec_seconds=36000", api=api)
-        docs = [d for d in yaml.safe_load_all(render.render(spec, "all")) if d]
+        docs = [d for d in yaml.safe_load_all(render(spec, "all")) if d]
         runs_pods = [d for d in docs if d["kind"] in ("PyTorchJob", "TrainJob", "Job")]
         assert sorted(d["kind"] for d in runs_pods) == sorted(
             ["Job", "PyTorchJob" if api == "pytorchjob" else "TrainJob"]
@@ -134,16 +134,16 @@ def test_queue_labels_on_every_object_that_runs_pods():
         job = next(d for d in runs_pods if d["kind"] != "Job")
         assert job["metadata"]["labels"][MAX_EXEC] == "36000"  # the training's cap, not the conversion's
         assert MAX_EXEC not in next(d for d in runs_pods if d["kind"] == "Job")["metadata"]["labels"]
-    plain = render.render(_spec("resnet-imagenet"), "all")
+    plain = render(_spec("resnet-imagenet"), "all")
     assert QUEUE not in plain and MAX_EXEC not in plain
-    p = render.main(["render", "resnet-cifar", "--spec", "max_exec_seconds=0"])
+    p = main(["render", "resnet-cifar", "--spec", "max_exec_seconds=0"])
     assert p == 2
 
 
 def test_pytorchjob_that_kueue_does_not_manage_stops_with_the_fix(serve, capsys):
     fake = serve(kueue=FakeKueue())  # Kueue's default frameworks: no kubeflow.org/pytorchjob
     t0 = time.monotonic()
-    assert render.main(["submit", "resnet-cifar", "--spec", "queue=team-a", "--queue-wait", "0.5"]) == 2
+    assert main(["submit", "resnet-cifar", "--spec", "queue=team-a", "--queue-wait", "0.5"]) == 2
     assert time.monotonic() - t0 >= 0.5  # it waited for the Workload
     line = _one_line_error(capsys)
     assert "pytorchjob gnp/resnet-cifar is suspended but Kueue made no Workload for it within 0.5 s" in line
@@ -158,7 +158,7 @@ def test_pytorchjob_that_kueue_does_not_manage_stops_with_the_fix(serve, capsys)
 def test_pytorchjob_managed_by_kueue_waits_for_its_workload(serve, capsys):
     fake = serve(kueue=FakeKueue(frameworks=ALL_FRAMEWORKS, workload_delay_s=1.2))
     t0 = time.monotonic()
-    assert render.main(["submit", "resnet-cifar", "--spec", "queue=team-a", "--queue-wait", "10"]) == 0
+    assert main(["submit", "resnet-cifar", "--spec", "queue=team-a", "--queue-wait", "10"]) == 0
     assert 1.2 <= time.monotonic() - t0 < 8  # polled until it appeared, not to the end of the wait
     err = capsys.readouterr().err
     assert re.search(r"queued: Kueue Workload pytorchjob-resnet-cifar-\w+ in LocalQueue team-a", err)
@@ -169,9 +169,7 @@ def test_pytorchjob_managed_by_kueue_waits_for_its_workload(serve, capsys):
 @pytest.mark.parametrize("frameworks, ok", [(("trainer.kubeflow.org/trainjob",), True), ((), False)])
 def test_trainjob_workload_present_or_integration_off(serve, capsys, frameworks, ok):
     fake = serve(kueue=FakeKueue(frameworks=frameworks))
-    rc = render.main(
-        ["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "queue=team-a", "--queue-wait", "0.3"]
-    )
+    rc = main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "queue=team-a", "--queue-wait", "0.3"])
     tj = fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
     assert tj["spec"]["suspend"] is True and not fake.pods
     if ok:
@@ -188,7 +186,7 @@ def test_trainjob_workload_present_or_integration_off(serve, capsys, frameworks,
 @pytest.mark.parametrize("queues", [[], ["team-a"], ["team-a", "team-b"]])
 def test_without_a_queue_the_namespaces_local_queues_decide(serve, capsys, queues):
     fake = serve(kueue=FakeKueue(local_queues={"gnp": queues, "other": ["x"]}, frameworks=ALL_FRAMEWORKS))
-    rc = render.main(["submit", "resnet-cifar", "--queue-wait", "2"])
+    rc = main(["submit", "resnet-cifar", "--queue-wait", "2"])
     if len(queues) == 2:
         assert rc == 2
         line = _one_line_error(capsys)
@@ -207,16 +205,16 @@ def test_without_a_queue_the_namespaces_local_queues_decide(serve, capsys, queue
 
 def test_kueue_not_installed(serve, capsys):
     fake = serve()  # no kueue.x-k8s.io API: 404
-    assert render.main(["submit", "resnet-cifar"]) == 0  # unqueued
+    assert main(["submit", "resnet-cifar"]) == 0  # unqueued
     assert QUEUE not in fake.jobs[("gnp", "resnet-cifar")]["metadata"]["labels"]
-    assert render.main(["submit", "wideresnet-cifar", "--spec", "queue=team-a"]) == 2
+    assert main(["submit", "wideresnet-cifar", "--spec", "queue=team-a"]) == 2
     assert "queue 'team-a' is set but Kueue is not installed" in _one_line_error(capsys)
     assert ("gnp", "wideresnet-cifar") not in fake.jobs
 
 
 def test_a_queue_that_does_not_exist_is_refused(serve, capsys):
     fake = serve(kueue=FakeKueue(local_queues={"gnp": ["team-a", "team-b"]}))
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "queue=team-c"]) == 2
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "queue=team-c"]) == 2
     line = _one_line_error(capsys)
     assert "queue 'team-c': no such Kueue LocalQueue in namespace 'gnp'; allowed: team-a, team-b" in line
     assert fake.trainer["ns_runtimes"] == {} and fake.trainer["trainjobs"] == {}
@@ -235,7 +233,7 @@ def test_crash_budget_env_and_exit_3_is_permanent_in_both_apis(name):
     from trainer.exits import is_retried
 
     spec = _spec(name)
-    pj = render.render_pytorchjob(spec)
+    pj = pytorchjob.build(spec)
     worker = pj["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert worker["restartPolicy"] == "ExitCode"
     assert _env(worker["template"]["spec"]["containers"][0])["GNP_CRASH_RESTARTS"] == "3"
@@ -255,19 +253,19 @@ def test_crash_budget_env_and_exit_3_is_permanent_in_both_apis(name):
 def test_crash_restarts_key(capsys):
     assert (
         _env(
-            render.render_pytorchjob(_spec("resnet-cifar", "crash_restarts=0"))["spec"]["pytorchReplicaSpecs"][
-                "Worker"
-            ]["template"]["spec"]["containers"][0]
+            pytorchjob.build(_spec("resnet-cifar", "crash_restarts=0"))["spec"]["pytorchReplicaSpecs"]["Worker"][
+                "template"
+            ]["spec"]["containers"][0]
         )["GNP_CRASH_RESTARTS"]
         == "0"
     )
-    assert render.main(["render", "resnet-cifar", "--spec", "crash_restarts=-1"]) == 2
+    assert main(["render", "resnet-cifar", "--spec", "crash_restarts=-1"]) == 2
     assert "crash_restarts: expected an integer >= 0, got -1" in _one_line_error(capsys)
-    assert render.main(["render", "resnet-cifar", "--spec", "crash_restarts=many"]) == 2
+    assert main(["render", "resnet-cifar", "--spec", "crash_restarts=many"]) == 2
     assert "crash_restarts: expected int" in _one_line_error(capsys)
     defaults = yaml.safe_load((ROOT / "k8s" / "jobs" / "_defaults.yaml").read_text())
     assert defaults["crash_restarts"] == 3
-    assert "crash_restarts" in render.SPEC_DOC and "GNP_CRASH_RESTARTS" in render.SPEC_DOC
+    assert "crash_restarts" in SPEC_DOC and "GNP_CRASH_RESTARTS" in SPEC_DOC
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +290,7 @@ def test_deadline_is_sized_to_the_recipe_and_explained(name):
     if hours:  # the stated total is the value
         assert abs(float(hours[-1]) * 3600 - secs) <= 0.05 * secs, (hours, secs)
     spec = _spec(name)
-    assert render.render_pytorchjob(spec)["spec"]["runPolicy"]["activeDeadlineSeconds"] == secs
+    assert pytorchjob.build(spec)["spec"]["runPolicy"]["activeDeadlineSeconds"] == secs
     assert trainjob.build(_spec(name, api="trainjob"))["spec"]["activeDeadlineSeconds"] == secs
 
 
@@ -350,10 +348,10 @@ def test_rbac_example_grants_every_call_the_tool_makes(serve, capsys):
     recorded must be allowed by the Role (discovery is allowed to every authenticated user)."""
     fake = serve(kueue=FakeKueue(frameworks=ALL_FRAMEWORKS))
     for api in ("pytorchjob", "trainjob"):
-        assert render.main(["submit", "resnet-cifar", "--spec", f"api={api}", "--spec", "queue=team-a"]) == 0
-        assert render.main(["status", "resnet-cifar", "--api", api]) == 0
-        render.main(["logs", "resnet-cifar", "--api", api, "--wait", "0"])
-        assert render.main(["delete", "resnet-cifar", "--api", api]) == 0
+        assert main(["submit", "resnet-cifar", "--spec", f"api={api}", "--spec", "queue=team-a"]) == 0
+        assert main(["status", "resnet-cifar", "--api", api]) == 0
+        main(["logs", "resnet-cifar", "--api", api, "--wait", "0"])
+        assert main(["delete", "resnet-cifar", "--api", api]) == 0
     _, rules = _role()
     verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
     checked = set()
@@ -381,8 +379,8 @@ def test_rbac_example_grants_every_call_the_tool_makes(serve, capsys):
 
 def test_podmonitor_selects_the_jobs_own_namespace():
     pm_schema = crd_schema(PODMONITOR_CRD, "monitoring.coreos.com/v1")
-    spec = render.build_job("resnet-cifar", namespace="team-a")
-    docs = [d for d in yaml.safe_load_all(render.render(spec, "monitoring")) if d]
+    spec = load_job("resnet-cifar", namespace="team-a")
+    docs = [d for d in yaml.safe_load_all(render(spec, "monitoring")) if d]
     pm = next(d for d in docs if d["kind"] == "PodMonitor")
     assert cr_errors(pm, pm_schema) == []
     assert pm["metadata"]["namespace"] == "team-a"
@@ -390,7 +388,7 @@ def test_podmonitor_selects_the_jobs_own_namespace():
     # without a namespace: none named, so the monitor's own namespace (prometheus-operator's default); never any
     committed = yaml.safe_load((ROOT / "k8s" / "monitoring" / "podmonitor.yaml").read_text())
     assert "namespaceSelector" not in committed["spec"] and cr_errors(committed, pm_schema) == []
-    assert "any: true" not in render.render(render.build_job("resnet-cifar"), "monitoring")
+    assert "any: true" not in render(load_job("resnet-cifar"), "monitoring")
 
 
 def test_alertmanagerconfig_example_routes_every_project_alert():
@@ -438,10 +436,10 @@ def _disk_empty_dirs(pod_spec: dict) -> int:
 @pytest.mark.parametrize("name", JOBS)
 def test_ephemeral_storage_covers_the_scratch_volumes(name):
     spec = _spec(name)
-    pods = [render.render_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]]
+    pods = [pytorchjob.build(spec)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]]
     tspec = _spec(name, api="trainjob")
     pods.append(node_pod(trainjob.runtime(tspec), trainjob.build(tspec), 0)["spec"])
-    cj = render.render_convert_job(spec)
+    cj = convert.build(spec)
     if cj:
         pods.append(cj["spec"]["template"]["spec"])
     for p in pods:
@@ -456,20 +454,20 @@ def test_ephemeral_storage_covers_the_scratch_volumes(name):
 
 def test_gpu_product_is_a_spec_key(capsys):
     for name in ("resnet-imagenet", "vggbn-imagenet"):
-        assert "nvidia.com/gpu.product" not in yaml.safe_dump(render.render_pytorchjob(_spec(name)))
+        assert "nvidia.com/gpu.product" not in yaml.safe_dump(pytorchjob.build(_spec(name)))
     spec = _spec("resnet-imagenet", "gpu_product=NVIDIA-H100-80GB-HBM3")
-    tmpl = render.render_pytorchjob(spec)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    tmpl = pytorchjob.build(spec)["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
     assert tmpl["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert "nodeSelector" not in render.render_convert_job(spec)["spec"]["template"]["spec"]  # CPU conversion
+    assert "nodeSelector" not in convert.build(spec)["spec"]["template"]["spec"]  # CPU conversion
     tspec = _spec("resnet-imagenet", "gpu_product=NVIDIA-H100-80GB-HBM3", api="trainjob")
     assert (
         node_pod(trainjob.runtime(tspec), trainjob.build(tspec), 0)["spec"]["nodeSelector"]
         == tmpl["spec"]["nodeSelector"]
     )
     assert cr_errors(trainjob.build(tspec), schema("TrainJob")) == []
-    assert render.main(["render", "resnet-imagenet", "--spec", "gpu_product=A100 80GB"]) == 2
+    assert main(["render", "resnet-imagenet", "--spec", "gpu_product=A100 80GB"]) == 2
     assert "gpu_product: 'A100 80GB' is not a label value" in _one_line_error(capsys)
-    assert "gpu_product" in render.SPEC_DOC
+    assert "gpu_product" in SPEC_DOC
 
 
 def test_trainjob_runtime_of_every_job_validates_with_storage_and_queue_keys():

@@ -28,17 +28,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gnpk8s import cli, convert, kinds, manifests, pytorchjob, spec
 from tests.support.kube_fake import FakeKube
 from tests.support.prom import cr_errors, crd_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTORCHJOB_CRD = ROOT / "tests" / "data" / "crds" / "kubeflow.org_pytorchjobs.yaml"
 IMAGE = "registry.test/gnp/gnp-trainer:test"
-
-sys.path.insert(0, str(ROOT / "k8s"))
-from gnpk8s import cli, convert, manifests, pytorchjob, spec  # noqa: E402
-
-sys.path.pop(0)
 
 
 @pytest.fixture(autouse=True)
@@ -573,7 +569,7 @@ def test_a_second_job_kind_plugs_into_render(monkeypatch):
         def build(sp):
             return {"apiVersion": "example.test/v1", "kind": "TestJob", "metadata": {"name": sp.name}}
 
-    monkeypatch.setitem(manifests.KINDS, "testjob", Kind)
+    monkeypatch.setitem(kinds.KINDS, "testjob", Kind)
     docs = list(yaml.safe_load_all(manifests.render(s, "job", kind="testjob")))
     assert docs == [{"apiVersion": "example.test/v1", "kind": "TestJob", "metadata": {"name": "fashion-mnist-demo"}}]
     with pytest.raises(spec.UserError, match="unknown job kind 'nope'"):

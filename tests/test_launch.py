@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cli_env
 from tests.support.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 from trainer import exits, launch
 from trainer.storage import MiB, S3Storage, StorageConfigError
@@ -313,16 +314,14 @@ def test_help_is_the_module_docstring():
 # one module of statuses
 
 PROBE = """
-import importlib.util, json, sys
+import json
 import trainer.exits as x
 x.EXIT_USER, x.EXIT_CRASH, x.EXIT_RETRYABLE, x.EXIT_RETRY_CRASH, x.EXIT_CRASH_LOOP = 42, 41, 242, 243, 43
 import trainer.__main__ as cli
 import trainer.launch as launch
-spec = importlib.util.spec_from_file_location("probe_render", sys.argv[1])
-render = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = render
-spec.loader.exec_module(render)
-job = render.render_convert_job(render.build_job("fashion-mnist-demo", image="registry.test/gnp:1"))
+from gnpk8s import cli as k8s_cli, convert
+from gnpk8s.spec import load_job
+job = convert.build(load_job("fashion-mnist-demo", image="registry.test/gnp:1"))
 print(json.dumps({
     "cli_bad_recipe": cli.main(["train", "--recipe", "no-such-recipe"]),
     "cli_retryable": cli.EXIT_RETRYABLE,
@@ -333,7 +332,7 @@ print(json.dumps({
     "launch_crash_loop": launch.map_status(1, [41, 43], True)[0],
     "launch_unknown": launch.map_status(1, [], False)[0],
     "render_policy": job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"],
-    "render_main": render.main(["render", "no-such-spec"]),
+    "render_main": k8s_cli.main(["render", "no-such-spec"]),
 }))
 """
 
@@ -342,8 +341,8 @@ def test_cli_launcher_and_renderer_take_their_statuses_from_exits():
     """Changed values in trainer/exits.py show up in what each user returns or renders; a module that kept
     its own literal 2 or 200 would fail here."""
     p = subprocess.run(
-        [sys.executable, "-c", PROBE, str(ROOT / "k8s" / "render.py")],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, "-c", PROBE],
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -99,13 +99,12 @@ def test_rendered_configmap_carries_exactly_the_dashboard():
 
 
 def _render_module():
-    import importlib.util
+    from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("gnp_k8s_render_monitoring", ROOT / "k8s" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+    from gnpk8s.cli import main
+    from gnpk8s.monitoring import dashboard_configmap
+
+    return SimpleNamespace(dashboard_configmap=dashboard_configmap, main=main)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -182,6 +183,67 @@ def test_import_direction():
         for node in ast.walk(ast.parse(src)):
             if isinstance(node, ast.ImportFrom) and node.level:
                 assert node.level == 1 and node.module in plain, f"optim/{name}.py imports .{node.module}"
+
+
+def _import_graph(pkg: Path, name: str) -> dict[str, set[str]]:
+    """module -> the package's modules it imports, module-level and inside functions alike (ast): `from . import
+    x` counts as importing x, `from .x import y` as importing x (or x.y when that is a module)."""
+    import ast
+
+    files = {}
+    for path in pkg.rglob("*.py"):
+        files[".".join((name, *path.relative_to(pkg).with_suffix("").parts)).removesuffix(".__init__")] = path
+    graph = {}
+    for mod, path in files.items():
+        here = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                full = ".".join(base + (node.module.split(".") if node.module else []))
+                names = [full, *(f"{full}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for n in names:
+                while n and n not in files:
+                    n = n.rpartition(".")[0]
+                if n and n != mod:
+                    deps.add(n)
+        graph[mod] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of the graph as [a, b, ..., a], or None."""
+    done: set[str] = set()
+
+    def visit(mod: str, path: list[str]) -> list[str] | None:
+        for dep in sorted(graph[mod]):
+            if dep in path:
+                return path[path.index(dep) :] + [dep]
+            if dep not in done:
+                found = visit(dep, path + [dep])
+                if found:
+                    return found
+        done.add(mod)
+        return None
+
+    for mod in sorted(graph):
+        found = None if mod in done else visit(mod, [mod])
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("folder, name", [("trainer", "trainer"), ("k8s/gnpk8s", "gnpk8s")])
+def test_no_import_cycles(folder, name):
+    """trainer/ and the Kubernetes package k8s/gnpk8s import acyclically, counting imports inside functions: a
+    deferred import that closes a cycle still ties the two modules into one (and hides the order they need)."""
+    graph = _import_graph(Path(__file__).resolve().parents[1] / folder, name)
+    assert len(graph) > 5 and _cycle(graph) is None, " -> ".join(_cycle(graph))
+    assert _cycle({**graph, f"{name}.a": {f"{name}.b"}, f"{name}.b": {f"{name}.a"}})  # the check can fail
 
 
 def test_memory_loader_trains_bitwise_like_the_ffcv_loader(fmnist_small, tmp_path):

@@ -15,18 +15,20 @@ with the PyTorchJob's pod template: the two kinds must run the same container on
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 
+from gnpk8s import pytorchjob, trainjob
+from gnpk8s.cli import main
+from gnpk8s.manifests import render
+from gnpk8s.spec import check_name, load_job
 from tests.support.kube_fake import FakeKube
 from tests.support.kube_fake_kueue import FakeKueue
 from tests.support.kube_fake_trainer import node_pod, schema
 from tests.support.prom import cr_errors
-from tests.test_k8s import JOB_PARAMS, JOBS, ROOT, TEST_IMAGE, _cli, render
+from tests.test_k8s import JOB_PARAMS, JOBS, ROOT, TEST_IMAGE, _cli
 from trainer.exits import EXIT_CRASH, EXIT_RETRY_CRASH, EXIT_RETRYABLE, EXIT_USER, is_retried
 
-trainjob = importlib.import_module("gnpk8s.trainjob")  # k8s/ is on sys.path once render.py is loaded
 STOCK_RUNTIME = "trainer-v2.3.0_runtime_torch-distributed.yaml"
 
 
@@ -38,11 +40,11 @@ def _image_env(monkeypatch):
 def _spec(name: str, **kw):
     kw.setdefault("namespace", "gnp")
     overrides = ["api=trainjob", *kw.pop("spec", [])]
-    return render.build_job(name, spec_overrides=overrides, **kw)
+    return load_job(name, spec_overrides=overrides, **kw)
 
 
 def _pytorch_pod(spec) -> dict:
-    pj = render.render_pytorchjob(spec)
+    pj = pytorchjob.build(spec)
     return pj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
 
 
@@ -60,7 +62,7 @@ def test_trainjob_and_runtime_validate_strictly(name):
     assert spec.api == "trainjob"
     import yaml
 
-    docs = [d for d in yaml.safe_load_all(render.render(spec, "all")) if d]
+    docs = [d for d in yaml.safe_load_all(render(spec, "all")) if d]
     kinds = [d["kind"] for d in docs]
     assert kinds[:2] == ["TrainingRuntime", "TrainJob"] and "ClusterTrainingRuntime" not in kinds
     rt, tj = docs[0], docs[1]
@@ -77,18 +79,18 @@ def test_trainjob_and_runtime_validate_strictly(name):
     assert node["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
     # the CRD's own CEL rule on the name (x-kubernetes-validations, not checked by jsonschema), and the pods'
     # hostnames <job>-node-0-<i> (a DNS label: 63 characters at most)
-    assert render.check_name(name) and len(f"{name}-node-0-{spec.nodes - 1}") <= 63
+    assert check_name(name) and len(f"{name}-node-0-{spec.nodes - 1}") <= 63
     # Trainer's torch plugin webhook refuses these in trainer.env (pkg/constants TorchRunReservedEnvNames)
     names = [e["name"] for e in tj["spec"]["trainer"]["env"]]
     assert not set(names) & {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
     assert len(names) == len(set(names))
     # --part runtime alone is the same runtime
-    assert yaml.safe_load(render.render(spec, "runtime")) == rt
+    assert yaml.safe_load(render(spec, "runtime")) == rt
 
 
 def test_schemas_reject_what_the_api_server_rejects():
     """The strict schemas can fail: unknown fields, wrong types, a forbidden patch field."""
-    tj = render.render(_spec("resnet-cifar"), "job")
+    tj = render(_spec("resnet-cifar"), "job")
     import yaml
 
     good = yaml.safe_load(tj)
@@ -104,7 +106,7 @@ def test_schemas_reject_what_the_api_server_rejects():
     assert cr_errors(bad, schema("TrainJob"))
     stock = yaml.safe_load((ROOT / "tests" / "data" / "crds" / STOCK_RUNTIME).read_text())
     assert cr_errors(stock, schema("ClusterTrainingRuntime")) == []  # the schema reads the stock runtime
-    rt = yaml.safe_load(render.render(_spec("resnet-cifar"), "runtime"))
+    rt = yaml.safe_load(render(_spec("resnet-cifar"), "runtime"))
     bad = copy.deepcopy(rt)
     bad["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rule"] = []
     assert cr_errors(bad, schema("TrainingRuntime"))  # a typo in the runtime is caught too
@@ -276,7 +278,7 @@ def test_cli_api_key_and_part_runtime():
     assert p.returncode == 2 and p.stderr.startswith("error: --part runtime") and p.stderr.count("\n") == 1
     p = _cli("render", "resnet-cifar", "--spec", "api=trainjobs")
     assert p.returncode == 2 and "api: expected one of pytorchjob, trainjob" in p.stderr
-    assert render.build_job("resnet-cifar").api == "pytorchjob"  # the default is unchanged
+    assert load_job("resnet-cifar").api == "pytorchjob"  # the default is unchanged
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +294,6 @@ def fake(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", JOB_PARAMS)
 def test_submit_status_logs_delete_trainjob(name, fake, capsys):
-    main = render.main
     assert main(["submit", name, "--spec", "api=trainjob"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"submitted trainjob gnp/{name}" in out and f"make logs JOB={name} API=trainjob" in out
@@ -355,11 +356,11 @@ def test_make_passes_api_to_every_command():
 
 
 def test_trainjob_cluster_errors_exit_2(fake, capsys):
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 0
     runtime = ("gnp", trainjob.runtime_name(_spec("resnet-cifar")))
     version = fake.trainer["ns_runtimes"][runtime]["metadata"]["resourceVersion"]
     capsys.readouterr()
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
     err = capsys.readouterr().err
     assert "trainjob 'resnet-cifar' already exists" in err and "NAME=resnet-cifar-2" in err
     assert fake.trainer["ns_runtimes"][runtime]["metadata"]["resourceVersion"] == version  # left alone
@@ -367,26 +368,26 @@ def test_trainjob_cluster_errors_exit_2(fake, capsys):
     # replaced, not an error
     del fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
     del fake.trainer["ns_runtimes"][runtime]["metadata"]["ownerReferences"]
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "nodes=2"]) == 0
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob", "--spec", "nodes=2"]) == 0
     assert fake.trainer["ns_runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
     capsys.readouterr()
     # a runtime of that name that belongs to something else is never overwritten
     del fake.trainer["trainjobs"][("gnp", "resnet-cifar")]
     fake.trainer["ns_runtimes"][runtime]["metadata"]["labels"]["app.kubernetes.io/instance"] = "other"
-    assert render.main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
+    assert main(["submit", "resnet-cifar", "--spec", "api=trainjob"]) == 2
     assert "does not belong to job 'resnet-cifar' (app.kubernetes.io/instance: 'other')" in capsys.readouterr().err
     assert fake.trainer["ns_runtimes"][runtime]["spec"]["mlPolicy"]["numNodes"] == 2
     # queued: created suspended, no pods, status says Suspended (Kueue made its Workload, as it does by default)
     fake.kueue = FakeKueue(local_queues={"gnp": ["q"]})
-    assert render.main(["submit", "fashion-mnist-demo", "--spec", "api=trainjob", "--spec", "queue=q"]) == 0
-    assert render.main(["status", "fashion-mnist-demo", "--api", "trainjob"]) == 0
+    assert main(["submit", "fashion-mnist-demo", "--spec", "api=trainjob", "--spec", "queue=q"]) == 0
+    assert main(["status", "fashion-mnist-demo", "--api", "trainjob"]) == 0
     out = capsys.readouterr().out
     assert "fashion-mnist-demo: Suspended" in out and "pods:\n  (none)" in out
-    assert render.main(["logs", "fashion-mnist-demo", "--api", "trainjob", "--wait", "0"]) == 2
+    assert main(["logs", "fashion-mnist-demo", "--api", "trainjob", "--wait", "0"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: trainjob 'fashion-mnist-demo': no node-0 log after 0 s")
     fake.trainer_installed = False
-    assert render.main(["submit", "wideresnet-cifar", "--spec", "api=trainjob"]) == 2
+    assert main(["submit", "wideresnet-cifar", "--spec", "api=trainjob"]) == 2
     err = capsys.readouterr().err
     assert "Kubeflow Trainer v2 CRDs" in err and "kubeflow/trainer.git" in err and err.count("\n") == 1
-    assert render.main(["status", "resnet-cifar", "--api", "trainjob"]) == 2
+    assert main(["status", "resnet-cifar", "--api", "trainjob"]) == 2

@@ -39,6 +39,7 @@ import argparse
 import sys
 
 from . import cluster as kube
+from . import kinds
 from .errors import EXIT_USER, UserError
 from .manifests import PARTS, render
 from .spec import SPEC_DOC, check_name, list_jobs, load_job, load_spec
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("name", metavar="NAME", help="PyTorchJob name")
         c.add_argument("-n", "--namespace")
         c.add_argument("--context", help="kubeconfig context")
-        c.add_argument("--api", choices=("pytorchjob", "trainjob"), default="pytorchjob", help="the job's kind")
+        c.add_argument("--api", choices=list(kinds.KINDS), default="pytorchjob", help="the job's kind")
         if cmd == "logs":
             c.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
             c.add_argument("--wait", type=float, default=300, help="seconds to wait for the pod to start")
@@ -140,13 +141,14 @@ def _run(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             name=args.name,
         )
+        kind = kinds.get(job.api, job.where)  # an unknown `api` stops here, before any cluster call
         if args.command == "render":
             sys.stdout.write(render(job, args.part))
             return 0
         cluster = kube.connect(job.namespace, args.context)
         if args.queue_wait is not None and args.queue_wait < 0:
             raise UserError(f"--queue-wait {args.queue_wait:g}: expected seconds >= 0")
-        kube.submit(job, cluster, wait_s=args.queue_wait)
+        kinds.submit(job, cluster, wait_s=args.queue_wait)
         shape = (
             f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
         )
@@ -154,15 +156,16 @@ def _run(args: argparse.Namespace) -> int:
             f"submitted {job.api} {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
             f"process(es), image {job.image}"
         )
-        print("follow it with:\n" + kube.follow_up(job.name, job.namespace, job.api))
+        print("follow it with:\n" + kind.follow_up(job.name, job.namespace))
         return 0
     check_name(args.name)
     cluster = kube.connect(args.namespace, args.context)
+    kind = kinds.get(args.api)
     if args.command == "status":
-        print(kube.status_text(cluster, args.name, api=args.api))
+        print(kind.status(cluster, args.name))
     elif args.command == "logs":
-        kube.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait, api=args.api)
+        kind.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait)
     elif args.command == "delete":
-        kube.delete(cluster, args.name, api=args.api)
+        kind.delete(cluster, args.name)
         print(f"deleted {args.api} {cluster.namespace}/{args.name} (its pods and services are garbage-collected)")
     return 0

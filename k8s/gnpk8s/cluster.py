@@ -1,18 +1,17 @@
-"""Cluster calls with the kubernetes Python client (kubeconfig, or the in-cluster service account):
-submit (after checking what would otherwise leave pods holding GPUs), status, logs, delete."""
+"""What every job kind shares on a cluster, with the kubernetes Python client (kubeconfig, or the in-cluster
+service account): the connection, one API call with one-line errors, the CRD and Secret checks, a free name,
+pods, ages, conditions and logs. The kind-specific submit / status / logs / delete live in each kind's own module
+(kinds.py: the protocol and the registry); nothing here knows a job kind."""
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .pod import CONTAINER
-from .pytorchjob import GROUP, OPERATOR_INSTALL, PLURAL, VERSION, build, rank0_pod
 from .spec import JobSpec
 
 
@@ -66,7 +65,7 @@ def connect(namespace: str | None = None, context: str | None = None) -> Cluster
 TIMEOUT = (5, 30)
 
 
-def _api_call(
+def api_call(
     cluster: Cluster, what: str, fn: Callable, *args: Any, passthrough: tuple[int, ...] = (), **kwargs: Any
 ) -> Any:
     """Run one API call; turn unreachable servers and auth failures into one-line UserErrors (statuses in
@@ -92,13 +91,14 @@ def _api_call(
             ) from None
         if e.status == 403:
             raise UserError(
-                f"forbidden: {what} in namespace {cluster.namespace!r}: {_api_message(e)}; "
+                f"forbidden: {what} in namespace {cluster.namespace!r}: {api_message(e)}; "
                 f"an admin can grant it with k8s/examples/rbac.yaml"
             ) from None
         raise
 
 
-def _api_message(e: Any) -> str:
+def api_message(e: Any) -> str:
+    """The API server's one-line message of an ApiException (its reason when the body has none)."""
     import json
 
     try:
@@ -107,21 +107,33 @@ def _api_message(e: Any) -> str:
         return str(e.reason)
 
 
-def require_crd(cluster: Cluster) -> None:
-    """UserError with the install command unless the API server serves kubeflow.org/v1 pytorchjobs."""
+def custom_call(cluster: Cluster, verb: str, group: str, version: str, plural: str, *args: Any, **kw: Any) -> Any:
+    """One call on a namespaced custom resource: verb get|list|create|replace|patch|delete (api_call's errors)."""
+    fn = getattr(cluster.custom, f"{verb}_namespaced_custom_object")
+    return api_call(cluster, f"{verb} {plural}", fn, group, version, cluster.namespace, plural, *args, **kw)
+
+
+def get_custom(cluster: Cluster, group: str, version: str, plural: str, name: str) -> dict | None:
+    """The namespaced custom object, or None when it does not exist."""
     from kubernetes.client.exceptions import ApiException
 
-    missing = UserError(
-        f"the PyTorchJob CRD ({PLURAL}.{GROUP}/{VERSION}) is not installed in the cluster at "
-        f"{cluster.host}; install the Kubeflow training operator v1.9: {OPERATOR_INSTALL}"
-    )
     try:
-        resources = _api_call(cluster, "discover kubeflow.org/v1", cluster.custom.get_api_resources, GROUP, VERSION)
+        return custom_call(cluster, "get", group, version, plural, name, passthrough=(404,))
+    except ApiException:
+        return None
+
+
+def require_api(cluster: Cluster, group: str, version: str, plurals: set[str], missing: UserError) -> None:
+    """Raise `missing` (the install command) unless group/version serves every resource in `plurals`."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        res = api_call(cluster, f"discover {group}/{version}", cluster.custom.get_api_resources, group, version)
     except ApiException as e:
         if e.status == 404:
             raise missing from None
         raise
-    if not any(res.name == PLURAL for res in (resources.resources or [])):
+    if not plurals <= {r.name for r in (res.resources or [])}:
         raise missing
 
 
@@ -143,24 +155,17 @@ def require_s3_secret(job: JobSpec, cluster: Cluster) -> None:
             ) from None
         if e.status == 403:  # may create pods but not read Secrets: the kubelet will tell
             print(
-                f"warning: cannot check Secret {job.s3_secret!r} ({_api_message(e)}); submitting anyway",
+                f"warning: cannot check Secret {job.s3_secret!r} ({api_message(e)}); submitting anyway",
                 file=sys.stderr,
             )
             return
         raise
 
 
-def _free_name(cluster: Cluster, name: str) -> str:
+def free_name(cluster: Cluster, group: str, version: str, plural: str, name: str) -> str:
+    """A name `<name>-<n>` no object of `plural` in the namespace has (a suggestion for an error message)."""
     try:
-        listed = _api_call(
-            cluster,
-            "list pytorchjobs",
-            cluster.custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            cluster.namespace,
-            PLURAL,
-        )
+        listed = custom_call(cluster, "list", group, version, plural)
         taken = {item["metadata"]["name"] for item in listed.get("items", [])}
     except Exception:  # only a suggestion: never fail the error message itself
         taken = {name}
@@ -170,116 +175,18 @@ def _free_name(cluster: Cluster, name: str) -> str:
     return f"{name}-{i}"
 
 
-def follow_up(name: str, namespace: str, api: str = "pytorchjob") -> str:
-    """The commands to watch a submitted job."""
-    if api == "trainjob":
-        from . import trainjob
-
-        return trainjob.follow_up(name, namespace)
-    pod = f"{name}-worker-0"
-    nsarg = f" NAMESPACE={namespace}"
-    return "\n".join(
-        [
-            f"  make status JOB={name}{nsarg}     # conditions, replicas, pods",
-            f"  make logs JOB={name}{nsarg}       # follow rank 0 ({pod}, container {CONTAINER})",
-            f"  make delete JOB={name}{nsarg}",
-            f"  kubectl -n {namespace} get pytorchjob {name} -w",
-            f"  kubectl -n {namespace} wait --for=condition=Succeeded pytorchjob/{name} --timeout=168h",
-            f"  kubectl -n {namespace} logs -f {pod} -c {CONTAINER}",
-        ]
-    )
+def create_error(e: Any, kind: str, name: str, namespace: str) -> UserError | None:
+    """The one-line UserError for a failed create (namespace missing, rejected), None when not one of those."""
+    msg = api_message(e)
+    if e.status == 404 and "namespace" in msg.lower():
+        return UserError(f"namespace {namespace!r} does not exist: kubectl create namespace {namespace}")
+    if e.status in (400, 422):
+        return UserError(f"the API server rejected {kind} {name!r}: {msg}")
+    return None
 
 
-def submit(job: JobSpec, cluster: Cluster, wait_s: float | None = None) -> dict:
-    """Create the job (PyTorchJob, or TrainJob + its TrainingRuntime); with a Kueue queue, wait up to wait_s
-    (default kueue.DEFAULT_WAIT_S) for Kueue's Workload and stop with the fix when none appears."""
-    from . import kueue
-
-    job.namespace = job.namespace or cluster.namespace
-    cluster.namespace = job.namespace
-    if job.api == "trainjob":
-        from . import trainjob
-
-        created = trainjob.submit(job, cluster)
-    else:
-        created = _submit_pytorchjob(job, cluster)
-    if job.scheduling.queue:
-        uid = created.get("metadata", {}).get("uid", "")
-        wait = kueue.DEFAULT_WAIT_S if wait_s is None else wait_s
-        wl = kueue.wait_for_workload(cluster, job.api, job.name, uid, wait)
-        if wl:
-            print(f"queued: Kueue Workload {wl} in LocalQueue {job.scheduling.queue}", file=sys.stderr)
-    return created
-
-
-def _submit_pytorchjob(job: JobSpec, cluster: Cluster) -> dict:
-    """Create the PyTorchJob; UserError for CRD missing, AlreadyExists, missing namespace, webhook rejection."""
-    from kubernetes.client.exceptions import ApiException
-
-    from .kueue import resolve_queue
-
-    require_crd(cluster)
-    require_s3_secret(job, cluster)
-    resolve_queue(job, cluster)
-    body = build(job)
-    try:
-        return _api_call(
-            cluster,
-            "create pytorchjobs",
-            cluster.custom.create_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            job.namespace,
-            PLURAL,
-            body,
-        )
-    except ApiException as e:
-        msg = _api_message(e)
-        if e.status == 409:
-            raise UserError(
-                f"pytorchjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
-                f"(make delete JOB={job.name} NAMESPACE={job.namespace}) or submit under another "
-                f"name: NAME={_free_name(cluster, job.name)}"
-            ) from None
-        if e.status == 404:
-            if "namespace" in msg.lower():
-                raise UserError(
-                    f"namespace {job.namespace!r} does not exist: kubectl create namespace {job.namespace}"
-                ) from None
-            raise UserError(
-                f"the PyTorchJob CRD is not served ({msg}); install the Kubeflow training operator "
-                f"v1.9: {OPERATOR_INSTALL}"
-            ) from None
-        if e.status in (400, 422):
-            raise UserError(f"the API server rejected pytorchjob {job.name!r}: {msg}") from None
-        raise
-
-
-def _get_job(cluster: Cluster, name: str) -> dict:
-    from kubernetes.client.exceptions import ApiException
-
-    require_crd(cluster)
-    try:
-        return _api_call(
-            cluster,
-            "get pytorchjobs",
-            cluster.custom.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            cluster.namespace,
-            PLURAL,
-            name,
-        )
-    except ApiException as e:
-        if e.status == 404:
-            raise UserError(
-                f"pytorchjob {name!r} not found in namespace {cluster.namespace!r} "
-                f"(kubectl -n {cluster.namespace} get pytorchjobs lists them)"
-            ) from None
-        raise
-
-
-def _age(ts: Any) -> str:
+def age(ts: Any) -> str:
+    """How long ago a timestamp (RFC 3339 text or datetime) was: 5s, 3m, 2h, 4d; `-` when unset."""
     import datetime as dt
 
     if not ts:
@@ -293,100 +200,48 @@ def _age(ts: Any) -> str:
     return f"{max(secs, 0)}s"
 
 
-def status_text(cluster: Cluster, name: str, api: str = "pytorchjob") -> str:
-    """Conditions, replica statuses and pods of a PyTorchJob, as a small report."""
-    if api == "trainjob":
-        from . import trainjob
+def state_of(conds: list[dict], otherwise: str) -> str:
+    """The type of the last True condition, else `otherwise`."""
+    return next((c["type"] for c in reversed(conds) if c.get("status") == "True"), otherwise)
 
-        return trainjob.status_text(cluster, name)
-    obj = _get_job(cluster, name)
-    st = obj.get("status") or {}
-    conds = st.get("conditions") or []
-    state = next(
-        (c["type"] for c in reversed(conds) if c.get("status") == "True"),
-        "Unknown (no conditions: is the training operator running?)",
-    )
-    meta = obj.get("metadata", {})
-    lines = [
-        f"pytorchjob {cluster.namespace}/{name}: {state}   "
-        f"(recipe {meta.get('labels', {}).get('gnp.training/recipe', '?')}, "
-        f"created {_age(meta.get('creationTimestamp'))} ago)"
-    ]
-    lines.append("conditions:")
+
+def condition_lines(conds: list[dict]) -> list[str]:
+    """The `conditions:` block of a status report."""
+    lines = ["conditions:"]
     for c in conds:
         lines.append(
             f"  {c.get('type', ''):11s} {c.get('status', ''):6s} {c.get('reason', ''):24s} "
-            f"{_age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}"
+            f"{age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}"
         )
     if not conds:
         lines.append("  (none yet)")
-    for rtype, rs in (st.get("replicaStatuses") or {}).items():
-        lines.append(
-            f"replicas {rtype}: active {rs.get('active', 0)}, succeeded {rs.get('succeeded', 0)}, "
-            f"failed {rs.get('failed', 0)}"
-        )
-    pods = _api_call(
-        cluster,
-        "list pods",
-        cluster.core.list_namespaced_pod,
-        cluster.namespace,
-        label_selector=f"training.kubeflow.org/job-name={name}",
-    )
-    lines.append("pods:")
-    if not pods.items:
-        lines.append("  (none)")
-    for p in sorted(pods.items, key=lambda p: p.metadata.name):
-        restarts, detail = 0, ""
-        for cs in p.status.container_statuses or []:
-            if cs.name != CONTAINER:
-                continue
-            restarts = cs.restart_count
-            s = cs.state
-            if s and s.terminated:
-                detail = f"exit {s.terminated.exit_code} ({s.terminated.reason or ''})"
-            elif s and s.waiting:
-                detail = f"waiting: {s.waiting.reason or ''}"
-        lines.append(
-            f"  {p.metadata.name:32s} {p.status.phase or '':10s} restarts {restarts:<3d} "
-            f"node {p.spec.node_name or '-':20s} {detail}"
-        )
-    return "\n".join(lines)
+    return lines
 
 
-def logs(
-    cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None, api: str = "pytorchjob"
-) -> None:
-    """Stream the rank-0 pod's `pytorch` container log, waiting up to wait_s for it to start."""
-    from kubernetes.client.exceptions import ApiException
+def list_pods(cluster: Cluster, selector: str) -> list:
+    """The namespace's pods matching a label selector."""
+    return api_call(
+        cluster, "list pods", cluster.core.list_namespaced_pod, cluster.namespace, label_selector=selector
+    ).items
 
-    if api == "trainjob":
-        from . import trainjob
 
-        return trainjob.logs(cluster, name, follow, wait_s, out)
-
-    out = out or sys.stdout
-
-    pod = rank0_pod(_get_job(cluster, name))
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            resp = open_pod_log(cluster, pod, CONTAINER, follow)
-            break
-        except ApiException as e:
-            if e.status not in (400, 404) or time.monotonic() > deadline:
-                if e.status in (400, 404):
-                    raise UserError(
-                        f"pod {pod} has no log yet after {wait_s:.0f} s ({_api_message(e)}); see make status JOB={name}"
-                    ) from None
-                raise
-            print(f"waiting for {pod}: {_api_message(e)}", file=sys.stderr)
-            time.sleep(2)
-    copy_log(resp, out)
+def container_state(pod: Any, container: str) -> tuple[int, str]:
+    """(restarts, `exit N (reason)` | `waiting: reason` | "") of one container of a pod."""
+    restarts, detail = 0, ""
+    for cs in pod.status.container_statuses or []:
+        if cs.name != container:
+            continue
+        restarts, s = cs.restart_count, cs.state
+        if s and s.terminated:
+            detail = f"exit {s.terminated.exit_code} ({s.terminated.reason or ''})"
+        elif s and s.waiting:
+            detail = f"waiting: {s.waiting.reason or ''}"
+    return restarts, detail
 
 
 def open_pod_log(cluster: Cluster, pod: str, container: str, follow: bool) -> Any:
     """The container's log as a streaming response; ApiException (400/404) while the pod cannot serve it yet."""
-    return _api_call(
+    return api_call(
         cluster,
         "read pods/log",
         cluster.core.read_namespaced_pod_log,
@@ -408,29 +263,13 @@ def copy_log(resp: Any, out: Any) -> None:
         resp.release_conn()
 
 
-def delete(cluster: Cluster, name: str, api: str = "pytorchjob") -> None:
-    """Delete the PyTorchJob; the operator's pods and Services are garbage-collected with it."""
+def delete_custom(cluster: Cluster, group: str, version: str, plural: str, name: str, kind: str) -> None:
+    """Delete a namespaced custom object in the background (its pods are garbage-collected); UserError if absent."""
     from kubernetes.client.exceptions import ApiException
 
-    if api == "trainjob":
-        from . import trainjob
-
-        return trainjob.delete(cluster, name)
-
-    require_crd(cluster)
     try:
-        _api_call(
-            cluster,
-            "delete pytorchjobs",
-            cluster.custom.delete_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            cluster.namespace,
-            PLURAL,
-            name,
-            propagation_policy="Background",
-        )
+        custom_call(cluster, "delete", group, version, plural, name, propagation_policy="Background")
     except ApiException as e:
         if e.status == 404:
-            raise UserError(f"pytorchjob {name!r} not found in namespace {cluster.namespace!r}") from None
+            raise UserError(f"{kind} {name!r} not found in namespace {cluster.namespace!r}") from None
         raise

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
+from .cluster import api_call
 from .errors import UserError
 from .spec import JobSpec
 
 GROUP, VERSION = "kueue.x-k8s.io", "v1beta1"
 DEFAULT_WAIT_S = 15.0  # Kueue's job reconciler creates the Workload within a second on a healthy cluster
 POLL_S = 1.0
-FRAMEWORKS = {"pytorchjob": "kubeflow.org/pytorchjob", "trainjob": "trainer.kubeflow.org/trainjob"}
 CONFIG_HINT = (
     "integrations.frameworks in Kueue's Configuration (ConfigMap kueue-manager-config in kueue-system, or the "
     "Helm value managerConfig.controllerManagerConfigYaml), then restart kueue-controller-manager"
@@ -35,10 +36,8 @@ def _list(cluster, plural: str) -> tuple[str, list[dict]]:
     """('ok', items) | ('absent', []) when Kueue's API is not served (404) | ('forbidden', [])."""
     from kubernetes.client.exceptions import ApiException
 
-    from .cluster import _api_call
-
     try:
-        listed = _api_call(
+        listed = api_call(
             cluster,
             f"list {plural}",
             cluster.custom.list_namespaced_custom_object,
@@ -83,8 +82,9 @@ def resolve_queue(job: JobSpec, cluster) -> None:
         )
 
 
-def wait_for_workload(cluster, api: str, name: str, uid: str, wait_s: float = DEFAULT_WAIT_S) -> str | None:
-    """The name of the Workload Kueue made for the job (uid); UserError naming the fix when none appears."""
+def wait_for_workload(cluster, kind: Any, name: str, uid: str, wait_s: float = DEFAULT_WAIT_S) -> str | None:
+    """The name of the Workload Kueue made for the job (uid); UserError naming the fix when none appears.
+    `kind` is the job's kinds.JobKind (its NAME, KUEUE_FRAMEWORK, KUEUE_HINT and MAKE_API)."""
     deadline = time.monotonic() + wait_s
     while True:
         state, items = _list(cluster, "workloads")
@@ -97,10 +97,9 @@ def wait_for_workload(cluster, api: str, name: str, uid: str, wait_s: float = DE
         if time.monotonic() >= deadline:
             break
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-    fw = FRAMEWORKS[api]
-    other = "; or submit with API=trainjob (Kueue manages TrainJobs by default)" if api == "pytorchjob" else ""
+    fw = kind.KUEUE_FRAMEWORK
     raise UserError(
-        f"{api} {cluster.namespace}/{name} is suspended but Kueue made no Workload for it within {wait_s:g} s: Kueue "
-        f"is not managing {fw}; fix: add `{fw}` to {CONFIG_HINT}{other}; then make delete JOB={name} "
-        f"NAMESPACE={cluster.namespace}{' API=trainjob' if api == 'trainjob' else ''} and submit again"
+        f"{kind.NAME} {cluster.namespace}/{name} is suspended but Kueue made no Workload for it within {wait_s:g} s: "
+        f"Kueue is not managing {fw}; fix: add `{fw}` to {CONFIG_HINT}{kind.KUEUE_HINT}; then make delete JOB={name} "
+        f"NAMESPACE={cluster.namespace}{kind.MAKE_API} and submit again"
     )

@@ -1,23 +1,22 @@
-"""render(spec, part): the YAML text of one part of a job, dispatching on the job kind.
+"""render(spec, part): the YAML text of one part of a job, dispatching on the job kind (kinds.py).
 
-A job kind is a module with `build(spec) -> dict` (the job object) and `rank0_pod(obj) -> str`; KINDS maps
-its name to it. The spec (spec.py) and the pod template (pod.py) are shared by every kind.
+The spec (spec.py) and the pod template (pod.py) are shared by every kind.
 """
 
 from __future__ import annotations
 
 import sys
-from types import ModuleType
 from typing import Iterable
 
 import yaml
 
-from . import convert, monitoring, pytorchjob, trainjob
+from . import convert, kinds, monitoring
+from .alerts import alert_rule_doc
 from .errors import UserError
 from .spec import JobSpec
 
-KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob}
-PARTS = ("job", "runtime", "convert", "monitoring", "all")  # runtime: the TrainJob's TrainingRuntime
+# runtime: what a kind creates besides its job object (the TrainJob's TrainingRuntime)
+PARTS = ("job", "runtime", "convert", "monitoring", "all")
 
 
 def dump(docs: Iterable[dict | str]) -> str:
@@ -27,13 +26,6 @@ def dump(docs: Iterable[dict | str]) -> str:
         text = d if isinstance(d, str) else yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=120)
         parts.append(text.rstrip("\n") + "\n")
     return "---\n".join(parts)
-
-
-def job_object(spec: JobSpec, kind: str | None = None) -> dict:
-    kind = kind or spec.api
-    if kind not in KINDS:
-        raise UserError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
-    return KINDS[kind].build(spec)
 
 
 def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
@@ -47,14 +39,15 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
             f"only {len(ports)} ports ({ports[0]}..{ports[-1]})",
             file=sys.stderr,
         )
-    kind = kind or spec.api
+    jk = kinds.get(kind) if kind else kinds.get(spec.api, spec.where)
     docs: list[dict | str] = []
-    if part == "runtime" and kind != "trainjob":
-        raise UserError("--part runtime is the TrainJob's TrainingRuntime: add --spec api=trainjob (API=trainjob)")
-    if kind == "trainjob" and part in ("runtime", "all"):
-        docs.append(trainjob.runtime(spec))
-    if part in ("job", "all"):
-        docs.append(job_object(spec, kind))
+    if part in ("runtime", "all"):
+        objects = jk.render(spec)  # the job object last
+        if part == "runtime" and len(objects) < 2:
+            raise UserError("--part runtime is the TrainJob's TrainingRuntime: add --spec api=trainjob (API=trainjob)")
+        docs += objects if part == "all" else objects[:-1]
+    elif part == "job":
+        docs.append(jk.build(spec))
     if part in ("convert", "all"):
         cj = convert.build(spec)
         if cj is None and part == "convert":
@@ -63,5 +56,5 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
             docs.append(cj)
     if part in ("monitoring", "all"):
         docs += monitoring.monitoring_texts(spec.namespace)
-        docs.append(monitoring.alert_rule_doc(spec))
+        docs.append(alert_rule_doc(spec))
     return dump(docs)

@@ -11,7 +11,6 @@ import copy
 import difflib
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import UserError
+from .thresholds import alert_thresholds
 
 K8S_DIR = Path(__file__).resolve().parent.parent
 ROOT = K8S_DIR.parent
@@ -418,7 +418,8 @@ class JobSpec:
     convert: Convert | None
     alerts: dict | None = None  # alert thresholds when the spec sets `alerts:` (its own PrometheusRule)
     description: str = ""
-    api: str = "pytorchjob"  # the job kind: pytorchjob (kubeflow.org/v1) or trainjob (trainer.kubeflow.org)
+    api: str = "pytorchjob"  # the job kind, a key of kinds.KINDS: pytorchjob (kubeflow.org/v1) or trainjob
+    where: str = ""  # the spec file, for messages about it
 
     @property
     def args(self) -> list[str]:
@@ -428,10 +429,6 @@ class JobSpec:
     @property
     def data_path(self) -> str:
         return override_value(self.sets, "data.path") or "/data"
-
-    @property
-    def max_pods(self) -> int:
-        return self.elastic[1] if self.elastic else self.nodes
 
 
 def load_job(
@@ -505,7 +502,8 @@ def load_job(
         convert=_convert(r, values, dataset),
         alerts=_alerts(r),
         description=r.get("description", str, ""),
-        api=r.choice("api", ("pytorchjob", "trainjob"), "pytorchjob"),
+        api=r.get("api", str, "pytorchjob"),  # checked by kinds.get (the registry), which the CLI asks at once
+        where=where,
     )
 
 
@@ -627,11 +625,8 @@ def _check_trainer_config(
     where: str, recipe: str, sets: list[str], nproc: int, nodes: int, elastic: tuple[int, int] | None
 ) -> None:
     """Load the trainer config the pod will load, so typos fail here rather than in the cluster."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from trainer import config as tconfig
-    finally:
-        sys.path.pop(0)
+    from trainer import config as tconfig  # installed with gnpk8s (pip install [--no-deps] -e .)
+
     try:
         cfg = tconfig.load(recipe, sets)
     except tconfig.ConfigError as e:
@@ -710,6 +705,4 @@ def _convert(r: Reader, values: dict, dataset: Dataset) -> Convert | None:
 def _alerts(r: Reader) -> dict | None:
     if not r.get("alerts", dict):
         return None
-    from .monitoring import alert_thresholds
-
     return alert_thresholds(r.sub("alerts"))

@@ -56,8 +56,12 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
+from typing import Any
 
+from . import cluster as kube
 from .errors import FIRST_RETRIED, UserError
+from .kueue import resolve_queue
 from .pod import (
     container_security,
     job_labels,
@@ -73,7 +77,11 @@ from .pod import (
 )
 from .spec import JobSpec, require_image
 
+NAME = "trainjob"  # the spec's `api` and the CLI's --api
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+MAKE_API = " API=trainjob"  # what make status|logs|delete add to name this kind
+KUEUE_FRAMEWORK = "trainer.kubeflow.org/trainjob"  # Kueue's integrations.frameworks entry
+KUEUE_HINT = ""
 RUNTIME_PLURAL, RUNTIME_KIND = "trainingruntimes", "TrainingRuntime"  # namespaced (see above)
 CONTAINER = "node"  # Trainer v2 finds the trainer container by this name (it injects PET_* only there)
 NODE_JOB = "node"  # the replicated job the torch plugin sizes (numNodes)
@@ -280,61 +288,33 @@ def build(spec: JobSpec) -> dict:
     return out
 
 
+def render(spec: JobSpec) -> list[dict]:
+    """Every object submit creates, in order: the job's TrainingRuntime, then the TrainJob."""
+    return [runtime(spec), build(spec)]
+
+
 def rank0_pod(obj: dict) -> str:
     """Not a name: node 0's pod is found by rank0_selector (its name has a random suffix)."""
     return rank0_selector(obj["metadata"]["name"])
 
 
 # ---------------------------------------------------------------------------------------------------
-# Cluster calls for a TrainJob (cluster.py hands over to these when the spec's or the command's api is trainjob)
+# Cluster calls for a TrainJob: submit, status, logs, delete (kinds.py dispatches here)
 
 
-def require_crds(cluster) -> None:
+def require_crds(cluster: kube.Cluster) -> None:
     """UserError with the install command unless trainer.kubeflow.org/v1alpha1 serves trainjobs and runtimes."""
-    from kubernetes.client.exceptions import ApiException
-
-    from .cluster import _api_call
-
     missing = UserError(
         f"the Kubeflow Trainer v2 CRDs ({PLURAL}/{RUNTIME_PLURAL}.{GROUP}/{VERSION}) are not installed in the "
         f"cluster at {cluster.host}; install Trainer v2.3: {TRAINER_INSTALL}"
     )
-    try:
-        res = _api_call(cluster, f"discover {GROUP}/{VERSION}", cluster.custom.get_api_resources, GROUP, VERSION)
-    except ApiException as e:
-        if e.status == 404:
-            raise missing from None
-        raise
-    names = {r.name for r in (res.resources or [])}
-    if not {PLURAL, RUNTIME_PLURAL} <= names:
-        raise missing
+    kube.require_api(cluster, GROUP, VERSION, {PLURAL, RUNTIME_PLURAL}, missing)
 
 
-def _get(cluster, name: str) -> dict | None:
-    from kubernetes.client.exceptions import ApiException
-
-    from .cluster import _api_call
-
-    try:
-        return _api_call(
-            cluster,
-            "get trainjobs",
-            cluster.custom.get_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            cluster.namespace,
-            PLURAL,
-            name,
-        )
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
-def _get_job(cluster, name: str) -> dict:
+def get(cluster: kube.Cluster, name: str) -> dict:
+    """The TrainJob; UserError when the CRDs or the job are missing."""
     require_crds(cluster)
-    obj = _get(cluster, name)
+    obj = kube.get_custom(cluster, GROUP, VERSION, PLURAL, name)
     if obj is None:
         raise UserError(
             f"trainjob {name!r} not found in namespace {cluster.namespace!r} "
@@ -343,30 +323,20 @@ def _get_job(cluster, name: str) -> dict:
     return obj
 
 
-def _runtime_call(cluster, verb: str, fn_name: str, *args, **kw):
-    """One call on the namespace's trainingruntimes (GROUP/VERSION, namespace and plural filled in)."""
-    from .cluster import _api_call
-
-    fn = getattr(cluster.custom, fn_name)
-    return _api_call(
-        cluster, f"{verb} {RUNTIME_PLURAL}", fn, GROUP, VERSION, cluster.namespace, RUNTIME_PLURAL, *args, **kw
-    )
+def _runtime_call(cluster: kube.Cluster, verb: str, *args: Any, **kw: Any) -> Any:
+    """One call on the namespace's trainingruntimes."""
+    return kube.custom_call(cluster, verb, GROUP, VERSION, RUNTIME_PLURAL, *args, **kw)
 
 
-def _apply_runtime(cluster, body: dict) -> None:
+def _apply_runtime(cluster: kube.Cluster, body: dict) -> None:
     """Create the job's TrainingRuntime, or replace one left by an earlier submit of the same job."""
     from kubernetes.client.exceptions import ApiException
 
-    from .cluster import _api_message
-
     name = body["metadata"]["name"]
-    try:
-        old = _runtime_call(cluster, "get", "get_namespaced_custom_object", name, passthrough=(404,))
-    except ApiException:
-        old = None
+    old = kube.get_custom(cluster, GROUP, VERSION, RUNTIME_PLURAL, name)
     try:
         if old is None:
-            _runtime_call(cluster, "create", "create_namespaced_custom_object", body)
+            _runtime_call(cluster, "create", body)
             return
         want = body["metadata"]["labels"][OWNER_LABEL]
         have = (old.get("metadata", {}).get("labels") or {}).get(OWNER_LABEL)
@@ -376,10 +346,10 @@ def _apply_runtime(cluster, body: dict) -> None:
                 f"{want!r} ({OWNER_LABEL}: {have!r}); submit under another NAME="
             )
         body = {**body, "metadata": {**body["metadata"], "resourceVersion": old["metadata"].get("resourceVersion")}}
-        _runtime_call(cluster, "replace", "replace_namespaced_custom_object", name, body)
+        _runtime_call(cluster, "replace", name, body)
     except ApiException as e:
         if e.status in (400, 422):
-            raise UserError(f"the API server rejected trainingruntime {name!r}: {_api_message(e)}") from None
+            raise UserError(f"the API server rejected trainingruntime {name!r}: {kube.api_message(e)}") from None
         raise
 
 
@@ -396,13 +366,13 @@ def owner_reference(trainjob: dict) -> dict:
     }
 
 
-def _own_runtime(cluster, name: str, trainjob: dict) -> None:
+def _own_runtime(cluster: kube.Cluster, name: str, trainjob: dict) -> None:
     """Patch the TrainJob's ownerReference onto its runtime; a failure leaves it for `make delete` (a warning)."""
     from kubernetes.client.exceptions import ApiException
 
     patch = {"metadata": {"ownerReferences": [owner_reference(trainjob)]}}
     try:
-        _runtime_call(cluster, "patch", "patch_namespaced_custom_object", name, patch)
+        _runtime_call(cluster, "patch", name, patch)
     except (ApiException, UserError) as e:
         print(
             f"warning: trainingruntime {name!r} not owned by its TrainJob ({' '.join(str(e).split())[:160]}); "
@@ -411,62 +381,42 @@ def _own_runtime(cluster, name: str, trainjob: dict) -> None:
         )
 
 
-def _delete_runtime(cluster, name: str) -> None:
+def _delete_runtime(cluster: kube.Cluster, name: str) -> None:
     """Delete the job's runtime; already gone (the garbage collector) or not ours to delete is fine."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        _runtime_call(cluster, "delete", "delete_namespaced_custom_object", name, passthrough=(403, 404))
+        _runtime_call(cluster, "delete", name, passthrough=(403, 404))
     except ApiException:
         pass
 
 
-def _create(cluster, job: JobSpec, body: dict) -> dict:
+def _create(cluster: kube.Cluster, job: JobSpec, body: dict) -> dict:
     """Create the TrainJob; UserError for a missing namespace, AlreadyExists, a rejection."""
     from kubernetes.client.exceptions import ApiException
 
-    from .cluster import _api_call, _api_message
-
     try:
-        return _api_call(
-            cluster,
-            "create trainjobs",
-            cluster.custom.create_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            job.namespace,
-            PLURAL,
-            body,
-        )
+        return kube.custom_call(cluster, "create", GROUP, VERSION, PLURAL, body)
     except ApiException as e:
-        msg = _api_message(e)
-        if e.status == 404 and "namespace" in msg.lower():
-            raise UserError(
-                f"namespace {job.namespace!r} does not exist: kubectl create namespace {job.namespace}"
-            ) from None
         if e.status == 409:
             raise UserError(f"trainjob {job.name!r} already exists in namespace {job.namespace!r}") from None
-        if e.status in (400, 422):
-            raise UserError(f"the API server rejected trainjob {job.name!r}: {msg}") from None
-        raise
+        raise (kube.create_error(e, NAME, job.name, job.namespace) or e) from None
 
 
-def submit(job: JobSpec, cluster) -> dict:
+def submit(job: JobSpec, cluster: kube.Cluster) -> dict:
     """Create the job's TrainingRuntime, then the TrainJob, then make the TrainJob the runtime's owner (an
     ownerReference names an existing object by uid, hence this order); no TrainJob, no runtime left."""
-    from .cluster import _free_name, require_s3_secret
-    from .kueue import resolve_queue
-
     require_crds(cluster)
-    if _get(cluster, job.name) is not None:  # before the runtime: a running job's runtime stays as it is
+    if kube.get_custom(cluster, GROUP, VERSION, PLURAL, job.name) is not None:
+        # before the runtime: a running job's runtime stays as it is
         raise UserError(
             f"trainjob {job.name!r} already exists in namespace {job.namespace!r}; delete it "
             f"(make delete JOB={job.name} API=trainjob NAMESPACE={job.namespace}) or submit under another "
-            f"name: NAME={_free_name(cluster, job.name)}"
+            f"name: NAME={kube.free_name(cluster, GROUP, VERSION, PLURAL, job.name)}"
         )
-    require_s3_secret(job, cluster)
+    kube.require_s3_secret(job, cluster)
     resolve_queue(job, cluster)
-    body, rt = build(job), runtime(job)
+    rt, body = render(job)
     _apply_runtime(cluster, rt)
     try:
         created = _create(cluster, job, body)
@@ -477,90 +427,67 @@ def submit(job: JobSpec, cluster) -> dict:
     return created
 
 
-def _pods(cluster, selector: str) -> list:
-    from .cluster import _api_call
-
-    return _api_call(
-        cluster, "list pods", cluster.core.list_namespaced_pod, cluster.namespace, label_selector=selector
-    ).items
-
-
-def status_text(cluster, name: str) -> str:
+def status(cluster: kube.Cluster, name: str) -> str:
     """Conditions, the JobSet's jobs and the pods of a TrainJob, as a small report."""
-    from .cluster import _age
-
-    obj = _get_job(cluster, name)
+    obj = get(cluster, name)
     st = obj.get("status") or {}
     conds = st.get("conditions") or []
     # A running TrainJob has no True condition (Trainer v2 sets Suspended, Complete or Failed): its jobs say it.
     active = sum(int(js.get("active", 0)) for js in st.get("jobsStatus") or [])
-    running = "Running" if active else "Pending (no active job yet: is the Trainer controller running?)"
-    state = next((c["type"] for c in reversed(conds) if c.get("status") == "True"), running)
+    state = kube.state_of(
+        conds, "Running" if active else "Pending (no active job yet: is the Trainer controller running?)"
+    )
     md = obj.get("metadata", {})
     recipe = md.get("labels", {}).get("gnp.training/recipe", "?")
-    rt, age = obj.get("spec", {}).get("runtimeRef", {}).get("name", "?"), _age(md.get("creationTimestamp"))
-    lines = [
-        f"trainjob {cluster.namespace}/{name}: {state}   (recipe {recipe}, runtime {rt}, created {age} ago)",
-        "conditions:",
-    ]
-    for c in conds:
-        lines.append(
-            f"  {c.get('type', ''):11s} {c.get('status', ''):6s} {c.get('reason', ''):24s} "
-            f"{_age(c.get('lastTransitionTime')):>5s}  {c.get('message', '')}"
-        )
-    if not conds:
-        lines.append("  (none yet)")
+    rt, age = obj.get("spec", {}).get("runtimeRef", {}).get("name", "?"), kube.age(md.get("creationTimestamp"))
+    lines = [f"trainjob {cluster.namespace}/{name}: {state}   (recipe {recipe}, runtime {rt}, created {age} ago)"]
+    lines += kube.condition_lines(conds)
     for js in st.get("jobsStatus") or []:
         lines.append(
             f"job {js.get('name', '?')}: active {js.get('active', 0)}, ready {js.get('ready', 0)}, "
             f"succeeded {js.get('succeeded', 0)}, failed {js.get('failed', 0)}, suspended {js.get('suspended', 0)}"
         )
-    pods = _pods(cluster, pod_selector(name))
-    lines.append("pods:")
-    if not pods:
-        lines.append("  (none)")
+    return "\n".join(lines + _pod_lines(cluster, name))
+
+
+def _pod_lines(cluster: kube.Cluster, name: str) -> list[str]:
+    pods = kube.list_pods(cluster, pod_selector(name))
+    lines = ["pods:"] + ([] if pods else ["  (none)"])
     for p in sorted(pods, key=lambda p: p.metadata.name):
-        restarts, detail = 0, ""
-        for cs in p.status.container_statuses or []:
-            if cs.name != CONTAINER:
-                continue
-            restarts, s = cs.restart_count, cs.state
-            if s and s.terminated:
-                detail = f"exit {s.terminated.exit_code} ({s.terminated.reason or ''})"
-            elif s and s.waiting:
-                detail = f"waiting: {s.waiting.reason or ''}"
+        restarts, detail = kube.container_state(p, CONTAINER)
         node_rank = (p.metadata.labels or {}).get(COMPLETION_INDEX_LABEL, "?")
         lines.append(
             f"  {p.metadata.name:40s} node {node_rank:>2s} {p.status.phase or '':10s} restarts {restarts:<3d} "
             f"on {p.spec.node_name or '-':20s} {detail}"
         )
-    return "\n".join(lines)
+    return lines
 
 
-def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None) -> None:
-    """Stream node 0's `node` container log (global rank 0 runs there), waiting up to wait_s for the pod."""
-    import time
-
+def _rank0_log(cluster: kube.Cluster, name: str, follow: bool) -> tuple[Any, str]:
+    """(node 0's log response or None, why not): the newest node-0 pod that has not failed."""
     from kubernetes.client.exceptions import ApiException
 
-    from .cluster import _api_message, copy_log, open_pod_log
+    pods = [p for p in kube.list_pods(cluster, rank0_selector(name)) if p.status.phase != "Failed"]
+    if not pods:
+        return None, "no node-0 pod yet"
+    pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name
+    try:
+        return kube.open_pod_log(cluster, pod, CONTAINER, follow), ""
+    except ApiException as e:
+        if e.status not in (400, 404):
+            raise
+        return None, kube.api_message(e)
 
+
+def logs(cluster: kube.Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
+    """Stream node 0's `node` container log (global rank 0 runs there), waiting up to wait_s for the pod."""
     out = out or sys.stdout
-    _get_job(cluster, name)
+    get(cluster, name)
     deadline = time.monotonic() + wait_s
     while True:
-        pods = [p for p in _pods(cluster, rank0_selector(name)) if p.status.phase != "Failed"]
-        pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name if pods else None
-        if pod is not None:
-            try:
-                resp = open_pod_log(cluster, pod, CONTAINER, follow)
-                break
-            except ApiException as e:
-                if e.status not in (400, 404):
-                    raise
-                why = _api_message(e)
-        else:
-            why = "no node-0 pod yet"
+        resp, why = _rank0_log(cluster, name, follow)
+        if resp is not None:
+            break
         if time.monotonic() > deadline:
             raise UserError(
                 f"trainjob {name!r}: no node-0 log after {wait_s:.0f} s ({why}); "
@@ -568,26 +495,14 @@ def logs(cluster, name: str, follow: bool = True, wait_s: float = 300, out=None)
             )
         print(f"waiting for node 0 of {name}: {why}", file=sys.stderr)
         time.sleep(2)
-    copy_log(resp, out)
+    kube.copy_log(resp, out)
 
 
-def delete(cluster, name: str) -> None:
+def delete(cluster: kube.Cluster, name: str) -> None:
     """Delete the TrainJob (its JobSet and pods go with it), then the job's own runtime: the garbage collector
     removes it too (ownerReference), unless submit could not patch that reference."""
-    from .cluster import _api_call
-
-    obj = _get_job(cluster, name)
-    _api_call(
-        cluster,
-        "delete trainjobs",
-        cluster.custom.delete_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        cluster.namespace,
-        PLURAL,
-        name,
-        propagation_policy="Background",
-    )
+    obj = get(cluster, name)
+    kube.delete_custom(cluster, GROUP, VERSION, PLURAL, name, NAME)
     ref = obj.get("spec", {}).get("runtimeRef", {})
     if ref.get("kind") == RUNTIME_KIND and str(ref.get("name", "")).startswith("gnp-"):
         _delete_runtime(cluster, ref["name"])  # only the runtime this tool made for the job; a shared one stays
