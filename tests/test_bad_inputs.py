@@ -25,7 +25,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.conftest import FMNIST, ROOT, cli_env, run_cli
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli, run_torchrun
 from trainer.config import load, to_dict
 
 
@@ -531,21 +531,11 @@ def test_a_failing_rank_keeps_rank_0_from_writing(ctx: Ctx):
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
         port = sock.getsockname()[1] - 1  # rank 0 gets port (free), rank 1 port + 1 (busy)
-        res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "trainer",
-                *ctx.train("metrics.prometheus=true", "metrics.addr=127.0.0.1", f"metrics.port={port}"),
-            ],
+        res = run_torchrun(
+            "-m",
+            "trainer",
+            *ctx.train("metrics.prometheus=true", "metrics.addr=127.0.0.1", f"metrics.port={port}"),
             cwd=ctx.ws,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
             timeout=300,
         )
     assert res.returncode != 0

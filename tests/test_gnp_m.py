@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_torchrun
 from trainer.loop import gnp_sub_batches
 from trainer.optim.gnp import GNP
 
@@ -167,9 +164,7 @@ def test_gnp_sub_batches_of_m() -> None:
 def test_one_process_with_sub_batches_equals_ddp_ranks(tmp_path: Path) -> None:
     """2 sub-batches in 1 process == 2 DDP ranks with m = per-rank batch (and 2x2 == 4), fp64, 3 steps."""
     script = ROOT / "tests" / "support" / "dist_scripts" / "gnp_m_checks.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run([*cmd, str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(str(script), str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     for k in range(2):
         res = json.loads((tmp_path / f"rank{k}.json").read_text())

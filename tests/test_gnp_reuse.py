@@ -13,7 +13,6 @@ import gc
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.conftest import run_torchrun
 from tests.support.dist_scripts.gnp_ddp_checks import RecordingSGD  # the same recorder the 2-rank checks use
 from trainer.optim.gnp import GNP
 from trainer.optim.reuse import REUSE_VARIANTS, LookSAMReuse
@@ -502,9 +502,7 @@ DDP_CASES = {  # name: (norm_perturbations, sync_perturbations, full-step entry,
 
 @pytest.mark.dist
 def test_ddp_v_and_plain_step_match_rank_averaged_math(tmp_path: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(__file__, str(tmp_path), timeout=300)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-8000:]}"
     results = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
     tensors = [torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in range(2)]

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, torchrun_command
 from tests.test_ownership import train_args
 
 pytestmark = [pytest.mark.dist]
@@ -41,9 +40,8 @@ def _alive(pids: list[int]) -> list[int]:
 def test_ranks_die_with_a_sigkilled_bare_torchrun(tmp_path):
     run_dir = tmp_path / "run"
     argv = train_args(run_dir, "loop.epochs=200")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     agent = subprocess.Popen(
-        [*torchrun, "-m", "trainer", *argv],
+        torchrun_command("-m", "trainer", *argv),
         cwd=ROOT,
         env=cli_env(),
         stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FMNIST, ROOT, cli_env, run_cli
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli, torchrun_command
 from tests.support.s3server import s3_env, s3_server  # noqa: F401 (fixtures)
 from trainer import ownership
 from trainer.checkpoint import Checkpointer
@@ -312,9 +312,8 @@ def test_torchrun_restart_after_rank0_is_killed_takes_its_own_s3_lease_back(tmp_
     SIGKILLed rank 0 is the same writer and resumes at once, without waiting for the lease to go stale."""
     run_dir, uri = tmp_path / "run", f"s3://{s3_env.create_bucket()}/run"
     argv = train_args(run_dir, "loop.epochs=12", f"checkpoint.uri={uri}")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2"]
     agent = subprocess.Popen(
-        [*torchrun, "-m", "trainer", *argv],
+        torchrun_command("--max-restarts=2", "-m", "trainer", *argv),
         cwd=ROOT,
         env=cli_env(**s3_env.env(), GNP_LEASE_STALE_S="600"),
         stdout=subprocess.DEVNULL,

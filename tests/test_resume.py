@@ -11,7 +11,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import FMNIST, ROOT, cli_env, run_cli, run_torchrun
+from tests.conftest import FMNIST, ROOT, cli_env, run_cli, run_torchrun, torchrun_command
 from trainer.checkpoint import Checkpointer
 
 STEPS_PER_EPOCH = 500 // 32  # fmnist_small: 500 train images, global batch 32 over 2 ranks
@@ -115,15 +114,7 @@ def test_sigkill_worker_at_random_point_restarts_and_matches(fmnist_small, tmp_p
     # a random step after the first checkpoint (step 4) has landed, so there is something to resume from
     kill_after = rnd.randint(6, 2 * STEPS_PER_EPOCH - 3)
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "--max-restarts=3",
-        *args(fmnist_small, run_dir),
-    ]
+    cmd = torchrun_command("--max-restarts=3", *args(fmnist_small, run_dir))
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     deadline = time.time() + 240

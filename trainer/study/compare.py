@@ -65,10 +65,6 @@ METHODS: dict[str, Method] = {
 }
 
 
-def list_methods() -> dict[str, str]:
-    return {name: m.description for name, m in METHODS.items()}
-
-
 def resolve_methods(
     names: str, defines: list[str], grids: list[str] | tuple[str, ...] = ()
 ) -> dict[str, tuple[tuple[str, object], ...]]:
