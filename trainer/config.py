@@ -179,6 +179,11 @@ class DataConfig:
     """Beta(a, a) parameter of mixup, mixcut and cutmix."""
     image_size: int = 0
     """Output side for the imagenet pipeline (e.g. 224); 0 = the dataset's stored size (fixed-size data)."""
+    normalize: Literal["auto", "reference"] = "auto"
+    """Per-channel mean/std the images are normalized with: auto = the statistics of the training images loaded
+    (meta.json; the memory loader computes them after data.limit / data.holdout); reference = the reference
+    code's fixed CIFAR-10 / CIFAR-100 constants (ds_pipeline/datasets/dataset_source.py:208-213), whatever subset
+    is loaded (cifar10 and cifar100 only)."""
     cutout: int = 0
     """Side of a per-image cutout square applied after the crop; 0 disables it (the reference uses 16)."""
     label_smoothing: float = 0.0

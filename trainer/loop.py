@@ -227,6 +227,96 @@ class TrainContext:
     sub_batches: int = 1  # gnp.m: perturbations per rank per GNP step (per-rank batch / m); 1 = one per rank
 
 
+@dataclass
+class _Window:
+    """Throughput of the steps between two train records. Windows tile the epoch's wall time: one ends, and the
+    next begins, when a record is made, so logging (and any checkpoint after the step) counts in the next."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    data_s: float = 0.0  # waiting for the loader
+    step_times: list[float] = field(default_factory=list)  # host wall time per step (paced by the device queue)
+    skipped: torch.Tensor | None = None  # fp16 GradScaler: steps skipped, summed on the device (no host sync)
+
+    def add_step(self, info: StepInfo, images: int, step_s: float) -> None:
+        if info.skipped is not None:
+            self.skipped = info.skipped.int() if self.skipped is None else self.skipped + info.skipped.int()
+        self.images += images
+        self.step_times.append(step_s)
+
+    def close(self, record: dict, world_size: int) -> "_Window":
+        """Add this window's numbers to ``record``; return the window that begins now."""
+        now = time.perf_counter()
+        elapsed = now - self.start
+        record.update(
+            images_per_s=self.images * world_size / max(elapsed, 1e-9),
+            window_s=elapsed,
+            data_wait_s=self.data_s,
+            window_steps=len(self.step_times),
+            window_images=self.images,
+            step_times_s=self.step_times,
+        )
+        if self.skipped is not None:
+            record["window_skipped_steps"] = int(self.skipped.item())
+        return _Window(start=now)
+
+
+def _loss_fn(
+    ctx: TrainContext, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None, ce_seen: list
+) -> Callable[..., torch.Tensor]:
+    """The loss of one batch for GNP.train_step: ``loss_fn()`` on the whole batch, ``loss_fn(part)`` on sub-batch
+    `part`; appends each pass's cross-entropy (without the L2 term) to ``ce_seen`` for logging."""
+    model, env, loss_spec = ctx.model, ctx.env, ctx.loss_spec
+
+    def loss_fn(
+        part: int | None = None,
+        images: torch.Tensor = images,
+        labels: torch.Tensor = labels,
+        targets: torch.Tensor | None = targets,
+    ) -> torch.Tensor:
+        if part is not None:  # sub-batch `part` of ctx.sub_batches equal ones (GNP.train_step(sub_batches=...))
+            m = images.shape[0] // ctx.sub_batches
+            images, labels = images[part * m : (part + 1) * m], labels[part * m : (part + 1) * m]
+            targets = None if targets is None else targets[part * m : (part + 1) * m]
+        with autocast_for(env.device, ctx.amp_dtype):
+            logits = model(images)
+        if targets is None:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
+        else:  # soft targets (mixup/cutmix; label smoothing already folded in)
+            loss = soft_target_cross_entropy(logits, targets)
+        ce_seen.append(loss.detach())
+        if loss_spec.l2 > 0:
+            # In the loss (not added to .grad afterwards) so DDP averages it with the rest: pass 2's
+            # L2 gradient l2*(theta+eps_k) differs per rank when perturbations are per rank.
+            loss = loss + 0.5 * loss_spec.l2 * l2_term(loss_spec.l2_params)
+        return loss
+
+    return loss_fn
+
+
+def _train_step(
+    ctx: TrainContext, images: torch.Tensor, labels: torch.Tensor, step: int, epoch: int
+) -> tuple[StepInfo, list[torch.Tensor], int]:
+    """One optimizer step on a batch: schedules, batch augmentation, GNP (or plain) step.
+
+    Returns the step's info, the cross-entropy of each pass and the number of images trained on.
+    """
+    use_gnp = ctx.policy.apply(ctx.opt, step, epoch)
+    targets = None
+    if ctx.loss_spec.batch_augment is not None:
+        images, targets = ctx.loss_spec.batch_augment(images, labels, step)
+    ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
+    info = ctx.opt.train_step(
+        _loss_fn(ctx, images, labels, targets, ce_seen),
+        model=ctx.model,
+        gnp=use_gnp,
+        scaler=ctx.scaler,
+        clip_norm=ctx.clip_norm,
+        sub_batches=ctx.sub_batches,
+    )
+    return info, ce_seen, images.shape[0]
+
+
 def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callable[[], None] | None = None) -> bool:
     """Run the rest of the current epoch (from batch `state.batch`) or until `ctx.max_steps`.
 
@@ -234,81 +324,28 @@ def train_epoch(ctx: TrainContext, loader, state: LoopState, after_step: Callabl
     checkpoints). Resuming mid-epoch skips the batches already trained on: the loader's order is a function
     of (seed, epoch), so the skipped batches are exactly those.
     """
-    model, opt, env, loss_spec = ctx.model, ctx.opt, ctx.env, ctx.loss_spec
-    model.train()
+    ctx.model.train()
     epoch, total, skip = state.epoch, len(loader), state.batch
-    window_start, window_images, window_data_s = time.perf_counter(), 0, 0.0
-    step_times: list[float] = []  # host wall time per step (paced by the device queue in steady state)
-    skipped = None  # fp16 GradScaler: steps skipped in this window, summed on the device (no host sync per step)
+    window = _Window()
     fetch_start = time.perf_counter()
     for i, (images, labels) in enumerate(loader):
         if i < skip:  # decoded and dropped: only on the first epoch after a mid-epoch resume
             fetch_start = time.perf_counter()
             continue
         step_start = time.perf_counter()
-        window_data_s += step_start - fetch_start
+        window.data_s += step_start - fetch_start
         if ctx.max_steps and state.step >= ctx.max_steps:
             return False
-        use_gnp = ctx.policy.apply(opt, state.step, epoch)
-        targets = None
-        if loss_spec.batch_augment is not None:
-            images, targets = loss_spec.batch_augment(images, labels, state.step)
-
-        ce_seen: list[torch.Tensor] = []  # the cross-entropy of each pass, without the L2 term, for logging
-
-        def loss_fn(
-            part: int | None = None,
-            images: torch.Tensor = images,
-            labels: torch.Tensor = labels,
-            targets: torch.Tensor | None = targets,
-        ) -> torch.Tensor:
-            if part is not None:  # sub-batch `part` of ctx.sub_batches equal ones (GNP.train_step(sub_batches=...))
-                m = images.shape[0] // ctx.sub_batches
-                images, labels = images[part * m : (part + 1) * m], labels[part * m : (part + 1) * m]
-                targets = None if targets is None else targets[part * m : (part + 1) * m]
-            with autocast_for(env.device, ctx.amp_dtype):
-                logits = model(images)
-            if targets is None:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=loss_spec.label_smoothing)
-            else:  # soft targets (mixup/cutmix; label smoothing already folded in)
-                loss = soft_target_cross_entropy(logits, targets)
-            ce_seen.append(loss.detach())
-            if loss_spec.l2 > 0:
-                # In the loss (not added to .grad afterwards) so DDP averages it with the rest: pass 2's
-                # L2 gradient l2*(theta+eps_k) differs per rank when perturbations are per rank.
-                loss = loss + 0.5 * loss_spec.l2 * l2_term(loss_spec.l2_params)
-            return loss
-
-        info = opt.train_step(
-            loss_fn, model=model, gnp=use_gnp, scaler=ctx.scaler, clip_norm=ctx.clip_norm, sub_batches=ctx.sub_batches
-        )
+        info, ce_seen, batch_images = _train_step(ctx, images, labels, state.step, epoch)
         state.step += 1
         state.batch = i + 1
         state.gnp_steps += int(info.gnp)
-        if info.skipped is not None:
-            skipped = info.skipped.int() if skipped is None else skipped + info.skipped.int()
-        window_images += images.shape[0]
-        step_times.append(time.perf_counter() - step_start)
+        window.add_step(info, batch_images, time.perf_counter() - step_start)
         if state.step % ctx.log_every == 0 or i + 1 == total:
             # The only host sync of the step loop: turn the detached tensors into floats.
-            record = _train_record(info, ce_seen, opt, state, epoch, i + 1, total)
-            # Windows tile the epoch's wall time: this window ends, and the next begins, here, so the
-            # logging below (and any checkpoint after the step) is counted in the next window.
-            now = time.perf_counter()
-            elapsed = now - window_start
-            record.update(
-                images_per_s=window_images * env.world_size / max(elapsed, 1e-9),
-                window_s=elapsed,
-                data_wait_s=window_data_s,
-                window_steps=len(step_times),
-                window_images=window_images,
-                step_times_s=step_times,
-            )
-            if skipped is not None:
-                record["window_skipped_steps"] = int(skipped.item())
-                skipped = None
+            record = _train_record(info, ce_seen, ctx.opt, state, epoch, i + 1, total)
+            window = window.close(record, ctx.env.world_size)
             ctx.sink.log("train", record)
-            window_start, window_images, window_data_s, step_times = now, 0, 0.0, []
         ctx.sink.progress(i + 1, total, epoch)
         if after_step is not None:
             after_step()

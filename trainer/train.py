@@ -426,9 +426,39 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
+    """Build, claim the run directory, train the remaining epochs, make the final checkpoint land, report."""
     t_start = time.time()
     if cfg.loop.deterministic:
         torch.use_deterministic_algorithms(True)
+    t = held.training = _assemble(cfg, env, held)
+    last_eval = t.run_epochs()
+    if not last_eval:  # stopped by loop.max_steps: evaluate where it stopped, marked as not an epoch's end
+        last_eval = {"epoch": t.state.epoch, "partial": True, "step": t.state.step, **t.evaluate_now()}
+        t.sink.log("eval", last_eval)
+    if env.is_primary:
+        _final_checkpoint(t.ckpt, t.sink, t.state, finished=t.state.epoch == cfg.loop.epochs)
+    dist.barrier(env)
+    if env.is_primary:
+        crash_budget.finish(t.budget)
+    summary = {
+        "run_dir": str(t.run_dir),
+        "epochs": t.state.epoch,
+        "steps": t.state.step,
+        "gnp_steps": t.state.gnp_steps,
+        "top1": last_eval["top1"],
+        "top5": last_eval["top5"],
+        "eval_loss": last_eval["eval_loss"],
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    t.sink.log("done", summary)
+    t.sink.close()
+    return summary
+
+
+def _assemble(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> _Training:
+    """Everything the epochs need, in the order that keeps refusals ahead of the first write: build and check
+    (data, model, optimizer, step policy, batch augmentation), then claim the location (lease, run directory,
+    identity), then restore the newest checkpoint and check the crash budget, then start the sinks."""
     # Built before the run directory is touched: what only the built data or model can tell (an epoch
     # without a batch, a bad model option) must neither create nor refuse the directory.
     loaders, module, model, ckpt = _build(cfg, env, held)
@@ -445,45 +475,19 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
     spe = len(loaders.train)
     policy = StepPolicy.from_config(cfg.schedule, cfg.gnp, cfg.loop, cfg.optim, spe)
     batch_augment = build_batch_augment(cfg, loaders.meta["num_classes"], env)
-    # One live writer per location, checked before the first write (trainer/ownership.py).
-    held.lease = take(cfg, env, ckpt.storage, run_dir_of(cfg))
-    ckpt.guard = held.lease.check  # commit checkpoints only under a confirmed lease
-    run_dir = prepare_run_dir(cfg, env)
-    held.lease.follow_moved_run_dir()  # run.fresh renamed the locked run directory aside
-    if env.is_primary:
-        record_identity(ckpt.storage, cfg, git_commit())  # before the first checkpoint
-    sub_batches = gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env))
+    run_dir = _claim(cfg, env, held, ckpt)
     amp_dtype = amp_dtype_of(cfg.loop.precision, env.device)
     set_float32_math(cfg.loop.precision)
     scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
     run = held.run = RunState(
         module=module, optimizer=opt, loop=LoopState(), scaler=scaler, env=env, config=to_dict(cfg)
     )
-    state = run.loop
     resumed = resume(ckpt, env, run.load_state_dict)
     # Before any training: a run that keeps crashing from this checkpoint stops here (CrashLoopError, exit 3).
     budget = _begin_budget(cfg, ckpt, resumed, env)
-    crash_at = _fault_crash_step()
-    m = cfg.metrics
-    sink = build_sink(
-        rank=env.rank,
-        local_rank=env.local_rank,
-        run_dir=run_dir,
-        jsonl=m.jsonl,
-        progress=m.progress,
-        prometheus=m.prometheus,
-        port=m.port,
-        addr=m.addr,
-        job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run",
-        progress_every_s=m.progress_every_s,
-    )
-    held.sink = sink
-    lp, ck = cfg.loop, cfg.checkpoint
+    sink = held.sink = _sink(cfg, env, run_dir)
     loss_spec = LossSpec(
-        label_smoothing=cfg.data.label_smoothing,
-        l2=cfg.optim.l2,
-        l2_params=l2_params,
-        batch_augment=batch_augment,
+        label_smoothing=cfg.data.label_smoothing, l2=cfg.optim.l2, l2_params=l2_params, batch_augment=batch_augment
     )
     ctx = TrainContext(
         model=model,
@@ -495,115 +499,141 @@ def _train(cfg: RunConfig, env: dist.DistEnv, held: _Held) -> dict:
         amp_dtype=amp_dtype,
         scaler=scaler,
         clip_norm=cfg.optim.clip_norm,
-        max_steps=lp.max_steps,
-        log_every=lp.log_every,
-        sub_batches=sub_batches,
+        max_steps=cfg.loop.max_steps,
+        log_every=cfg.loop.log_every,
+        sub_batches=gnp_sub_batches(cfg.gnp.m, _per_rank_batch(cfg, env)),
     )
-    sink.log(
-        "start",
-        {
-            "run_dir": str(run_dir),
-            "world_size": env.world_size,
-            "device": str(env.device),
-            "model": cfg.model.name,
-            "params": sum(p.numel() for p in module.parameters()),
-            "train_images": loaders.meta["train_size"],
-            "steps_per_epoch": spe,
-            "total_steps": min(lp.epochs * spe, lp.max_steps) if lp.max_steps else lp.epochs * spe,
-            "resumed_from_step": resumed,
-            "gnp_steps": state.gnp_steps,
-            "step": state.step,
-            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
-        },
+    t = _Training(cfg, env, loaders, module, run, ckpt, sink, ctx, run_dir, budget)
+    t.log_start(resumed)
+    return t
+
+
+def _claim(cfg: RunConfig, env: dist.DistEnv, held: _Held, ckpt: Checkpointer) -> Path:
+    """Take the location for this run: one live writer (trainer/ownership.py), the run directory, the identity."""
+    held.lease = take(cfg, env, ckpt.storage, run_dir_of(cfg))
+    ckpt.guard = held.lease.check  # commit checkpoints only under a confirmed lease
+    run_dir = prepare_run_dir(cfg, env)
+    held.lease.follow_moved_run_dir()  # run.fresh renamed the locked run directory aside
+    if env.is_primary:
+        record_identity(ckpt.storage, cfg, git_commit())  # before the first checkpoint
+    return run_dir
+
+
+def _sink(cfg: RunConfig, env: dist.DistEnv, run_dir: Path):
+    m = cfg.metrics
+    return build_sink(
+        rank=env.rank,
+        local_rank=env.local_rank,
+        run_dir=run_dir,
+        jsonl=m.jsonl,
+        progress=m.progress,
+        prometheus=m.prometheus,
+        port=m.port,
+        addr=m.addr,
+        job=m.job or os.environ.get("GNP_JOB_NAME", "") or cfg.recipe or "run",
+        progress_every_s=m.progress_every_s,
     )
 
-    def sync_bn() -> None:
+
+def _final_checkpoint(ckpt: Checkpointer, sink, state: LoopState, finished: bool) -> None:
+    """Rank 0: the final upload must land before the process reports success; if storage stays down, exit
+    retryable so the job restarts from the last complete checkpoint instead of "succeeding"."""
+    landed = ckpt.wait(timeout=FINAL_UPLOAD_TIMEOUT_S)
+    sink.log("checkpoint", {"step": state.step, "final": True, **ckpt_stats(ckpt)})
+    if not landed:
+        raise StorageError(
+            f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
+            f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}"
+        )
+    if finished:  # a finished run: its final step must be the newest verified checkpoint
+        try:
+            ckpt.verify(state.step)
+        except CheckpointError as e:
+            raise StorageError(f"checkpoint.uri: the final checkpoint does not verify after its upload: {e}") from None
+
+
+class _Training:
+    """The assembled run and its epoch loop: evaluation and checkpoints between epochs (and every
+    checkpoint.every_steps within them), each a collective that every rank calls."""
+
+    def __init__(self, cfg, env, loaders, module, run, ckpt, sink, ctx, run_dir, budget) -> None:
+        self.cfg, self.env, self.loaders, self.module, self.run = cfg, env, loaders, module, run
+        self.ckpt, self.sink, self.ctx, self.run_dir, self.budget = ckpt, sink, ctx, run_dir, budget
+        self.state = run.loop
+        self.spe = len(loaders.train)
+        self.crash_at = _fault_crash_step()
+
+    def log_start(self, resumed: int | None) -> None:
+        lp, spe, state = self.cfg.loop, self.spe, self.state
+        self.sink.log(
+            "start",
+            {
+                "run_dir": str(self.run_dir),
+                "world_size": self.env.world_size,
+                "device": str(self.env.device),
+                "model": self.cfg.model.name,
+                "params": sum(p.numel() for p in self.module.parameters()),
+                "train_images": self.loaders.meta["train_size"],
+                "steps_per_epoch": spe,
+                "total_steps": min(lp.epochs * spe, lp.max_steps) if lp.max_steps else lp.epochs * spe,
+                "resumed_from_step": resumed,
+                "gnp_steps": state.gnp_steps,
+                "step": state.step,
+                "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+            },
+        )
+
+    def sync_bn(self) -> None:
         """Average the ranks' BatchNorm running buffers (loop.sync_bn_buffers): a collective, every rank calls it."""
-        if lp.sync_bn_buffers:
-            average_bn_buffers(module, env)
+        if self.cfg.loop.sync_bn_buffers:
+            average_bn_buffers(self.module, self.env)
 
-    def evaluate_now() -> dict:
-        sync_bn()  # evaluate with the ranks' mean buffers, as the reference does
-        return evaluate(module, loaders.val, env, amp_dtype)
+    def evaluate_now(self) -> dict:
+        self.sync_bn()  # evaluate with the ranks' mean buffers, as the reference does
+        return evaluate(self.module, self.loaders.val, self.env, self.ctx.amp_dtype)
 
-    def save() -> None:
+    def save(self) -> None:
         """Checkpoint at the current step: every rank contributes its RNG state, rank 0 writes."""
-        sync_bn()  # the checkpoint holds the ranks' mean buffers, not rank 0's
-        snapshot = run.state_dict()  # a collective: called on every rank
-        if env.is_primary:
+        self.sync_bn()  # the checkpoint holds the ranks' mean buffers, not rank 0's
+        snapshot = self.run.state_dict()  # a collective: called on every rank
+        if self.env.is_primary:
             t0 = time.perf_counter()
-            ckpt.save(state.step, snapshot)
-            sink.log("checkpoint", {"step": state.step, "blocking_s": time.perf_counter() - t0, **ckpt_stats(ckpt)})
+            self.ckpt.save(self.state.step, snapshot)
+            stats = {"step": self.state.step, "blocking_s": time.perf_counter() - t0, **ckpt_stats(self.ckpt)}
+            self.sink.log("checkpoint", stats)
 
-    def after_step() -> None:
-        if ck.every_steps and state.step % ck.every_steps == 0 and state.batch < spe:
-            save()  # mid-epoch; the end of an epoch is handled below
-        if state.step == crash_at:
-            _injected_crash(state.step, env, ckpt)
+    def after_step(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.state.step % every == 0 and self.state.batch < self.spe:
+            self.save()  # mid-epoch; the end of an epoch is handled in run_epochs
+        if self.state.step == self.crash_at:
+            _injected_crash(self.state.step, self.env, self.ckpt)
 
-    last_eval: dict = {}
-    while state.epoch < lp.epochs:
-        if not run.rng_restored:
-            # Fresh epoch: model randomness restarts from (seed, epoch, rank), so resuming at an epoch
-            # boundary reproduces it even without the saved generator state.
-            torch.manual_seed(epoch_seed(lp.seed, state.epoch, env.rank))
-        run.rng_restored = False
-        loaders.train.set_epoch(state.epoch)
-        finished = train_epoch(ctx, loaders.train, state, after_step)
-        if not finished:
-            break
-        state.epoch, state.batch = state.epoch + 1, 0
-        last = state.epoch == lp.epochs
-        if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
-            last_eval = {"epoch": state.epoch, **evaluate_now()}
-            sink.log("eval", last_eval)
-        if (
-            last
-            or (ck.every_epochs and state.epoch % ck.every_epochs == 0)
-            or (ck.every_steps and state.step % ck.every_steps == 0)
-        ):
-            save()
-    if not last_eval:  # stopped by loop.max_steps: evaluate where it stopped, marked as not an epoch's end
-        last_eval = {
-            "epoch": state.epoch,
-            "partial": True,
-            "step": state.step,
-            **evaluate_now(),
-        }
-        sink.log("eval", last_eval)
-    if env.is_primary:
-        # The final upload must land before the process reports success; if storage stays down, exit
-        # retryable so the job restarts from the last complete checkpoint instead of "succeeding".
-        landed = ckpt.wait(timeout=FINAL_UPLOAD_TIMEOUT_S)
-        sink.log("checkpoint", {"step": state.step, "final": True, **ckpt_stats(ckpt)})
-        if not landed:
-            raise StorageError(
-                f"checkpoint.uri: the final checkpoint (step {state.step}) did not upload within "
-                f"{FINAL_UPLOAD_TIMEOUT_S} s: {ckpt.stats.get('last_error', '')}"
-            )
-        if state.epoch == lp.epochs:  # a finished run: its final step must be the newest verified checkpoint
-            try:
-                ckpt.verify(state.step)
-            except CheckpointError as e:
-                raise StorageError(
-                    f"checkpoint.uri: the final checkpoint does not verify after its upload: {e}"
-                ) from None
-    dist.barrier(env)
-    if env.is_primary:
-        crash_budget.finish(budget)
-    summary = {
-        "run_dir": str(run_dir),
-        "epochs": state.epoch,
-        "steps": state.step,
-        "gnp_steps": state.gnp_steps,
-        "top1": last_eval["top1"],
-        "top5": last_eval["top5"],
-        "eval_loss": last_eval["eval_loss"],
-        "wall_s": round(time.time() - t_start, 1),
-    }
-    sink.log("done", summary)
-    sink.close()
-    return summary
+    def run_epochs(self) -> dict:
+        """Train the remaining epochs; returns the last evaluation ({} when loop.max_steps stopped it first)."""
+        lp, ck, state = self.cfg.loop, self.cfg.checkpoint, self.state
+        last_eval: dict = {}
+        while state.epoch < lp.epochs:
+            if not self.run.rng_restored:
+                # Fresh epoch: model randomness restarts from (seed, epoch, rank), so resuming at an epoch
+                # boundary reproduces it even without the saved generator state.
+                torch.manual_seed(epoch_seed(lp.seed, state.epoch, self.env.rank))
+            self.run.rng_restored = False
+            self.loaders.train.set_epoch(state.epoch)
+            if not train_epoch(self.ctx, self.loaders.train, state, self.after_step):
+                break
+            state.epoch, state.batch = state.epoch + 1, 0
+            last = state.epoch == lp.epochs
+            if last or (lp.eval_every and state.epoch % lp.eval_every == 0):
+                last_eval = {"epoch": state.epoch, **self.evaluate_now()}
+                self.sink.log("eval", last_eval)
+            if (
+                last
+                or (ck.every_epochs and state.epoch % ck.every_epochs == 0)
+                or (ck.every_steps and state.step % ck.every_steps == 0)
+            ):
+                self.save()
+        return last_eval
 
 
 def _begin_budget(cfg: RunConfig, ckpt: Checkpointer, resumed: int | None, env: dist.DistEnv) -> crash_budget.Start:

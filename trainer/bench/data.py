@@ -448,6 +448,104 @@ class Run:
     loaders: dict[str, Any]
 
 
+def _time_pipelines(
+    loaders: dict[str, Any], args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, list[EpochStats]]]:
+    """One warm-up epoch per pipeline, then ``args.repeats`` rounds of ``args.epochs`` epochs, the pipelines
+    alternating within a round; returns the warm-up seconds and each pipeline's rounds."""
+    pids: dict[str, Callable[[], list[int]]] = {name: getattr(loaders[name], "worker_pids", list) for name in PIPELINES}
+    # In creation order: the DataLoader workers fork at their first epoch, before FFCV's threads start.
+    warmup = {name: run_epochs(loader, 1).seconds for name, loader in loaders.items()}
+    rounds: dict[str, list[EpochStats]] = {name: [] for name in PIPELINES}
+    for _ in range(args.repeats):
+        for name in PIPELINES:
+            rounds[name].append(run_epochs(loaders[name], args.epochs, pids[name]))
+    return warmup, rounds
+
+
+def _result_rows(
+    rounds: dict[str, list[EpochStats]], warmup: dict[str, float], ffcv_threads: int, workers: int
+) -> list[dict]:
+    """One row per pipeline: its best round, and the lowest CPU time per image over its rounds."""
+    rows = []
+    for name in PIPELINES:
+        best = min(rounds[name], key=lambda s: s.seconds)
+        cpu = [1e3 * s.cpu_seconds / s.images for s in rounds[name] if s.cpu_seconds is not None]
+        rows.append(
+            {
+                "pipeline": name,
+                "images_per_s": best.images / best.seconds,
+                "seconds": best.seconds,
+                "images": best.images,
+                "rounds_images_per_s": [s.images / s.seconds for s in rounds[name]],
+                # Lowest over the rounds, like the wall time: contention inflates CPU time per image too.
+                "cpu_ms_per_image": min(cpu) if len(cpu) == len(rounds[name]) else None,
+                "warmup_epoch_s": warmup[name],
+                "threads": ffcv_threads if name == "ffcv" else workers,
+            }
+        )
+    return rows
+
+
+def _comparison(rows: list[dict], repeats: int) -> dict:
+    """FFCV against the faster torchvision variant: images/s ratio, CPU-time ratio and the per-round ratios."""
+    by = {r["pipeline"]: r for r in rows}
+    tv_names = ("tv-uint8", "tv-float")
+    tv_best = max(tv_names, key=lambda n: by[n]["images_per_s"])
+    ratio = by["ffcv"]["images_per_s"] / by[tv_best]["images_per_s"]
+    cpu_ratio = None
+    if all(by[n]["cpu_ms_per_image"] is not None for n in PIPELINES):
+        cpu_ratio = min(by[n]["cpu_ms_per_image"] for n in tv_names) / by["ffcv"]["cpu_ms_per_image"]
+    # The same comparison within each round: the pipelines of a round ran back to back, under the same
+    # load, so the spread of these is the run's own measure of how far to trust `ratio`.
+    round_ratios = [
+        by["ffcv"]["rounds_images_per_s"][i] / by[tv_best]["rounds_images_per_s"][i] for i in range(repeats)
+    ]
+    return {"fastest_torchvision": tv_best, "ratio": ratio, "cpu_ratio": cpu_ratio, "round_ratios": round_ratios}
+
+
+def _config_record(args: argparse.Namespace, params: FolderParams, prep: Prepared, prep_s: float) -> dict:
+    """The ``config`` part of the result: the parameters and what the prepared data turned out to be."""
+    lo, hi = params.side_range
+    return {
+        "images": args.images,
+        "classes": prep.meta["num_classes"],
+        "source_px": [lo, hi],
+        "jpeg_quality": args.jpeg_quality,
+        "write_mode": args.write_mode,
+        "size": args.size,
+        "layout": args.layout,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "work": str(args.work),
+        "reused": prep.reused,
+        "prepare_s": prep_s,
+        "jpeg_kb_per_image": prep.jpeg_bytes_per_image / 1024,
+        "ffcv_kb_per_image": prep.ffcv_bytes_per_image / 1024,
+        "pixels_per_image": prep.pixels_per_image,
+    }
+
+
+def _machine_record(load_before: tuple, load_after: tuple, numba_version: str) -> dict:
+    """The ``machine`` part of the result: CPU, load around the timing, library versions."""
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "load_before": list(load_before),
+        "load_after": list(load_after),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "ffcv": _version("ffcv"),
+        "pillow": _version("pillow"),
+        "numba": numba_version,
+        "numba_threading_layer": _numba_layer(),
+        "python": platform.python_version(),
+    }
+
+
 def benchmark(args: argparse.Namespace) -> Run:
     """Prepare the data, time every pipeline; returns the result and the pipelines."""
     import numba
@@ -475,92 +573,24 @@ def benchmark(args: argparse.Namespace) -> Run:
         channels_last=args.layout == "channels_last",
         seed=args.seed,
     )
-    pids: dict[str, Callable[[], list[int]]] = {name: getattr(loaders[name], "worker_pids", list) for name in PIPELINES}
     ffcv_threads = int(loaders["ffcv"]._loader.num_workers)
-    # In creation order: the DataLoader workers fork at their first epoch, before FFCV's threads start.
-    warmup = {name: run_epochs(loader, 1).seconds for name, loader in loaders.items()}
-
-    rounds: dict[str, list[EpochStats]] = {name: [] for name in PIPELINES}
-    for _ in range(args.repeats):
-        for name in PIPELINES:
-            rounds[name].append(run_epochs(loaders[name], args.epochs, pids[name]))
+    warmup, rounds = _time_pipelines(loaders, args)
     load_after = os.getloadavg()
 
-    rows = []
-    for name in PIPELINES:
-        best = min(rounds[name], key=lambda s: s.seconds)
-        cpu = [1e3 * s.cpu_seconds / s.images for s in rounds[name] if s.cpu_seconds is not None]
-        rows.append(
-            {
-                "pipeline": name,
-                "images_per_s": best.images / best.seconds,
-                "seconds": best.seconds,
-                "images": best.images,
-                "rounds_images_per_s": [s.images / s.seconds for s in rounds[name]],
-                # Lowest over the rounds, like the wall time: contention inflates CPU time per image too.
-                "cpu_ms_per_image": min(cpu) if len(cpu) == len(rounds[name]) else None,
-                "warmup_epoch_s": warmup[name],
-                "threads": ffcv_threads if name == "ffcv" else args.workers,
-            }
-        )
-    by = {r["pipeline"]: r for r in rows}
-    tv_names = ("tv-uint8", "tv-float")
-    tv_best = max(tv_names, key=lambda n: by[n]["images_per_s"])
-    ratio = by["ffcv"]["images_per_s"] / by[tv_best]["images_per_s"]
-    cpu_ratio = None
-    if all(by[n]["cpu_ms_per_image"] is not None for n in PIPELINES):
-        cpu_ratio = min(by[n]["cpu_ms_per_image"] for n in tv_names) / by["ffcv"]["cpu_ms_per_image"]
-    # The same comparison within each round: the pipelines of a round ran back to back, under the same
-    # load, so the spread of these is the run's own measure of how far to trust `ratio`.
-    round_ratios = [
-        by["ffcv"]["rounds_images_per_s"][i] / by[tv_best]["rounds_images_per_s"][i] for i in range(args.repeats)
-    ]
-    lo, hi = params.side_range
-    return Run(
-        loaders=loaders,
-        result={
-            "config": {
-                "images": args.images,
-                "classes": prep.meta["num_classes"],
-                "source_px": [lo, hi],
-                "jpeg_quality": args.jpeg_quality,
-                "write_mode": args.write_mode,
-                "size": args.size,
-                "layout": args.layout,
-                "batch_size": args.batch_size,
-                "workers": args.workers,
-                "epochs": args.epochs,
-                "repeats": args.repeats,
-                "work": str(args.work),
-                "reused": prep.reused,
-                "prepare_s": prep_s,
-                "jpeg_kb_per_image": prep.jpeg_bytes_per_image / 1024,
-                "ffcv_kb_per_image": prep.ffcv_bytes_per_image / 1024,
-                "pixels_per_image": prep.pixels_per_image,
-            },
-            "machine": {
-                "cpu": _cpu_model(),
-                "cpu_count": os.cpu_count(),
-                "usable_cpus": len(os.sched_getaffinity(0)),
-                "load_before": list(load_before),
-                "load_after": list(load_after),
-                "torch": torch.__version__,
-                "torchvision": _version("torchvision"),
-                "ffcv": _version("ffcv"),
-                "pillow": _version("pillow"),
-                "numba": numba.__version__,
-                "numba_threading_layer": _numba_layer(),
-                "python": platform.python_version(),
-            },
-            "results": rows,
-            "fastest_torchvision": tv_best,
-            "ratio": ratio,
-            "cpu_ratio": cpu_ratio,
-            "target": TARGET_RATIO,
-            "target_met": ratio >= TARGET_RATIO,
-            "round_ratios": round_ratios,
-        },
-    )
+    rows = _result_rows(rounds, warmup, ffcv_threads, args.workers)
+    cmp = _comparison(rows, args.repeats)
+    result = {
+        "config": _config_record(args, params, prep, prep_s),
+        "machine": _machine_record(load_before, load_after, numba.__version__),
+        "results": rows,
+        "fastest_torchvision": cmp["fastest_torchvision"],
+        "ratio": cmp["ratio"],
+        "cpu_ratio": cmp["cpu_ratio"],
+        "target": TARGET_RATIO,
+        "target_met": cmp["ratio"] >= TARGET_RATIO,
+        "round_ratios": cmp["round_ratios"],
+    }
+    return Run(loaders=loaders, result=result)
 
 
 def _numba_layer() -> str:

@@ -115,7 +115,7 @@ def e2e(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer.bench.e2e", description=__doc__.split("\n")[0])
     ap.add_argument(
         "--models", default=None, help="comma-separated (default: WRN-28-10 and ResNet-50 on CUDA, demo_cnn on the CPU)"
@@ -125,7 +125,100 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also the torch.compile rows (= --modes eager,compile)")
     ap.add_argument("--modes", default="eager", help="eager, compile or eager,compile (default eager)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _model_rows(
+    name: str,
+    *,
+    px: int,
+    classes: int,
+    batch: int,
+    compile_model: bool,
+    device: torch.device,
+    card: str,
+    steps: int,
+    window: int,
+    nproc: int,
+    work: Path,
+) -> list[dict]:
+    """One model in one mode: the synthetic step, then an e2e run per method (SGD, GNP); one row each."""
+    cuda = device.type == "cuda"
+    step = bench_one(
+        name,
+        device=device,
+        batch=batch,
+        image_size=px,
+        num_classes=classes,
+        amp=torch.bfloat16 if cuda else None,
+        channels_last=True,
+        compile_model=compile_model,
+        steps=10,
+        rounds=5 if cuda else 3,
+        warmup=3 if cuda else 8,
+    )
+    rows = []
+    for method, alpha, ms in (("SGD", 0.0, step["sgd_ms"]), ("GNP", 0.8, step["gnp_ms"])):
+        run = e2e(
+            name,
+            px=px,
+            classes=classes,
+            batch=batch,
+            alpha=alpha,
+            steps=steps,
+            window=window,
+            nproc=nproc,
+            compile_model=compile_model,
+            work=work,
+        )
+        synthetic = batch * 1000 / ms
+        rows.append(
+            {
+                "model": name,
+                "mode": "compile" if compile_model else "eager",
+                "method": method,
+                "batch": batch,
+                "px": px,
+                "step_images_per_s": synthetic,
+                "e2e_images_per_s": run["images_per_s"] / nproc,
+                "fraction": run["images_per_s"] / nproc / synthetic,
+                "median_window_images_per_s": run["median_window_images_per_s"] / nproc,
+                "timed_s": run["seconds"],
+                "windows": run["windows"],
+                "device": card,
+                "torch": torch.__version__,
+                "nproc": nproc,
+            }
+        )
+        print(
+            f"  {name} {rows[-1]['mode']} {method}: step {synthetic:.0f} img/s, "
+            f"e2e {rows[-1]['e2e_images_per_s']:.0f} img/s per process",
+            flush=True,
+        )
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'model':<10} {'mode':>7} {'method':>6} {'batch':>5} {'px':>4} {'step img/s':>11} "
+        f"{'e2e img/s':>10} {'e2e/step':>8} {'median window':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['model']:<10} {r['mode']:>7} {r['method']:>6} {r['batch']:>5} {r['px']:>4} "
+            f"{r['step_images_per_s']:>11.0f} {r['e2e_images_per_s']:>10.0f} {r['fraction']:>8.1%} "
+            f"{r['median_window_images_per_s']:>14.0f}"
+        )
+    print(
+        "e2e img/s: all images / all time of the timed windows (logging and the checkpoint included); "
+        "median window: the typical window without them"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     modes = parse_modes(args.modes, "bench-e2e")
     if modes is None:
         return 2
@@ -146,72 +239,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             px, classes, batch = table.get(name, (32, 10, 128))
             for compile_model in [m == "compile" for m in modes]:
-                step = bench_one(
+                rows += _model_rows(
                     name,
-                    device=device,
+                    px=px,
+                    classes=classes,
                     batch=batch,
-                    image_size=px,
-                    num_classes=classes,
-                    amp=torch.bfloat16 if cuda else None,
-                    channels_last=True,
                     compile_model=compile_model,
-                    steps=10,
-                    rounds=5 if cuda else 3,
-                    warmup=3 if cuda else 8,
+                    device=device,
+                    card=card,
+                    steps=steps,
+                    window=window,
+                    nproc=args.nproc,
+                    work=Path(tmp),
                 )
-                for method, alpha, ms in (("SGD", 0.0, step["sgd_ms"]), ("GNP", 0.8, step["gnp_ms"])):
-                    run = e2e(
-                        name,
-                        px=px,
-                        classes=classes,
-                        batch=batch,
-                        alpha=alpha,
-                        steps=steps,
-                        window=window,
-                        nproc=args.nproc,
-                        compile_model=compile_model,
-                        work=Path(tmp),
-                    )
-                    synthetic = batch * 1000 / ms
-                    rows.append(
-                        {
-                            "model": name,
-                            "mode": "compile" if compile_model else "eager",
-                            "method": method,
-                            "batch": batch,
-                            "px": px,
-                            "step_images_per_s": synthetic,
-                            "e2e_images_per_s": run["images_per_s"] / args.nproc,
-                            "fraction": run["images_per_s"] / args.nproc / synthetic,
-                            "median_window_images_per_s": run["median_window_images_per_s"] / args.nproc,
-                            "timed_s": run["seconds"],
-                            "windows": run["windows"],
-                            "device": card,
-                            "torch": torch.__version__,
-                            "nproc": args.nproc,
-                        }
-                    )
-                    print(
-                        f"  {name} {rows[-1]['mode']} {method}: step {synthetic:.0f} img/s, "
-                        f"e2e {rows[-1]['e2e_images_per_s']:.0f} img/s per process",
-                        flush=True,
-                    )
-    header = (
-        f"{'model':<10} {'mode':>7} {'method':>6} {'batch':>5} {'px':>4} {'step img/s':>11} "
-        f"{'e2e img/s':>10} {'e2e/step':>8} {'median window':>14}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['model']:<10} {r['mode']:>7} {r['method']:>6} {r['batch']:>5} {r['px']:>4} "
-            f"{r['step_images_per_s']:>11.0f} {r['e2e_images_per_s']:>10.0f} {r['fraction']:>8.1%} "
-            f"{r['median_window_images_per_s']:>14.0f}"
-        )
-    print(
-        "e2e img/s: all images / all time of the timed windows (logging and the checkpoint included); "
-        "median window: the typical window without them"
-    )
+    _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -458,6 +458,66 @@ def output_error(what: str, e: OSError) -> str:
     return f"{what}: cannot write{where}: {reason}{' [' + code + ']' if code else ''}; {hint}"
 
 
+def _write_splits(temps: dict[str, str], train, val, *, page_size: int, **options: Any) -> np.ndarray:
+    """Write both splits to their temporary files and fsync them; returns the train split's pixel statistics."""
+    table = _write_split(temps["train"], train, page_size=page_size, with_stats=True, **options)
+    _write_split(temps["val"], val, page_size=page_size, with_stats=False, **options)
+    for tmp in temps.values():
+        _fsync_file(tmp)
+    assert table is not None
+    return table
+
+
+def _dataset_meta(dataset, source, data, train, val, table, temps, *, write_mode, jpeg_quality, max_resolution) -> dict:
+    """The ``meta.json`` of the converted dataset (``temps``: the written .beton files, for their sizes)."""
+    if isinstance(train, ArraySplit):
+        h, w = (int(x) for x in train.images.shape[1:3])
+        image_size: list[int] | None = list(_resized_shape(h, w, max_resolution))
+    else:
+        image_size = None
+    mean, std = _mean_std(table)
+    files = {}
+    for s, f in SPLIT_FILES.items():
+        files[f] = {"bytes": os.path.getsize(temps[s]), "samples": len(train if s == "train" else val)}
+    meta = {
+        "dataset": dataset,
+        "num_classes": len(data.classes),
+        "classes": list(data.classes),
+        "train_size": len(train),
+        "val_size": len(val),
+        "image_size": image_size,
+        "channels": train.source_channels,
+        "mean": mean,
+        "std": std,
+        "write_mode": write_mode,
+        "jpeg_quality": jpeg_quality,
+        "max_resolution": max_resolution,
+        "source": os.path.abspath(source) if source else None,
+        "files": files,
+        "format_version": FORMAT_VERSION,
+    }
+    if dataset == "fashion-mnist" and meta["source"] is None:
+        from .sources import FASHION_MNIST_DEFAULT_SOURCE
+
+        meta["source"] = FASHION_MNIST_DEFAULT_SOURCE
+    return meta
+
+
+def _publish(out: str, temps: dict[str, str], meta: dict, meta_tmp: str, meta_path: str) -> None:
+    """Move the .beton files into place, then write meta.json atomically: the dataset looks complete only once
+    everything it names is on disk."""
+    for s, f in SPLIT_FILES.items():
+        os.replace(temps[s], os.path.join(out, f))
+    _fsync_dir(out)
+    with open(meta_tmp, "w") as fh:
+        json.dump(meta, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(meta_tmp, meta_path)
+    _fsync_dir(out)
+
+
 def _write_dataset(
     dataset, source, out, data, train, val, page_size, *, write_mode, jpeg_quality, max_resolution, num_workers
 ) -> dict:
@@ -467,74 +527,34 @@ def _write_dataset(
     if os.path.exists(meta_path):
         os.remove(meta_path)
         _fsync_dir(out)
+    # Everything is written under temporary names first; whatever is left of them on failure is removed.
     tag = f".tmp-{os.getpid()}"
     temps = {s: os.path.join(out, "." + f + tag) for s, f in SPLIT_FILES.items()}
     meta_tmp = meta_path + tag
     try:
-        table = _write_split(
-            temps["train"],
+        table = _write_splits(
+            temps,
             train,
-            write_mode=write_mode,
-            jpeg_quality=jpeg_quality,
-            max_resolution=max_resolution,
-            num_workers=num_workers,
-            page_size=page_size,
-            with_stats=True,
-        )
-        _write_split(
-            temps["val"],
             val,
+            page_size=page_size,
             write_mode=write_mode,
             jpeg_quality=jpeg_quality,
             max_resolution=max_resolution,
             num_workers=num_workers,
-            page_size=page_size,
-            with_stats=False,
         )
-        for tmp in temps.values():
-            _fsync_file(tmp)
-
-        assert table is not None
-        if isinstance(train, ArraySplit):
-            h, w = (int(x) for x in train.images.shape[1:3])
-            image_size: list[int] | None = list(_resized_shape(h, w, max_resolution))
-        else:
-            image_size = None
-        mean, std = _mean_std(table)
-        files = {}
-        for s, f in SPLIT_FILES.items():
-            files[f] = {"bytes": os.path.getsize(temps[s]), "samples": len(train if s == "train" else val)}
-        meta = {
-            "dataset": dataset,
-            "num_classes": len(data.classes),
-            "classes": list(data.classes),
-            "train_size": len(train),
-            "val_size": len(val),
-            "image_size": image_size,
-            "channels": train.source_channels,
-            "mean": mean,
-            "std": std,
-            "write_mode": write_mode,
-            "jpeg_quality": jpeg_quality,
-            "max_resolution": max_resolution,
-            "source": os.path.abspath(source) if source else None,
-            "files": files,
-            "format_version": FORMAT_VERSION,
-        }
-        if dataset == "fashion-mnist" and meta["source"] is None:
-            from .sources import FASHION_MNIST_DEFAULT_SOURCE
-
-            meta["source"] = FASHION_MNIST_DEFAULT_SOURCE
-        for s, f in SPLIT_FILES.items():
-            os.replace(temps[s], os.path.join(out, f))
-        _fsync_dir(out)
-        with open(meta_tmp, "w") as fh:
-            json.dump(meta, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(meta_tmp, meta_path)
-        _fsync_dir(out)
+        meta = _dataset_meta(
+            dataset,
+            source,
+            data,
+            train,
+            val,
+            table,
+            temps,
+            write_mode=write_mode,
+            jpeg_quality=jpeg_quality,
+            max_resolution=max_resolution,
+        )
+        _publish(out, temps, meta, meta_tmp, meta_path)
     finally:
         for tmp in (*temps.values(), meta_tmp):
             if os.path.exists(tmp):

@@ -89,6 +89,39 @@ BASIC_PADDING = 4
 IMAGENET_CENTER_RATIO = 224 / 256
 IMAGENET_DEFAULT_SIZE = 224
 
+# The reference's fixed per-channel normalization constants, on the 0-1 scale it divides by 255 first
+# (zhaoyang-0204/gnp ds_pipeline/datasets/dataset_source.py:208-213 at e803362, chosen by dataset name).
+REFERENCE_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.49139968, 0.48215841, 0.44653091), (0.24703223, 0.24348513, 0.26158784)),
+    "cifar100": ((0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+}
+NORMALIZE_MODES = ("auto", "reference")
+
+
+def normalization_stats(
+    normalize: str, dataset: str, mean: Sequence[float], std: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """The per-channel mean/std (0-255 scale) the loaders normalize with (``data.normalize``).
+
+    ``auto``: ``mean``/``std`` unchanged, i.e. the statistics of the training images actually loaded (which
+    move with ``data.limit`` / ``data.holdout``). ``reference``: the reference's fixed constants for
+    ``dataset`` (cifar10 / cifar100), times 255, since ``(x/255 - m)/s == (x - 255 m)/(255 s)``.
+    ValueError for an unknown mode, a dataset without reference constants or a channel-count mismatch.
+    """
+    if normalize == "auto":
+        return list(mean), list(std)
+    if normalize != "reference":
+        raise ValueError(f"normalize: unknown {normalize!r}; allowed: {', '.join(NORMALIZE_MODES)}")
+    if dataset not in REFERENCE_NORMALIZATION:
+        raise ValueError(
+            f"normalize: 'reference' has constants for {', '.join(REFERENCE_NORMALIZATION)} only, "
+            f"not for dataset {dataset!r}; use 'auto'"
+        )
+    ref_mean, ref_std = REFERENCE_NORMALIZATION[dataset]
+    if len(mean) != len(ref_mean):
+        raise ValueError(f"normalize: {dataset!r} constants have {len(ref_mean)} channels, the data {len(mean)}")
+    return [255.0 * m for m in ref_mean], [255.0 * s for s in ref_std]
+
 
 # --------------------------------------------------------------------------------------------
 # Validation of a converted dataset
@@ -255,14 +288,9 @@ def validate_dataset(data_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _flip_crop_cutout_operation() -> type:
-    """Build the ``RandomFlipCropCutout`` class (deferred so that importing this module skips ffcv)."""
-    import_ffcv()
+def _draw_fn() -> Callable:
+    """The per-image random draws of both kernels, compiled by numba."""
     import numba
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
 
     @numba.njit
     def draw_fn(h, w, pad, cut, flip_prob):
@@ -274,6 +302,89 @@ def _flip_crop_cutout_operation() -> type:
         cy = np.random.randint(0, h - cut + 1)
         cx = np.random.randint(0, w - cut + 1)
         return flip, dy, dx, cy, cx
+
+    return draw_fn
+
+
+def _flip_cutout_in_place_kernel(my_range, draw, pad, cut, flip_prob, fill) -> Callable:
+    """The padding-0 variant: flip by swapping pixels in the decoder's buffer, cutout in place."""
+
+    def flip_cutout_in_place(images, _dst):
+        n, h, w, c = images.shape
+        for i in my_range(n):
+            flip, _, _, cy, cx = draw(h, w, pad, cut, flip_prob)
+            if flip:
+                for y in range(h):
+                    for x in range(w // 2):
+                        for k in range(c):
+                            t = images[i, y, x, k]
+                            images[i, y, x, k] = images[i, y, w - 1 - x, k]
+                            images[i, y, w - 1 - x, k] = t
+            for y in range(cy, cy + cut):
+                for x in range(cx, cx + cut):
+                    for k in range(c):
+                        images[i, y, x, k] = fill[k]
+        return images
+
+    flip_cutout_in_place.is_parallel = True
+    return flip_cutout_in_place
+
+
+def _flip_crop_cutout_kernel(my_range, draw, pad, cut, flip_prob, fill) -> Callable:
+    """The copying variant: flip + reflect-padded crop + cutout from ``images`` into ``dst``."""
+
+    def flip_crop_cutout(images, dst):
+        n, h, w, c = images.shape
+        for i in my_range(n):
+            flip, dy, dx, cy, cx = draw(h, w, pad, cut, flip_prob)
+            for y in range(h):
+                sy = y + dy
+                if sy < 0:
+                    sy = -sy
+                elif sy >= h:
+                    sy = 2 * h - 2 - sy
+                in_rows = cy <= y < cy + cut
+                for x in range(w):
+                    if in_rows and cx <= x < cx + cut:
+                        for k in range(c):
+                            dst[i, y, x, k] = fill[k]
+                        continue
+                    sx = x + dx
+                    if sx < 0:
+                        sx = -sx
+                    elif sx >= w:
+                        sx = 2 * w - 2 - sx
+                    if flip:
+                        sx = w - 1 - sx
+                    for k in range(c):
+                        dst[i, y, x, k] = images[i, sy, sx, k]
+        return dst
+
+    flip_crop_cutout.is_parallel = True
+    return flip_crop_cutout
+
+
+def _check_flip_crop_cutout(padding: int, cutout: int, fill: np.ndarray, shape: Tuple[int, int, int]) -> None:
+    """ValueError when the operation's settings do not fit ``shape`` (H, W, C) images."""
+    h, w, c = shape
+    if padding < 0 or padding >= min(h, w):
+        # Reflection cannot mirror more pixels than the image has.
+        raise ValueError(f"padding: {padding}; reflect padding needs 0 <= padding < {min(h, w)}")
+    if cutout < 0 or cutout > min(h, w):
+        raise ValueError(f"cutout: {cutout}; expected 0..{min(h, w)} for {h}x{w} images")
+    if len(fill) != c:
+        raise ValueError(f"fill: {len(fill)} values for {c}-channel images")
+
+
+def _flip_crop_cutout_operation() -> type:
+    """Build the ``RandomFlipCropCutout`` class (deferred so that importing this module skips ffcv)."""
+    import_ffcv()
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+
+    draw_fn = _draw_fn()
 
     class RandomFlipCropCutout(Operation):
         """Random horizontal flip, reflect-padded random crop, then cutout, per image.
@@ -308,75 +419,14 @@ def _flip_crop_cutout_operation() -> type:
             in_place = not self.padding if in_place is None else in_place
             if in_place and self.padding:
                 raise ValueError(f"padding: {self.padding}; the in-place variant needs padding 0")
-            my_range = Compiler.get_iterator()
-            pad = self.padding
-            flip_prob = self.flip_prob
-            cut = self.cutout
-            fill = self.fill
-            draw = draw_fn
-
-            def flip_cutout_in_place(images, _dst):
-                n, h, w, c = images.shape
-                for i in my_range(n):
-                    flip, _, _, cy, cx = draw(h, w, pad, cut, flip_prob)
-                    if flip:
-                        for y in range(h):
-                            for x in range(w // 2):
-                                for k in range(c):
-                                    t = images[i, y, x, k]
-                                    images[i, y, x, k] = images[i, y, w - 1 - x, k]
-                                    images[i, y, w - 1 - x, k] = t
-                    for y in range(cy, cy + cut):
-                        for x in range(cx, cx + cut):
-                            for k in range(c):
-                                images[i, y, x, k] = fill[k]
-                return images
-
-            if in_place:
-                flip_cutout_in_place.is_parallel = True
-                return flip_cutout_in_place
-
-            def flip_crop_cutout(images, dst):
-                n, h, w, c = images.shape
-                for i in my_range(n):
-                    flip, dy, dx, cy, cx = draw(h, w, pad, cut, flip_prob)
-                    for y in range(h):
-                        sy = y + dy
-                        if sy < 0:
-                            sy = -sy
-                        elif sy >= h:
-                            sy = 2 * h - 2 - sy
-                        in_rows = cy <= y < cy + cut
-                        for x in range(w):
-                            if in_rows and cx <= x < cx + cut:
-                                for k in range(c):
-                                    dst[i, y, x, k] = fill[k]
-                                continue
-                            sx = x + dx
-                            if sx < 0:
-                                sx = -sx
-                            elif sx >= w:
-                                sx = 2 * w - 2 - sx
-                            if flip:
-                                sx = w - 1 - sx
-                            for k in range(c):
-                                dst[i, y, x, k] = images[i, sy, sx, k]
-                return dst
-
-            flip_crop_cutout.is_parallel = True
-            return flip_crop_cutout
+            kernel = _flip_cutout_in_place_kernel if in_place else _flip_crop_cutout_kernel
+            return kernel(Compiler.get_iterator(), draw_fn, self.padding, self.cutout, self.flip_prob, self.fill)
 
         def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-            h, w, c = previous_state.shape
-            if self.padding < 0 or self.padding >= min(h, w):
-                # Reflection cannot mirror more pixels than the image has.
-                raise ValueError(f"padding: {self.padding}; reflect padding needs 0 <= padding < {min(h, w)}")
-            if self.cutout < 0 or self.cutout > min(h, w):
-                raise ValueError(f"cutout: {self.cutout}; expected 0..{min(h, w)} for {h}x{w} images")
-            if len(self.fill) != c:
-                raise ValueError(f"fill: {len(self.fill)} values for {c}-channel images")
+            _check_flip_crop_cutout(self.padding, self.cutout, self.fill, previous_state.shape)
             if not self.padding:
                 return replace(previous_state, jit_mode=True), None  # in place
+            h, w, c = previous_state.shape
             return (replace(previous_state, jit_mode=True), AllocationQuery((h, w, c), previous_state.dtype))
 
     return RandomFlipCropCutout
@@ -686,6 +736,99 @@ def _pipelines(
     return {"image": ops, "label": label_ops}
 
 
+def _check_distributed(rank: int, world_size: int, *, required: bool) -> None:
+    """With ``world_size > 1``: ``rank``/``world_size`` must match torch.distributed's, when it is initialised;
+    ``required``: it must be (FFCV reads the rank from it)."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if required:
+            raise ValueError(
+                "world_size > 1 but torch.distributed is not initialised; call init_process_group before build_loaders"
+            )
+        return
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise ValueError(
+            f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
+            f"({dist.get_rank()}/{dist.get_world_size()})"
+        )
+
+
+def _check_ffcv_args(
+    batch_size: Any,
+    eval_batch_size: Any,
+    num_workers: Any,
+    seed: Any,
+    rank: Any,
+    world_size: Any,
+    augment: Any,
+    cutout: Any,
+    image_size: Any,
+) -> None:
+    """``build_loaders``'s arguments; ValueError naming the first bad one."""
+    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
+    _check_int("num_workers", num_workers, 1)
+    _check_int("image_size", image_size, 8, allow_none=True)
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment: unknown '{augment}'; allowed: {', '.join(AUGMENTS)}")
+
+
+def _ffcv_train_loader(
+    info: _SplitInfo,
+    *,
+    batch_size: int,
+    threads: int,
+    seed: int,
+    world_size: int,
+    os_cache: bool,
+    pipelines: dict,
+) -> Any:
+    """The FFCV loader of the train split: shuffled by (seed, epoch), sharded under DDP, last batch dropped."""
+    from ffcv.loader import Loader, OrderOption
+
+    with keep_torch_threads():
+        train = Loader(
+            info.path,
+            batch_size=int(batch_size),
+            num_workers=threads,
+            os_cache=os_cache,
+            order=OrderOption.RANDOM,
+            distributed=world_size > 1,
+            seed=int(seed),
+            pipelines=pipelines,
+            drop_last=True,
+        )
+    if len(train) == 0:
+        per_rank = math.ceil(info.num_samples / world_size)
+        raise ValueError(
+            f"batch_size: {batch_size} per rank is larger than the {per_rank} train images "
+            f"each of the {world_size} rank(s) gets from {info.path}"
+        )
+    return train
+
+
+def _ffcv_val_loader(
+    info: _SplitInfo, indices: np.ndarray, *, batch_size: int, threads: int, os_cache: bool, pipelines: dict
+) -> Any:
+    """The FFCV loader of this rank's validation ``indices``, in order, nothing dropped."""
+    from ffcv.loader import Loader, OrderOption
+
+    with keep_torch_threads():
+        return Loader(
+            info.path,
+            batch_size=int(batch_size),
+            num_workers=threads,
+            os_cache=os_cache,
+            order=OrderOption.SEQUENTIAL,
+            distributed=False,
+            indices=indices,
+            pipelines=pipelines,
+            drop_last=False,
+        )
+
+
 def build_loaders(
     data_dir: str | os.PathLike,
     *,
@@ -701,6 +844,7 @@ def build_loaders(
     image_size: Optional[int] = None,
     channels_last: bool = False,
     os_cache: bool = True,
+    normalize: str = "auto",
 ) -> Loaders:
     """Validate ``data_dir`` and build this rank's train and eval loaders.
 
@@ -710,32 +854,16 @@ def build_loaders(
     drop_last and augmentation semantics. Raises ValueError for a damaged dataset or bad arguments.
     """
     import_ffcv()
-    from ffcv.loader import Loader, OrderOption
-
-    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
-    _check_int("num_workers", num_workers, 1)
-    _check_int("image_size", image_size, 8, allow_none=True)
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment: unknown '{augment}'; allowed: {', '.join(AUGMENTS)}")
+    # Arguments first, then the dataset: a bad call fails before any file is read.
+    _check_ffcv_args(batch_size, eval_batch_size, num_workers, seed, rank, world_size, augment, cutout, image_size)
     device = torch.device(device)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                "world_size > 1 but torch.distributed is not initialised; call init_process_group before build_loaders"
-            )
-        if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise ValueError(
-                f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
-                f"({dist.get_rank()}/{dist.get_world_size()})"
-            )
+    _check_distributed(rank, world_size, required=True)
     meta, infos = _validate(os.fspath(data_dir))
     threads = _numba_threads(int(num_workers))
-    mean, std = meta["mean"], meta["std"]
-    common = dict(device=device, mean=mean, std=std, channels_last=channels_last)
-
+    mean, std = normalization_stats(normalize, meta["dataset"], meta["mean"], meta["std"])
     train_info, val_info = infos["train"], infos["val"]
+
+    # The torch stage of autoaugment/randaugment (None for the others), keyed by (seed, rank, step).
     policy = build_image_policy(
         augment,
         seed=int(seed),
@@ -744,45 +872,33 @@ def build_loaders(
         fill=tuple(int(round(m)) for m in mean),
         padding=BASIC_PADDING,
     )
-    with keep_torch_threads():
-        train = Loader(
-            train_info.path,
-            batch_size=int(batch_size),
-            num_workers=threads,
-            os_cache=os_cache,
-            order=OrderOption.RANDOM,
-            distributed=world_size > 1,
-            seed=int(seed),
-            pipelines=_pipelines(
-                True, augment, train_info.fixed_size, image_size, cutout, mean, device, train_info.path
-            ),
-            drop_last=True,
-        )
-    per_rank = math.ceil(train_info.num_samples / world_size)
-    if len(train) == 0:
-        raise ValueError(
-            f"batch_size: {batch_size} per rank is larger than the {per_rank} train images "
-            f"each of the {world_size} rank(s) gets from {train_info.path}"
-        )
-
+    # Train: FFCV decodes (and flips/crops/cuts out) uint8 on the CPU; _finish normalizes on `device`.
+    train = _ffcv_train_loader(
+        train_info,
+        batch_size=batch_size,
+        threads=threads,
+        seed=seed,
+        world_size=world_size,
+        os_cache=os_cache,
+        pipelines=_pipelines(True, augment, train_info.fixed_size, image_size, cutout, mean, device, train_info.path),
+    )
+    # Validation: rank r reads r, r + W, ... so that the ranks together read every image exactly once.
+    # A rank without validation images (more ranks than images) gets an empty EvalLoader, and no pipeline.
     indices = np.arange(rank, val_info.num_samples, world_size, dtype=np.int64)
     val_loader = None
     if len(indices):
-        with keep_torch_threads():
-            val_loader = Loader(
-                val_info.path,
-                # At most the rank's whole share: FFCV allocates the batch's buffers up front, so a huge
-                # loop.eval_batch_size failed to allocate after config.yaml was written (the results are
-                # the same: evaluation is per image).
-                batch_size=int(min(eval_batch_size or batch_size, len(indices))),
-                num_workers=threads,
-                os_cache=os_cache,
-                order=OrderOption.SEQUENTIAL,
-                distributed=False,
-                indices=indices,
-                pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean, device, val_info.path),
-                drop_last=False,
-            )
+        val_loader = _ffcv_val_loader(
+            val_info,
+            indices,
+            # At most the rank's whole share: FFCV allocates the batch's buffers up front, so a huge
+            # loop.eval_batch_size failed to allocate after config.yaml was written (the results are the same:
+            # evaluation is per image).
+            batch_size=min(eval_batch_size or batch_size, len(indices)),
+            threads=threads,
+            os_cache=os_cache,
+            pipelines=_pipelines(False, augment, val_info.fixed_size, image_size, 0, mean, device, val_info.path),
+        )
+    common = dict(device=device, mean=mean, std=std, channels_last=channels_last)
     train_loader = TrainLoader(train, policy=policy, **common)
     eval_loader = EvalLoader(val_loader, indices, **common)
     return Loaders(train=train_loader, val=eval_loader, meta=meta, steps_per_epoch=len(train_loader))
@@ -797,5 +913,6 @@ def loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         cutout=cfg.cutout,
         image_size=cfg.image_size or None,
         os_cache=cfg.os_cache,
+        normalize=cfg.normalize,
         **facts.kwargs(),
     )

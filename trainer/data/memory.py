@@ -84,7 +84,16 @@ from trainer.config import DataConfig
 
 from .augment import build_image_policy
 from .convert import _mean_std
-from .loaders import BASIC_PADDING, LoaderFacts, Loaders, Normalizer, _check_common, _check_int
+from .loaders import (
+    BASIC_PADDING,
+    LoaderFacts,
+    Loaders,
+    Normalizer,
+    _check_common,
+    _check_distributed,
+    _check_int,
+    normalization_stats,
+)
 from .sources import ArraySplit, read_source
 
 MEMORY_AUGMENTS = ("none", "basic", "autoaugment")
@@ -443,6 +452,111 @@ class MemoryEvalLoader(_MemoryBatches):
             yield self._finish(self._images[sl].permute(0, 3, 1, 2)), self._labels[sl].clone()
 
 
+@dataclass
+class _Splits:
+    """Both splits of a source as uint8 tensors on the device, before label noise, holdout and RGB."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list
+    channels: int  # of the stored images (1 for gray)
+    where: str  # what meta.json calls the source
+
+
+def _check_memory_args(
+    batch_size: Any,
+    eval_batch_size: Any,
+    seed: Any,
+    rank: Any,
+    world_size: Any,
+    cutout: Any,
+    limit: Any,
+    label_noise: Any,
+    holdout: Any,
+    augment: Any,
+) -> None:
+    """``build_memory_loaders``'s arguments; ValueError naming the first bad one."""
+    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
+    _check_int("limit", limit, 1, allow_none=True)
+    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout: {holdout!r}; expected a fraction in [0, 1)")
+    if augment not in MEMORY_AUGMENTS:
+        raise ValueError(
+            f"augment: '{augment}' is not supported by the memory loader; allowed: {', '.join(MEMORY_AUGMENTS)}"
+        )
+
+
+def _check_image_size(augment: str, cutout: int, h: int, w: int) -> None:
+    """ValueError when the padding of ``augment`` or the ``cutout`` square does not fit h x w images."""
+    if augment != "none" and BASIC_PADDING >= min(h, w):
+        raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {h}x{w} images")
+    if cutout > min(h, w):
+        raise ValueError(f"cutout: {cutout} is larger than the {h}x{w} images")
+
+
+def _load_splits(
+    src: _Source, source: str | os.PathLike, device: torch.device, augment: str, limit: Optional[int]
+) -> _Splits:
+    """Generate (synthetic) or read both splits, keep the first ``limit`` images of each, upload them."""
+    if src.name == "synthetic":
+        _check_image_size(augment, 0, *src.shape)  # before allocating anything big
+        (train_x, train_y), (val_x, val_y) = _synthetic(src, device)
+        if limit is not None:
+            train_x, train_y, val_x, val_y = train_x[:limit], train_y[:limit], val_x[:limit], val_y[:limit]
+        return _Splits(train_x, train_y, val_x, val_y, [str(k) for k in range(src.classes)], 3, os.fspath(source))
+    data = read_source(src.name, src.path)
+    train, val = data.train.subset(limit), data.val.subset(limit)
+    assert isinstance(train, ArraySplit) and isinstance(val, ArraySplit)  # array datasets only
+    for split_name, split in (("train", train), ("val", val)):
+        if len(split) == 0:
+            raise ValueError(f"data.path: the {split_name} split of {src.path} is empty; expected images")
+    classes, channels, where = list(data.classes), train.source_channels, os.path.abspath(src.path)
+    (train_x, train_y), (val_x, val_y) = _upload(train, device), _upload(val, device)
+    return _Splits(train_x, train_y, val_x, val_y, classes, channels, where)
+
+
+def _noise_and_holdout(splits: _Splits, label_noise: float, holdout: float) -> int:
+    """Flip a ``label_noise`` fraction of the train labels, then (``holdout``) replace val by held-out train
+    images, in place on ``splits``; returns how many labels were flipped."""
+    splits.train_y, noisy = noisy_labels(splits.train_y, len(splits.classes), label_noise)
+    if holdout:
+        kept, held = holdout_split(splits.train_x.shape[0], holdout)
+        kept, held = kept.to(splits.train_x.device), held.to(splits.train_x.device)
+        x, y = splits.train_x, splits.train_y
+        splits.train_x, splits.train_y = x[kept], y[kept]
+        splits.val_x, splits.val_y = x[held], y[held]
+    return noisy
+
+
+def _memory_meta(
+    src: _Source, splits: _Splits, mean: list, std: list, noisy: int, label_noise: float, holdout: float
+) -> dict:
+    """The ``meta.json``-like dict of a memory dataset (what the FFCV loaders read from ``meta.json``)."""
+    _, h, w, _ = splits.train_x.shape
+    meta = {
+        "dataset": src.name,
+        "num_classes": len(splits.classes),
+        "classes": splits.classes,
+        "train_size": int(splits.train_x.shape[0]),
+        "val_size": int(splits.val_x.shape[0]),
+        "image_size": [int(h), int(w)],
+        "channels": splits.channels,
+        "mean": mean,
+        "std": std,
+        "source": splits.where,
+        "loader": "memory",
+    }
+    if noisy:
+        meta.update(label_noise=float(label_noise), noisy_labels=noisy)
+    if holdout:
+        meta.update(holdout=float(holdout), val_split="held-out training images")
+    return meta
+
+
 def build_memory_loaders(
     source: str | os.PathLike,
     *,
@@ -459,6 +573,7 @@ def build_memory_loaders(
     drop_last: bool = True,
     label_noise: float = 0.0,
     holdout: float = 0.0,
+    normalize: str = "auto",
 ) -> Loaders:
     """Load ``source`` onto ``device`` and build this rank's train and eval loaders.
 
@@ -467,65 +582,28 @@ def build_memory_loaders(
     Returns the same ``Loaders`` as ``build_loaders``. Raises ValueError (one line) for a bad source,
     unreadable files or bad arguments.
     """
+    # Arguments first: a bad call fails before anything is read or allocated.
     src = parse_source(source)
-    _check_common(batch_size, eval_batch_size, seed, rank, world_size, cutout)
-    _check_int("limit", limit, 1, allow_none=True)
-    if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0 <= label_noise < 1:
-        raise ValueError(f"label_noise: {label_noise!r}; expected a fraction in [0, 1)")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise ValueError(f"holdout: {holdout!r}; expected a fraction in [0, 1)")
-    if augment not in MEMORY_AUGMENTS:
-        raise ValueError(
-            f"augment: '{augment}' is not supported by the memory loader; allowed: {', '.join(MEMORY_AUGMENTS)}"
-        )
-    import torch.distributed as dist
-
-    if (
-        world_size > 1
-        and dist.is_available()
-        and dist.is_initialized()
-        and (dist.get_world_size() != world_size or dist.get_rank() != rank)
-    ):
-        raise ValueError(
-            f"rank/world_size {rank}/{world_size} disagree with torch.distributed "
-            f"({dist.get_rank()}/{dist.get_world_size()})"
-        )
+    _check_memory_args(
+        batch_size, eval_batch_size, seed, rank, world_size, cutout, limit, label_noise, holdout, augment
+    )
+    _check_distributed(rank, world_size, required=False)
     device = torch.device(device)
 
-    if src.name == "synthetic":
-        h, w = src.shape
-        if augment != "none" and BASIC_PADDING >= min(h, w):  # checked before allocating anything big
-            raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {h}x{w} images")
-        (train_x, train_y), (val_x, val_y) = _synthetic(src, device)
-        classes, channels, where = [str(k) for k in range(src.classes)], 3, os.fspath(source)
-        if limit is not None:
-            train_x, train_y, val_x, val_y = train_x[:limit], train_y[:limit], val_x[:limit], val_y[:limit]
-    else:
-        data = read_source(src.name, src.path)
-        train, val = data.train.subset(limit), data.val.subset(limit)
-        assert isinstance(train, ArraySplit) and isinstance(val, ArraySplit)  # array datasets only
-        for split_name, split in (("train", train), ("val", val)):
-            if len(split) == 0:
-                raise ValueError(f"data.path: the {split_name} split of {src.path} is empty; expected images")
-        classes, channels, where = list(data.classes), train.source_channels, os.path.abspath(src.path)
-        (train_x, train_y), (val_x, val_y) = _upload(train, device), _upload(val, device)
+    # Both splits on the device, then the train labels' noise and the holdout (val = held-out train images).
+    splits = _load_splits(src, source, device, augment, limit)
+    noisy = _noise_and_holdout(splits, label_noise, holdout)
+    # Normalization constants (data.normalize): from the (kept) train images, before replicating gray (a third
+    # of the work), or the reference's fixed ones.
+    mean, std = normalization_stats(normalize, src.name, *_channel_stats(splits.train_x))
+    splits.train_x, splits.val_x = _rgb(splits.train_x), _rgb(splits.val_x)
+    _, h, w, _ = splits.train_x.shape
+    _check_image_size(augment, cutout, h, w)
 
-    train_y, noisy = noisy_labels(train_y, len(classes), label_noise)
-    if holdout:
-        kept, held = holdout_split(train_x.shape[0], holdout)
-        kept, held = kept.to(train_x.device), held.to(train_x.device)
-        train_x, train_y, val_x, val_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
-    n, h, w, _ = train_x.shape
-    mean, std = _channel_stats(train_x)  # before replicating gray: a third of the work
-    train_x, val_x = _rgb(train_x), _rgb(val_x)
-    if augment != "none" and BASIC_PADDING >= min(h, w):
-        raise ValueError(f"augment: '{augment}' pads by {BASIC_PADDING}, too much for {h}x{w} images")
-    if cutout > min(h, w):
-        raise ValueError(f"cutout: {cutout} is larger than the {h}x{w} images")
     common = dict(mean=mean, std=std, channels_last=bool(channels_last))
     train_loader = MemoryTrainLoader(
-        train_x,
-        train_y,
+        splits.train_x,
+        splits.train_y,
         batch_size=batch_size,
         seed=seed,
         rank=rank,
@@ -541,25 +619,9 @@ def build_memory_loaders(
             f"train images each of the {world_size} rank(s) gets from {source}"
         )
     eval_loader = MemoryEvalLoader(
-        val_x, val_y, rank=rank, world_size=world_size, batch_size=eval_batch_size or batch_size, **common
+        splits.val_x, splits.val_y, rank=rank, world_size=world_size, batch_size=eval_batch_size or batch_size, **common
     )
-    meta = {
-        "dataset": src.name,
-        "num_classes": len(classes),
-        "classes": classes,
-        "train_size": int(n),
-        "val_size": int(val_x.shape[0]),
-        "image_size": [int(h), int(w)],
-        "channels": channels,
-        "mean": mean,
-        "std": std,
-        "source": where,
-        "loader": "memory",
-    }
-    if noisy:
-        meta.update(label_noise=float(label_noise), noisy_labels=noisy)
-    if holdout:
-        meta.update(holdout=float(holdout), val_split="held-out training images")
+    meta = _memory_meta(src, splits, mean, std, noisy, label_noise, holdout)
     return Loaders(
         train=train_loader,
         val=eval_loader,
@@ -577,5 +639,6 @@ def memory_loaders_from_config(cfg: DataConfig, facts: LoaderFacts) -> Loaders:
         limit=cfg.limit or None,
         label_noise=cfg.label_noise,
         holdout=cfg.holdout,
+        normalize=cfg.normalize,
         **facts.kwargs(),
     )

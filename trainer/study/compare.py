@@ -438,26 +438,17 @@ class TrainingFailed(RuntimeError):
         self.code = code
 
 
-def compare(
-    *,
+def _check_compare(
     recipe: str,
     methods: dict[str, tuple[tuple[str, object], ...]],
     seeds: int,
-    out: Path,
     sets: list[str],
-    nproc: int = 1,
-    measure_batches: int = 8,
-    baseline: str = "",
-    grids: dict[str, list[str]] | None = None,
-    log=print,
-) -> dict:
-    """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json.
-
-    `baseline` (default: sgd when compared, else the first method) is the method the paired differences are
-    taken against. `grids` (grid NAME -> its points' method names, from --grid) adds, per grid, the point with
-    the lowest mean error. With `data.holdout` > 0 every run evaluates on held-out training images, never on
-    the test split: the tables, figure and results.json then say "held-out error" (the JSON key stays
-    `test_error`, `evaluated_on` names the split)."""
+    measure_batches: int,
+    baseline: str,
+    log,
+):
+    """Validate the comparison before anything runs; returns the recipe's config (with `sets`), the baseline and
+    each method's epochs."""
     from trainer import config
 
     baseline = baseline or ("sgd" if "sgd" in methods else next(iter(methods)))
@@ -478,6 +469,72 @@ def compare(
     }
     if "gnp" in methods and not 0 < base.gnp.alpha < 1:
         log(f"note: the recipe's gnp.alpha is {base.gnp.alpha}; method 'gnp' is then not between SGD and SAM")
+    return base, baseline, epochs_of
+
+
+def _measured(run_dir: Path, measure_batches: int, r: float) -> dict:
+    """The run's end-of-training measurements (loss, |g1|, sharpness), computed once into measure.json."""
+    measured = run_dir / "measure.json"
+    if not measured.is_file():
+        from trainer.train import measure_run
+
+        result = measure_run(str(run_dir), batches=measure_batches, r=r)
+        tmp = run_dir / ".measure.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, measured)
+    return json.loads(measured.read_text())
+
+
+def _run_summary_of(method: str, seed: int, run_dir: Path, m: dict) -> dict:
+    """One run's entry of results.json: its training summary and its measurements."""
+    return {
+        "method": method,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        **run_summary(run_dir),
+        "train_loss": m["loss"],
+        "g1_norm": m["g1_norm"],
+        "sharpness": m["sharpness"],
+        "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]},
+    }
+
+
+def _write_results(out: Path, results: dict, runs: dict[str, list[dict]], title: str, metric: str, log) -> str:
+    """results.json, results.md and the figure; returns the markdown tables."""
+    baseline = results["paired"]["baseline"]
+    table = markdown_table(results["summary"], title, metric) + "\n"
+    table += paired_table(results["paired"]["differences"], baseline, metric)
+    if "selected" in results:
+        table += "\n" + selection_lines(results["selected"], metric)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(table)
+    plot(runs, out / "test_error.png", title, metric)
+    log(table)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
+    return table
+
+
+def compare(
+    *,
+    recipe: str,
+    methods: dict[str, tuple[tuple[str, object], ...]],
+    seeds: int,
+    out: Path,
+    sets: list[str],
+    nproc: int = 1,
+    measure_batches: int = 8,
+    baseline: str = "",
+    grids: dict[str, list[str]] | None = None,
+    log=print,
+) -> dict:
+    """Train (or resume) every method x seed, measure, aggregate; returns the results written to results.json.
+
+    `baseline` (default: sgd when compared, else the first method) is the method the paired differences are
+    taken against. `grids` (grid NAME -> its points' method names, from --grid) adds, per grid, the point with
+    the lowest mean error. With `data.holdout` > 0 every run evaluates on held-out training images, never on
+    the test split: the tables, figure and results.json then say "held-out error" (the JSON key stays
+    `test_error`, `evaluated_on` names the split)."""
+    base, baseline, epochs_of = _check_compare(recipe, methods, seeds, sets, measure_batches, baseline, log)
     spec = {"recipe": recipe, "sets": list(sets), "methods": {k: [list(o) for o in v] for k, v in methods.items()}}
     _check_spec(out, spec)
     seed_values = [base.loop.seed + i for i in range(seeds)]
@@ -494,32 +551,12 @@ def compare(
             if not is_done(run_dir, epochs_of[method]):
                 log(f"{tag}: training ({'resuming' if (run_dir / 'metrics.jsonl').exists() else 'new'}) -> {run_dir}")
                 _train(recipe, sets, overrides, seed, run_dir, nproc)
-            measured = run_dir / "measure.json"
-            if not measured.is_file():
-                from trainer.train import measure_run
-
-                result = measure_run(str(run_dir), batches=measure_batches, r=base.gnp.r)
-                tmp = run_dir / ".measure.json.tmp"
-                tmp.write_text(json.dumps(result, indent=1))
-                os.replace(tmp, measured)
-            m = json.loads(measured.read_text())
-            summary = {
-                "method": method,
-                "seed": seed,
-                "run_dir": str(run_dir),
-                **run_summary(run_dir),
-                "train_loss": m["loss"],
-                "g1_norm": m["g1_norm"],
-                "sharpness": m["sharpness"],
-                "measured_on": {"batches": m["batches"], "images": m["images"], "r": m["r"]},
-            }
+            summary = _run_summary_of(method, seed, run_dir, _measured(run_dir, measure_batches, base.gnp.r))
             runs[method].append(summary)
             log(
                 f"{tag}: {metric} {summary['test_error']:.2f} %, {summary['s_per_epoch']:.1f} s/epoch, "
                 f"sharpness {summary['sharpness']:.4f}"
             )
-    agg = aggregate(runs)
-    title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
     results = {
         "recipe": recipe,
         "sets": list(sets),
@@ -529,19 +566,14 @@ def compare(
         "model": base.model.name,
         "nproc": nproc,
         "evaluated_on": evaluated_on,
-        "summary": agg,
+        "summary": aggregate(runs),
         "paired": {"baseline": baseline, "differences": paired_differences(runs, baseline)},
         "runs": runs,
     }
-    table = markdown_table(agg, title, metric) + "\n" + paired_table(results["paired"]["differences"], baseline, metric)
     if grids:
         results["selected"] = select_best(runs, grids)
-        table += "\n" + selection_lines(results["selected"], metric)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(table)
-    plot(runs, out / "test_error.png", title, metric)
-    log(table)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'test_error.png'}")
+    title = f"{recipe}: {', '.join(methods)} × {seeds} seeds ({base.loop.epochs} epochs, {base.model.name})"
+    _write_results(out, results, runs, title, metric, log)
     return results
 
 
