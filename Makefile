@@ -40,12 +40,12 @@ bench-data: setup
 	$(PY) -m trainer.bench.data
 
 # On a GPU host: correctness checks, every GPU benchmark and the GPU comparison in one budgeted run
-# (README "On a lent GPU"). BUDGET in seconds; the report lands in runs/gpu-suite/report.
+# (trainer/bench/README.md "GPU suite"). BUDGET in seconds; the report lands in runs/gpu-suite/report.
 BUDGET ?= 540
 gpu-suite: setup
 	$(PY) -m trainer.bench.gpu_suite --out runs/gpu-suite/report --budget $(BUDGET) --fmnist $(FMNIST)
 
-# Method comparisons (table + plot; rerun to resume). CPU: < 20 min on 2 cores. GPU: one ~15-minute session.
+# Method comparisons (table + plot; rerun to resume). CPU: < 20 min on 2 cores. GPU: about 15 minutes.
 COMPARE_METHODS ?= sgd,sam,gnp
 compare-cpu: setup
 	OMP_NUM_THREADS=$(NPROC) $(PY) -m trainer compare --recipe fashion-mnist-compare-cpu --methods $(COMPARE_METHODS) \
@@ -57,8 +57,8 @@ compare-noisy-cpu: setup
 	OMP_NUM_THREADS=$(NPROC) $(PY) -m trainer compare --recipe fashion-mnist-noisy-cpu --methods $(NOISY_METHODS) \
 	    --seeds 3 --out runs/compare-noisy-cpu
 
-# The tuned answer (README): SAM and GNP tuned alike on held-out training images, then 5 seeds on the test set;
-# the two settings run side by side at one thread each (how the README's figures were made, about 2 h on 2 cores).
+# The tuned answer (trainer/study/README.md): SAM and GNP tuned alike on held-out training images, then 5 seeds on the test set;
+# the two settings run side by side at one thread each (how the committed figures were made, about 2 h on 2 cores).
 compare-tuned-cpu: setup
 	OMP_NUM_THREADS=1 $(PY) -m trainer tuned --setting clean & pid=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m trainer tuned --setting noisy; noisy=$$?; wait $$pid && exit $$noisy
@@ -73,7 +73,7 @@ compare-gpu: setup
 	$(PY) -m trainer compare --recipe fashion-mnist-compare-gpu --methods $(COMPARE_METHODS) --seeds 3 \
 	    --out runs/compare-gpu
 
-# The README's training-curve figure, from the seed-0 runs of `make compare-cpu`.
+# The training-curve figure of trainer/study/README.md, from the seed-0 runs of `make compare-cpu`.
 plot: setup
 	$(PY) -m trainer plot runs/compare-cpu/{sgd,sam,gnp}/seed0 --out tests/data/results/compare-cpu/curves-seed0.png
 
@@ -83,7 +83,7 @@ recipes: setup
 clean:
 	rm -rf runs data .pytest_cache
 
-# --- Container image and Kubernetes (docker/, k8s/; see "Run on Kubernetes" in README.md) ---
+# --- Container image and Kubernetes (docker/, k8s/; see k8s/README.md) ---
 # make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
 #                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]

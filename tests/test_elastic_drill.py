@@ -8,7 +8,7 @@ last checkpoint at every (re)start, the way the trainer does.
 
 Each agent is lost in turn, first by SIGTERM to its PID 1 (a pod deletion or preemption) and then by
 SIGKILL to all of its processes (a node lost), and what k8s/gnpk8s/pytorchjob.py, the job specs and the
-README claim is asserted:
+k8s/README.md claim is asserted:
   - worker-1 lost: worker-0's agent (the same process) re-forms the group alone and goes on training from
     the last checkpoint; the replacement worker-1 (what the operator recreates) joins again;
   - worker-0 lost (the c10d store lives in its agent): worker-1's agent ends at once with a retried status

@@ -23,6 +23,8 @@ from tests.support.prom import documented_metrics, free_ports, parse_exposition,
 from trainer.metrics import METRICS, Metric, NullSink, PrometheusSink, RunSink, TeeSink, build_sink, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
+# The document that holds the metrics table (was README.md).
+METRICS_DOC = "k8s/monitoring/README.md"
 
 # What dashboards, alerts and users query: family -> (type, labels beyond job_name/rank/local_rank). Written
 # out here, not read from trainer.metrics.METRICS, so that renaming or retyping a row of the table fails.
@@ -209,12 +211,13 @@ def test_metric_rows_are_checked():
         row.name = "gnp_other"  # type: ignore[misc]
 
 
-def test_readme_table_is_the_rendered_table():
-    text = (ROOT / "README.md").read_text()
+def test_documented_table_is_the_rendered_table():
+    text = (ROOT / METRICS_DOC).read_text()
     start, end = "<!-- metrics table: `python -m trainer.metrics` prints it -->\n", "<!-- end of metrics table -->"
-    assert start in text and end in text, "README.md lost the markers around its metrics table"
+    assert start in text and end in text, f"{METRICS_DOC} lost the markers around its metrics table"
     block = text.split(start, 1)[1].split(end, 1)[0]
-    assert block == markdown_table(), "README.md's metrics table is stale: paste `.venv/bin/python -m trainer.metrics`"
+    stale = f"{METRICS_DOC}'s metrics table is stale: paste `.venv/bin/python -m trainer.metrics`"
+    assert block == markdown_table(), stale
     # read back independently: one row per exported family, with its type and labels
     rows = [line.split("|")[1:-1] for line in block.splitlines()[2:]]
     parsed = {

@@ -60,7 +60,7 @@ EXTERNAL = {
     "kueue_pending_workloads",
     "kueue_admitted_active_workloads",
 }
-# kube_pod_labels carries a pod label only when kube-state-metrics allow-lists it (README: Metrics and dashboards)
+# kube_pod_labels carries a pod label only when kube-state-metrics allow-lists it (k8s/monitoring/README.md: Dashboard)
 POD_JOB_LABELS = ("label_training_kubeflow_org_job_name", "label_jobset_sigs_k8s_io_jobset_name")
 
 

@@ -1,8 +1,8 @@
 """`python -m trainer tuned`: SAM and GNP tuned alike on held-out training images, then compared on the test set.
 
 The committed results (tests/data/results/select-*/ and tuned-*/) must be exactly what the command runs: same
-recipe, overrides, grid and the final methods derived from the selection, so the README's tuned answer can be
-reproduced by `make compare-tuned-cpu`."""
+recipe, overrides, grid and the final methods derived from the selection, so the tuned answer of
+trainer/study/README.md can be reproduced by `make compare-tuned-cpu`."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ Values change only at log steps (`loop.log_every`): the loop syncs with the devi
 grow by the window's deltas and the step-time histogram observes each step of the window at once.
 
 Exported metrics: the table `METRICS` below is the only list. PrometheusSink creates one family per row and
-updates it from the records; the README's metrics table is `python -m trainer.metrics` (a test compares the
-two). A row names the record kind(s) and the key it is fed from; its type says how the value is used:
+updates it from the records; the metrics table of k8s/monitoring/README.md is `python -m trainer.metrics` (a test
+compares the two). A row names the record kind(s) and the key it is fed from; its type says how the value is used:
 
   gauge      set to the value when the key is present and not None (a row without key: set to 1)
   counter    increased by the value, a delta, when it is positive (a counter never goes down)
@@ -144,8 +144,8 @@ class Metric:
         return f"{where} (value 1)" if self.key is None else f"{where}.{self.key}"
 
 
-# The exporter's definitions: PrometheusSink creates and updates exactly these, the README's table is rendered
-# from them (`python -m trainer.metrics`), the tests iterate them. Names, types and labels are what dashboards
+# The exporter's definitions: PrometheusSink creates and updates exactly these, k8s/monitoring/README.md's table is
+# rendered from them (`python -m trainer.metrics`), the tests iterate them. Names, types and labels are what dashboards
 # and alerts query: renaming one breaks them.
 METRICS: tuple[Metric, ...] = (
     Metric("gnp_steps_total", "counter", "Optimizer steps taken by this process", "train", "window_steps"),
@@ -267,7 +267,7 @@ METRICS: tuple[Metric, ...] = (
 
 
 def markdown_table(metrics: tuple[Metric, ...] = METRICS) -> str:
-    """The metrics as a Markdown table (the README's), one row per family in table order."""
+    """The metrics as a Markdown table (k8s/monitoring/README.md's), one row per family in table order."""
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")

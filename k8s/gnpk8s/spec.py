@@ -74,7 +74,7 @@ gpu_product                 training pods' nodeSelector nvidia.com/gpu.product (
 set                         extra trainer overrides (section.key=value)                      []
 convert.dataset/source/source_s3/args/resources   the dataset-conversion Job                 -
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
-alerts.<threshold>          this job's alert thresholds (ALERT_DEFAULTS; README "Alerts")     -
+alerts.<threshold>          this job's alert thresholds (ALERT_DEFAULTS; k8s/monitoring/README.md) -
 api                         pytorchjob (training operator v1.9) or trainjob (Trainer v2.3)    pytorchjob
 """
 

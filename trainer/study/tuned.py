@@ -8,8 +8,9 @@ Two `compare` stages on one setting (a recipe plus its common overrides):
    lowest mean held-out error of each grid is selected (`compare.select_best`) -> OUT/select-<setting>/.
 2. **Final**, on the test set over `--seeds` seeds (paired): SGD, the three selected points, and the selected
    normalised GNP made cheaper (every-4 and reuse-4: a GNP step every 4th step, plain steps between; reuse-4
-   adds the last GNP step's orthogonal part on those) -> OUT/tuned-<setting>/, paired against SGD; the README
-   adds the tables against the tuned SAM and GNP with `python -m trainer.study.compare results.json NAME`.
+   adds the last GNP step's orthogonal part on those) -> OUT/tuned-<setting>/, paired against SGD;
+   trainer/study/README.md adds the tables against the tuned SAM and GNP with
+   `python -m trainer.study.compare results.json NAME`.
 
 Both stages resume like `compare` (run the same command again). The final stage's methods come from the
 selection's results.json, so the choice is the held-out data's, not the reader's.
@@ -35,8 +36,9 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    # The README's CPU settings: 20,000 Fashion-MNIST images without augmentation (where the methods separate
-    # least), and 10,000 images with 30 % symmetric label noise (where SAM-type methods are known to help).
+    # The CPU settings of trainer/study/README.md: 20,000 Fashion-MNIST images without augmentation (where the
+    # methods separate least), and 10,000 images with 30 % symmetric label noise (where SAM-type methods are known
+    # to help).
     "clean": Setting("fashion-mnist-compare-cpu", ("data.augment=none",)),
     "noisy": Setting("fashion-mnist-noisy-cpu"),
 }
