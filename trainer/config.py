@@ -432,18 +432,19 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 def _validate(c: RunConfig) -> None:
-    d, o, g, s, lp, ck = c.data, c.optim, c.gnp, c.schedule, c.loop, c.checkpoint
+    """Every section's ranges and the combinations the trainer refuses (one ConfigError naming the key)."""
+    for check in (_validate_data, _validate_optim, _validate_gnp, _validate_loop, _validate_outputs):
+        check(c)
+
+
+def _validate_data(c: RunConfig) -> None:
+    """The data section: sizes, fractions, and what each loader supports."""
+    d = c.data
     _check(
         d.image_size == 0 or 8 <= d.image_size <= MAX_IMAGE_SIZE,
         "data.image_size",
         d.image_size,
         f"0 (the stored size) or an integer in 8..{MAX_IMAGE_SIZE}",
-    )
-    _check(
-        g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
-        "gnp.reuse_weight",
-        g.reuse_weight,
-        "a finite number >= 0",
     )
     _check(d.limit >= 0, "data.limit", d.limit, "an integer >= 0 (0 = all images)")
     _check(
@@ -481,6 +482,13 @@ def _validate(c: RunConfig) -> None:
     _check(d.cutout >= 0, "data.cutout", d.cutout, "an integer >= 0")
     _check(0.0 <= d.label_smoothing < 1.0, "data.label_smoothing", d.label_smoothing, "a number in [0, 1)")
     _check(1 <= d.num_workers <= MAX_WORKERS, "data.num_workers", d.num_workers, f"an integer in 1..{MAX_WORKERS}")
+    _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
+    _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
+
+
+def _validate_optim(c: RunConfig) -> None:
+    """The base optimizer and its regularizers."""
+    o = c.optim
     _check(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
@@ -492,6 +500,17 @@ def _validate(c: RunConfig) -> None:
         "optim.nesterov",
         o.nesterov,
         "false when optim.momentum is 0 (Nesterov needs momentum)",
+    )
+
+
+def _validate_gnp(c: RunConfig) -> None:
+    """GNP: r, alpha, the m-sharpness sub-batches, warmup and the hybrid modes."""
+    g = c.gnp
+    _check(
+        g.reuse_weight >= 0 and math.isfinite(g.reuse_weight),
+        "gnp.reuse_weight",
+        g.reuse_weight,
+        "a finite number >= 0",
     )
     _check(g.r >= 0, "gnp.r", g.r, "a number >= 0 (0 = plain optimizer)")
     _check(g.alpha >= 0, "gnp.alpha", g.alpha, "a number >= 0 (1 = SAM; > 1 is allowed)")
@@ -522,6 +541,11 @@ def _validate(c: RunConfig) -> None:
     _check(0 < g.hybrid_p <= 1, "gnp.hybrid_p", g.hybrid_p, "a probability in (0, 1] (set gnp.r=0 for plain training)")
     _check(g.every >= 1, "gnp.every", g.every, "an integer >= 1")
     _check(not (g.every > 1 and g.hybrid_p < 1), "gnp.every", g.every, "1 when gnp.hybrid_p < 1 (pick one hybrid mode)")
+
+
+def _validate_loop(c: RunConfig) -> None:
+    """The learning-rate schedule and the loop's counts."""
+    s, lp = c.schedule, c.loop
     _check(s.warmup_epochs >= 0, "schedule.warmup_epochs", s.warmup_epochs, "a number >= 0")
     _check(
         list(s.milestones) == sorted(s.milestones) and all(m > 0 for m in s.milestones),
@@ -537,6 +561,11 @@ def _validate(c: RunConfig) -> None:
     _check(lp.eval_every >= 0, "loop.eval_every", lp.eval_every, "an integer >= 0")
     _check(lp.max_steps >= 0, "loop.max_steps", lp.max_steps, "an integer >= 0")
     _check(lp.log_every >= 1, "loop.log_every", lp.log_every, "an integer >= 1")
+
+
+def _validate_outputs(c: RunConfig) -> None:
+    """Checkpoints, the run and metrics."""
+    ck = c.checkpoint
     _check(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, "an integer >= 0")
     _check(ck.keep >= 2, "checkpoint.keep", ck.keep, "an integer >= 2 (the newest may still be in flight)")
     _check(
@@ -547,8 +576,6 @@ def _validate(c: RunConfig) -> None:
     )
     _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, "an integer >= 0")
     _check(ck.s3_max_attempts >= 1, "checkpoint.s3_max_attempts", ck.s3_max_attempts, "an integer >= 1")
-    _check(d.batch_cutout >= 1, "data.batch_cutout", d.batch_cutout, "an integer >= 1")
-    _check(d.mixup_alpha > 0, "data.mixup_alpha", d.mixup_alpha, "a number > 0")
     _check(c.run.crash_restarts >= 0, "run.crash_restarts", c.run.crash_restarts, "an integer >= 0")
     _check(1 <= c.metrics.port <= 65535 - 64, "metrics.port", c.metrics.port, "a TCP port in 1..65471")
     _check(
