@@ -87,6 +87,7 @@ clean:
 # make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
 #                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+# API=convert (submit/status/logs/delete): the spec's dataset-conversion batch/v1 Job, JOB-convert (JOB: the spec)
 # submit with a Kueue queue waits QUEUE_WAIT seconds (default 15) for Kueue's Workload; none: exit 2 with the fix
 # API=trainjob (render/submit/status/logs/delete): a Kubeflow Trainer v2 TrainJob instead of a PyTorchJob
 # The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
