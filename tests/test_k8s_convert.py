@@ -163,3 +163,34 @@ def test_a_spec_without_a_convert_section_stops_before_the_cluster(serve, capsys
     assert main(SUBMIT) == 2
     assert "has no convert section" in _one_line_error(capsys)
     assert fake.requests == []
+
+
+def test_make_names_the_kind_with_api_or_part_convert():
+    import os
+    import subprocess
+
+    from tests.test_k8s import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GNP_IMAGE", "IMAGE", "MAKEFLAGS", "API", "PART")}
+    for extra in ("API=convert", "PART=convert"):
+        for target, want in (
+            ("submit", "--spec api=convert"),
+            ("status", "--api convert"),
+            ("delete", "--api convert"),
+        ):
+            p = subprocess.run(
+                ["make", "-n", target, f"JOB={JOB}", "IMAGE=reg.test/x:1", extra],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env=env,
+                timeout=60,
+            )
+            assert p.returncode == 0 and want in p.stdout, (target, extra, p.stdout, p.stderr)
+    p = subprocess.run(["make", "-n", "status", f"JOB={JOB}"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert "--api" not in p.stdout  # the default kind
+
+
+def test_render_all_of_the_convert_kind_has_the_job_once(capsys):
+    assert main(["render", JOB, "--image", TEST_IMAGE, "--spec", "api=convert", "--part", "all"]) == 0
+    assert capsys.readouterr().out.count("\nkind: Job\n") == 1
