@@ -87,6 +87,8 @@ clean:
 # make render|submit JOB=<spec in k8s/jobs> [IMAGE=... NAMESPACE=... NAME=... SET="k=v k=v" SPEC="k=v k=v"
 #                     PART=job|convert|monitoring|all]
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
+# API=convert (submit/status/logs/delete; PART=convert says the same): the spec's dataset-conversion batch/v1
+#   Job, named JOB-convert (JOB: the spec)
 # submit with a Kueue queue waits QUEUE_WAIT seconds (default 15) for Kueue's Workload; none: exit 2 with the fix
 # API=trainjob (render/submit/status/logs/delete): a Kubeflow Trainer v2 TrainJob instead of a PyTorchJob
 # The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
@@ -110,8 +112,10 @@ K8S_PY := $(K8S_VENV)/bin/python
 K8S = $(K8S_PY) k8s/render.py
 K8S_NS = $(if $(NAMESPACE),--namespace $(NAMESPACE))
 K8S_OPTS = $(if $(IMAGE),--image $(IMAGE)) $(K8S_NS) $(if $(NAME),--name $(NAME)) $(foreach s,$(SET),--set $(s)) \
-    $(foreach s,$(SPEC),--spec $(s)) $(if $(API),--spec api=$(API))
-K8S_API = $(if $(API),--api $(API))
+    $(foreach s,$(SPEC),--spec $(s)) $(if $(KIND_API),--spec api=$(KIND_API))
+# the job kind: API=, or PART=convert (the conversion Job's part of render) for submit/status/logs/delete too
+KIND_API = $(or $(API),$(if $(filter convert,$(PART)),convert))
+K8S_API = $(if $(KIND_API),--api $(KIND_API))
 NEED_JOB = @test -n "$(JOB)" || { echo "make $@: JOB is required, e.g. JOB=resnet-imagenet (make jobs lists the specs)" >&2; exit 2; }
 NEED_IMAGE = @test -n "$(IMAGE)" || { echo "make $@: no image named: IMAGE=<registry>/gnp-trainer:<tag> (or export GNP_IMAGE=... once)" >&2; exit 2; }
 

@@ -2,8 +2,9 @@
 
 - every registered kind has the protocol's constants and its five operations (render, submit, status, logs,
   delete) plus build, rank0_pod and follow_up, and renders every job spec into objects that validate strictly
-  against their CRDs (tests/data/crds/<group>_<plural>.yaml): a new kind is checked by adding its module, its
-  KINDS line and its CRD file;
+  against their CRDs (tests/data/crds/<group>_<plural>.yaml), a built-in kind (the conversion Job, batch/v1)
+  with `kubernetes-validate --strict`: a new kind is checked by adding its module, its KINDS line and, for a
+  custom resource, its CRD file;
 - the CLI and `make status|logs|delete` reach a kind only through the registry (--api offers exactly KINDS);
 - no function in k8s/ is longer than 100 lines.
 The package's import graph is checked with trainer/'s in tests/test_train.py (test_no_import_cycles).
@@ -28,9 +29,25 @@ FUNCTIONS = (*kinds.OPERATIONS, "build", "rank0_pod", "follow_up")
 MAX_FUNCTION_LINES = 100
 
 
+BUILTIN_GROUPS = {"v1", "apps", "batch", "rbac.authorization.k8s.io"}  # what kubernetes-validate knows
+
+
 def _crd(obj: dict) -> Path:
     group = obj["apiVersion"].split("/")[0]
     return CRDS / f"{group}_{obj['kind'].lower()}s.yaml"
+
+
+def _errors(obj: dict) -> list:
+    """Strict validation errors of one object: its CRD's schema, or kubernetes-validate for a built-in kind."""
+    if obj["apiVersion"].split("/")[0] in BUILTIN_GROUPS:
+        kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate==1.37.0 into .venv")
+        try:
+            kv.validate(obj, "1.37", strict=True)
+        except kv.ValidationError as e:
+            return [str(e)]
+        return []
+    assert _crd(obj).is_file(), f"no CRD for {obj['kind']}: add {_crd(obj).name} to tests/data/crds"
+    return cr_errors(obj, crd_schema(_crd(obj), obj["apiVersion"]))
 
 
 def test_the_protocol_names_what_the_test_checks():
@@ -61,17 +78,17 @@ def test_every_kind_renders_every_job_valid_against_its_crd(name, job, capsys):
     assert objects[-1] == kind.build(spec) and objects[-1]["kind"] == kind.KIND
     assert objects[-1]["apiVersion"] == f"{kind.GROUP}/{kind.VERSION}"
     for obj in objects:
-        assert _crd(obj).is_file(), f"no CRD for {obj['kind']}: add {_crd(obj).name} to tests/data/crds"
-        assert cr_errors(obj, crd_schema(_crd(obj), obj["apiVersion"])) == [], (job, obj["kind"])
+        assert _errors(obj) == [], (job, obj["kind"])
     assert isinstance(kind.rank0_pod(objects[-1]), str) and job in kind.rank0_pod(objects[-1])
     assert f"make status JOB={job}" in kind.follow_up(job, "gnp")
     capsys.readouterr()  # an elastic job's TrainJob notice
 
 
 def test_an_unknown_kind_is_a_user_error():
-    with pytest.raises(kinds.UserError, match=r"^unknown job kind 'nope'; known: pytorchjob, trainjob$"):
+    with pytest.raises(kinds.UserError, match=r"^unknown job kind 'nope'; known: pytorchjob, trainjob, convert$"):
         kinds.get("nope")
-    with pytest.raises(kinds.UserError, match=r"^k8s/jobs/x.yaml: api: expected one of pytorchjob, trainjob, got"):
+    known = "pytorchjob, trainjob, convert"
+    with pytest.raises(kinds.UserError, match=rf"^k8s/jobs/x.yaml: api: expected one of {known}, got"):
         kinds.get("nope", "k8s/jobs/x.yaml")
     for command in ("render", "submit"):  # submit: before any cluster call (no kubeconfig needed)
         assert cli.main([command, "resnet-cifar", "--spec", "api=nope"]) == 2

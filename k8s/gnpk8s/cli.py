@@ -8,6 +8,12 @@
     python k8s/render.py delete NAME [-n NS]           delete the PyTorchJob (its pods go with it); with
                                                        --api trainjob the TrainJob and its TrainingRuntime
 
+The job kind: the spec key `api` for render/submit (`--spec api=KIND`), `--api KIND` for status/logs/delete
+(make: API=KIND for all of them): pytorchjob (default), trainjob, or convert, the spec's dataset-conversion
+batch/v1 Job: `submit JOB --spec api=convert` creates NAME-convert (with the spec's Kueue queue label), and
+`status|logs|delete NAME --api convert` show its conditions, pods and exit status, print its pod's log and
+delete it with its pods (NAME is still the job's name).
+
 JOB is a spec name (k8s/jobs/JOB.yaml) or a path to a spec file; NAME is a submitted PyTorchJob's name (the
 spec name unless `--name` chose another). Options of render/submit: `--set k=v` (trainer override, repeatable),
 `--spec key=value` (job spec override, e.g. nodes=4), `--image` (else the spec's `image`, else $GNP_IMAGE;
@@ -88,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         "TrainingRuntime (namespaced); convert: the dataset-conversion Job; monitoring: PodMonitor + "
         "dashboard ConfigMap (rendered from k8s/monitoring/dashboard.json); all: every one of them",
     )
-    s = sub.add_parser("submit", help="render and create the PyTorchJob")
+    s = sub.add_parser("submit", help="render and create the job (the spec's api: PyTorchJob, TrainJob, convert Job)")
     job_args(s)
     s.add_argument("--context", help="kubeconfig context")
     s.add_argument(
@@ -101,13 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     for cmd, text in (
         ("status", "job conditions and pods"),
         ("logs", "follow the rank-0 log"),
-        ("delete", "delete the PyTorchJob"),
+        ("delete", "delete the job (and its pods)"),
     ):
         c = sub.add_parser(cmd, help=text)
-        c.add_argument("name", metavar="NAME", help="PyTorchJob name")
+        c.add_argument("name", metavar="NAME", help="job name (the spec name); --api convert: its NAME-convert Job")
         c.add_argument("-n", "--namespace")
         c.add_argument("--context", help="kubeconfig context")
-        c.add_argument("--api", choices=list(kinds.KINDS), default="pytorchjob", help="the job's kind")
+        c.add_argument(
+            "--api",
+            choices=list(kinds.KINDS),
+            default="pytorchjob",
+            help="the job's kind (convert: the dataset-conversion Job)",
+        )
         if cmd == "logs":
             c.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
             c.add_argument("--wait", type=float, default=300, help="seconds to wait for the pod to start")
@@ -148,13 +159,18 @@ def _run(args: argparse.Namespace) -> int:
         cluster = kube.connect(job.namespace, args.context)
         if args.queue_wait is not None and args.queue_wait < 0:
             raise UserError(f"--queue-wait {args.queue_wait:g}: expected seconds >= 0")
-        kinds.submit(job, cluster, wait_s=args.queue_wait)
+        created = kinds.submit(job, cluster, wait_s=args.queue_wait)
+        md = created.get("metadata", {})
         shape = (
             f"{job.nodes} pod(s), elastic {job.elastic[0]}-{job.elastic[1]}" if job.elastic else f"{job.nodes} pod(s)"
         )
+        if md.get("labels", {}).get("app.kubernetes.io/component", "training") != "training":
+            shape = md["labels"]["app.kubernetes.io/component"]  # e.g. the dataset-conversion Job: no GPU shape
+        else:
+            shape = f"{shape} x {job.nproc} process(es)"
         print(
-            f"submitted {job.api} {job.namespace}/{job.name}: recipe {job.recipe}, {shape} x {job.nproc} "
-            f"process(es), image {job.image}"
+            f"submitted {job.api} {job.namespace}/{md.get('name', job.name)}: recipe {job.recipe}, {shape}, "
+            f"image {job.image}"
         )
         print("follow it with:\n" + kind.follow_up(job.name, job.namespace))
         return 0

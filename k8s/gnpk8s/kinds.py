@@ -1,13 +1,15 @@
 """The job kinds: one module per kind, the protocol each one implements, and the registry KINDS.
 
-A kind is a module (pytorchjob.py, trainjob.py) with the five operations of JobKind below (render, submit,
+A kind is a module (pytorchjob.py, trainjob.py, convert.py) with the five operations of JobKind below (render, submit,
 status, logs, delete) plus `build` (the job object), `rank0_pod` and `follow_up`, and the constants that name
 its API. Adding a kind is one module and one line in KINDS: render, submit, status, logs and delete (the CLI,
 the make targets) and the Kueue check find it here, and tests/test_k8s_kinds.py checks every registered kind
-against its CRD. The spec key `api` (and the CLI's --api) names the kind.
+against its CRD (a built-in kind such as batch/v1 with kubernetes-validate --strict). The spec key `api` (and
+the CLI's --api, make's API=) names the kind.
 
-The dataset-conversion Job (convert.py) is not a kind: it is one more part of `render` (`--part convert`),
-applied with kubectl rather than submitted.
+The dataset-conversion Job (convert.py, kind `convert`) is a kind too: `make submit|status|logs|delete JOB=<spec>
+API=convert` (its NAME is the training job's, the Job is NAME-convert); `render --part convert` still prints
+it whatever the spec's api, for kubectl.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from types import ModuleType
 from typing import Any, Protocol, cast
 
-from . import kueue, pytorchjob, trainjob
+from . import convert, kueue, pytorchjob, trainjob
 from .cluster import Cluster
 from .errors import UserError
 from .spec import JobSpec
@@ -59,7 +61,7 @@ class JobKind(Protocol):
         """The commands to watch a submitted job."""
 
 
-KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob}
+KINDS: dict[str, ModuleType] = {"pytorchjob": pytorchjob, "trainjob": trainjob, "convert": convert}
 OPERATIONS = ("render", "submit", "status", "logs", "delete")
 
 

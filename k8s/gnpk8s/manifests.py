@@ -49,10 +49,8 @@ def render(spec: JobSpec, part: str = "job", kind: str | None = None) -> str:
     elif part == "job":
         docs.append(jk.build(spec))
     if part in ("convert", "all"):
-        cj = convert.build(spec)
-        if cj is None and part == "convert":
-            raise UserError(f"job {spec.name!r} has no convert section (its dataset is prepared elsewhere)")
-        if cj is not None:
+        cj = convert.build(spec) if part == "convert" else convert.conversion_job(spec)
+        if cj is not None and cj not in docs:  # (with api=convert, `all` has it already)
             docs.append(cj)
     if part in ("monitoring", "all"):
         docs += monitoring.monitoring_texts(spec.namespace)

@@ -75,7 +75,7 @@ set                         extra trainer overrides (section.key=value)         
 convert.dataset/source/source_s3/args/resources   the dataset-conversion Job                 -
 name / namespace / description / gpu_resource / image_pull_policy / image_pull_secrets        -
 alerts.<threshold>          this job's alert thresholds (ALERT_DEFAULTS; k8s/monitoring/README.md) -
-api                         pytorchjob (training operator v1.9) or trainjob (Trainer v2.3)    pytorchjob
+api                         pytorchjob (operator v1.9), trainjob (Trainer v2.3), convert      pytorchjob
 """
 
 SPEC_KEYS = {
@@ -418,7 +418,7 @@ class JobSpec:
     convert: Convert | None
     alerts: dict | None = None  # alert thresholds when the spec sets `alerts:` (its own PrometheusRule)
     description: str = ""
-    api: str = "pytorchjob"  # the job kind, a key of kinds.KINDS: pytorchjob (kubeflow.org/v1) or trainjob
+    api: str = "pytorchjob"  # the job kind, a key of kinds.KINDS: pytorchjob (kubeflow.org/v1), trainjob or convert
     where: str = ""  # the spec file, for messages about it
 
     @property

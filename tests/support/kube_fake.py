@@ -13,6 +13,8 @@ expects (JSON bodies, `Status` objects for errors) for:
   GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
   GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
   GET    /apis/kueue.x-k8s.io/v1beta1/namespaces/NS/{localqueues,workloads}   with `kueue=FakeKueue(...)`
+  GET/POST/DELETE /apis/batch/v1/namespaces/NS/jobs[/NAME]             batch/v1 Jobs and their pod
+                                                                       (tests/support/kube_fake_batch.py)
                                                                        (tests/support/kube_fake_kueue.py), else 404
 
 Like the training operator, a created job gets a `Created` condition and one Running pod per replica
@@ -35,6 +37,7 @@ from urllib.parse import parse_qs, urlparse
 GROUP_PATH = "/apis/kubeflow.org/v1"
 KUEUE_PATH = "/apis/kueue.x-k8s.io/"
 TRAINER_PATH = "/apis/trainer.kubeflow.org/"  # Kubeflow Trainer v2: served by tests/support/kube_fake_trainer.py
+BATCH_PATH = "/apis/batch/v1"  # batch/v1 Jobs: served by tests/support/kube_fake_batch.py
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
 SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?$")
@@ -254,6 +257,10 @@ class FakeKube:
             from tests.support.kube_fake_trainer import dispatch
 
             return dispatch(self, method, path, body)
+        if path == BATCH_PATH or path.startswith(BATCH_PATH + "/"):
+            from tests.support import kube_fake_batch
+
+            return kube_fake_batch.dispatch(self, method, path, query, body)
         if path.startswith(GROUP_PATH) and not self.crd_installed:
             return 404, _status(404, "NotFound", "the server could not find the requested resource")
         if path == GROUP_PATH and method == "GET":
