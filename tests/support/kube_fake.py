@@ -10,7 +10,9 @@ expects (JSON bodies, `Status` objects for errors) for:
   GET    /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs[/NAME]        list / get (404 NotFound)
   DELETE /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME          delete (and the job's pods)
   GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
-  GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
+  GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text (&tailLines=N,
+                                                                       &previous=true: `previous_logs`; 400
+                                                                       while the pod is Pending)
   GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
   GET    /apis/kueue.x-k8s.io/v1beta1/namespaces/NS/{localqueues,workloads}   with `kueue=FakeKueue(...)`
                                                                        (tests/support/kube_fake_kueue.py), else 404
@@ -86,6 +88,7 @@ class FakeKube:
         self.jobs: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.logs: dict[tuple[str, str], str] = {}
+        self.previous_logs: dict[tuple[str, str], str] = {}  # the previous container's log (?previous=true)
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -351,5 +354,81 @@ class FakeKube:
         if (ns, name) not in self.pods:
             return 404, _status(404, "NotFound", f'pods "{name}" not found')
         if log:
-            return 200, self.logs.get((ns, name), "")
+            return self._log(ns, name, query)
         return 200, self.pods[(ns, name)]
+
+    def _log(self, ns: str, name: str, query: dict) -> tuple[int, dict | str]:
+        """A pod's log as the kubelet serves it: 400 while its container waits to start; previous=true the
+        previous container's (`previous_logs`; 400 when there is none); tailLines the last N lines."""
+        pod = self.pods[(ns, name)]
+        container = (query.get("container") or [""])[0]
+        if (query.get("previous") or [""])[0] == "true":
+            if (ns, name) not in self.previous_logs:
+                return 400, _status(
+                    400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found'
+                )
+            text = self.previous_logs[(ns, name)]
+        else:
+            if pod["status"].get("phase") == "Pending":
+                return 400, _status(
+                    400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating'
+                )
+            text = self.logs.get((ns, name), "")
+        tail = (query.get("tailLines") or [""])[0]
+        if tail:
+            text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+        return 200, text
+
+
+# -- what the kubelet, the scheduler and a crashing trainer do to a pod (for tests of make status/logs) --------
+
+
+def pod_unschedulable(pod: dict, message: str) -> None:
+    """The scheduler found no node: Pending with PodScheduled False, reason Unschedulable."""
+    pod["spec"].pop("nodeName", None)
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": message,
+                "lastTransitionTime": _now(),
+            }
+        ],
+    }
+
+
+def pod_waiting(pod: dict, reason: str, message: str) -> None:
+    """Scheduled, its containers waiting (ErrImagePull, ImagePullBackOff, ...)."""
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}],
+        "containerStatuses": [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}},
+            }
+            for c in pod["spec"]["containers"]
+        ],
+    }
+
+
+def pod_terminated(pod: dict, exit_code: int, finished_at: str, previous: bool = False, restarts: int = 0) -> None:
+    """The trainer container exited with `exit_code`: the pod Failed (previous=False) or, with previous=True,
+    Running again with that exit as its lastState and `restarts` container restarts."""
+    term = {
+        "terminated": {"exitCode": exit_code, "reason": "Error", "startedAt": finished_at, "finishedAt": finished_at}
+    }
+    for cs in pod["status"]["containerStatuses"]:
+        if previous:
+            cs.update({"lastState": term, "restartCount": restarts})
+        else:
+            cs.update({"state": term, "ready": False})
+    if not previous:
+        pod["status"]["phase"] = "Failed"
