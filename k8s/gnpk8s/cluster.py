@@ -287,10 +287,12 @@ FAILURE_TAIL_LINES = 5  # the log lines shown under the last failure
 
 def pod_state(pods: list) -> str | None:
     """`Pending (k of n pods pending, m running)` | `Running (m/n pods running)` from the pods' phases (finished
-    pods left out); None when no pod is live (the job's conditions then say it)."""
+    pods left out); `Restarting (...)` when every pod failed (job_state asks only for a job not finished: its
+    controller recreates them); None when there is no pod (the job's conditions then say it)."""
     live = [p for p in pods if (p.status.phase or "Pending") not in ("Succeeded", "Failed")]
+    failed = sum(1 for p in pods if p.status.phase == "Failed")
     if not live:
-        return None
+        return f"Restarting ({failed} pod(s) failed, none running: new pods come)" if failed else None
     running = sum(1 for p in live if p.status.phase == "Running")
     pending = len(live) - running
     if pending:
