@@ -267,8 +267,8 @@ def follow_up(name: str, namespace: str) -> str:
     nsarg = f" NAMESPACE={namespace}"
     return "\n".join(
         [
-            f"  make status JOB={name}{nsarg}     # conditions, replicas, pods",
-            f"  make logs JOB={name}{nsarg}       # follow rank 0 ({pod}, container {CONTAINER})",
+            f"  make status JOB={name}{nsarg}     # state, Kueue, pods, progress, last failure (WATCH=1)",
+            f"  make logs JOB={name}{nsarg}       # rank 0's log; FOLLOW=1 streams it ({pod}, container {CONTAINER})",
             f"  make delete JOB={name}{nsarg}",
             f"  kubectl -n {namespace} get pytorchjob {name} -w",
             f"  kubectl -n {namespace} wait --for=condition=Succeeded pytorchjob/{name} --timeout=168h",

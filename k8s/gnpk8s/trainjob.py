@@ -543,8 +543,8 @@ def follow_up(name: str, namespace: str) -> str:
     sel = rank0_selector(name)
     return "\n".join(
         [
-            f"  make status JOB={name} API=trainjob NAMESPACE={namespace}   # conditions, jobs, pods",
-            f"  make logs JOB={name} API=trainjob NAMESPACE={namespace}     # follow node 0 (container {CONTAINER})",
+            f"  make status JOB={name} API=trainjob NAMESPACE={namespace}   # state, Kueue, progress, failure",
+            f"  make logs JOB={name} API=trainjob NAMESPACE={namespace}     # node 0 ({CONTAINER}); FOLLOW=1 streams",
             f"  make delete JOB={name} API=trainjob NAMESPACE={namespace}",
             f"  kubectl -n {namespace} get trainjob {name} -w",
             f"  kubectl -n {namespace} logs -f -l {sel} -c {CONTAINER}",
