@@ -312,3 +312,22 @@ def test_logs_rank_and_previous(fake, capsys, api):
     assert main(["logs", "resnet-cifar", "--api", api, "--rank", "1", "--previous"]) == 0
     assert capsys.readouterr().out == "before the restart\nRuntimeError: NCCL timeout\n"
     assert any(m == "GET" and f"/pods/{name}/log?" in p and "previous=true" in p for m, p in fake.requests)
+
+
+def test_make_passes_watch_follow_rank_previous_wait():
+    """make status WATCH=1 / WATCH=S and make logs FOLLOW=1 RANK= PREVIOUS=1 WAIT= reach the CLI (make -n)."""
+    import subprocess
+
+    from tests.test_k8s import ROOT
+
+    def line(*args: str) -> str:
+        p = subprocess.run(["make", "-n", *args, "JOB=resnet-cifar"], cwd=ROOT, capture_output=True, text=True)
+        return " ".join(" ".join(x for x in p.stdout.splitlines() if x.strip() != "\\").replace("\\", " ").split())
+
+    assert line("status").endswith("k8s/render.py status resnet-cifar")
+    assert line("status", "WATCH=1").endswith("status resnet-cifar --watch 5")
+    assert line("status", "WATCH=30").endswith("status resnet-cifar --watch 30")
+    assert line("logs").endswith("k8s/render.py logs resnet-cifar")
+    assert line("logs", "FOLLOW=1", "RANK=2", "PREVIOUS=1", "WAIT=30").endswith(
+        "logs resnet-cifar --follow --rank 2 --previous --wait 30"
+    )

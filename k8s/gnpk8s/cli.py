@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         help="with a Kueue queue: how long to wait for Kueue's Workload before stopping with the fix (default 15)",
     )
     for cmd, text in (
-        ("status", "job conditions and pods"),
-        ("logs", "follow the rank-0 log"),
+        ("status", "state, Kueue, waiting pods, progress, restarts, last failure, pods"),
+        ("logs", "the rank-0 (--rank) log, --follow to stream it"),
         ("delete", "delete the PyTorchJob"),
     ):
         c = sub.add_parser(cmd, help=text)
