@@ -34,7 +34,7 @@ QUOTA = (
     "previously considered podsets requests (0) + current podset request (8) > maximum capacity (4)"
 )
 RESTARTS = {
-    "pytorchjob": "container restarts of the current pods",
+    "pytorchjob": "pods recreated, from the last hour's events, + container restarts",
     "trainjob": "JobSet restart attempt of the pods + container restarts",
 }
 PROGRESS = (
@@ -184,10 +184,14 @@ def test_crash_loop_shows_restarts_and_the_last_failure(fake, capsys, api):
     (pod,) = _pods(fake, "resnet-cifar")
     name = pod["metadata"]["name"]
     if api == "pytorchjob":
-        # ExitCode policy: the pod failed with a retried status; the operator has not replaced it yet
+        # ExitCode policy: the pod failed with a retried status twice, the operator replaced it each time (same
+        # name, restartCount 0); now it failed a third time and is not replaced yet
+        for _ in range(2):
+            pod_terminated(pod, 201, T_1H)
+            fake.recreate_pod("gnp", name)
         pod_terminated(pod, 201, T_1H)
         fake.logs[("gnp", name)] = "log line\n" * 10 + CRASH_LOG
-        failure, restarts, state = f"{name} exit 201 (Error, 1h ago)", "0", "Restarting (1 pod(s) failed"
+        failure, restarts, state = f"{name} exit 201 (Error, 1h ago)", "2", "Restarting (1 pod(s) failed"
     else:
         # the JobSet's third attempt, whose container crashed once already (the previous container's log)
         pod["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"] = "2"
@@ -230,7 +234,7 @@ def test_finished_jobs(fake, capsys):
     assert out[0].startswith("pytorchjob gnp/resnet-cifar: Succeeded   (recipe resnet-cifar")
     assert out[1:3] == [
         "progress: 100% (step 1000/1000), ETA 0m00s, loss 0.2   (resnet-cifar-worker-0 log)",
-        "restarts: 0 (container restarts of the current pods)",
+        f"restarts: 0 ({RESTARTS['pytorchjob']})",
     ]
     assert out[3] == "conditions:" and "replicas Worker: active 0, succeeded 1, failed 0" in out
 

@@ -501,3 +501,28 @@ def stream_when_ready(
         if time.monotonic() >= deadline:
             raise UserError(f"{what}: no {src} log after {wait_s:g} s ({why}); see {hint}")
         time.sleep(min(LOG_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def pod_recreations(cluster: Cluster, kind: str, name: str) -> int | None:
+    """How many times the job's controller recreated its most recreated pod, from its `SuccessfulCreatePod`
+    events (`Created pod: NAME`, aggregated into `count`); None when events cannot be read. Events expire
+    (the API server's --event-ttl, 1 h by default): older recreations are not counted."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        events = api_call(
+            cluster,
+            "list events",
+            cluster.core.list_namespaced_event,
+            cluster.namespace,
+            field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+            passthrough=(403, 404),
+        ).items
+    except ApiException:
+        return None
+    per_pod: dict[str, int] = {}
+    for ev in events:
+        if ev.reason == "SuccessfulCreatePod" and (ev.message or "").startswith("Created pod: "):
+            pod = ev.message.split(": ", 1)[1].strip()
+            per_pod[pod] = per_pod.get(pod, 0) + (ev.count or 1)
+    return max((n - 1 for n in per_pod.values()), default=0)

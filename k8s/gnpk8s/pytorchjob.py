@@ -190,9 +190,16 @@ def status(cluster: kube.Cluster, name: str) -> str:
     prog = kube.log_progress(cluster, rank0, CONTAINER) if live0 else None
     if prog:
         lines.append(kube.progress_line(prog, f"{rank0} log"))
-    # The operator recreates a pod that exits with a retried status (ExitCode policy): the API keeps no count of
-    # the pods it replaced, so this counts container restarts of the pods there are now.
-    lines.append(f"restarts: {kube.restart_count(pods, CONTAINER)} (container restarts of the current pods)")
+    # The operator replaces a pod that exits with a retried status (ExitCode policy) by a new one of the same
+    # name, restartCount 0: its SuccessfulCreatePod events count them (while the events last, 1 h by default).
+    restarts = kube.restart_count(pods, CONTAINER)
+    recreated = kube.pod_recreations(cluster, KIND, name)
+    if recreated is None:
+        lines.append(f"restarts: {restarts} (container restarts; events unreadable: recreated pods not counted)")
+    else:
+        lines.append(
+            f"restarts: {restarts + recreated} (pods recreated, from the last hour's events, + container restarts)"
+        )
     lines += kube.last_failure(cluster, pods, CONTAINER)
     lines += kube.condition_lines(conds)
     for rtype, rs in (st.get("replicaStatuses") or {}).items():
