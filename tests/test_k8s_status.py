@@ -100,7 +100,7 @@ def test_queued_shows_the_workloads_reason(fake, capsys, api):
     }
     out = _status(fake, capsys, api, "resnet-cifar")
     wl_name = wl["metadata"]["name"]
-    assert out[0].startswith(f"{api} gnp/resnet-cifar: Suspended (not admitted yet: no pods)   (recipe resnet-cifar")
+    assert out[0].startswith(f"{api} gnp/resnet-cifar: Suspended (not admitted by Kueue, or evicted)   (recipe")
     assert out[0].endswith("created 2h ago)")
     assert out[1] == (f"kueue: not admitted (workload {wl_name}, queue team-a): QuotaReserved=False Pending: {QUOTA}")
     assert out[-2:] == ["pods:", "  (none)"]

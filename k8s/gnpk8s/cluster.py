@@ -306,7 +306,7 @@ def job_state(conds: list[dict], pods: list, terminal: tuple[str, ...], otherwis
     if done:
         return done
     if any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conds):
-        return "Suspended (not admitted yet: no pods)"
+        return "Suspended (not admitted by Kueue, or evicted)"
     return pod_state(pods) or state_of(conds, otherwise)
 
 
