@@ -89,6 +89,8 @@ clean:
 # make status|logs|delete JOB=<pytorchjob name> [NAMESPACE=...]
 # API=convert (submit/status/logs/delete; PART=convert says the same): the spec's dataset-conversion batch/v1
 #   Job, named JOB-convert (JOB: the spec)
+# make status WATCH=1 (refresh every 5 s; WATCH=SECONDS for another period; Ctrl-C stops)
+# make logs [FOLLOW=1: stream] [RANK=n: that worker/node] [PREVIOUS=1: the previous container] [WAIT=120 s]
 # submit with a Kueue queue waits QUEUE_WAIT seconds (default 15) for Kueue's Workload; none: exit 2 with the fix
 # API=trainjob (render/submit/status/logs/delete): a Kubeflow Trainer v2 TrainJob instead of a PyTorchJob
 # The image: IMAGE=..., else the spec's `image:`, else GNP_IMAGE from the environment (export it once); with
@@ -103,6 +105,11 @@ API ?=
 PART ?= job
 BASE_IMAGE ?=
 QUEUE_WAIT ?=
+WATCH ?=
+FOLLOW ?=
+RANK ?=
+PREVIOUS ?=
+WAIT ?=
 # The light client: jobs/render/submit/status/logs/delete need only the kubernetes client and PyYAML, in their own
 # small venv (python3 >= 3.10 with venv; no torch, no apt, no root), so they run from a laptop.
 # It holds the project itself without its dependencies (pip install --no-deps -e .: gnpk8s, trainer's config
@@ -141,11 +148,12 @@ submit: $(K8S_PY)
 
 status: $(K8S_PY)
 	$(NEED_JOB)
-	@$(K8S) status $(JOB) $(K8S_NS) $(K8S_API)
+	@$(K8S) status $(JOB) $(K8S_NS) $(K8S_API) $(if $(WATCH),--watch $(if $(filter 1,$(WATCH)),5,$(WATCH)))
 
 logs: $(K8S_PY)
 	$(NEED_JOB)
-	@$(K8S) logs $(JOB) $(K8S_NS) $(K8S_API)
+	@$(K8S) logs $(JOB) $(K8S_NS) $(K8S_API) $(if $(FOLLOW),--follow) $(if $(RANK),--rank $(RANK)) \
+	    $(if $(PREVIOUS),--previous) $(if $(WAIT),--wait $(WAIT))
 
 delete: $(K8S_PY)
 	$(NEED_JOB)

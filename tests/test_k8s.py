@@ -417,7 +417,7 @@ def test_submit_status_logs_delete(fake, capsys):
     assert "wideresnet-ss-cifar: Running" in out and "PyTorchJobCreated" in out
     assert "wideresnet-ss-cifar-worker-0" in out and "wideresnet-ss-cifar-worker-1" in out
 
-    assert _main("logs", "wideresnet-ss-cifar") == 0
+    assert _main("logs", "wideresnet-ss-cifar", "--follow") == 0
     assert capsys.readouterr().out == "log of wideresnet-ss-cifar-worker-0\nstep 1 loss 2.30\n"
     assert (
         "GET",

@@ -352,6 +352,13 @@ def test_rbac_example_grants_every_call_the_tool_makes(serve, capsys):
         assert main(["status", "resnet-cifar", "--api", api]) == 0
         main(["logs", "resnet-cifar", "--api", api, "--wait", "0"])
         assert main(["delete", "resnet-cifar", "--api", api]) == 0
+    fake.kueue.local_queues = {}  # unqueued jobs run at once: logs and status read their pods' logs
+    for api in ("pytorchjob", "trainjob"):
+        assert main(["submit", "fashion-mnist-demo", "--spec", f"api={api}"]) == 0
+        assert main(["status", "fashion-mnist-demo", "--api", api]) == 0
+        assert main(["logs", "fashion-mnist-demo", "--api", api, "--wait", "0"]) == 0
+        assert main(["logs", "fashion-mnist-demo", "--api", api, "--wait", "0", "--previous"]) == 2
+        assert main(["delete", "fashion-mnist-demo", "--api", api]) == 0
     _, rules = _role()
     verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
     checked = set()

@@ -3,8 +3,9 @@
     python k8s/render.py jobs                          list the job specs in k8s/jobs/
     python k8s/render.py render JOB [options]          print the manifest (no cluster needed)
     python k8s/render.py submit JOB [options]          render, then create it with the kubernetes client
-    python k8s/render.py status NAME [-n NS]           job conditions, replica counts and pods
-    python k8s/render.py logs NAME [-n NS]             follow the rank-0 pod's `pytorch` container
+    python k8s/render.py status NAME [-n NS] [--watch S]  state, Kueue, waiting pods, progress, last failure
+    python k8s/render.py logs NAME [-n NS] [--follow] [--rank R] [--previous] [--wait S]
+                                                       the rank-0 (or rank R) pod's trainer container log
     python k8s/render.py delete NAME [-n NS]           delete the PyTorchJob (its pods go with it); with
                                                        --api trainjob the TrainJob and its TrainingRuntime
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import cluster as kube
 from . import kinds
@@ -105,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         help="with a Kueue queue: how long to wait for Kueue's Workload before stopping with the fix (default 15)",
     )
     for cmd, text in (
-        ("status", "job conditions and pods"),
-        ("logs", "follow the rank-0 log"),
+        ("status", "state, Kueue, waiting pods, progress, restarts, last failure, pods"),
+        ("logs", "the rank-0 (--rank) log, --follow to stream it"),
         ("delete", "delete the job (and its pods)"),
     ):
         c = sub.add_parser(cmd, help=text)
@@ -120,8 +122,16 @@ def _parser() -> argparse.ArgumentParser:
             help="the job's kind (convert: the dataset-conversion Job)",
         )
         if cmd == "logs":
-            c.add_argument("--no-follow", action="store_true", help="print the log so far and exit")
-            c.add_argument("--wait", type=float, default=300, help="seconds to wait for the pod to start")
+            c.add_argument("--no-follow", action="store_true", help="print the log so far and exit (the default)")
+            c.add_argument("--follow", "-f", action="store_true", help="stream the log (make logs FOLLOW=1)")
+            c.add_argument(
+                "--wait", type=float, default=kube.LOG_WAIT_S, help="seconds to wait for the pod (default 120)"
+            )
+            c.add_argument("--rank", type=int, default=None, help="worker / node rank whose pod to read (default 0)")
+            c.add_argument("--previous", action="store_true", help="the previous container's log (make PREVIOUS=1)")
+        if cmd == "status":
+            c.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
+            c.add_argument("--watch-count", type=int, default=None, metavar="N", help="stop after N reports")
     return p
 
 
@@ -178,9 +188,32 @@ def _run(args: argparse.Namespace) -> int:
     cluster = kube.connect(args.namespace, args.context)
     kind = kinds.get(args.api)
     if args.command == "status":
-        print(kind.status(cluster, args.name))
+        if args.watch is None:
+            print(kind.status(cluster, args.name))
+            return 0
+        if args.watch <= 0:
+            raise UserError(f"--watch {args.watch:g}: expected seconds > 0")
+        n = 0
+        while True:  # Ctrl-C ends it (main: status 130)
+            report = kind.status(cluster, args.name)
+            if sys.stdout.isatty():
+                sys.stdout.write("\033[H\033[2J")
+            print(f"{report}\n(every {args.watch:g} s; Ctrl-C stops)", flush=True)
+            n += 1
+            if args.watch_count is not None and n >= args.watch_count:
+                return 0
+            time.sleep(args.watch)
     elif args.command == "logs":
-        kind.logs(cluster, args.name, follow=not args.no_follow, wait_s=args.wait)
+        if args.wait < 0:
+            raise UserError(f"--wait {args.wait:g}: expected seconds >= 0")
+        kind.logs(
+            cluster,
+            args.name,
+            follow=args.follow and not args.no_follow,
+            wait_s=args.wait,
+            rank=args.rank,
+            previous=args.previous,
+        )
     elif args.command == "delete":
         kind.delete(cluster, args.name)
         print(f"deleted {args.api} {cluster.namespace}/{args.name} (its pods and services are garbage-collected)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -273,3 +274,255 @@ def delete_custom(cluster: Cluster, group: str, version: str, plural: str, name:
         if e.status == 404:
             raise UserError(f"{kind} {name!r} not found in namespace {cluster.namespace!r}") from None
         raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# What `make status` and `make logs` read from pods, shared by every kind: the state the pods are in, why a
+# pending pod waits, the trainer's progress line, restarts and the last failure.
+
+WAIT_REASONS_IGNORED = ("ContainerCreating", "PodInitializing")
+LOG_TAIL_LINES = 200  # how much of rank 0's log status reads to find the last `progress` line
+FAILURE_TAIL_LINES = 5  # the log lines shown under the last failure
+
+
+def pod_state(pods: list) -> str | None:
+    """`Pending (k of n pods pending, m running)` | `Running (m/n pods running)` from the pods' phases (finished
+    pods left out); `Restarting (...)` when every pod failed (job_state asks only for a job not finished: its
+    controller recreates them); None when there is no pod (the job's conditions then say it)."""
+    live = [p for p in pods if (p.status.phase or "Pending") not in ("Succeeded", "Failed")]
+    failed = sum(1 for p in pods if p.status.phase == "Failed")
+    if not live:
+        return f"Restarting ({failed} pod(s) failed, none running: new pods come)" if failed else None
+    running = sum(1 for p in live if p.status.phase == "Running")
+    pending = len(live) - running
+    if pending:
+        return f"Pending ({pending} of {len(live)} pods pending, {running} running)"
+    return f"Running ({running}/{len(live)} pods running)"
+
+
+def job_state(conds: list[dict], pods: list, terminal: tuple[str, ...], otherwise: str) -> str:
+    """A finished job's terminal condition; Suspended while Kueue has not admitted it; else what the pods do."""
+    done = next((c["type"] for c in reversed(conds) if c.get("status") == "True" and c.get("type") in terminal), None)
+    if done:
+        return done
+    if any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conds):
+        return "Suspended (not admitted by Kueue, or evicted)"
+    return pod_state(pods) or state_of(conds, otherwise)
+
+
+def wait_reason(pod: Any) -> str:
+    """Why a pod is not running yet, in one line: `Unschedulable: 0/4 nodes are available: ...` (PodScheduled
+    False) or a container's waiting reason such as `ImagePullBackOff: Back-off pulling image ...`; "" if none."""
+    if pod.status.phase not in (None, "Pending"):
+        return ""
+    for c in pod.status.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False":
+            return f"{c.reason or 'NotScheduled'}: {' '.join((c.message or '').split())}".rstrip(": ")
+    for cs in (pod.status.init_container_statuses or []) + (pod.status.container_statuses or []):
+        w = cs.state.waiting if cs.state else None
+        if w and w.reason and w.reason not in WAIT_REASONS_IGNORED:
+            return f"{w.reason}: {' '.join((w.message or '').split())}".rstrip(": ")
+    return ""
+
+
+def scheduling_lines(pods: list) -> list[str]:
+    """The `waiting:` block: each pending pod's scheduling or image-pull reason."""
+    lines = [
+        f"  {p.metadata.name}: {why}" for p in sorted(pods, key=lambda p: p.metadata.name) if (why := wait_reason(p))
+    ]
+    return ["waiting:"] + lines if lines else []
+
+
+def parse_progress(line: str) -> dict[str, str] | None:
+    """The key=value words of the trainer's `progress step=... percent=... eta=... loss=...` log line (the same
+    reading as trainer.progress.parse_line, kept here so the light client imports nothing more from trainer/)."""
+    text = line.strip()
+    at = text.find("progress ")
+    if at < 0:
+        return None
+    words = [w.split("=", 1) for w in text[at + len("progress ") :].split()]
+    out = {w[0]: w[1] for w in words if len(w) == 2}
+    return out or None
+
+
+def format_eta(seconds: Any) -> str:
+    """340 -> 5m40s, 7300 -> 2h01m (the trainer's own format)."""
+    try:
+        h, rest = divmod(int(float(seconds)), 3600)
+    except (TypeError, ValueError):
+        return "?"
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(p: dict, source: str) -> str:
+    """`progress: 12% (step 120/1000, epoch 1.2), ETA 5m40s, loss 0.53, top1 0.81   (source)`."""
+    parts = [f"{p['percent']}%" if p.get("percent") is not None else "?%"]
+    if p.get("step"):
+        where = f"step {p['step']}" + (f"/{p['total_steps']}" if p.get("total_steps") else "")
+        parts[0] += f" ({where}" + (f", epoch {p['epoch']}" if p.get("epoch") else "") + ")"
+    eta = p.get("eta") or (format_eta(p["eta_s"]) if p.get("eta_s") is not None else None)
+    parts += [f"ETA {eta}"] if eta else []
+    parts += [f"{k} {p[k]}" for k in ("loss", "top1") if p.get(k) is not None]
+    return f"progress: {', '.join(parts)}   ({source})"
+
+
+def read_log(cluster: Cluster, pod: str, container: str, tail: int, previous: bool = False) -> str | None:
+    """The last `tail` lines of a container's log (the previous container's with previous=True); None when the
+    API cannot serve it (pod gone, container not started, no previous container)."""
+    from kubernetes.client.exceptions import ApiException
+
+    kw: dict = {"container": container, "tail_lines": tail}
+    if previous:
+        kw["previous"] = True
+    try:
+        return api_call(
+            cluster,
+            "read pods/log",
+            cluster.core.read_namespaced_pod_log,
+            pod,
+            cluster.namespace,
+            passthrough=(400, 404),
+            **kw,
+        )
+    except ApiException:
+        return None
+
+
+def log_progress(cluster: Cluster, pod: str, container: str) -> dict | None:
+    """The last `progress` line in the last LOG_TAIL_LINES lines of a pod's log, parsed; None if there is none."""
+    text = read_log(cluster, pod, container, LOG_TAIL_LINES) or ""
+    return next((p for line in reversed(text.splitlines()) if (p := parse_progress(line))), None)
+
+
+def exit_meaning(code: int) -> str:
+    """What trainer/exits.py STATUSES says of an exit status, with what Kubernetes does: `meaning [retried]`."""
+    from trainer.exits import FIRST_RETRIED, STATUSES
+
+    rows = {s: (m, a) for s, _, m, a in STATUSES}
+    row = rows.get(str(code))
+    if row is None and code >= FIRST_RETRIED:
+        row = next((v for s, v in rows.items() if s.startswith(f"{FIRST_RETRIED}+N")), None)
+    return f"{row[0]} [{row[1]}]" if row else "not a status the trainer exits with (see python -m trainer.exits)"
+
+
+def restart_count(pods: list, container: str, label: str | None = None) -> int:
+    """Restarts of the job: the container restarts of its live pods, plus (with `label`, JobSet's
+    restart-attempt label) the highest restart attempt on a pod: a recreated pod starts again at restartCount 0."""
+    n = 0
+    for p in pods:
+        for cs in p.status.container_statuses or []:
+            if cs.name == container:
+                n += cs.restart_count or 0
+    if label:
+        n += max((int((p.metadata.labels or {}).get(label, "0") or 0) for p in pods), default=0)
+    return n
+
+
+def last_failure(cluster: Cluster, pods: list, container: str) -> list[str]:
+    """The newest non-zero exit of the trainer container among the pods (its current state, or the previous
+    container's), its meaning, and the last lines of that container's log while the API still has it."""
+    found = []
+    for p in pods:
+        for cs in p.status.container_statuses or []:
+            if cs.name != container:
+                continue
+            for prev, st in ((False, cs.state), (True, cs.last_state)):
+                t = st.terminated if st else None
+                if t and t.exit_code:
+                    found.append((str(t.finished_at or ""), p.metadata.name, prev, t))
+    if not found:
+        return []
+    _, pod, prev, t = max(found, key=lambda f: f[0])
+    lines = [
+        f"last failure: {pod} exit {t.exit_code} ({t.reason or '?'}"
+        f"{', previous container' if prev else ''}, {age(t.finished_at)} ago): {exit_meaning(t.exit_code)}"
+    ]
+    text = read_log(cluster, pod, container, FAILURE_TAIL_LINES, previous=prev)
+    lines += [f"  | {line}" for line in (text or "").splitlines()[-FAILURE_TAIL_LINES:]]
+    return lines
+
+
+LOG_WAIT_S = 120.0  # make logs' default bound on waiting for the pod
+LOG_POLL_S = 2.0
+
+
+def stream_when_ready(
+    cluster: Cluster,
+    find_pod: Callable[[], tuple[Any, str]],
+    container: str,
+    follow: bool,
+    previous: bool,
+    wait_s: float,
+    out: Any,
+    what: str,
+    src: str,
+    hint: str,
+) -> None:
+    """Stream the log of the pod `find_pod()` returns ((pod or None, why not)) once it can serve one: while
+    waiting, one line on stderr each time the reason changes (no pod yet, the pod's scheduling or image-pull
+    reason, the API's answer); after wait_s, UserError with the last reason. previous=True reads the previous
+    container's log and stops at once when there is none."""
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + wait_s
+    said = None
+    while True:
+        pod, why = find_pod()
+        if pod is not None:
+            pname = pod.metadata.name
+            if pod.status.phase in (None, "Pending") and not previous:
+                why = f"pod {pname} is pending: {wait_reason(pod) or 'ContainerCreating'}"
+            else:
+                try:
+                    resp = api_call(
+                        cluster,
+                        "read pods/log",
+                        cluster.core.read_namespaced_pod_log,
+                        pname,
+                        cluster.namespace,
+                        container=container,
+                        follow=follow and not previous,
+                        _preload_content=False,
+                        passthrough=(400, 404),
+                        **({"previous": True} if previous else {}),
+                    )
+                    copy_log(resp, out)
+                    return
+                except ApiException as e:
+                    if previous:
+                        raise UserError(
+                            f"{what}: pod {pname} has no previous container log ({api_message(e)})"
+                        ) from None
+                    why = f"pod {pname}: {api_message(e)}"
+        if why != said:
+            print(f"waiting for {src} of {what}: {why}", file=sys.stderr)
+            said = why
+        if time.monotonic() >= deadline:
+            raise UserError(f"{what}: no {src} log after {wait_s:g} s ({why}); see {hint}")
+        time.sleep(min(LOG_POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def pod_recreations(cluster: Cluster, kind: str, name: str) -> int | None:
+    """How many times the job's controller recreated its most recreated pod, from its `SuccessfulCreatePod`
+    events (`Created pod: NAME`, aggregated into `count`); None when events cannot be read. Events expire
+    (the API server's --event-ttl, 1 h by default): older recreations are not counted."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        events = api_call(
+            cluster,
+            "list events",
+            cluster.core.list_namespaced_event,
+            cluster.namespace,
+            field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
+            passthrough=(403, 404),
+        ).items
+    except ApiException:
+        return None
+    per_pod: dict[str, int] = {}
+    for ev in events:
+        if ev.reason == "SuccessfulCreatePod" and (ev.message or "").startswith("Created pod: "):
+            pod = ev.message.split(": ", 1)[1].strip()
+            per_pod[pod] = per_pod.get(pod, 0) + (ev.count or 1)
+    return max((n - 1 for n in per_pod.values()), default=0)

@@ -49,10 +49,20 @@ class JobKind(Protocol):
         """Create the job's objects after the checks that keep pods from holding GPUs idle; the created job."""
 
     def status(self, cluster: Cluster, name: str) -> str:
-        """A short report: state, conditions, replicas or jobs, pods."""
+        """A short report: state, Kueue, waiting pods, progress, restarts, last failure, conditions, pods."""
 
-    def logs(self, cluster: Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
-        """Stream rank 0's log, waiting up to wait_s for its pod."""
+    def logs(
+        self,
+        cluster: Cluster,
+        name: str,
+        follow: bool = True,
+        wait_s: float = 120,
+        out: Any = None,
+        rank: int | None = None,
+        previous: bool = False,
+    ) -> None:
+        """Print or stream the log of node/worker `rank` (rank 0's pod by default; the previous container's with
+        previous=True), saying what it waits for, for at most wait_s."""
 
     def delete(self, cluster: Cluster, name: str) -> None:
         """Delete the job and what submit made for it."""

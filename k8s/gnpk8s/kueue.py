@@ -103,3 +103,47 @@ def wait_for_workload(cluster, kind: Any, name: str, uid: str, wait_s: float = D
         f"Kueue is not managing {fw}; fix: add `{fw}` to {CONFIG_HINT}{kind.KUEUE_HINT}; then make delete JOB={name} "
         f"NAMESPACE={cluster.namespace}{kind.MAKE_API} and submit again"
     )
+
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def workload_lines(cluster, obj: dict) -> list[str]:
+    """`make status`'s Kueue line for a job: its Workload (owned by the job's uid), admitted or not, the queue
+    and why not (the False QuotaReserved/Admitted condition's message: `couldn't assign flavors ...`). Kueue's
+    Workload status carries no queue position (the visibility API's pendingworkloads has it; not read here)."""
+    md = obj.get("metadata", {})
+    queue = (md.get("labels") or {}).get(QUEUE_LABEL)
+    if not queue:
+        return []
+    state, items = _list(cluster, "workloads")
+    if state != "ok":
+        return [f"kueue: queue {queue}; cannot list Workloads ({state})"]
+    uid = md.get("uid")
+    wl = next((w for w in items if any(o.get("uid") == uid for o in w["metadata"].get("ownerReferences") or [])), None)
+    if wl is None:
+        return [f"kueue: queue {queue}; no Workload for this job: Kueue does not manage it (see make submit's error)"]
+    st = wl.get("status") or {}
+    conds = {c.get("type"): c for c in st.get("conditions") or []}
+    name, queue = wl["metadata"]["name"], (wl.get("spec") or {}).get("queueName", queue)
+    finished = conds.get("Finished", {}).get("status") == "True"
+    if conds.get("Admitted", {}).get("status") == "True" or (st.get("admission") and not finished):
+        cq = (st.get("admission") or {}).get("clusterQueue")
+        return [f"kueue: admitted (workload {name}, queue {queue}{f', clusterqueue {cq}' if cq else ''})"]
+    if finished:
+        return [f"kueue: finished (workload {name}, queue {queue})"]
+    why = next(
+        (
+            c
+            for t, bad in (("Evicted", "True"), ("QuotaReserved", "False"), ("Admitted", "False"))
+            if (c := conds.get(t)) and c.get("status") == bad
+        ),
+        None,
+    )
+    if why is None:
+        return [f"kueue: not admitted (workload {name}, queue {queue}): no condition yet"]
+    msg = " ".join(str(why.get("message", "")).split())
+    return [
+        f"kueue: not admitted (workload {name}, queue {queue}): "
+        f"{why.get('type')}={why.get('status')} {why.get('reason', '')}: {msg}"
+    ]

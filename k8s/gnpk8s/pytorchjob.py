@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from typing import Any
 
 from . import cluster as kube
@@ -166,59 +165,101 @@ def get(cluster: kube.Cluster, name: str) -> dict:
 
 
 def status(cluster: kube.Cluster, name: str) -> str:
-    """Conditions, replica statuses and pods of a PyTorchJob, as a small report."""
+    """What a PyTorchJob does, as a small report: its state (from the pods' phases while it runs), Kueue's
+    answer, why pending pods wait, progress from the last `progress` line of rank 0's log, restarts and the
+    last failure; then conditions, replica statuses and pods."""
+    from .kueue import workload_lines
+
     obj = get(cluster, name)
     st = obj.get("status") or {}
     conds = st.get("conditions") or []
-    state = kube.state_of(conds, "Unknown (no conditions: is the training operator running?)")
+    pods = kube.list_pods(cluster, f"training.kubeflow.org/job-name={name}")
+    state = kube.job_state(
+        conds, pods, ("Succeeded", "Failed"), "Unknown (no conditions: is the training operator running?)"
+    )
     md = obj.get("metadata", {})
     recipe = md.get("labels", {}).get("gnp.training/recipe", "?")
     lines = [
         f"pytorchjob {cluster.namespace}/{name}: {state}   "
         f"(recipe {recipe}, created {kube.age(md.get('creationTimestamp'))} ago)"
     ]
+    lines += workload_lines(cluster, obj)
+    lines += kube.scheduling_lines(pods)
+    rank0 = rank0_pod(obj)
+    live0 = [p for p in pods if p.metadata.name == rank0 and p.status.phase in ("Running", "Succeeded", "Failed")]
+    prog = kube.log_progress(cluster, rank0, CONTAINER) if live0 else None
+    if prog:
+        lines.append(kube.progress_line(prog, f"{rank0} log"))
+    # The operator replaces a pod that exits with a retried status (ExitCode policy) by a new one of the same
+    # name, restartCount 0: its SuccessfulCreatePod events count them (while the events last, 1 h by default).
+    restarts = kube.restart_count(pods, CONTAINER)
+    recreated = kube.pod_recreations(cluster, KIND, name)
+    if recreated is None:
+        lines.append(f"restarts: {restarts} (container restarts; events unreadable: recreated pods not counted)")
+    else:
+        lines.append(
+            f"restarts: {restarts + recreated} (pods recreated, from the last hour's events, + container restarts)"
+        )
+    lines += kube.last_failure(cluster, pods, CONTAINER)
     lines += kube.condition_lines(conds)
     for rtype, rs in (st.get("replicaStatuses") or {}).items():
         lines.append(
             f"replicas {rtype}: active {rs.get('active', 0)}, succeeded {rs.get('succeeded', 0)}, "
             f"failed {rs.get('failed', 0)}"
         )
-    return "\n".join(lines + _pod_lines(cluster, name))
+    return "\n".join(lines + _pod_lines(pods))
 
 
-def _pod_lines(cluster: kube.Cluster, name: str) -> list[str]:
-    pods = kube.list_pods(cluster, f"training.kubeflow.org/job-name={name}")
+def _pod_lines(pods: list) -> list[str]:
     lines = ["pods:"] + ([] if pods else ["  (none)"])
     for p in sorted(pods, key=lambda p: p.metadata.name):
         restarts, detail = kube.container_state(p, CONTAINER)
         lines.append(
             f"  {p.metadata.name:32s} {p.status.phase or '':10s} restarts {restarts:<3d} "
-            f"node {p.spec.node_name or '-':20s} {detail}"
+            f"node {p.spec.node_name or '-':20s} {detail}".rstrip()
         )
     return lines
 
 
-def logs(cluster: kube.Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
-    """Stream the rank-0 pod's `pytorch` container log, waiting up to wait_s for it to start."""
-    from kubernetes.client.exceptions import ApiException
+def logs(
+    cluster: kube.Cluster,
+    name: str,
+    follow: bool = True,
+    wait_s: float = kube.LOG_WAIT_S,
+    out: Any = None,
+    rank: int | None = None,
+    previous: bool = False,
+) -> None:
+    """Print (follow=True: stream) the `pytorch` container log of worker `rank` (rank 0's pod by default; the
+    previous container's with previous=True), saying what it waits for, for at most wait_s."""
+    obj = get(cluster, name)
+    pod = rank0_pod(obj) if rank is None else f"{name}-worker-{rank}"
 
-    out = out or sys.stdout
-    pod = rank0_pod(get(cluster, name))
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            resp = kube.open_pod_log(cluster, pod, CONTAINER, follow)
-            break
-        except ApiException as e:
-            if e.status not in (400, 404):
-                raise
-            if time.monotonic() > deadline:
-                raise UserError(
-                    f"pod {pod} has no log yet after {wait_s:.0f} s ({kube.api_message(e)}); see make status JOB={name}"
-                ) from None
-            print(f"waiting for {pod}: {kube.api_message(e)}", file=sys.stderr)
-            time.sleep(2)
-    kube.copy_log(resp, out)
+    def find() -> tuple[Any, str]:
+        found = [p for p in kube.list_pods(cluster, f"training.kubeflow.org/job-name={name}") if p.metadata.name == pod]
+        if found:
+            return found[0], ""
+        suspended = any(c.get("type") == "Suspended" and c.get("status") == "True" for c in kube_conds(cluster, name))
+        return None, f"no pod {pod} yet" + (" (the job is suspended: not admitted by Kueue)" if suspended else "")
+
+    kube.stream_when_ready(
+        cluster,
+        find,
+        CONTAINER,
+        follow,
+        previous,
+        wait_s,
+        out or sys.stdout,
+        f"pytorchjob {name!r}",
+        pod,
+        f"make status JOB={name}",
+    )
+
+
+def kube_conds(cluster: kube.Cluster, name: str) -> list[dict]:
+    """The job's conditions now ([] when it is gone)."""
+    obj = kube.get_custom(cluster, GROUP, VERSION, PLURAL, name) or {}
+    return (obj.get("status") or {}).get("conditions") or []
 
 
 def delete(cluster: kube.Cluster, name: str) -> None:
@@ -233,8 +274,8 @@ def follow_up(name: str, namespace: str) -> str:
     nsarg = f" NAMESPACE={namespace}"
     return "\n".join(
         [
-            f"  make status JOB={name}{nsarg}     # conditions, replicas, pods",
-            f"  make logs JOB={name}{nsarg}       # follow rank 0 ({pod}, container {CONTAINER})",
+            f"  make status JOB={name}{nsarg}     # state, Kueue, pods, progress, last failure (WATCH=1)",
+            f"  make logs JOB={name}{nsarg}       # rank 0's log; FOLLOW=1 streams it ({pod}, container {CONTAINER})",
             f"  make delete JOB={name}{nsarg}",
             f"  kubectl -n {namespace} get pytorchjob {name} -w",
             f"  kubectl -n {namespace} wait --for=condition=Succeeded pytorchjob/{name} --timeout=168h",

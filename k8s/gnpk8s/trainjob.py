@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from typing import Any
 
 from . import cluster as kube
@@ -427,75 +426,106 @@ def submit(job: JobSpec, cluster: kube.Cluster) -> dict:
     return created
 
 
+RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # JobSet labels each pod with its JobSet restart
+
+
+def trainer_progress(st: dict) -> str | None:
+    """The progress line from TrainJob.status.trainerStatus (what rank 0 posts), None when it has none."""
+    ts = st.get("trainerStatus") or {}
+    if not ts:
+        return None
+    metrics = {m.get("name"): m.get("value") for m in ts.get("metrics") or []}
+    p = {
+        "percent": ts.get("progressPercentage"),
+        "eta_s": ts.get("estimatedRemainingSeconds"),
+        **{k: metrics.get(k) for k in ("step", "total_steps", "epoch", "loss", "top1")},
+    }
+    return kube.progress_line(p, f"trainerStatus, updated {kube.age(ts.get('lastUpdatedTime'))} ago")
+
+
 def status(cluster: kube.Cluster, name: str) -> str:
-    """Conditions, the JobSet's jobs and the pods of a TrainJob, as a small report."""
+    """What a TrainJob does, as a small report: its state (from the pods' phases: JobSet counts pending pods as
+    active), Kueue's answer, why pending pods wait, progress from status.trainerStatus, restarts and the last
+    failure; then conditions, the JobSet's jobs and the pods."""
+    from .kueue import workload_lines
+
     obj = get(cluster, name)
     st = obj.get("status") or {}
     conds = st.get("conditions") or []
-    # A running TrainJob has no True condition (Trainer v2 sets Suspended, Complete or Failed): its jobs say it.
-    active = sum(int(js.get("active", 0)) for js in st.get("jobsStatus") or [])
-    state = kube.state_of(
-        conds, "Running" if active else "Pending (no active job yet: is the Trainer controller running?)"
+    pods = kube.list_pods(cluster, pod_selector(name))
+    # A running TrainJob has no True condition (Trainer v2 sets Suspended, Complete or Failed): its pods say it.
+    state = kube.job_state(
+        conds, pods, ("Complete", "Failed"), "Pending (no pod yet: is the Trainer controller running?)"
     )
     md = obj.get("metadata", {})
     recipe = md.get("labels", {}).get("gnp.training/recipe", "?")
     rt, age = obj.get("spec", {}).get("runtimeRef", {}).get("name", "?"), kube.age(md.get("creationTimestamp"))
     lines = [f"trainjob {cluster.namespace}/{name}: {state}   (recipe {recipe}, runtime {rt}, created {age} ago)"]
+    lines += workload_lines(cluster, obj)
+    lines += kube.scheduling_lines(pods)
+    prog = trainer_progress(st)
+    if prog:
+        lines.append(prog)
+    n = kube.restart_count(pods, CONTAINER, RESTART_ATTEMPT_LABEL)
+    lines.append(f"restarts: {n} (JobSet restart attempt of the pods + container restarts)")
+    lines += kube.last_failure(cluster, pods, CONTAINER)
     lines += kube.condition_lines(conds)
     for js in st.get("jobsStatus") or []:
         lines.append(
             f"job {js.get('name', '?')}: active {js.get('active', 0)}, ready {js.get('ready', 0)}, "
             f"succeeded {js.get('succeeded', 0)}, failed {js.get('failed', 0)}, suspended {js.get('suspended', 0)}"
         )
-    return "\n".join(lines + _pod_lines(cluster, name))
+    return "\n".join(lines + _pod_lines(pods))
 
 
-def _pod_lines(cluster: kube.Cluster, name: str) -> list[str]:
-    pods = kube.list_pods(cluster, pod_selector(name))
+def _pod_lines(pods: list) -> list[str]:
     lines = ["pods:"] + ([] if pods else ["  (none)"])
     for p in sorted(pods, key=lambda p: p.metadata.name):
         restarts, detail = kube.container_state(p, CONTAINER)
         node_rank = (p.metadata.labels or {}).get(COMPLETION_INDEX_LABEL, "?")
         lines.append(
             f"  {p.metadata.name:40s} node {node_rank:>2s} {p.status.phase or '':10s} restarts {restarts:<3d} "
-            f"on {p.spec.node_name or '-':20s} {detail}"
+            f"on {p.spec.node_name or '-':20s} {detail}".rstrip()
         )
     return lines
 
 
-def _rank0_log(cluster: kube.Cluster, name: str, follow: bool) -> tuple[Any, str]:
-    """(node 0's log response or None, why not): the newest node-0 pod that has not failed."""
-    from kubernetes.client.exceptions import ApiException
-
-    pods = [p for p in kube.list_pods(cluster, rank0_selector(name)) if p.status.phase != "Failed"]
-    if not pods:
-        return None, "no node-0 pod yet"
-    pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name
-    try:
-        return kube.open_pod_log(cluster, pod, CONTAINER, follow), ""
-    except ApiException as e:
-        if e.status not in (400, 404):
-            raise
-        return None, kube.api_message(e)
-
-
-def logs(cluster: kube.Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
-    """Stream node 0's `node` container log (global rank 0 runs there), waiting up to wait_s for the pod."""
-    out = out or sys.stdout
+def logs(
+    cluster: kube.Cluster,
+    name: str,
+    follow: bool = True,
+    wait_s: float = kube.LOG_WAIT_S,
+    out: Any = None,
+    rank: int | None = None,
+    previous: bool = False,
+) -> None:
+    """Print (follow=True: stream) the `node` container log of node `rank` (0 by default: global rank 0 runs
+    there; the previous container's with previous=True), saying what it waits for, for at most wait_s. Of
+    several pods of that node (a JobSet restart), the newest that has not failed, else the newest."""
     get(cluster, name)
-    deadline = time.monotonic() + wait_s
-    while True:
-        resp, why = _rank0_log(cluster, name, follow)
-        if resp is not None:
-            break
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"trainjob {name!r}: no node-0 log after {wait_s:.0f} s ({why}); "
-                f"see make status JOB={name} API=trainjob"
-            )
-        print(f"waiting for node 0 of {name}: {why}", file=sys.stderr)
-        time.sleep(2)
-    kube.copy_log(resp, out)
+    node = 0 if rank is None else rank
+    selector = f"{pod_selector(name)},{COMPLETION_INDEX_LABEL}={node}"
+
+    def find() -> tuple[Any, str]:
+        pods = kube.list_pods(cluster, selector)
+        if not pods:
+            return None, f"no node-{node} pod yet"
+        newest = sorted(pods, key=lambda p: str(p.metadata.creation_timestamp or ""))
+        alive = [p for p in newest if p.status.phase != "Failed"]
+        return (alive or newest)[-1], ""
+
+    kube.stream_when_ready(
+        cluster,
+        find,
+        CONTAINER,
+        follow,
+        previous,
+        wait_s,
+        out or sys.stdout,
+        f"trainjob {name!r}",
+        f"node-{node}",
+        f"make status JOB={name} API=trainjob",
+    )
 
 
 def delete(cluster: kube.Cluster, name: str) -> None:
@@ -513,8 +543,8 @@ def follow_up(name: str, namespace: str) -> str:
     sel = rank0_selector(name)
     return "\n".join(
         [
-            f"  make status JOB={name} API=trainjob NAMESPACE={namespace}   # conditions, jobs, pods",
-            f"  make logs JOB={name} API=trainjob NAMESPACE={namespace}     # follow node 0 (container {CONTAINER})",
+            f"  make status JOB={name} API=trainjob NAMESPACE={namespace}   # state, Kueue, progress, failure",
+            f"  make logs JOB={name} API=trainjob NAMESPACE={namespace}     # node 0 ({CONTAINER}); FOLLOW=1 streams",
             f"  make delete JOB={name} API=trainjob NAMESPACE={namespace}",
             f"  kubectl -n {namespace} get trainjob {name} -w",
             f"  kubectl -n {namespace} logs -f -l {sel} -c {CONTAINER}",

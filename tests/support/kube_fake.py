@@ -10,7 +10,10 @@ expects (JSON bodies, `Status` objects for errors) for:
   GET    /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs[/NAME]        list / get (404 NotFound)
   DELETE /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME          delete (and the job's pods)
   GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
-  GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text
+  GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text (&tailLines=N,
+                                                                       &previous=true: `previous_logs`; 400
+                                                                       while the pod is Pending)
+  GET    /api/v1/namespaces/NS/events?fieldSelector=k=v,...           Events (the operator's SuccessfulCreatePod)
   GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
   GET    /apis/kueue.x-k8s.io/v1beta1/namespaces/NS/{localqueues,workloads}   with `kueue=FakeKueue(...)`
   GET/POST/DELETE /apis/batch/v1/namespaces/NS/jobs[/NAME]             batch/v1 Jobs and their pod
@@ -40,6 +43,7 @@ TRAINER_PATH = "/apis/trainer.kubeflow.org/"  # Kubeflow Trainer v2: served by t
 BATCH_PATH = "/apis/batch/v1"  # batch/v1 Jobs: served by tests/support/kube_fake_batch.py
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
 SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
+EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+)(/log)?)?$")
 
 
@@ -89,6 +93,8 @@ class FakeKube:
         self.jobs: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.logs: dict[tuple[str, str], str] = {}
+        self.previous_logs: dict[tuple[str, str], str] = {}  # the previous container's log (?previous=true)
+        self.events: list[dict] = []  # core/v1 Events (the operator's SuccessfulCreatePod ones: recreate_pod)
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -169,6 +175,7 @@ class FakeKube:
                     },
                 }
                 self.logs[(ns, pod_name)] = f"log of {pod_name}\nstep 1 loss 2.30\n"
+                self.pod_created_event(ns, job, pod_name)
         job["status"] = {
             "conditions": [
                 {
@@ -191,6 +198,49 @@ class FakeKube:
             },
             "startTime": _now(),
         }
+
+    def pod_created_event(self, ns: str, job: dict, pod_name: str) -> None:
+        """The training operator's event for a pod it created (pod_control.go: reason SuccessfulCreatePod,
+        message `Created pod: NAME`); the event recorder aggregates repeats of one message into `count`."""
+        md = job["metadata"]
+        for ev in self.events:
+            if ev["involvedObject"]["uid"] == md["uid"] and ev["message"] == f"Created pod: {pod_name}":
+                ev["count"] += 1
+                ev["lastTimestamp"] = _now()
+                return
+        self.events.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{md['name']}.{uuid.uuid4().hex[:16]}", "namespace": ns},
+                "involvedObject": {
+                    "apiVersion": job["apiVersion"],
+                    "kind": job["kind"],
+                    "name": md["name"],
+                    "namespace": ns,
+                    "uid": md["uid"],
+                },
+                "reason": "SuccessfulCreatePod",
+                "message": f"Created pod: {pod_name}",
+                "type": "Normal",
+                "count": 1,
+                "firstTimestamp": _now(),
+                "lastTimestamp": _now(),
+                "source": {"component": "pytorchjob-controller"},
+            }
+        )
+
+    def recreate_pod(self, ns: str, pod_name: str) -> None:
+        """What the operator does with a pod that exited with a retried status: a new pod of the same name
+        (new uid, Running, restartCount 0) and one more SuccessfulCreatePod event."""
+        pod = self.pods[(ns, pod_name)]
+        job = self.jobs[(ns, pod["metadata"]["labels"]["training.kubeflow.org/job-name"])]
+        pod["metadata"].update({"uid": str(uuid.uuid4()), "creationTimestamp": _now()})
+        pod["status"]["phase"] = "Running"
+        for cs in pod["status"]["containerStatuses"]:
+            cs.update({"ready": True, "restartCount": 0, "state": {"running": {"startedAt": _now()}}})
+            cs.pop("lastState", None)
+        self.pod_created_event(ns, job, pod_name)
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -294,6 +344,22 @@ class FakeKube:
                 return 404, _status(404, "NotFound", f'secrets "{m.group(2)}" not found')
             meta = {"name": m.group(2), "namespace": m.group(1)}
             return 200, {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": {}}
+        m = EVENTS.match(path)
+        if m and method == "GET":
+            wanted = dict(t.partition("=")[::2] for t in ",".join(query.get("fieldSelector", [])).split(",") if t)
+
+            def field(ev: dict, key: str) -> str:
+                obj: object = ev
+                for part in key.split("."):
+                    obj = obj.get(part, "") if isinstance(obj, dict) else ""
+                return str(obj)
+
+            items = [
+                e
+                for e in self.events
+                if e["metadata"]["namespace"] == m.group(1) and all(field(e, k) == v for k, v in wanted.items())
+            ]
+            return 200, {"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items}
         m = PODS.match(path)
         if m and method == "GET":
             return self._pods(m.group(1), m.group(2), bool(m.group(3)), query)
@@ -358,5 +424,81 @@ class FakeKube:
         if (ns, name) not in self.pods:
             return 404, _status(404, "NotFound", f'pods "{name}" not found')
         if log:
-            return 200, self.logs.get((ns, name), "")
+            return self._log(ns, name, query)
         return 200, self.pods[(ns, name)]
+
+    def _log(self, ns: str, name: str, query: dict) -> tuple[int, dict | str]:
+        """A pod's log as the kubelet serves it: 400 while its container waits to start; previous=true the
+        previous container's (`previous_logs`; 400 when there is none); tailLines the last N lines."""
+        pod = self.pods[(ns, name)]
+        container = (query.get("container") or [""])[0]
+        if (query.get("previous") or [""])[0] == "true":
+            if (ns, name) not in self.previous_logs:
+                return 400, _status(
+                    400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found'
+                )
+            text = self.previous_logs[(ns, name)]
+        else:
+            if pod["status"].get("phase") == "Pending":
+                return 400, _status(
+                    400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating'
+                )
+            text = self.logs.get((ns, name), "")
+        tail = (query.get("tailLines") or [""])[0]
+        if tail:
+            text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+        return 200, text
+
+
+# -- what the kubelet, the scheduler and a crashing trainer do to a pod (for tests of make status/logs) --------
+
+
+def pod_unschedulable(pod: dict, message: str) -> None:
+    """The scheduler found no node: Pending with PodScheduled False, reason Unschedulable."""
+    pod["spec"].pop("nodeName", None)
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": message,
+                "lastTransitionTime": _now(),
+            }
+        ],
+    }
+
+
+def pod_waiting(pod: dict, reason: str, message: str) -> None:
+    """Scheduled, its containers waiting (ErrImagePull, ImagePullBackOff, ...)."""
+    pod["status"] = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}],
+        "containerStatuses": [
+            {
+                "name": c["name"],
+                "image": c["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": reason, "message": message}},
+            }
+            for c in pod["spec"]["containers"]
+        ],
+    }
+
+
+def pod_terminated(pod: dict, exit_code: int, finished_at: str, previous: bool = False, restarts: int = 0) -> None:
+    """The trainer container exited with `exit_code`: the pod Failed (previous=False) or, with previous=True,
+    Running again with that exit as its lastState and `restarts` container restarts."""
+    term = {
+        "terminated": {"exitCode": exit_code, "reason": "Error", "startedAt": finished_at, "finishedAt": finished_at}
+    }
+    for cs in pod["status"]["containerStatuses"]:
+        if previous:
+            cs.update({"lastState": term, "restartCount": restarts})
+        else:
+            cs.update({"state": term, "ready": False})
+    if not previous:
+        pod["status"]["phase"] = "Failed"
