@@ -11,7 +11,6 @@ wrong input, and the podFailurePolicy fails the Job at once instead of retrying)
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from trainer.exits import FIRST_RETRIED, STATUSES
@@ -250,40 +249,37 @@ def status(cluster: kube.Cluster, name: str) -> str:
     return "\n".join(lines)
 
 
-def _started_pod(cluster: kube.Cluster, name: str) -> Any:
-    """The newest pod whose container has started (None while there is none)."""
-    for p in reversed(pods(cluster, name)):
-        if p.status.phase != "Pending":
-            return p
-    return None
-
-
-def logs(cluster: kube.Cluster, name: str, follow: bool = True, wait_s: float = 300, out: Any = None) -> None:
-    """Print (follow) the newest started pod's `convert` log, waiting up to wait_s for a pod to start."""
-    from kubernetes.client.exceptions import ApiException
-
-    out = out or sys.stdout
+def logs(
+    cluster: kube.Cluster,
+    name: str,
+    follow: bool = True,
+    wait_s: float = kube.LOG_WAIT_S,
+    out: Any = None,
+    rank: int | None = None,
+    previous: bool = False,
+) -> None:
+    """Print (follow=True: stream) the newest started pod's `convert` log (the previous container's with
+    previous=True), saying what it waits for, for at most wait_s. The Job has one pod: rank is 0 or None."""
+    if rank not in (None, 0):
+        raise UserError(f"--rank: {rank}; the conversion Job {job_name(name)!r} has one pod (rank 0)")
     get(cluster, name)
-    deadline = time.monotonic() + wait_s
-    while True:
-        pod = _started_pod(cluster, name)
-        why = "no started pod yet"
-        if pod is not None:
-            try:
-                resp = kube.open_pod_log(cluster, pod.metadata.name, CONTAINER, follow)
-                break
-            except ApiException as e:
-                if e.status not in (400, 404):
-                    raise
-                why = f"{pod.metadata.name}: {kube.api_message(e)}"
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"conversion Job {job_name(name)!r} has no log yet after {wait_s:.0f} s ({why}); see make status "
-                f"JOB={name}{MAKE_API}"
-            )
-        print(f"waiting for {job_name(name)}: {why}", file=sys.stderr)
-        time.sleep(min(2.0, max(0.0, deadline - time.monotonic()) + 0.01))
-    kube.copy_log(resp, out)
+
+    def find() -> tuple[Any, str]:
+        found = pods(cluster, name)  # the newest: a pending one says why it waits
+        return (found[-1], "") if found else (None, "no pod yet")
+
+    kube.stream_when_ready(
+        cluster,
+        find,
+        CONTAINER,
+        follow,
+        previous,
+        wait_s,
+        out or sys.stdout,
+        f"conversion Job {job_name(name)!r}",
+        CONTAINER,  # "no convert log after ..."
+        f"make status JOB={name}{MAKE_API}",
+    )
 
 
 def delete(cluster: kube.Cluster, name: str) -> None:
