@@ -897,3 +897,53 @@ __all__ = [
     "field_docs",
     "sections",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What may change when a run resumes (the run directory's and the checkpoint location's identity checks).
+
+# Keys that may differ between the config saved in a run directory and the one resuming it: they change
+# how a run is observed or fed, not what it computes.
+RESUMABLE_CHANGES = (
+    "git_commit",
+    "recipe",
+    "description",
+    "run.fresh",
+    "run.crash_restarts",
+    "run.dir",
+    "data.path",
+    "data.num_workers",
+    "data.os_cache",
+    "loop.max_steps",
+    "loop.log_every",
+    "loop.eval_every",
+    "metrics.",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every key that differs, ignoring RESUMABLE_CHANGES.
+
+    A key the saved config does not have is a setting added after the run was made: the run resumes with its
+    current value (an upgrade must not strand a run directory; the checkpoint format is unchanged).
+    """
+    a, b = _flat(saved), _flat(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if key not in a:
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs

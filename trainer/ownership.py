@@ -7,7 +7,7 @@ before its first checkpoint:
     {"format": 1, "config": {<RunConfig as a dict>}, "git_commit": "...", "created_unix": 1765000000.0}
 
 A later run that points at the location is compared with the record the way run.dir/config.yaml is compared
-(trainer.train.config_differences: settings that may change on resume, such as data.path or loop.max_steps,
+(trainer.config.config_differences: settings that may change on resume, such as data.path or loop.max_steps,
 and settings added since the record was written, do not count); a difference is refused in preflight, before
 anything is written, with one line naming the location and the first differing key (exit 2). checkpoint.uri
 and checkpoint.s3_* are not compared either: they say how the location is reached (a bucket seen through
@@ -85,7 +85,7 @@ def _where(storage) -> str:
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
-    from trainer.train import config_differences  # here, not at the top: trainer.train imports this module
+    from trainer.config import config_differences
 
     def strip(d: dict) -> dict:
         ck = {k: v for k, v in (d.get("checkpoint") or {}).items() if k not in _LOCATION_KEYS}

@@ -24,7 +24,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer import crash_budget, dist
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.config import ConfigError, RunConfig, from_dict, read_text_file, strict_yaml_load, to_dict
+from trainer.config import (
+    ConfigError,
+    RunConfig,
+    config_differences,
+    from_dict,
+    read_text_file,
+    strict_yaml_load,
+    to_dict,
+)
 from trainer.data import LoaderFacts, build_data, validate_dataset
 from trainer.loop import (
     LoopState,
@@ -67,55 +75,9 @@ FINAL_UPLOAD_TIMEOUT_S = 600
 # (default: the last rank) raise at optimizer step STEP, once the checkpoints before it have landed.
 FAULT_CRASH_ENV = "GNP_FAULT_CRASH_AT_STEP"
 
-# Keys that may differ between the config saved in a run directory and the one resuming it: they change
-# how a run is observed or fed, not what it computes.
-RESUMABLE_CHANGES = (
-    "git_commit",
-    "recipe",
-    "description",
-    "run.fresh",
-    "run.crash_restarts",
-    "run.dir",
-    "data.path",
-    "data.num_workers",
-    "data.os_cache",
-    "loop.max_steps",
-    "loop.log_every",
-    "loop.eval_every",
-    "metrics.",
-)
-
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.run.dir or f"runs/{cfg.recipe or 'run'}")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: old -> new' for every key that differs, ignoring RESUMABLE_CHANGES.
-
-    A key the saved config does not have is a setting added after the run was made: the run resumes with its
-    current value (an upgrade must not strand a run directory; the checkpoint format is unchanged).
-    """
-    a, b = _flat(saved), _flat(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
-            continue
-        if key not in a:
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
 
 
 def _run_dir_refusal(cfg: RunConfig) -> str:
