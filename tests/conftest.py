@@ -12,6 +12,12 @@ import pytest
 from tests.support.s3server import s3_env, s3_server  # noqa: F401  (fixtures for every test module)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs pytest inside make: MAKELEVEL/MAKEFLAGS in the environment turn every `make -n` a test runs into
+# a sub-make that prints "make[1]: Entering directory", and tests read those dry-run lines. Tests describe what a
+# user's own `make` prints, so they run without the outer make's variables.
+for _var in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):
+    os.environ.pop(_var, None)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
