@@ -15,8 +15,10 @@ What is checked, and against what:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,21 +216,41 @@ def test_a_crash_at_the_same_step_stops_after_the_budget(tmp_path):
     """crash_restarts=2 (from GNP_CRASH_RESTARTS, as the Kubernetes renderer sets it): rank 1 crashes at step 6
     of every start, after checkpoint 4. Starts 1-3 crash (201, retried), start 4 refuses: exit 3, one line."""
     run_dir = tmp_path / "run"
+    crash = "RuntimeError: GNP_FAULT_CRASH_AT_STEP: injected crash at step 6 on rank 1"
+    termination = tmp_path / "termination-log"  # what the kubelet mounts at /dev/termination-log
     statuses = []
-    for _ in range(4):
-        res = launch(run_dir, tmp_path, GNP_FAULT_CRASH_AT_STEP="6", GNP_CRASH_RESTARTS="2")
+    for i in range(4):
+        termination.write_text("")
+        res = launch(
+            run_dir, tmp_path, GNP_FAULT_CRASH_AT_STEP="6", GNP_CRASH_RESTARTS="2", GNP_TERMINATION_LOG=str(termination)
+        )
         statuses.append(res.returncode)
+        lines = res.stderr.strip().splitlines()
+        if i > 0:  # the crashed pod's log is gone with it: the next start shows the crash the run kept
+            head = next(j for j, line in enumerate(lines) if line.startswith("previous start failed: "))
+            origin = "started afresh" if i == 1 else "resumed from step 4"
+            assert re.fullmatch(rf"previous start failed: exit 201 on rank 1 at \S+Z \(it had {origin}\)", lines[head])
+            tail = list(itertools.takewhile(lambda line: line.startswith("  | "), lines[head + 1 :]))
+            assert len(tail) == 20 and tail[-1] == f"  | {crash}", tail  # the innermost frames, then the error
+            assert any(line.endswith("in _injected_crash") for line in tail) and "^^^" not in str(tail), tail
         if res.returncode == 201:
             assert "injected crash at step 6 on rank 1" in res.stderr
             assert "ChildFailedError" not in res.stderr and "Root Cause" not in res.stderr, res.stderr[-3000:]
-            assert res.stderr.strip().splitlines()[-1].startswith("launch: a rank crashed; exit 201")
+            assert lines[-1].startswith("launch: a rank crashed; exit 201")
+            assert termination.read_text().startswith("exit 201: rank 1 crashed\n")
+            assert termination.read_text().endswith(f"{crash}\n")
     assert statuses == [201, 201, 201, 3], res.stderr[-3000:]
-    assert res.stderr.strip().splitlines() == [
+    assert lines[-1] == (  # the report of the last crash, then the one line (which names that crash too)
         "error: crash loop: 3 starts in a row crashed before a checkpoint newer than step 4 was written "
-        "(run.crash_restarts=2); not starting again (exit 3, permanent). To go on: fix the crash, then raise "
-        f"run.crash_restarts (GNP_CRASH_RESTARTS) or delete {run_dir}/checkpoints/starts.json"
-    ]
+        f"(run.crash_restarts=2); the last crash (rank 1): {crash}; not starting again (exit 3, permanent). To go "
+        f"on: fix the crash, then raise run.crash_restarts (GNP_CRASH_RESTARTS) or delete "
+        f"{run_dir}/checkpoints/starts.json"
+    )
+    assert not [line for line in lines[:-1] if not line.startswith(("previous start failed: ", "  | "))], lines
+    assert termination.read_text() == ""  # a refusal is no crash: the pod's log says it all
     assert recorded(run_dir) == [(None, None), (4, None), (4, None)]  # the refusal recorded nothing
+    failures = [s["failure"] for s in crash_budget.read(LocalStorage(run_dir / "checkpoints"))]
+    assert [(f["exit"], f["rank"], f["lines"][-1]) for f in failures] == [(201, 1, crash)] * 3
     # the way out the line names: without the record the run trains again (and here crashes again)
     (run_dir / "checkpoints" / "starts.json").unlink()
     res = launch(run_dir, tmp_path, GNP_FAULT_CRASH_AT_STEP="6", GNP_CRASH_RESTARTS="2")

@@ -214,6 +214,74 @@ def test_crash_loop_shows_restarts_and_the_last_failure(fake, capsys, api):
     assert out[0].startswith(f"{api} gnp/resnet-cifar: {state}")
 
 
+def _crash_record(unix: float) -> list[dict]:
+    """What starts.json holds after a crash of rank 1 at step 6 of a start resumed from step 4 (its traceback tail
+    as the launcher keeps it)."""
+    lines = ["Traceback (most recent call last):"]
+    lines += [f'  File "/app/trainer/train.py", line {n}, in f{n}' for n in range(30)]
+    lines += ["RuntimeError: CUDA error: an illegal memory access was encountered"]
+    failure = {"exit": 201, "rank": 1, "unix": unix, "lines": lines[-20:]}
+    return [{"from": None, "end": None}, {"from": 4, "end": None, "failure": failure}]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_a_replaced_pod_shows_the_crash_the_run_kept(fake, capsys, api):
+    """The operator replaced the crashed pod (its log is gone); the new start's rank 0 printed the crash the run
+    kept (trainer/crash_budget.py failure_report) near the top of its log, and status shows it from there."""
+    from trainer.crash_budget import failure_report
+
+    _submit(capsys, api, "resnet-cifar")
+    (pod,) = _pods(fake, "resnet-cifar")
+    name = pod["metadata"]["name"]
+    unix = time.time() - 600
+    report = failure_report(_crash_record(unix))
+    filler = [f"startup line {i} " + "x" * 80 for i in range(100)]  # the head is read in bytes, not lines
+    fake.logs[("gnp", name)] = "\n".join(["loading", *report, *filler, PROGRESS]) + "\n"
+    out = _status(fake, capsys, api, "resnet-cifar")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+    at = next(i for i, line in enumerate(out) if line.startswith("last failure:"))
+    assert out[at : at + 6] == [
+        f"last failure: exit 201 on rank 1 at {when} (it had resumed from step 4), kept by the run (the crashed "
+        f"pod was replaced): {MEANING_201} [retried]",
+        '  |   File "/app/trainer/train.py", line 26, in f26',
+        '  |   File "/app/trainer/train.py", line 27, in f27',
+        '  |   File "/app/trainer/train.py", line 28, in f28',
+        '  |   File "/app/trainer/train.py", line 29, in f29',
+        "  | RuntimeError: CUDA error: an illegal memory access was encountered",
+    ]
+    assert not out[at + 6].startswith("  | "), out
+    logs = [p for m, p in fake.requests if m == "GET" and p.startswith(f"/api/v1/namespaces/gnp/pods/{name}/log?")]
+    assert any("limitBytes=65536" in p for p in logs), logs  # a bounded read of the head, never the whole log
+    # a start that followed a clean end prints no report: nothing to show
+    fake.logs[("gnp", name)] = "\n".join(["loading", *filler, PROGRESS]) + "\n"
+    assert not [line for line in _status(fake, capsys, api, "resnet-cifar") if line.startswith("last failure")]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_the_termination_message_is_the_failures_tail(fake, capsys, api):
+    """The launcher wrote the crashed rank's traceback tail to /dev/termination-log: status shows it from the pod's
+    status (it outlives log rotation) and does not read the log for it."""
+    _submit(capsys, api, "resnet-cifar")
+    (pod,) = _pods(fake, "resnet-cifar")
+    name = pod["metadata"]["name"]
+    frames = "".join(f"  frame {i}\n" for i in range(8))
+    message = (
+        f"exit 201: rank 1 crashed\nTraceback (most recent call last):\n{frames}torch.OutOfMemoryError: CUDA OOM\n"
+    )
+    pod_terminated(pod, 201, T_1H, message=message)
+    fake.logs[("gnp", name)] = "the log says something else\n"
+    out = _status(fake, capsys, api, "resnet-cifar")
+    at = next(i for i, line in enumerate(out) if line.startswith("last failure:"))
+    assert out[at + 1 : at + 6] == [
+        "  |   frame 4",
+        "  |   frame 5",
+        "  |   frame 6",
+        "  |   frame 7",
+        "  | torch.OutOfMemoryError: CUDA OOM",
+    ]
+    assert not [p for m, p in fake.requests if f"/pods/{name}/log?" in p and "tailLines=5" in p]
+
+
 def test_finished_jobs(fake, capsys):
     _submit(capsys, "pytorchjob", "resnet-cifar")
     job = _job(fake, "pytorchjob", "resnet-cifar")

@@ -144,10 +144,31 @@ def test_rank_shim_records_the_status_the_process_exits_with(tmp_path, how, stat
     # it ran like `python -m gnp_shim_probe ...`
     assert (tmp_path / "seen").read_text() == repr(("__main__", how))
     recorded = {f.name: f.read_text() for f in (tmp_path / "status").iterdir()}
+    error = json.loads(recorded.pop("error.3.1", "null"))
     expected = {"start.3.1": ""}
     if status > 0:  # 0 records nothing (success), a signal cannot be recorded
         expected["exit.3.1"] = f"{status}\n"
     assert recorded == expected
+    if how == ["raise"]:  # an uncaught exception also leaves its traceback tail, for the launcher to keep
+        assert error["rank"] == 1 and abs(error["unix"] - time.time()) < 60
+        assert error["lines"][0] == "Traceback (most recent call last):" and error["lines"][-1] == "RuntimeError: boom"
+    else:
+        assert error is None
+
+
+def test_first_error_is_the_earliest_of_the_last_attempt(tmp_path):
+    """The crash that came first in torchrun's last restart attempt: the other ranks fail after it."""
+    from trainer.launch import first_error
+
+    def write(name: str, unix: float, line: str) -> None:
+        (tmp_path / name).write_text(json.dumps({"rank": int(name[-1]), "unix": unix, "lines": [line]}))
+
+    assert first_error(tmp_path) is None
+    write("error.0.1", 10.0, "attempt 0")
+    write("error.1.0", 30.0, "gloo: connection closed by peer")
+    write("error.1.1", 20.0, "RuntimeError: the cause")
+    (tmp_path / "error.1.2").write_text("{half")  # a rank killed while writing: ignored
+    assert first_error(tmp_path) == {"rank": 1, "unix": 20.0, "lines": ["RuntimeError: the cause"]}
 
 
 # ---------------------------------------------------------------------------------------------------

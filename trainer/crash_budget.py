@@ -17,6 +17,9 @@ the old or the new one, never half):
     end      null until a clean end is recorded: "done" (rank 0, after a successful finish), "signal" (the
              launcher got SIGTERM/SIGINT: preemption, eviction, pod deletion) or "fault" (the launcher mapped
              the attempt to 200: a storage outage or a rank killed by a signal, which have their own retries)
+    failure  (only on a start that crashed, written by the launcher of rank 0's node) the crash as the next
+             start and `make status` show it: {"exit": 201, "rank": 1, "unix": ..., "lines": [the last
+             lines of the first failing rank's traceback]}; see "The last failure" below
 
 The counting rule. A start whose end is null crashed (the process ended without a clean end: an uncaught
 exception on any rank, after which torchrun stops the other ranks, or a torchrun restart). A start "ended at"
@@ -33,6 +36,13 @@ longer count. To go on anyway: raise `run.crash_restarts` (or GNP_CRASH_RESTARTS
 A damaged record (not JSON, wrong shape) is kept as starts.json.damaged and counting starts afresh, with one
 warning line; a storage failure while reading or writing the record is one warning line and the start goes
 on without the budget (the budget is a safety net: it must never keep a good run from resuming).
+
+The last failure. A crashed pod is replaced by a new one (PyTorchJob's ExitCode policy, JobSet's restarts), and
+its log goes with it. So the launcher keeps the crash with the run: the rank shim writes the traceback tail of
+an uncaught exception into $GNP_STATUS_DIR, and after a crash the launcher of rank 0's node stores the first
+failing rank's tail in this start's `failure` (`record_failure`). The next start's rank 0 prints it near the top
+of its log (`previous start failed: ...` and `  | ` lines: `make status` reads them back from the new pod) and a
+refusal (exit 3) names the last crash, so the pod that stays after the loop stopped says why.
 
 Known limit: on a multi-node job, a restart of the ranks because another node was lost counts as a crash
 (only the launcher of rank 0's node can record the end); `checkpoint.every_steps` and N absorb that.
@@ -127,11 +137,36 @@ def refusal(starts: list[dict], resumed: int | None, limit: int, where: str) -> 
     if crashed <= limit:
         return ""
     at = f"a checkpoint newer than step {resumed}" if resumed is not None else "a first checkpoint"
+    failure = (starts[-1].get("failure") or {}) if starts else {}
+    last = f"; the last crash (rank {failure.get('rank', '?')}): {failure['lines'][-1]}" if failure.get("lines") else ""
     return (
-        f"crash loop: {crashed} starts in a row crashed before {at} was written (run.crash_restarts={limit}); "
+        f"crash loop: {crashed} starts in a row crashed before {at} was written (run.crash_restarts={limit}){last}; "
         f"not starting again (exit 3, permanent). To go on: fix the crash, then raise run.crash_restarts "
         f"(GNP_CRASH_RESTARTS) or delete {where}"
     )
+
+
+FAILURE_HEADER = "previous start failed: "  # what `make status` looks for in the head of rank 0's log
+FAILURE_LINE = "  | "
+
+
+def failure_report(starts: list[dict]) -> list[str]:
+    """The log lines that show the newest start's recorded crash, [] when it has none:
+
+    previous start failed: exit 201 on rank 1 at 2026-12-07T06:40:01Z (it had resumed from step 4)
+      | Traceback (most recent call last):
+      | ...
+      | RuntimeError: ...
+    """
+    failure = (starts[-1].get("failure") or {}) if starts else {}
+    if not isinstance(failure, dict) or not failure.get("lines"):
+        return []
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(failure.get("unix") or 0)))
+    origin = starts[-1].get("from")
+    resumed = f"resumed from step {origin}" if origin is not None else "started afresh"
+    exit_, rank = failure.get("exit", "?"), failure.get("rank", "?")
+    head = f"{FAILURE_HEADER}exit {exit_} on rank {rank} at {when} (it had {resumed})"
+    return [head, *(FAILURE_LINE + str(line) for line in failure["lines"])]
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -157,6 +192,8 @@ def begin(storage: Storage, resumed: int | None, limit: int, env, pointer: dict 
     if env.is_primary:
         try:
             starts = read(storage)
+            for line in failure_report(starts):  # the crashed pod and its log are gone: the run kept this
+                print(line, file=sys.stderr, flush=True)
             message = refusal(starts, resumed, limit, f"{storage.uri.rstrip('/')}/{RECORD}")
             if not message:
                 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -191,6 +228,17 @@ def end(storage: Storage, index: int, how: str) -> bool:
     return True
 
 
+def record_failure_at(storage: Storage, index: int, failure: dict) -> bool:
+    """Store `failure` on start `index` if it is still the newest start and ended without a clean end (a
+    crash); whether it was stored."""
+    starts = read(storage)
+    if index != len(starts) - 1 or starts[index].get("end") is not None:
+        return False
+    starts[index]["failure"] = failure
+    write(storage, starts)
+    return True
+
+
 def finish(start: Start) -> None:
     """Rank 0, after a successful run: this start ended cleanly."""
     if start.storage is None:
@@ -204,10 +252,9 @@ def finish(start: Start) -> None:
 # ---------------------------------------------------------------------------------------------- the launcher
 
 
-def end_from_status_dir(status_dir: str | os.PathLike, how: str) -> None:
-    """The launcher: record `how` ("signal" or "fault") for the start that rank 0 of this node wrote into
-    `status_dir`, if any (only rank 0's node has one). Failures are one warning line: the start then counts as
-    a crash, which the budget absorbs."""
+def _from_pointer(status_dir: str | os.PathLike, what: str, update) -> None:
+    """Reopen the storage of the start that rank 0 of this node wrote into `status_dir` (only rank 0's node has
+    a pointer) and call update(storage, index). Failures are one warning line: recording is a courtesy."""
     path = Path(status_dir, POINTER)
     if not path.is_file():
         return
@@ -221,6 +268,17 @@ def end_from_status_dir(status_dir: str | os.PathLike, how: str) -> None:
             max_attempts=p.get("s3_max_attempts", 5),
             check=False,
         )
-        end(storage, int(p["index"]), how)
+        update(storage, int(p["index"]))
     except (OSError, ValueError, KeyError, TypeError, StorageError) as e:
-        warn(f"cannot record that the last start ended by {how}: {' '.join(str(e).split())}")
+        warn(f"cannot record {what}: {' '.join(str(e).split())}")
+
+
+def end_from_status_dir(status_dir: str | os.PathLike, how: str) -> None:
+    """The launcher: record `how` ("signal" or "fault") for this node's rank 0 start. A failure to record is one
+    warning line: the start then counts as a crash, which the budget absorbs."""
+    _from_pointer(status_dir, f"that the last start ended by {how}", lambda st, i: end(st, i, how))
+
+
+def failure_from_status_dir(status_dir: str | os.PathLike, failure: dict) -> None:
+    """The launcher, after a crash: keep `failure` with this node's rank 0 start (see "The last failure")."""
+    _from_pointer(status_dir, "the last crash with the run", lambda st, i: record_failure_at(st, i, failure))

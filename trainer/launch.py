@@ -29,6 +29,9 @@ On a rank failure the output is the ranks' own lines and one `launch:` line (non
 it all); torchrun runs through `torchrun`, which drops its ChildFailedError report (a 40-line traceback that
 names no cause), its agent's warnings and its "failed (exitcode: N)" line per rank. After a signal (128+N) or
 a 200, the launcher records that clean end in the run's crash budget, so a preemption does not count as a crash.
+After a crash (1 or 201) it keeps the first failing rank's traceback tail (which the rank shim wrote into
+$GNP_STATUS_DIR as error.<restart>.<local_rank>) with the run and as the container's termination message
+(GNP_TERMINATION_LOG, default /dev/termination-log when it exists): the replaced pod's log is gone, this is not.
 
 Environment: GNP_MODULE (module the ranks run, default `trainer`), GNP_RETRY_CRASHES (0|1, default 0),
 GNP_CRASH_RESTARTS (run.crash_restarts' default, an integer >= 0; checked here before torchrun starts),
@@ -41,6 +44,7 @@ bucket, nothing under the prefix) exit 2 with one line, other S3 failures 200.
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import shutil
@@ -48,6 +52,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -94,10 +100,76 @@ def run_rank(module: str, args: Sequence[str]) -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_CRASH)
         raise
+    except Exception as e:  # the interpreter still prints the whole traceback; the launcher keeps its tail
+        if status_dir:
+            _record_error(Path(status_dir, f"error.{name}"), e)
+        raise
     finally:
         code %= 256  # what the process will actually exit with
         if code and status_dir:
             Path(status_dir, f"exit.{name}").write_text(f"{code}\n")
+
+
+ERROR_TAIL_LINES = 20  # of a crashed rank's traceback, kept with the run (the exception is at the end)
+ERROR_LINE_CHARS = 300
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
+TERMINATION_BYTES = 4096  # the kubelet keeps at most this much of the termination message
+
+
+def _record_error(path: Path, exc: BaseException) -> None:
+    """Write the tail of `exc`'s traceback, this rank and the time as JSON (atomically: the launcher reads it
+    after the rank is gone)."""
+    lines = "".join(traceback.format_exception(exc)).rstrip().splitlines()
+    lines = [line for line in lines if line.strip(" ^~")][-ERROR_TAIL_LINES:]  # no caret-only lines
+    doc = {
+        "rank": int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0),
+        "unix": round(time.time(), 3),
+        "lines": [line[:ERROR_LINE_CHARS] for line in lines],
+    }
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the traceback is in the rank's own log either way
+
+
+def first_error(status_dir: str | os.PathLike) -> dict | None:
+    """The crash that came first in torchrun's last restart attempt (the earliest recorded traceback: the
+    other ranks often fail after it, on the broken collective), None when no rank recorded one."""
+    errors: dict[int, list[dict]] = {}
+    for entry in os.scandir(status_dir):
+        kind, _, rest = entry.name.partition(".")
+        restart = rest.partition(".")[0]
+        if kind != "error" or not restart.isdigit():
+            continue
+        try:
+            errors.setdefault(int(restart), []).append(json.loads(Path(entry.path).read_text()))
+        except (OSError, ValueError):
+            continue
+    if not errors:
+        return None
+    return min(errors[max(errors)], key=lambda e: e.get("unix", 0))
+
+
+def keep_failure(status_dir: str, status: int) -> None:
+    """After a crash (status 1 or 201): keep the first failing rank's traceback tail where a replaced pod cannot
+    lose it, with the run (trainer/crash_budget.py, read back by the next start and `make status`), and as the
+    container's termination message (pod status `lastState.terminated.message`, `kubectl describe pod`)."""
+    from trainer.crash_budget import failure_from_status_dir
+
+    error = first_error(status_dir)
+    if error is None:
+        return
+    failure = {"exit": status, **error}
+    failure_from_status_dir(status_dir, failure)
+    path = Path(os.environ.get("GNP_TERMINATION_LOG", TERMINATION_LOG))
+    if path.is_file():  # the kubelet creates it; elsewhere nothing is written
+        text = f"exit {status}: rank {failure['rank']} crashed\n" + "\n".join(failure["lines"]) + "\n"
+        try:
+            path.write_bytes(text.encode()[-TERMINATION_BYTES:])
+        except OSError:
+            pass
 
 
 def run_torchrun(args: Sequence[str]) -> int:
@@ -344,6 +416,8 @@ def train(args: Sequence[str], sup: _Supervisor) -> int:
             log(message)
         if status == EXIT_RETRYABLE:  # outages and killed ranks have their own retries
             end_start(status_dir, "fault")
+        elif status in (EXIT_CRASH, EXIT_RETRY_CRASH):
+            keep_failure(status_dir, status)
         return status
     finally:
         if status_dir:

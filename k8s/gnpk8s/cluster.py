@@ -283,6 +283,11 @@ def delete_custom(cluster: Cluster, group: str, version: str, plural: str, name:
 WAIT_REASONS_IGNORED = ("ContainerCreating", "PodInitializing")
 LOG_TAIL_LINES = 200  # how much of rank 0's log status reads to find the last `progress` line
 FAILURE_TAIL_LINES = 5  # the log lines shown under the last failure
+LOG_HEAD_BYTES = 65536  # how much of the head of rank 0's log status reads for the crash the run kept
+# What the trainer's rank 0 prints near the top of its log when the previous start crashed (trainer/crash_budget.py
+# failure_report): the header, then the crashed rank's traceback tail, one `  | ` line each.
+FAILURE_HEADER = "previous start failed: "
+FAILURE_LINE = "  | "
 
 
 def pod_state(pods: list) -> str | None:
@@ -367,12 +372,15 @@ def progress_line(p: dict, source: str) -> str:
     return f"progress: {', '.join(parts)}   ({source})"
 
 
-def read_log(cluster: Cluster, pod: str, container: str, tail: int, previous: bool = False) -> str | None:
-    """The last `tail` lines of a container's log (the previous container's with previous=True); None when the
-    API cannot serve it (pod gone, container not started, no previous container)."""
+def read_log(
+    cluster: Cluster, pod: str, container: str, tail: int, previous: bool = False, head_bytes: int = 0
+) -> str | None:
+    """The last `tail` lines of a container's log (the previous container's with previous=True), or with
+    `head_bytes` its first that many bytes; None when the API cannot serve it (pod gone, container not
+    started, no previous container)."""
     from kubernetes.client.exceptions import ApiException
 
-    kw: dict = {"container": container, "tail_lines": tail}
+    kw: dict = {"container": container, **({"limit_bytes": head_bytes} if head_bytes else {"tail_lines": tail})}
     if previous:
         kw["previous"] = True
     try:
@@ -419,9 +427,41 @@ def restart_count(pods: list, container: str, label: str | None = None) -> int:
     return n
 
 
-def last_failure(cluster: Cluster, pods: list, container: str) -> list[str]:
+def parse_failure_report(text: str) -> tuple[str, list[str]] | None:
+    """(header, traceback tail) of the last `previous start failed: ...` block in a log, None without one."""
+    lines, found = text.splitlines(), None
+    for i, line in enumerate(lines):
+        at = line.find(FAILURE_HEADER)
+        if at < 0:
+            continue
+        prefix, tail = line[:at], []  # a log collector's or torchrun's prefix, the same on every line
+        for follow in lines[i + 1 :]:
+            if not follow.startswith(prefix + FAILURE_LINE):
+                break
+            tail.append(follow[len(prefix) + len(FAILURE_LINE) :])
+        found = (line[at + len(FAILURE_HEADER) :], tail)
+    return found
+
+
+def recorded_failure(cluster: Cluster, rank0: str, container: str) -> list[str]:
+    """The crash the run kept (see parse_failure_report) from the head of rank 0's current log: what is left of a
+    failure once the operator replaced the crashed pod, whose own log went with it."""
+    report = parse_failure_report(read_log(cluster, rank0, container, 0, head_bytes=LOG_HEAD_BYTES) or "")
+    if report is None:
+        return []
+    header, tail = report
+    code = header.split()[1] if header.startswith("exit ") else ""
+    meaning = f": {exit_meaning(int(code))}" if code.isdigit() else ""
+    lines = [f"last failure: {header}, kept by the run (the crashed pod was replaced){meaning}"]
+    return lines + [f"  | {line}" for line in tail[-FAILURE_TAIL_LINES:]]
+
+
+def last_failure(cluster: Cluster, pods: list, container: str, rank0: str | None = None) -> list[str]:
     """The newest non-zero exit of the trainer container among the pods (its current state, or the previous
-    container's), its meaning, and the last lines of that container's log while the API still has it."""
+    container's), its meaning, and its last lines: the container's termination message (what the launcher
+    wrote: the crashed rank's traceback tail), else the last lines of its log while the API still has it.
+    When no pod shows a failure but the pods were replaced, the crash the run kept, from rank 0's log
+    (`rank0`: that pod's name)."""
     found = []
     for p in pods:
         for cs in p.status.container_statuses or []:
@@ -432,13 +472,14 @@ def last_failure(cluster: Cluster, pods: list, container: str) -> list[str]:
                 if t and t.exit_code:
                     found.append((str(t.finished_at or ""), p.metadata.name, prev, t))
     if not found:
-        return []
+        live = [p for p in pods if p.metadata.name == rank0 and p.status.phase in ("Running", "Succeeded", "Failed")]
+        return recorded_failure(cluster, rank0, container) if rank0 and live else []
     _, pod, prev, t = max(found, key=lambda f: f[0])
     lines = [
         f"last failure: {pod} exit {t.exit_code} ({t.reason or '?'}"
         f"{', previous container' if prev else ''}, {age(t.finished_at)} ago): {exit_meaning(t.exit_code)}"
     ]
-    text = read_log(cluster, pod, container, FAILURE_TAIL_LINES, previous=prev)
+    text = t.message or read_log(cluster, pod, container, FAILURE_TAIL_LINES, previous=prev)
     lines += [f"  | {line}" for line in (text or "").splitlines()[-FAILURE_TAIL_LINES:]]
     return lines
 

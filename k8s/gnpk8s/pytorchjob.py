@@ -200,7 +200,7 @@ def status(cluster: kube.Cluster, name: str) -> str:
         lines.append(
             f"restarts: {restarts + recreated} (pods recreated, from the last hour's events, + container restarts)"
         )
-    lines += kube.last_failure(cluster, pods, CONTAINER)
+    lines += kube.last_failure(cluster, pods, CONTAINER, rank0)
     lines += kube.condition_lines(conds)
     for rtype, rs in (st.get("replicaStatuses") or {}).items():
         lines.append(

@@ -468,7 +468,9 @@ def status(cluster: kube.Cluster, name: str) -> str:
         lines.append(prog)
     n = kube.restart_count(pods, CONTAINER, RESTART_ATTEMPT_LABEL)
     lines.append(f"restarts: {n} (JobSet restart attempt of the pods + container restarts)")
-    lines += kube.last_failure(cluster, pods, CONTAINER)
+    node0 = [p for p in pods if (p.metadata.labels or {}).get(COMPLETION_INDEX_LABEL) == "0"]
+    rank0 = max(node0, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name if node0 else None
+    lines += kube.last_failure(cluster, pods, CONTAINER, rank0)
     lines += kube.condition_lines(conds)
     for js in st.get("jobsStatus") or []:
         lines.append(

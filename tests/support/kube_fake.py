@@ -11,6 +11,7 @@ expects (JSON bodies, `Status` objects for errors) for:
   DELETE /apis/kubeflow.org/v1/namespaces/NS/pytorchjobs/NAME          delete (and the job's pods)
   GET    /api/v1/namespaces/NS/pods?labelSelector=k=v,...              list pods by equality selectors
   GET    /api/v1/namespaces/NS/pods/NAME/log?container=C               the pod's log text (&tailLines=N,
+                                                                       &limitBytes=N: the first N bytes,
                                                                        &previous=true: `previous_logs`; 400
                                                                        while the pod is Pending)
   GET    /api/v1/namespaces/NS/events?fieldSelector=k=v,...           Events (the operator's SuccessfulCreatePod)
@@ -429,7 +430,8 @@ class FakeKube:
 
     def _log(self, ns: str, name: str, query: dict) -> tuple[int, dict | str]:
         """A pod's log as the kubelet serves it: 400 while its container waits to start; previous=true the
-        previous container's (`previous_logs`; 400 when there is none); tailLines the last N lines."""
+        previous container's (`previous_logs`; 400 when there is none); tailLines the last N lines; limitBytes
+        the first N bytes."""
         pod = self.pods[(ns, name)]
         container = (query.get("container") or [""])[0]
         if (query.get("previous") or [""])[0] == "true":
@@ -447,6 +449,9 @@ class FakeKube:
         tail = (query.get("tailLines") or [""])[0]
         if tail:
             text = "".join(text.splitlines(keepends=True)[-int(tail) :])
+        limit = (query.get("limitBytes") or [""])[0]
+        if limit:  # the first N bytes of what would be served (the kubelet stops reading there)
+            text = text.encode()[: int(limit)].decode(errors="ignore")
         return 200, text
 
 
@@ -489,12 +494,17 @@ def pod_waiting(pod: dict, reason: str, message: str) -> None:
     }
 
 
-def pod_terminated(pod: dict, exit_code: int, finished_at: str, previous: bool = False, restarts: int = 0) -> None:
+def pod_terminated(
+    pod: dict, exit_code: int, finished_at: str, previous: bool = False, restarts: int = 0, message: str = ""
+) -> None:
     """The trainer container exited with `exit_code`: the pod Failed (previous=False) or, with previous=True,
-    Running again with that exit as its lastState and `restarts` container restarts."""
+    Running again with that exit as its lastState and `restarts` container restarts. `message`: what the
+    container wrote to its terminationMessagePath (the kubelet's `terminated.message`)."""
     term = {
         "terminated": {"exitCode": exit_code, "reason": "Error", "startedAt": finished_at, "finishedAt": finished_at}
     }
+    if message:
+        term["terminated"]["message"] = message
     for cs in pod["status"]["containerStatuses"]:
         if previous:
             cs.update({"lastState": term, "restartCount": restarts})
