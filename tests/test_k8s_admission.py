@@ -327,6 +327,7 @@ def test_rbac_example_is_namespaced_and_minimal():
         ("", "events", ("get", "list")),
         ("kueue.x-k8s.io", "workloads", ("get", "list")),
         ("kueue.x-k8s.io", "localqueues", ("get", "list")),
+        ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", ("get",)),  # make status's queue position
     ]
     for group, resource, verbs in need:
         for verb in verbs:
