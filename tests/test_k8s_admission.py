@@ -377,6 +377,7 @@ def test_rbac_example_grants_every_call_the_tool_makes(serve, capsys):
         ("trainingruntimes", "patch"),
         ("workloads", "list"),
         ("localqueues", "list"),
+        ("localqueues/pendingworkloads", "get"),
         ("pods/log", "get"),
     } <= checked
 
