@@ -327,6 +327,7 @@ def test_rbac_example_is_namespaced_and_minimal():
         ("", "events", ("get", "list")),
         ("kueue.x-k8s.io", "workloads", ("get", "list")),
         ("kueue.x-k8s.io", "localqueues", ("get", "list")),
+        ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", ("get",)),  # make status's queue position
     ]
     for group, resource, verbs in need:
         for verb in verbs:
@@ -376,6 +377,7 @@ def test_rbac_example_grants_every_call_the_tool_makes(serve, capsys):
         ("trainingruntimes", "patch"),
         ("workloads", "list"),
         ("localqueues", "list"),
+        ("localqueues/pendingworkloads", "get"),
         ("pods/log", "get"),
     } <= checked
 

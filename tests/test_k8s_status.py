@@ -102,7 +102,10 @@ def test_queued_shows_the_workloads_reason(fake, capsys, api):
     wl_name = wl["metadata"]["name"]
     assert out[0].startswith(f"{api} gnp/resnet-cifar: Suspended (not admitted by Kueue, or evicted)   (recipe")
     assert out[0].endswith("created 2h ago)")
-    assert out[1] == (f"kueue: not admitted (workload {wl_name}, queue team-a): QuotaReserved=False Pending: {QUOTA}")
+    assert out[1] == (
+        f"kueue: not admitted (workload {wl_name}, queue team-a, position 1 of 1 in the queue, 1 in clusterqueue "
+        f"cluster-queue): QuotaReserved=False Pending: {QUOTA}"
+    )
     assert out[-2:] == ["pods:", "  (none)"]
     # admitted: the Workload says so, and the job's state comes from its pods again
     wl["status"] = {"conditions": [{"type": "Admitted", "status": "True"}], "admission": {"clusterQueue": "gpu"}}
@@ -110,6 +113,144 @@ def test_queued_shows_the_workloads_reason(fake, capsys, api):
         _status(fake, capsys, api, "resnet-cifar")[1]
         == f"kueue: admitted (workload {wl_name}, queue team-a, clusterqueue gpu)"
     )
+
+
+QUOTA_FALSE = {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": QUOTA}]}
+T_NOW = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+T_3H = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _queued(fake, capsys, api: str = "pytorchjob") -> dict:
+    """Submit resnet-cifar to LocalQueue team-a; its Workload, pending for want of quota, created 2 hours ago."""
+    fake.kueue.local_queues = {"gnp": ["team-a"], "other": ["team-b", "team-c"]}
+    _submit(capsys, api, "resnet-cifar", "queue=team-a")
+    (_, _, wl), *_ = fake.kueue.workloads
+    wl["status"] = QUOTA_FALSE
+    wl["metadata"]["creationTimestamp"] = T_2H
+    return wl
+
+
+def _pending_requests(fake) -> list[str]:
+    return [p for m, p in fake.requests if m == "GET" and "/pendingworkloads" in p]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_queued_shows_its_position_in_the_queue(fake, capsys, api):
+    """Kueue's visibility API orders the pending Workloads by priority, then creation (StrictFIFO): one created
+    later but of higher priority is ahead, one of the same priority created later is behind; status prints the
+    position from 1 (the API counts from 0), in the LocalQueue and in its ClusterQueue."""
+    fake.kueue.cluster_queues = {"team-a": "gpu", "team-b": "gpu", "team-c": "cpu"}
+    wl = _queued(fake, capsys, api)
+    fake.kueue.add_workload("gnp", "ahead-by-priority", "team-a", priority=10, created=T_NOW)
+    fake.kueue.add_workload("gnp", "behind", "team-a", priority=0, created=T_1H)
+    admitted = fake.kueue.add_workload("gnp", "running", "team-a", priority=100, created=T_2H)
+    admitted["status"] = {"conditions": [{"type": "Admitted", "status": "True"}], "admission": {"clusterQueue": "gpu"}}
+    # another namespace's LocalQueue feeding ClusterQueue gpu, created before ours: ahead in the ClusterQueue only;
+    # one feeding another ClusterQueue counts nowhere
+    fake.kueue.add_workload("other", "other-team-first", "team-b", priority=0, created=T_3H)
+    fake.kueue.add_workload("other", "other-clusterqueue", "team-c", priority=100, created=T_3H)
+    out = _status(fake, capsys, api, "resnet-cifar")
+    name = wl["metadata"]["name"]
+    assert out[1] == (
+        f"kueue: not admitted (workload {name}, queue team-a, position 2 of 3 in the queue, 3 in clusterqueue gpu): "
+        f"QuotaReserved=False Pending: {QUOTA}"
+    )
+    assert _pending_requests(fake) == [
+        "/apis/visibility.kueue.x-k8s.io/v1beta1/namespaces/gnp/localqueues/team-a/pendingworkloads?limit=1000&offset=0"
+    ]
+    # no condition yet: the position still comes
+    wl["status"] = {}
+    assert _status(fake, capsys, api, "resnet-cifar")[1] == (
+        f"kueue: not admitted (workload {name}, queue team-a, position 2 of 3 in the queue, 3 in clusterqueue gpu): "
+        "no condition yet"
+    )
+
+
+def test_queue_position_from_visibility_v1beta2(fake, capsys):
+    """A Kueue that serves only visibility.kueue.x-k8s.io/v1beta2: v1beta1 answers 404, v1beta2 the position."""
+    fake.kueue.visibility_versions = {"v1beta2"}
+    wl = _queued(fake, capsys)
+    fake.kueue.add_workload("gnp", "ahead", "team-a", priority=1)
+    out = _status(fake, capsys, "pytorchjob", "resnet-cifar")
+    assert out[1].startswith(
+        f"kueue: not admitted (workload {wl['metadata']['name']}, queue team-a, position 2 of 2 in the queue, "
+        "2 in clusterqueue cluster-queue): QuotaReserved=False"
+    )
+    assert [p.split("/")[3] for p in _pending_requests(fake)] == ["v1beta1", "v1beta2"]
+
+
+NOTES = {
+    "absent": "position unknown: Kueue's visibility API is not served",
+    "forbidden": (
+        "position unknown: forbidden, grant get on localqueues/pendingworkloads (visibility.kueue.x-k8s.io), "
+        "see k8s/examples/rbac.yaml"
+    ),
+    "down": "position unknown: Kueue's visibility API server is down (503)",
+    "no-localqueue": "position unknown: Kueue has no LocalQueue team-a",
+}
+
+
+@pytest.mark.parametrize("why", sorted(NOTES))
+def test_queue_position_unknown_says_why_and_status_still_works(fake, capsys, why):
+    """Without the visibility API (Kueue < 0.6, feature gate VisibilityOnDemand off: 404 on both versions), without
+    the RBAC rule (403), with its aggregated server down (503), or the LocalQueue gone, the line is today's plus the
+    note; exit 0."""
+    if why == "absent":
+        fake.kueue.visibility_versions = set()
+    elif why == "forbidden":
+        fake.kueue.visibility_forbidden = True
+    elif why == "down":
+        fake.kueue.visibility_down = True
+    wl = _queued(fake, capsys)
+    if why == "no-localqueue":  # deleted since submit: Kueue's 404 names it, no other version is tried
+        fake.kueue.local_queues = {"gnp": []}
+    out = _status(fake, capsys, "pytorchjob", "resnet-cifar")  # (asserts exit status 0)
+    assert out[1] == (
+        f"kueue: not admitted (workload {wl['metadata']['name']}, queue team-a, {NOTES[why]}): "
+        f"QuotaReserved=False Pending: {QUOTA}"
+    )
+    assert len(_pending_requests(fake)) == (2 if why == "absent" else 1)  # absent: v1beta1, then v1beta2
+
+
+def test_queue_position_beyond_the_first_page(fake, capsys):
+    """The visibility API answers one page (limit 1000): a Workload behind 1000 others is `position > 1000`; one
+    in a full page is `of 1000 or more`."""
+    wl = _queued(fake, capsys)
+    for i in range(1000):
+        fake.kueue.add_workload("gnp", f"ahead-{i:04d}", "team-a", priority=5, created=T_2H)
+    head = f"kueue: not admitted (workload {wl['metadata']['name']}, queue team-a, "
+    assert _status(fake, capsys, "pytorchjob", "resnet-cifar")[1].startswith(f"{head}position > 1000 in the queue): ")
+    wl["spec"]["priority"] = 6  # now first
+    assert _status(fake, capsys, "pytorchjob", "resnet-cifar")[1].startswith(
+        f"{head}position 1 of 1000 or more in the queue, 1 in clusterqueue cluster-queue): "
+    )
+
+
+def test_fake_pendingworkloads_answers_kueues_shape_with_limit_and_offset(fake):
+    """The fake's visibility API (tests/support/kube_fake_kueue.py): a PendingWorkloadsSummary in StrictFIFO order,
+    cut by offset and limit; 404 naming an unknown LocalQueue."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    fake.kueue.local_queues = {"gnp": ["team-a"]}
+    for name, prio, created in (("c", 0, T_1H), ("a", 9, T_NOW), ("b", 0, T_2H)):
+        fake.kueue.add_workload("gnp", name, "team-a", priority=prio, created=created)
+    base = f"{fake.url}/apis/visibility.kueue.x-k8s.io/v1beta1/namespaces/gnp/localqueues"
+    with urllib.request.urlopen(f"{base}/team-a/pendingworkloads") as r:
+        summary = json.load(r)
+    assert (summary["kind"], summary["apiVersion"]) == ("PendingWorkloadsSummary", "visibility.kueue.x-k8s.io/v1beta1")
+    assert [(i["metadata"]["name"], i["positionInLocalQueue"], i["priority"]) for i in summary["items"]] == [
+        ("a", 0, 9),
+        ("b", 1, 0),
+        ("c", 2, 0),
+    ]
+    assert summary["items"][0]["localQueueName"] == "team-a" and summary["items"][0]["positionInClusterQueue"] == 0
+    with urllib.request.urlopen(f"{base}/team-a/pendingworkloads?limit=1&offset=1") as r:
+        assert [i["metadata"]["name"] for i in json.load(r)["items"]] == ["b"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{base}/nope/pendingworkloads")
+    assert e.value.code == 404 and json.load(e.value)["details"]["name"] == "nope"
 
 
 def test_no_workload_says_kueue_does_not_manage_the_job(fake, capsys):

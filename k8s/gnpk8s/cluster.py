@@ -108,6 +108,36 @@ def api_message(e: Any) -> str:
         return str(e.reason)
 
 
+def get_path(
+    cluster: Cluster,
+    what: str,
+    path: str,
+    path_params: dict[str, str],
+    query: list[tuple[str, Any]],
+    passthrough: tuple[int, ...] = (),
+) -> Any:
+    """GET one API path the generated client has no method for (a subresource of an aggregated API, such as
+    Kueue's /apis/visibility.kueue.x-k8s.io/v1beta1/namespaces/{namespace}/localqueues/{name}/pendingworkloads),
+    its JSON answer as a dict: the client's own serialization (path parameters quoted, the kubeconfig's bearer
+    token), through api_call (the same timeouts and one-line errors as every other call)."""
+    api = cluster.custom.api_client
+
+    def get(_request_timeout: Any) -> Any:
+        method, url, headers, body, post = api.param_serialize(
+            "GET",
+            path,
+            path_params=path_params,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        resp = api.call_api(method, url, headers, body, post, _request_timeout=_request_timeout)
+        resp.read()
+        return api.response_deserialize(resp, {"200": "object"}).data  # ApiException for any other status
+
+    return api_call(cluster, what, get, passthrough=passthrough)
+
+
 def custom_call(cluster: Cluster, verb: str, group: str, version: str, plural: str, *args: Any, **kw: Any) -> Any:
     """One call on a namespaced custom resource: verb get|list|create|replace|patch|delete (api_call's errors)."""
     fn = getattr(cluster.custom, f"{verb}_namespaced_custom_object")

@@ -11,6 +11,12 @@ fix when none appears, instead of leaving a job that silently never starts.
 Without a queue in the spec, a namespace with exactly one LocalQueue gets it (a namespace set up for Kueue
 usually has one, and a job outside it would bypass the team's quota, or be refused by a policy); with several
 submit lists them and stops; without Kueue (its API absent: 404) or without LocalQueues the job runs unqueued.
+
+`make status` prints the Workload's state, and for one not admitted its place in the queue: the Workload carries
+no position, Kueue's on-demand visibility API (visibility.kueue.x-k8s.io, an aggregated API served by
+kueue-controller-manager since Kueue 0.6, feature gate VisibilityOnDemand) does, as the LocalQueue's
+`pendingworkloads` subresource. Reading it needs `get` on localqueues/pendingworkloads in the namespace
+(k8s/examples/rbac.yaml); without it, or without that API, status says why the position is unknown.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from .cluster import api_call
+from .cluster import api_call, api_message, get_path
 from .errors import UserError
 from .spec import JobSpec
 
@@ -106,12 +112,89 @@ def wait_for_workload(cluster, kind: Any, name: str, uid: str, wait_s: float = D
 
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+VISIBILITY_GROUP = "visibility.kueue.x-k8s.io"
+VISIBILITY_VERSIONS = ("v1beta1", "v1beta2")  # v1beta1 since Kueue 0.6; newer Kueue also serves v1beta2
+PENDING_PATH = "/apis/" + VISIBILITY_GROUP + "/{version}/namespaces/{namespace}/localqueues/{queue}/pendingworkloads"
+PENDING_PAGE = 1000  # the visibility API's default limit: one page, a position beyond it is `> 1000`
+RBAC_HINT = f"grant get on localqueues/pendingworkloads ({VISIBILITY_GROUP}), see k8s/examples/rbac.yaml"
+
+
+def _not_found_name(e: Any) -> str | None:
+    """The name in a 404 Status's details (`localqueue "q" not found`), None for a path nobody serves."""
+    import json
+
+    try:
+        return (json.loads(e.body).get("details") or {}).get("name")
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def queue_position(cluster, queue: str, workload: str) -> str:
+    """Where a pending Workload stands, from Kueue's on-demand visibility API (the LocalQueue's
+    pendingworkloads: positionInLocalQueue and positionInClusterQueue, from 0, printed from 1): `position 2 of 3
+    in the queue, 4 in clusterqueue gpu`; `position > 1000 in the queue` beyond the first page; `position
+    unknown: why` when the API is not served (404 on both versions: Kueue < 0.6, or its VisibilityOnDemand
+    feature gate off), forbidden (403), or its aggregated API server does not answer (503). Never raises: status
+    works without it."""
+    from kubernetes.client.exceptions import ApiException
+
+    summary = None
+    for version in VISIBILITY_VERSIONS:
+        try:
+            summary = get_path(
+                cluster,
+                f"get localqueues/pendingworkloads ({VISIBILITY_GROUP}/{version})",
+                PENDING_PATH,
+                {"version": version, "namespace": cluster.namespace, "queue": queue},
+                [("limit", PENDING_PAGE), ("offset", 0)],
+                passthrough=(403, 404, 503),
+            )
+            break
+        except ApiException as e:
+            if e.status == 404 and _not_found_name(e) == queue:
+                return f"position unknown: Kueue has no LocalQueue {queue}"
+            if e.status == 404:
+                continue  # this version is not served: try the next one
+            if e.status == 403:
+                return f"position unknown: forbidden, {RBAC_HINT}"
+            if e.status == 503:
+                return "position unknown: Kueue's visibility API server is down (503)"
+            return f"position unknown: Kueue's visibility API answered {e.status} ({api_message(e)[:120]})"
+        except Exception as e:  # unreachable, timed out (a UserError from api_call): the position is only a hint
+            return f"position unknown: Kueue's visibility API did not answer ({' '.join(str(e).split())[:120]})"
+    if summary is None:
+        return "position unknown: Kueue's visibility API is not served"
+    items = summary.get("items") or [] if isinstance(summary, dict) else []
+    item = next((i for i in items if (i.get("metadata") or {}).get("name") == workload), None)
+    full = len(items) >= PENDING_PAGE
+    if item is None:
+        if full:
+            return f"position > {PENDING_PAGE} in the queue"
+        return f"position unknown: not among the queue's {len(items)} pending workloads"
+    count = f"{PENDING_PAGE} or more" if full else str(len(items))
+    text = f"position {int(item.get('positionInLocalQueue') or 0) + 1} of {count} in the queue"
+    if item.get("positionInClusterQueue") is not None:
+        text += f", {int(item['positionInClusterQueue']) + 1} in clusterqueue {_cluster_queue(cluster, queue)}"
+    return text
+
+
+def _cluster_queue(cluster, queue: str) -> str:
+    """The ClusterQueue the LocalQueue feeds (its spec.clusterQueue), `?` when it cannot be read."""
+    try:
+        _, items = _list(cluster, "localqueues")
+    except Exception:  # only a name in a status line
+        return "?"
+    return (
+        next(((q.get("spec") or {}).get("clusterQueue") for q in items if q["metadata"]["name"] == queue), None) or "?"
+    )
 
 
 def workload_lines(cluster, obj: dict) -> list[str]:
     """`make status`'s Kueue line for a job: its Workload (owned by the job's uid), admitted or not, the queue
     and why not (the False QuotaReserved/Admitted condition's message: `couldn't assign flavors ...`). Kueue's
-    Workload status carries no queue position (the visibility API's pendingworkloads has it; not read here)."""
+    Workload status carries no queue position, so for a Workload not admitted it is read from Kueue's visibility
+    API (queue_position: the LocalQueue's pendingworkloads), to tell how many jobs wait ahead; when that API is
+    absent, forbidden or down the line says so and stays otherwise the same."""
     md = obj.get("metadata", {})
     queue = (md.get("labels") or {}).get(QUEUE_LABEL)
     if not queue:
@@ -140,10 +223,8 @@ def workload_lines(cluster, obj: dict) -> list[str]:
         ),
         None,
     )
+    where = f"workload {name}, queue {queue}, {queue_position(cluster, queue, name)}"
     if why is None:
-        return [f"kueue: not admitted (workload {name}, queue {queue}): no condition yet"]
+        return [f"kueue: not admitted ({where}): no condition yet"]
     msg = " ".join(str(why.get("message", "")).split())
-    return [
-        f"kueue: not admitted (workload {name}, queue {queue}): "
-        f"{why.get('type')}={why.get('status')} {why.get('reason', '')}: {msg}"
-    ]
+    return [f"kueue: not admitted ({where}): {why.get('type')}={why.get('status')} {why.get('reason', '')}: {msg}"]

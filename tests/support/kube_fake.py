@@ -17,9 +17,11 @@ expects (JSON bodies, `Status` objects for errors) for:
   GET    /api/v1/namespaces/NS/events?fieldSelector=k=v,...           Events (the operator's SuccessfulCreatePod)
   GET    /api/v1/namespaces/NS/secrets/NAME                            a Secret (404 unless in `secrets`)
   GET    /apis/kueue.x-k8s.io/v1beta1/namespaces/NS/{localqueues,workloads}   with `kueue=FakeKueue(...)`
+                                                                       (tests/support/kube_fake_kueue.py), else 404
+  GET    /apis/visibility.kueue.x-k8s.io/V/namespaces/NS/localqueues/Q/pendingworkloads   Kueue's visibility
+                                                                       API (the same), else 404
   GET/POST/DELETE /apis/batch/v1/namespaces/NS/jobs[/NAME]             batch/v1 Jobs and their pod
                                                                        (tests/support/kube_fake_batch.py)
-                                                                       (tests/support/kube_fake_kueue.py), else 404
 
 Like the training operator, a created job gets a `Created` condition and one Running pod per replica
 (`<job>-master-0`, `<job>-worker-<i>`) labelled training.kubeflow.org/job-name; `Running` is then set. A job
@@ -40,6 +42,7 @@ from urllib.parse import parse_qs, urlparse
 
 GROUP_PATH = "/apis/kubeflow.org/v1"
 KUEUE_PATH = "/apis/kueue.x-k8s.io/"
+VISIBILITY_PATH = "/apis/visibility.kueue.x-k8s.io/"  # Kueue's aggregated visibility API (kube_fake_kueue.py)
 TRAINER_PATH = "/apis/trainer.kubeflow.org/"  # Kubeflow Trainer v2: served by tests/support/kube_fake_trainer.py
 BATCH_PATH = "/apis/batch/v1"  # batch/v1 Jobs: served by tests/support/kube_fake_batch.py
 JOBS = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?$")
@@ -304,6 +307,10 @@ class FakeKube:
             if self.kueue is None:
                 return 404, _status(404, "NotFound", "the server could not find the requested resource")
             return self.kueue.dispatch(method, path)
+        if path.startswith(VISIBILITY_PATH):
+            if self.kueue is None:
+                return 404, _status(404, "NotFound", "the server could not find the requested resource")
+            return self.kueue.visibility(method, path, query)
         if path.startswith(TRAINER_PATH):
             from tests.support.kube_fake_trainer import dispatch
 
