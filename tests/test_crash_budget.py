@@ -121,8 +121,9 @@ def test_a_damaged_record_is_kept_aside_and_counting_starts_afresh(tmp_path, cap
     storage.put(crash_budget.RECORD, damage)
     start = crash_budget.begin(storage, 4, 0, ONE)  # would refuse with any crash counted
     assert start.index == 0
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"warning: crash budget: {tmp_path}/starts.json is damaged (")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"warning: crash budget: {tmp_path}/starts.json is damaged (")
+    assert err[1:] == ["run starts: 1 (before this one: 0 crashed, 0 stopped by a signal, 0 faults, 0 finished)"]
     assert storage.get(crash_budget.DAMAGED) == damage
     assert [(s["from"], s["end"]) for s in crash_budget.read(storage)] == [(4, None)]
 
@@ -226,6 +227,9 @@ def test_a_crash_at_the_same_step_stops_after_the_budget(tmp_path):
         )
         statuses.append(res.returncode)
         lines = res.stderr.strip().splitlines()
+        if i < 3:  # every recorded start says its number in the run's record (make status's restart count)
+            counts = f"{i} crashed, 0 stopped by a signal, 0 faults, 0 finished"
+            assert f"run starts: {i + 1} (before this one: {counts})" in lines, lines
         if i > 0:  # the crashed pod's log is gone with it: the next start shows the crash the run kept
             head = next(j for j, line in enumerate(lines) if line.startswith("previous start failed: "))
             origin = "started afresh" if i == 1 else "resumed from step 4"

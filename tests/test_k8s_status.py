@@ -369,18 +369,26 @@ def _crash_record(unix: float) -> list[dict]:
 def test_a_replaced_pod_shows_the_crash_the_run_kept(fake, capsys, api):
     """The operator replaced the crashed pod (its log is gone); the new start's rank 0 printed the crash the run
     kept (trainer/crash_budget.py failure_report) near the top of its log, and status shows it from there."""
-    from trainer.crash_budget import failure_report
+    from trainer.crash_budget import failure_report, starts_line
 
     _submit(capsys, api, "resnet-cifar")
     (pod,) = _pods(fake, "resnet-cifar")
     name = pod["metadata"]["name"]
     unix = time.time() - 600
-    report = failure_report(_crash_record(unix))
+    record = _crash_record(unix)
+    report = failure_report(record)
+    record[0]["end"] = "signal"  # the first start was preempted, the second crashed
+    record.append({"from": 4, "end": None})  # this start
     filler = [f"startup line {i} " + "x" * 80 for i in range(100)]  # the head is read in bytes, not lines
-    fake.logs[("gnp", name)] = "\n".join(["loading", *report, *filler, PROGRESS]) + "\n"
+    fake.logs[("gnp", name)] = "\n".join(["loading", *report, starts_line(record), *filler, PROGRESS]) + "\n"
     out = _status(fake, capsys, api, "resnet-cifar")
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
     at = next(i for i, line in enumerate(out) if line.startswith("last failure:"))
+    # the run's own count: 2 starts before this one (its pod is new: the pods and events know nothing of them)
+    assert out[at - 1] == (
+        "restarts: 2 (the run's start record, from rank 0's log: 1 crashed, 1 stopped by a signal, 0 faults, "
+        "0 finished)"
+    )
     assert out[at : at + 6] == [
         f"last failure: exit 201 on rank 1 at {when} (it had resumed from step 4), kept by the run (the crashed "
         f"pod was replaced): {MEANING_201} [retried]",

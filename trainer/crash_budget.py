@@ -42,7 +42,9 @@ its log goes with it. So the launcher keeps the crash with the run: the rank shi
 an uncaught exception into $GNP_STATUS_DIR, and after a crash the launcher of rank 0's node stores the first
 failing rank's tail in this start's `failure` (`record_failure`). The next start's rank 0 prints it near the top
 of its log (`previous start failed: ...` and `  | ` lines: `make status` reads them back from the new pod) and a
-refusal (exit 3) names the last crash, so the pod that stays after the loop stopped says why.
+refusal (exit 3) names the last crash, so the pod that stays after the loop stopped says why. Every recorded
+start also prints its number in the record (`run starts: N (before this one: ...)`): `make status` takes it as
+the run's restart count, which replaced pods and expired events cannot reset.
 
 Known limit: on a multi-node job, a restart of the ranks because another node was lost counts as a crash
 (only the launcher of rank 0's node can record the end); `checkpoint.every_steps` and N absorb that.
@@ -146,6 +148,20 @@ def refusal(starts: list[dict], resumed: int | None, limit: int, where: str) -> 
     )
 
 
+STARTS_HEADER = "run starts: "  # what `make status` reads as the run's restart count (head of rank 0's log)
+
+
+def starts_line(starts: list[dict]) -> str:
+    """`run starts: 4 (before this one: 2 crashed, 1 stopped by a signal, 0 faults, 0 finished)`: this start's
+    number in the run's record, which survives replaced pods (events, which count recreations, expire)."""
+    earlier = [s.get("end") for s in starts[:-1]]
+    counts = {how: earlier.count(how) for how in (None, "signal", "fault", "done")}
+    return (
+        f"{STARTS_HEADER}{len(starts)} (before this one: {counts[None]} crashed, {counts['signal']} stopped by a "
+        f"signal, {counts['fault']} faults, {counts['done']} finished)"
+    )
+
+
 FAILURE_HEADER = "previous start failed: "  # what `make status` looks for in the head of rank 0's log
 FAILURE_LINE = "  | "
 
@@ -198,8 +214,10 @@ def begin(storage: Storage, resumed: int | None, limit: int, env, pointer: dict 
             if not message:
                 restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
                 entry = {"from": resumed, "unix": round(time.time(), 3), "restart": int(restart or 0), "end": None}
-                start = Start(storage, len(write(storage, [*starts, entry])) - 1)
+                written = write(storage, [*starts, entry])
+                start = Start(storage, len(written) - 1)
                 _write_pointer(pointer, start.index)
+                print(starts_line(written), file=sys.stderr, flush=True)
         except StorageError as e:  # an outage: train without the budget rather than not at all
             warn(f"cannot read or write {storage.uri}/{RECORD} ({' '.join(str(e).split())}); going on without it")
     message = dist.broadcast_object(message, env)

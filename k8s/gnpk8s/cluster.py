@@ -318,6 +318,7 @@ LOG_HEAD_BYTES = 65536  # how much of the head of rank 0's log status reads for 
 # failure_report): the header, then the crashed rank's traceback tail, one `  | ` line each.
 FAILURE_HEADER = "previous start failed: "
 FAILURE_LINE = "  | "
+STARTS_HEADER = "run starts: "  # and, at every recorded start, its number in the run's record (starts_line)
 
 
 def pod_state(pods: list) -> str | None:
@@ -473,10 +474,31 @@ def parse_failure_report(text: str) -> tuple[str, list[str]] | None:
     return found
 
 
-def recorded_failure(cluster: Cluster, rank0: str, container: str) -> list[str]:
+def log_head(cluster: Cluster, pods: list, rank0: str | None, container: str) -> str:
+    """The first LOG_HEAD_BYTES of rank 0's log ('' when that pod has not started): where the trainer prints what
+    the run's record says at each start (its start count, the previous start's crash)."""
+    live = [p for p in pods if p.metadata.name == rank0 and p.status.phase in ("Running", "Succeeded", "Failed")]
+    return (read_log(cluster, rank0, container, 0, head_bytes=LOG_HEAD_BYTES) or "") if rank0 and live else ""
+
+
+def run_restarts(head: str) -> str | None:
+    """`restarts: 3 (the run's start record: ...)` from the last `run starts: N (before this one: ...)` line in
+    the head of rank 0's log (trainer/crash_budget.py starts_line), None without one."""
+    found = None
+    for line in head.splitlines():
+        at = line.find(STARTS_HEADER)
+        if at >= 0:
+            found = line[at + len(STARTS_HEADER) :].split(" ", 1)
+    if not found or not found[0].isdigit():
+        return None
+    detail = found[1].strip("() ").removeprefix("before this one: ") if len(found) > 1 else ""
+    return f"restarts: {int(found[0]) - 1} (the run's start record, from rank 0's log: {detail})"
+
+
+def recorded_failure(head: str) -> list[str]:
     """The crash the run kept (see parse_failure_report) from the head of rank 0's current log: what is left of a
     failure once the operator replaced the crashed pod, whose own log went with it."""
-    report = parse_failure_report(read_log(cluster, rank0, container, 0, head_bytes=LOG_HEAD_BYTES) or "")
+    report = parse_failure_report(head)
     if report is None:
         return []
     header, tail = report
@@ -486,12 +508,11 @@ def recorded_failure(cluster: Cluster, rank0: str, container: str) -> list[str]:
     return lines + [f"  | {line}" for line in tail[-FAILURE_TAIL_LINES:]]
 
 
-def last_failure(cluster: Cluster, pods: list, container: str, rank0: str | None = None) -> list[str]:
+def last_failure(cluster: Cluster, pods: list, container: str, head: str = "") -> list[str]:
     """The newest non-zero exit of the trainer container among the pods (its current state, or the previous
     container's), its meaning, and its last lines: the container's termination message (what the launcher
     wrote: the crashed rank's traceback tail), else the last lines of its log while the API still has it.
-    When no pod shows a failure but the pods were replaced, the crash the run kept, from rank 0's log
-    (`rank0`: that pod's name)."""
+    When no pod shows a failure but the pods were replaced, the crash the run kept, from `head` (log_head)."""
     found = []
     for p in pods:
         for cs in p.status.container_statuses or []:
@@ -502,8 +523,7 @@ def last_failure(cluster: Cluster, pods: list, container: str, rank0: str | None
                 if t and t.exit_code:
                     found.append((str(t.finished_at or ""), p.metadata.name, prev, t))
     if not found:
-        live = [p for p in pods if p.metadata.name == rank0 and p.status.phase in ("Running", "Succeeded", "Failed")]
-        return recorded_failure(cluster, rank0, container) if rank0 and live else []
+        return recorded_failure(head)
     _, pod, prev, t = max(found, key=lambda f: f[0])
     lines = [
         f"last failure: {pod} exit {t.exit_code} ({t.reason or '?'}"

@@ -191,16 +191,11 @@ def status(cluster: kube.Cluster, name: str) -> str:
     if prog:
         lines.append(kube.progress_line(prog, f"{rank0} log"))
     # The operator replaces a pod that exits with a retried status (ExitCode policy) by a new one of the same
-    # name, restartCount 0: its SuccessfulCreatePod events count them (while the events last, 1 h by default).
-    restarts = kube.restart_count(pods, CONTAINER)
-    recreated = kube.pod_recreations(cluster, KIND, name)
-    if recreated is None:
-        lines.append(f"restarts: {restarts} (container restarts; events unreadable: recreated pods not counted)")
-    else:
-        lines.append(
-            f"restarts: {restarts + recreated} (pods recreated, from the last hour's events, + container restarts)"
-        )
-    lines += kube.last_failure(cluster, pods, CONTAINER, rank0)
+    # name, restartCount 0. The run's own start record (printed at the top of rank 0's log) counts every start;
+    # without it, the SuccessfulCreatePod events count recreations (while the events last, 1 h by default).
+    head = kube.log_head(cluster, pods, rank0, CONTAINER)
+    lines.append(kube.run_restarts(head) or _restarts_from_the_api(cluster, name, pods))
+    lines += kube.last_failure(cluster, pods, CONTAINER, head)
     lines += kube.condition_lines(conds)
     for rtype, rs in (st.get("replicaStatuses") or {}).items():
         lines.append(
@@ -208,6 +203,15 @@ def status(cluster: kube.Cluster, name: str) -> str:
             f"failed {rs.get('failed', 0)}"
         )
     return "\n".join(lines + _pod_lines(pods))
+
+
+def _restarts_from_the_api(cluster: kube.Cluster, name: str, pods: list) -> str:
+    """The restarts line without the run's record (rank 0 not started yet, or an older trainer image)."""
+    restarts = kube.restart_count(pods, CONTAINER)
+    recreated = kube.pod_recreations(cluster, KIND, name)
+    if recreated is None:
+        return f"restarts: {restarts} (container restarts; events unreadable: recreated pods not counted)"
+    return f"restarts: {restarts + recreated} (pods recreated, from the last hour's events, + container restarts)"
 
 
 def _pod_lines(pods: list) -> list[str]:

@@ -466,11 +466,12 @@ def status(cluster: kube.Cluster, name: str) -> str:
     prog = trainer_progress(st)
     if prog:
         lines.append(prog)
-    n = kube.restart_count(pods, CONTAINER, RESTART_ATTEMPT_LABEL)
-    lines.append(f"restarts: {n} (JobSet restart attempt of the pods + container restarts)")
     node0 = [p for p in pods if (p.metadata.labels or {}).get(COMPLETION_INDEX_LABEL) == "0"]
     rank0 = max(node0, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name if node0 else None
-    lines += kube.last_failure(cluster, pods, CONTAINER, rank0)
+    head = kube.log_head(cluster, pods, rank0, CONTAINER)  # the run's own record: start count, kept crash
+    n = kube.restart_count(pods, CONTAINER, RESTART_ATTEMPT_LABEL)
+    lines.append(kube.run_restarts(head) or f"restarts: {n} (JobSet restart attempt of the pods + container restarts)")
+    lines += kube.last_failure(cluster, pods, CONTAINER, head)
     lines += kube.condition_lines(conds)
     for js in st.get("jobsStatus") or []:
         lines.append(
