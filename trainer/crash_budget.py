@@ -235,26 +235,25 @@ def _write_pointer(pointer: dict | None, index: int) -> None:
     os.replace(tmp, Path(folder, POINTER))  # the launcher never reads half of it
 
 
-def end(storage: Storage, index: int, how: str) -> bool:
-    """Record the clean end `how` of start `index` if it is still the newest start and has no end; whether it
-    was recorded. A start that a later one followed (torchrun restarted the ranks) keeps its crash."""
+def _set_on_newest(storage: Storage, index: int, key: str, value: Any) -> bool:
+    """Set `key` of start `index` if it is still the newest start and has no end; whether it was set. A start
+    that a later one followed (torchrun restarted the ranks) is left as it is."""
     starts = read(storage)
     if index != len(starts) - 1 or starts[index].get("end") is not None:
         return False
-    starts[index]["end"] = how
+    starts[index][key] = value
     write(storage, starts)
     return True
+
+
+def end(storage: Storage, index: int, how: str) -> bool:
+    """Record the clean end `how` of start `index` (see _set_on_newest): a later start keeps its crash."""
+    return _set_on_newest(storage, index, "end", how)
 
 
 def record_failure_at(storage: Storage, index: int, failure: dict) -> bool:
-    """Store `failure` on start `index` if it is still the newest start and ended without a clean end (a
-    crash); whether it was stored."""
-    starts = read(storage)
-    if index != len(starts) - 1 or starts[index].get("end") is not None:
-        return False
-    starts[index]["failure"] = failure
-    write(storage, starts)
-    return True
+    """Store `failure` on start `index`, still the newest and without a clean end (a crash); whether it was."""
+    return _set_on_newest(storage, index, "failure", failure)
 
 
 def finish(start: Start) -> None:
