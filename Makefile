@@ -6,7 +6,7 @@ NPROC ?= 2
 FMNIST ?= /usr/share/datasets/fashion-mnist
 DATA ?= data/fashion-mnist
 
-.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data gpu-suite compare-cpu compare-noisy-cpu compare-tuned-cpu compare-nested-cpu compare-gpu recipes clean plot
+.PHONY: setup demo test test-fast bench bench-gnp bench-e2e bench-data gpu-suite compare-cpu compare-noisy-cpu compare-tuned-cpu compare-nested-cpu keep-nested compare-gpu recipes clean plot
 
 # Idempotent: apt packages when missing (root) or the exact apt command (exit 2), then .venv with pinned deps.
 setup:
@@ -65,9 +65,16 @@ compare-tuned-cpu: setup
 
 # The paper's question (does an interior alpha beat alpha = 1?): one r x alpha grid with SAM inside it, 3 seeds per
 # point on held-out images, the question written down, then 5 seeds on the test set (resumable; several CPU hours).
+# It starts from the finished runs kept in tests/data/results (`make keep-nested` keeps them there: commit them).
+NESTED_KEPT ?= tests/data/results
 compare-nested-cpu: setup
-	OMP_NUM_THREADS=1 $(PY) -m trainer nested --setting clean & pid=$$!; \
-	OMP_NUM_THREADS=1 $(PY) -m trainer nested --setting noisy; noisy=$$?; wait $$pid && exit $$noisy
+	OMP_NUM_THREADS=1 $(PY) -m trainer nested --setting clean --resume-from $(NESTED_KEPT) & pid=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m trainer nested --setting noisy --resume-from $(NESTED_KEPT); noisy=$$?; \
+	wait $$pid && exit $$noisy
+
+keep-nested: setup
+	$(PY) -m trainer nested --setting clean --keep-to $(NESTED_KEPT)
+	$(PY) -m trainer nested --setting noisy --keep-to $(NESTED_KEPT)
 
 compare-gpu: setup
 	$(PY) -m trainer compare --recipe fashion-mnist-compare-gpu --methods $(COMPARE_METHODS) --seeds 3 \

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import FMNIST
 from trainer.config import ConfigError
-from trainer.study import nested, stats
+from trainer.study import compare, nested, stats
 
 
 def test_sam_is_the_alpha_one_column_of_the_same_grid():
@@ -107,3 +108,46 @@ def test_nested_runs_selection_question_and_final_on_real_data(tmp_path, monkeyp
     analysis = json.loads((tmp_path / "nested-tiny" / "analysis.json").read_text())
     assert analysis["primary"]["b"] == best_sam and len(analysis["secondary"]) == 5
     assert (tmp_path / "nested-tiny" / "analysis.md").read_text().startswith("Primary (written down")
+
+
+def _run(root: Path, stage: str, method: str, seed: int, done: bool) -> Path:
+    """A run folder as `compare` leaves it: config, metrics (a `done` record once finished), measurements and
+    checkpoints (which are not kept)."""
+    run = root / stage / method / f"seed{seed}"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_8.pt").write_bytes(b"\0" * 1000)
+    (run / "config.yaml").write_text(f"seed: {seed}\n")
+    records = [{"kind": "train", "step": 8}] + ([{"kind": "done", "epochs": 2, "steps": 8}] if done else [])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if done:
+        (run / "measure.json").write_text("{}")
+    return run
+
+
+def test_finished_runs_are_kept_and_resumed_without_checkpoints(tmp_path):
+    """--keep-to copies what `compare` needs of each finished run (not its checkpoints, not unfinished runs) and
+    the written-down question; --resume-from copies them back, so they are not trained again, and never
+    replaces a run finished where it is copied to."""
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    _run(runs, "nested-select-clean", "sam-r0.1-a1", 0, done=True)
+    _run(runs, "nested-select-clean", "sam-r0.1-a1", 1, done=False)  # interrupted: resumes from its checkpoint
+    _run(runs, "nested-clean", "sgd-lr0.1", 0, done=True)
+    _run(runs, "nested-select-noisy", "sgd-lr0.1", 0, done=True)  # another setting: not this one's
+    (runs / "nested-clean" / "primary.json").write_text('{"primary": {}}')
+    assert nested.copy_finished(runs, kept, "clean") == 2
+    files = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file())
+    assert files == [
+        "nested-clean/primary.json",
+        *(f"nested-clean/sgd-lr0.1/seed0/{f}" for f in ("config.yaml", "measure.json", "metrics.jsonl")),
+        *(f"nested-select-clean/sam-r0.1-a1/seed0/{f}" for f in ("config.yaml", "measure.json", "metrics.jsonl")),
+    ]
+    assert nested.copy_finished(runs, kept, "clean") == 0  # already kept
+    # a fresh machine: the kept runs come back as finished runs that `compare` skips
+    fresh = tmp_path / "fresh"
+    assert nested.copy_finished(kept, fresh, "clean") == 2
+    assert compare.is_done(fresh / "nested-select-clean" / "sam-r0.1-a1" / "seed0", 2)
+    assert (fresh / "nested-clean" / "primary.json").read_text() == '{"primary": {}}'
+    # a run finished here is never replaced by a kept copy
+    (runs / "nested-clean" / "sgd-lr0.1" / "seed0" / "measure.json").write_text('{"here": 1}')
+    assert nested.copy_finished(kept, runs, "clean") == 0
+    assert (runs / "nested-clean" / "sgd-lr0.1" / "seed0" / "measure.json").read_text() == '{"here": 1}'

@@ -17,13 +17,18 @@ than alpha = 1, which is SAM. This study asks exactly that, with SAM inside the 
 3. **Final**, on the test set, `--seeds` seeds (5), paired by seed: the two selected points, the tuned SGD and
    the compute-matched SGD -> OUT/nested-<setting>/results.json, plus analysis.json / analysis.md.
 
-Every stage resumes like `compare` (run the same command again); the CPU hours may be spread over sessions.
+Every stage resumes like `compare` (run the same command again); the CPU hours may be spread over days and
+machines: `--keep-to DIR` copies each finished run's small files (config.yaml, metrics.jsonl, measure.json; no
+checkpoints) and the written-down question into DIR/nested-select-<setting>/ and DIR/nested-<setting>/, and
+`--resume-from DIR` copies them back before the study runs, so a run finished anywhere is never trained again
+(`make keep-nested` and `make compare-nested-cpu` do both with tests/data/results).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
@@ -121,6 +126,35 @@ def select(setting: Setting, name: str, args, log) -> dict:
     return results
 
 
+KEPT_FILES = ("config.yaml", "metrics.jsonl", "measure.json")  # what `compare` reads of a finished run
+KEPT_STAGE_FILES = ("primary.json",)  # the question, written down before the final stage
+
+
+def _finished(run: Path) -> bool:
+    return (run / "measure.json").is_file() and any(r.get("kind") == "done" for r in cmp._records(run))
+
+
+def copy_finished(src_root: Path, dst_root: Path, setting: str) -> int:
+    """Copy each finished run of `setting`'s two stages (KEPT_FILES) from src_root to dst_root where dst_root has
+    no finished run of that method and seed, and the stage files dst_root lacks; how many runs were copied."""
+    copied = 0
+    for stage in (f"nested-select-{setting}", f"nested-{setting}"):
+        src, dst = src_root / stage, dst_root / stage
+        for run in sorted(p.parent for p in src.glob("*/seed*/metrics.jsonl")):
+            target = dst / run.relative_to(src)
+            if not _finished(run) or _finished(target):
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            for name in KEPT_FILES:
+                shutil.copy2(run / name, target / name)
+            copied += 1
+        for name in KEPT_STAGE_FILES:
+            if (src / name).is_file() and not (dst / name).is_file():
+                dst.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / name, dst / name)
+    return copied
+
+
 def final_methods(selection: dict, epochs: int) -> dict[str, tuple]:
     """The final stage's four methods from the selection: best alpha < 1, best alpha = 1, tuned SGD, and tuned
     SGD over twice the epochs (as many gradient evaluations as a two-pass method)."""
@@ -216,6 +250,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-seeds", type=_at_least(1), default=3, help="seeds per selection point (default 3)")
     p.add_argument("--out-root", default="runs", help="parent of nested-select-<setting>/ and nested-<setting>/")
     p.add_argument("--nproc", type=_at_least(1), default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--resume-from", default="", metavar="DIR", help="first copy finished runs kept in DIR (--keep-to)")
+    p.add_argument("--keep-to", default="", metavar="DIR", help="copy finished runs' small files to DIR, then stop")
 
 
 def _at_least(low: int):
@@ -238,6 +274,13 @@ def run(args: argparse.Namespace) -> int:
     def log(m: str) -> None:
         print(m, flush=True)
 
+    if args.keep_to:
+        kept = copy_finished(Path(args.out_root), Path(args.keep_to), args.setting)
+        log(f"kept {kept} finished runs in {args.keep_to}")
+        return 0
+    if args.resume_from:
+        copied = copy_finished(Path(args.resume_from), Path(args.out_root), args.setting)
+        log(f"resumed {copied} finished runs from {args.resume_from}")
     try:
         selection = select(setting, args.setting, args, log)
         epochs = config.load(setting.recipe, list(setting.sets)).loop.epochs
