@@ -108,6 +108,7 @@ def test_nested_runs_selection_question_and_final_on_real_data(tmp_path, monkeyp
     analysis = json.loads((tmp_path / "nested-tiny" / "analysis.json").read_text())
     assert analysis["primary"]["b"] == best_sam and len(analysis["secondary"]) == 5
     assert (tmp_path / "nested-tiny" / "analysis.md").read_text().startswith("Primary (written down")
+    assert (tmp_path / "nested-select-tiny" / "selection.png").is_file()
 
 
 def _run(root: Path, stage: str, method: str, seed: int, done: bool) -> Path:
@@ -151,3 +152,42 @@ def test_finished_runs_are_kept_and_resumed_without_checkpoints(tmp_path):
     (runs / "nested-clean" / "sgd-lr0.1" / "seed0" / "measure.json").write_text('{"here": 1}')
     assert nested.copy_finished(kept, runs, "clean") == 0
     assert (runs / "nested-clean" / "sgd-lr0.1" / "seed0" / "measure.json").read_text() == '{"here": 1}'
+
+
+def test_keep_to_also_keeps_the_reports_and_replaces_older_ones(tmp_path):
+    """The stage reports (results, figures, analysis) go with the kept runs, each newer copy replacing the older,
+    and are never copied back: the study rewrites them from the runs."""
+    runs, kept = tmp_path / "runs", tmp_path / "kept"
+    _run(runs, "nested-clean", "sgd-lr0.1", 0, done=True)
+    (runs / "nested-clean" / "results.json").write_text('{"partial": true}')
+    (runs / "nested-clean" / "analysis.md").write_text("Primary ...")
+    assert nested.copy_finished(runs, kept, "clean") == 1
+    assert not (kept / "nested-clean" / "results.json").exists()  # only --keep-to takes the reports
+    nested.copy_finished(runs, kept, "clean", reports=True)
+    assert (kept / "nested-clean" / "results.json").read_text() == '{"partial": true}'
+    (runs / "nested-clean" / "results.json").write_text('{"partial": false}')
+    nested.copy_finished(runs, kept, "clean", reports=True)
+    assert (kept / "nested-clean" / "results.json").read_text() == '{"partial": false}'
+    assert (kept / "nested-clean" / "analysis.md").read_text() == "Primary ..."
+    fresh = tmp_path / "fresh"
+    nested.copy_finished(kept, fresh, "clean")
+    assert sorted(p.name for p in (fresh / "nested-clean").iterdir()) == ["sgd-lr0.1"]
+
+
+def test_selection_figure_shows_each_alpha_and_sgd_with_mean_and_se(tmp_path):
+    methods, families = nested.selection_grid((0.05, 0.1), (0.1, 0.2))
+    errors = {m: [10.0 + i, 10.5 + i, 11.5 + i] for i, m in enumerate(methods)}
+    selection = {
+        "methods": {k: [list(o) for o in v] for k, v in methods.items()},
+        "runs": {m: [{"seed": s, "test_error": e} for s, e in enumerate(v)] for m, v in errors.items()},
+    }
+    selection["summary"] = {m: {"test_error": {"mean": sum(v) / 3}} for m, v in errors.items()}
+    selection["selected"] = compare.select_best(selection["runs"], families)
+    curves = nested.grid_means(selection)
+    assert sorted(curves) == ["alpha=0.25", "alpha=0.5", "alpha=0.8", "alpha=1", "sgd"]
+    # sample SD of (0, 0.5, 1.5) + c is 0.7638; SE = SD / sqrt(3)
+    i = list(methods).index("gnp-r0.1-a0.8")
+    assert curves["alpha=0.8"][1] == (0.1, pytest.approx(i + 32 / 3), pytest.approx(0.763763 / 3**0.5, abs=1e-6), 3)
+    assert [x for x, *_ in curves["sgd"]] == [0.1, 0.2] and [x for x, *_ in curves["alpha=1"]] == [0.05, 0.1]
+    nested.plot_selection(selection, tmp_path / "selection.png", "test")
+    assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

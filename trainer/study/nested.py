@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -123,20 +125,76 @@ def select(setting: Setting, name: str, args, log) -> dict:
         for f, key, vals in (("gnp", "gnp.r", rs), ("sam", "gnp.r", rs), ("sgd", "optim.lr", lrs))
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_selection(results, out / "selection.png", f"{name} setting")
     return results
+
+
+def grid_means(selection: dict) -> dict[str, list[tuple[float, float, float, int]]]:
+    """Per curve of the selection figure ("alpha=A" for each alpha, "sgd"): (r or lr, mean held-out error,
+    its standard error over the seeds, seeds), in increasing r or lr."""
+    curves: dict[str, list[tuple[float, float, float, int]]] = {}
+    for method, over in selection["methods"].items():
+        runs = selection["runs"].get(method) or []
+        if not runs:
+            continue
+        over = dict(tuple(o) for o in over)
+        errors = [float(r["test_error"]) for r in runs]
+        mean = statistics.fmean(errors)
+        se = statistics.stdev(errors) / math.sqrt(len(errors)) if len(errors) > 1 else 0.0
+        if over.get("gnp.alpha") == 0.0:
+            key, x = "sgd", over["optim.lr"]
+        else:
+            key, x = f"alpha={over['gnp.alpha']:g}", over["gnp.r"]
+        curves.setdefault(key, []).append((float(x), mean, se, len(errors)))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def plot_selection(selection: dict, path: Path, title: str) -> None:
+    """The selection grid at a glance: held-out error against r, one line per alpha (alpha = 1 is SAM), and
+    against SGD's learning rate; mean +- 1 standard error over the seeds, the selected points circled."""
+    from matplotlib.figure import Figure
+
+    curves = grid_means(selection)
+    chosen = {selection["selected"][f]["method"] for f in FAMILIES if f in selection["selected"]}
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, (key, points) in enumerate(curves.items()):
+        ax = axes[1] if key == "sgd" else axes[0]
+        xs, means, ses, _ = zip(*points)
+        label = "alpha=1 (SAM)" if key == "alpha=1" else key
+        ax.errorbar(xs, means, yerr=ses, color=f"C{i % 10}", marker="o", ms=4, capsize=3, label=label)
+    for method in chosen:
+        over = dict(tuple(o) for o in selection["methods"][method])
+        ax, x = (axes[1], over["optim.lr"]) if over.get("gnp.alpha") == 0.0 else (axes[0], over["gnp.r"])
+        ax.plot([x], [selection["summary"][method]["test_error"]["mean"]], "o", ms=14, mfc="none", mec="black")
+    axes[0].set_xlabel("r (perturbation radius)")
+    axes[1].set_xlabel("SGD learning rate")
+    for ax, keys in ((axes[0], [k for k in curves if k != "sgd"]), (axes[1], ["sgd"])):
+        ticks = sorted({x for k in keys for x, *_ in curves.get(k, [])})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the grid's own values, not powers of ten
+        ax.minorticks_off()
+        ax.set_ylabel("held-out error, top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(f"nested selection, {title}: mean ± 1 SE over seeds; circles: the selected points", fontsize=11)
+    fig.savefig(path, dpi=100)
 
 
 KEPT_FILES = ("config.yaml", "metrics.jsonl", "measure.json")  # what `compare` reads of a finished run
 KEPT_STAGE_FILES = ("primary.json",)  # the question, written down before the final stage
+# What each stage reports; kept (--keep-to always replaces them) but never copied back: the study rewrites them.
+REPORT_FILES = ("results.json", "results.md", "test_error.png", "selection.png", "analysis.json", "analysis.md")
 
 
 def _finished(run: Path) -> bool:
     return (run / "measure.json").is_file() and any(r.get("kind") == "done" for r in cmp._records(run))
 
 
-def copy_finished(src_root: Path, dst_root: Path, setting: str) -> int:
+def copy_finished(src_root: Path, dst_root: Path, setting: str, reports: bool = False) -> int:
     """Copy each finished run of `setting`'s two stages (KEPT_FILES) from src_root to dst_root where dst_root has
-    no finished run of that method and seed, and the stage files dst_root lacks; how many runs were copied."""
+    no finished run of that method and seed, and the stage files dst_root lacks; with `reports` (--keep-to) also
+    each stage's REPORT_FILES that src_root has, replacing older ones. How many runs were copied."""
     copied = 0
     for stage in (f"nested-select-{setting}", f"nested-{setting}"):
         src, dst = src_root / stage, dst_root / stage
@@ -150,6 +208,10 @@ def copy_finished(src_root: Path, dst_root: Path, setting: str) -> int:
             copied += 1
         for name in KEPT_STAGE_FILES:
             if (src / name).is_file() and not (dst / name).is_file():
+                dst.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / name, dst / name)
+        for name in REPORT_FILES if reports else ():
+            if (src / name).is_file():
                 dst.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / name, dst / name)
     return copied
@@ -275,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         print(m, flush=True)
 
     if args.keep_to:
-        kept = copy_finished(Path(args.out_root), Path(args.keep_to), args.setting)
+        kept = copy_finished(Path(args.out_root), Path(args.keep_to), args.setting, reports=True)
         log(f"kept {kept} finished runs in {args.keep_to}")
         return 0
     if args.resume_from:
