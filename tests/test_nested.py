@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import FMNIST
+from trainer import config
 from trainer.config import ConfigError
 from trainer.study import compare, nested, stats
 
@@ -191,3 +192,80 @@ def test_selection_figure_shows_each_alpha_and_sgd_with_mean_and_se(tmp_path):
     assert [x for x, *_ in curves["sgd"]] == [0.1, 0.2] and [x for x, *_ in curves["alpha=1"]] == [0.05, 0.1]
     nested.plot_selection(selection, tmp_path / "selection.png", "test")
     assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+RESULTS = Path(__file__).resolve().parent / "data" / "results"
+STUDY_GUIDE = Path(__file__).resolve().parents[1] / "trainer" / "study" / "README.md"
+
+
+def _start_unix(run: Path) -> float:
+    """A lower bound of when a kept run's training began, from its metrics alone (they survive --keep-to and
+    --resume-from, unlike file times): a checkpoint record reports the wall-clock time of an upload that finished
+    before the record was written at `time` seconds of the run's clock, so the clock started no earlier than
+    last_success_unix - time (exact to milliseconds for the final, synchronous checkpoint). Only the first start's
+    records count: a resumed run's clock restarts."""
+    bounds = []
+    for n, line in enumerate((run / "metrics.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        if rec.get("kind") == "start" and n > 0:
+            break
+        if rec.get("kind") == "checkpoint" and rec.get("last_success_unix", 0) > 0:
+            bounds.append(rec["last_success_unix"] - rec["time"])
+    assert bounds, f"{run}: no finished checkpoint upload before the first restart"
+    return max(bounds)
+
+
+def _check_runs_are_the_kept_runs(stage: Path, data: dict) -> None:
+    """Every method ran every seed, and each quoted error is its kept run's own final evaluation."""
+    for method, runs in data["runs"].items():
+        assert [r["seed"] for r in runs] == data["seeds"], (stage.name, method)
+        for r in runs:
+            metrics = (stage / method / f"seed{r['seed']}" / "metrics.jsonl").read_text().splitlines()
+            done = [json.loads(x) for x in metrics if '"kind": "done"' in x]
+            assert r["test_error"] == pytest.approx(100 * (1 - done[-1]["top1"]), abs=1e-6), (stage.name, method)
+
+
+@pytest.mark.parametrize("setting", ["clean"])  # noisy: added when its final stage is done
+def test_committed_nested_results_are_what_the_command_runs(setting):
+    """tests/data/results/nested-select-<setting>/ and nested-<setting>/ (what `make keep-nested` keeps) are the
+    study's own output, recomputed here from the kept per-seed runs: the grid, the selection, the question written
+    down before any final run started, the final methods, the TOST and Holm tests, and the study guide quotes them."""
+    s = nested.SETTINGS[setting]
+    sel = json.loads((RESULTS / f"nested-select-{setting}" / "results.json").read_text())
+    assert (sel["recipe"], sel["sets"]) == (s.recipe, [*s.sets, f"data.holdout={nested.HOLDOUT}"])
+    assert sel["evaluated_on"].startswith("held-out") and sel["ranges"]["alpha"] == list(nested.ALPHAS)
+    assert set(nested.R_START[setting]) <= set(sel["ranges"]["r"])
+    methods, families = nested.selection_grid(sel["ranges"]["r"], sel["ranges"]["lr"])
+    assert sel["methods"] == {k: [list(o) for o in v] for k, v in methods.items()}
+    _check_runs_are_the_kept_runs(RESULTS / f"nested-select-{setting}", sel)
+    chosen = compare.select_best(sel["runs"], families)
+    assert {f: c["method"] for f, c in chosen.items()} == {f: c["method"] for f, c in sel["selected"].items()}
+    for family, key, values in (("gnp", "gnp.r", sel["ranges"]["r"]), ("sam", "gnp.r", sel["ranges"]["r"]),
+                                ("sgd", "optim.lr", sel["ranges"]["lr"])):  # fmt: skip
+        value = dict(methods[chosen[family]["method"]])[key]
+        assert sel["at_edge"][family] == (value in (min(values), max(values))), family
+    final_dir = RESULTS / f"nested-{setting}"
+    final = json.loads((final_dir / "results.json").read_text())
+    assert (final["recipe"], final["sets"], final["evaluated_on"]) == (s.recipe, list(s.sets), "test")
+    epochs = config.load(s.recipe, list(s.sets)).loop.epochs
+    final_methods = nested.final_methods(sel, epochs)
+    assert final["methods"] == {k: [list(o) for o in v] for k, v in final_methods.items()}
+    assert len(final["seeds"]) >= 5
+    _check_runs_are_the_kept_runs(final_dir, final)
+    plan = json.loads((final_dir / "primary.json").read_text())
+    assert (plan["primary"]["a"], plan["primary"]["b"]) == (sel["selected"]["gnp"]["method"],
+                                                            sel["selected"]["sam"]["method"])  # fmt: skip
+    assert plan["primary"]["margin_points"] == nested.MARGIN
+    started = min(_start_unix(final_dir / m / f"seed{seed}") for m in final["methods"] for seed in final["seeds"])
+    assert plan["written_unix"] < started, "the question must be written down before the final stage starts"
+    analysis = nested.analyse(final, plan)
+    kept = json.loads((final_dir / "analysis.json").read_text())
+    assert kept["primary"]["p"] == pytest.approx(analysis["primary"]["p"], abs=1e-12)
+    assert {k: t["p_holm"] for k, t in kept["secondary"].items()} == pytest.approx(
+        {k: t["p_holm"] for k, t in analysis["secondary"].items()}, abs=1e-12
+    )
+    text = nested.report(analysis)
+    assert (final_dir / "analysis.md").read_text() == text
+    guide = " ".join(STUDY_GUIDE.read_text().split())  # the guide may wrap the long primary line
+    for line in text.splitlines():
+        assert " ".join(line.split()) in guide, f"{STUDY_GUIDE}: quote the analysis of nested-{setting}: {line!r}"

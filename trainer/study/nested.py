@@ -286,7 +286,7 @@ def reading(primary: dict) -> str:
         return (f"not equivalent; {better} has the lower error in the {primary['ci_level']:.0%} interval "
                 f"[{lo:+.2f}, {hi:+.2f}], which excludes 0 (the Holm-corrected test below is the claim)")  # fmt: skip
     return (f"no difference shown and equivalence not shown: the {primary['ci_level']:.0%} interval "
-            f"[{lo:+.2f}, {hi:+.2f}] is wider than the ±{primary['margin_points']}-point margin "
+            f"[{lo:+.2f}, {hi:+.2f}] reaches outside the ±{primary['margin_points']}-point margin "
             f"(TOST p = {primary['p']:.3f})")  # fmt: skip
 
 
