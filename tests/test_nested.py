@@ -225,7 +225,7 @@ def _check_runs_are_the_kept_runs(stage: Path, data: dict) -> None:
             assert r["test_error"] == pytest.approx(100 * (1 - done[-1]["top1"]), abs=1e-6), (stage.name, method)
 
 
-@pytest.mark.parametrize("setting", ["clean"])  # noisy: added when its final stage is done
+@pytest.mark.parametrize("setting", sorted(nested.SETTINGS))
 def test_committed_nested_results_are_what_the_command_runs(setting):
     """tests/data/results/nested-select-<setting>/ and nested-<setting>/ (what `make keep-nested` keeps) are the
     study's own output, recomputed here from the kept per-seed runs: the grid, the selection, the question written
