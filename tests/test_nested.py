@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FMNIST
+from tests.conftest import FMNIST, ROOT
 from trainer import config
 from trainer.config import ConfigError
 from trainer.study import compare, nested, stats
@@ -194,8 +194,8 @@ def test_selection_figure_shows_each_alpha_and_sgd_with_mean_and_se(tmp_path):
     assert (tmp_path / "selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-RESULTS = Path(__file__).resolve().parent / "data" / "results"
-STUDY_GUIDE = Path(__file__).resolve().parents[1] / "trainer" / "study" / "README.md"
+RESULTS = ROOT / "tests" / "data" / "results"
+STUDY_GUIDE = ROOT / "trainer" / "study" / "README.md"
 
 
 def _start_unix(run: Path) -> float:
@@ -226,7 +226,7 @@ def _check_runs_are_the_kept_runs(stage: Path, data: dict) -> None:
 
 
 @pytest.mark.parametrize("setting", sorted(nested.SETTINGS))
-def test_committed_nested_results_are_what_the_command_runs(setting):
+def test_committed_nested_results_are_what_the_command_runs(setting, tmp_path):
     """tests/data/results/nested-select-<setting>/ and nested-<setting>/ (what `make keep-nested` keeps) are the
     study's own output, recomputed here from the kept per-seed runs: the grid, the selection, the question written
     down before any final run started, the final methods, the TOST and Holm tests, and the study guide quotes them."""
@@ -244,6 +244,7 @@ def test_committed_nested_results_are_what_the_command_runs(setting):
                                 ("sgd", "optim.lr", sel["ranges"]["lr"])):  # fmt: skip
         value = dict(methods[chosen[family]["method"]])[key]
         assert sel["at_edge"][family] == (value in (min(values), max(values))), family
+    assert not any(sel["at_edge"].values()), "the study guide says every selected point is interior"
     final_dir = RESULTS / f"nested-{setting}"
     final = json.loads((final_dir / "results.json").read_text())
     assert (final["recipe"], final["sets"], final["evaluated_on"]) == (s.recipe, list(s.sets), "test")
@@ -255,7 +256,8 @@ def test_committed_nested_results_are_what_the_command_runs(setting):
     plan = json.loads((final_dir / "primary.json").read_text())
     assert (plan["primary"]["a"], plan["primary"]["b"]) == (sel["selected"]["gnp"]["method"],
                                                             sel["selected"]["sam"]["method"])  # fmt: skip
-    assert plan["primary"]["margin_points"] == nested.MARGIN
+    expected = nested.preregister(tmp_path, final_methods)  # the whole question: margin, level, the Holm family
+    assert {k: plan[k] for k in ("primary", "secondary")} == {k: expected[k] for k in ("primary", "secondary")}
     started = min(_start_unix(final_dir / m / f"seed{seed}") for m in final["methods"] for seed in final["seeds"])
     assert plan["written_unix"] < started, "the question must be written down before the final stage starts"
     analysis = nested.analyse(final, plan)
